@@ -1,0 +1,125 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Packet-level backstop: cgroup_skb/egress. Every packet an agent's sockets
+ * emit (TCP, UDP, ICMP, raw IP, IPv4 and IPv6) must be covered by a live
+ * grant, so a grant that is removed or expires also stops the established
+ * flows it allowed, and paths the socket hooks never see (raw sockets,
+ * connected UDP after expiry) are closed too.
+ */
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include "verdict.h"
+
+#define ZT_IPV6_NEXTHDR_TCP 6
+#define ZT_IPV6_NEXTHDR_UDP 17
+#define ZT_IPV6_NEXTHDR_ICMP 58
+#define ZT_IP_OFFSET_MASK 0x1fff
+
+struct zt_packet {
+	__u8 family;
+	__u8 proto;
+	__u16 port;
+	__u8 addr[16];
+};
+
+static __always_inline __u8 zt_fold_proto(__u8 proto)
+{
+	if (proto == IPPROTO_ICMPV6)
+		return ZT_PROTO_ICMP;
+	return proto;
+}
+
+static __always_inline void zt_load_port(struct __sk_buff *skb, __u32 l4_offset,
+					 struct zt_packet *pkt)
+{
+	__be16 dport = 0;
+	if (pkt->proto != ZT_PROTO_TCP && pkt->proto != ZT_PROTO_UDP)
+		return;
+	/* destination port: bytes 2..3 of both TCP and UDP headers */
+	if (bpf_skb_load_bytes(skb, l4_offset + 2, &dport, sizeof(dport)) < 0) {
+		/* truncated: no port, so only port-agnostic grants can match */
+		pkt->proto = 0xff;
+		return;
+	}
+	pkt->port = bpf_ntohs(dport);
+}
+
+/* Returns 0 when the packet cannot be parsed at all. */
+static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_packet *pkt)
+{
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr iph;
+		if (bpf_skb_load_bytes(skb, 0, &iph, sizeof(iph)) < 0)
+			return 0;
+		pkt->family = ZT_FAMILY_V4;
+		pkt->proto = zt_fold_proto(iph.protocol);
+		__builtin_memcpy(pkt->addr, &iph.daddr, 4);
+		/* later fragments carry no L4 header: port unknown */
+		if (bpf_ntohs(iph.frag_off) & ZT_IP_OFFSET_MASK) {
+			if (pkt->proto == ZT_PROTO_TCP || pkt->proto == ZT_PROTO_UDP)
+				pkt->proto = 0xff;
+			return 1;
+		}
+		zt_load_port(skb, iph.ihl * 4, pkt);
+		return 1;
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6h;
+		if (bpf_skb_load_bytes(skb, 0, &ip6h, sizeof(ip6h)) < 0)
+			return 0;
+		__u32 *d = (__u32 *)&ip6h.daddr;
+		if (d[0] == 0 && d[1] == 0 && d[2] == bpf_htonl(0x0000ffff)) {
+			pkt->family = ZT_FAMILY_V4;
+			__builtin_memcpy(pkt->addr, &d[3], 4);
+		} else {
+			pkt->family = ZT_FAMILY_V6;
+			__builtin_memcpy(pkt->addr, &ip6h.daddr, 16);
+		}
+		/* Extension headers are not walked: such a packet is judged as
+		 * its first next-header with no port, so only grants for any
+		 * protocol and any port can admit it. */
+		pkt->proto = zt_fold_proto(ip6h.nexthdr);
+		zt_load_port(skb, sizeof(ip6h), pkt);
+		return 1;
+	}
+	return 0;
+}
+
+int zt_egress(struct __sk_buff *skb)
+{
+	struct zt_config *cfg = zt_get_config();
+	if (!cfg)
+		return 0;
+	struct zt_subject subject = {};
+	__u64 cgroup_id = bpf_skb_ancestor_cgroup_id(skb, cfg->agent_level);
+	if (!zt_find_agent(cgroup_id, cfg, &subject)) {
+		zt_count(ZT_CNT_EGRESS_DROP);
+		return 0;
+	}
+	struct zt_agent_stats *stats = zt_stats(subject.agent.index);
+
+	struct zt_packet pkt = {};
+	if (!zt_parse(skb, &pkt)) {
+		zt_count(ZT_CNT_UNPARSED);
+		zt_count(ZT_CNT_EGRESS_DROP);
+		if (stats)
+			stats->egress_dropped += 1;
+		return 0;
+	}
+	__u64 grant_id = 0;
+	if (zt_allowed(&subject, pkt.proto, pkt.family, pkt.addr, pkt.port, &grant_id)) {
+		zt_count(ZT_CNT_EGRESS_PASS);
+		if (stats) {
+			stats->egress_packets += 1;
+			stats->egress_bytes += skb->len;
+		}
+		return 1;
+	}
+	zt_count(ZT_CNT_EGRESS_DROP);
+	if (stats)
+		stats->egress_dropped += 1;
+	return 0;
+}

@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Map declarations (bcc macros). Every map is pinned under ZT_PIN_DIR, which
+ * the loader passes as a -D flag: bcc opens a pinned map when the path exists
+ * and creates and pins it otherwise, which is how a restarted loader adopts
+ * the enforcement state a previous one left behind.
+ */
+#ifndef ZT_MAPS_H
+#define ZT_MAPS_H
+
+#include "ztnet.h"
+
+#ifndef ZT_PIN_DIR
+#error "ZT_PIN_DIR must be defined by the loader"
+#endif
+
+/* agent cgroup id -> agent */
+BPF_TABLE_PINNED("hash", __u64, struct zt_agent, zt_agents_v1, ZT_MAX_AGENTS,
+		 ZT_PIN_DIR "/zt_agents_v1");
+
+/* Both generations of grants; zt_config_v1.generation says which is live.
+ * (One map per kind rather than one per generation: choosing between two
+ * maps at run time makes clang emit an indirect call the verifier rejects.) */
+BPF_TABLE_PINNED("lpm_trie", struct zt_grant_key, struct zt_grant_value,
+		 zt_grants_v1, ZT_MAX_ENTRIES, ZT_PIN_DIR "/zt_grants_v1",
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", int, struct zt_levels, zt_levels_v1, 2 * ZT_MAX_AGENTS,
+		 ZT_PIN_DIR "/zt_levels_v1");
+
+BPF_TABLE_PINNED("array", int, struct zt_config, zt_config_v1, 1,
+		 ZT_PIN_DIR "/zt_config_v1");
+BPF_TABLE_PINNED("percpu_array", int, __u64, zt_counters_v1, ZT_CNT_COUNT,
+		 ZT_PIN_DIR "/zt_counters_v1");
+BPF_TABLE_PINNED("percpu_array", int, struct zt_agent_stats, zt_agent_stats_v1,
+		 ZT_MAX_AGENTS, ZT_PIN_DIR "/zt_agent_stats_v1");
+
+#endif /* ZT_MAPS_H */

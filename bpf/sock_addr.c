@@ -1,0 +1,86 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Socket-level enforcement: cgroup/connect4, connect6, sendmsg4, sendmsg6.
+ * Returning 0 makes the syscall fail with EPERM before any packet exists.
+ */
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include "verdict.h"
+
+static __always_inline __u8 zt_socket_proto(struct bpf_sock_addr *ctx)
+{
+	__u32 protocol = ctx->protocol;
+	if (protocol == IPPROTO_TCP)
+		return ZT_PROTO_TCP;
+	if (protocol == IPPROTO_UDP)
+		return ZT_PROTO_UDP;
+	if (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6)
+		return ZT_PROTO_ICMP;
+	return (__u8)protocol;
+}
+
+static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
+				     const __u8 *addr, int allow_counter)
+{
+	struct zt_config *cfg = zt_get_config();
+	if (!cfg)
+		return 0;
+	struct zt_subject subject = {};
+	__u64 cgroup_id = bpf_get_current_ancestor_cgroup_id(cfg->agent_level);
+	if (!zt_find_agent(cgroup_id, cfg, &subject)) {
+		zt_count(allow_counter + 1);
+		return 0;
+	}
+	__u8 proto = zt_socket_proto(ctx);
+	__u16 port = 0;
+	if (proto == ZT_PROTO_TCP || proto == ZT_PROTO_UDP)
+		port = bpf_ntohs((__u16)ctx->user_port);
+	__u64 grant_id = 0;
+	int allowed = zt_allowed(&subject, proto, family, addr, port, &grant_id);
+	zt_count(allowed ? allow_counter : allow_counter + 1);
+	zt_account_decision(subject.agent.index, allowed);
+	return allowed;
+}
+
+static __always_inline int zt_decide4(struct bpf_sock_addr *ctx, int allow_counter)
+{
+	__u32 daddr = ctx->user_ip4;
+	return zt_decide(ctx, ZT_FAMILY_V4, (const __u8 *)&daddr, allow_counter);
+}
+
+/* ::ffff:a.b.c.d is IPv4 on the wire, so it is judged by the IPv4 grants. */
+static __always_inline int zt_decide6(struct bpf_sock_addr *ctx, int allow_counter)
+{
+	__u32 daddr[4];
+	daddr[0] = ctx->user_ip6[0];
+	daddr[1] = ctx->user_ip6[1];
+	daddr[2] = ctx->user_ip6[2];
+	daddr[3] = ctx->user_ip6[3];
+	if (daddr[0] == 0 && daddr[1] == 0 && daddr[2] == bpf_htonl(0x0000ffff))
+		return zt_decide(ctx, ZT_FAMILY_V4, (const __u8 *)&daddr[3],
+				 allow_counter);
+	return zt_decide(ctx, ZT_FAMILY_V6, (const __u8 *)daddr, allow_counter);
+}
+
+int zt_connect4(struct bpf_sock_addr *ctx)
+{
+	return zt_decide4(ctx, ZT_CNT_CONNECT_ALLOW);
+}
+
+int zt_connect6(struct bpf_sock_addr *ctx)
+{
+	return zt_decide6(ctx, ZT_CNT_CONNECT_ALLOW);
+}
+
+int zt_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return zt_decide4(ctx, ZT_CNT_SENDMSG_ALLOW);
+}
+
+int zt_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return zt_decide6(ctx, ZT_CNT_SENDMSG_ALLOW);
+}

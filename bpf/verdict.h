@@ -1,0 +1,140 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The grant decision shared by every hook. Its cost is bounded by the number
+ * of port block sizes an agent uses (at most 2 x ZT_PORT_LEVELS LPM lookups),
+ * never by the number of grants.
+ */
+#ifndef ZT_VERDICT_H
+#define ZT_VERDICT_H
+
+#include "maps.h"
+
+struct zt_subject {
+	struct zt_agent agent;
+	__u32 generation;
+};
+
+static __always_inline void zt_count(int counter)
+{
+	__u64 *value = zt_counters_v1.lookup(&counter);
+	if (value)
+		*value += 1;  /* percpu: no atomics needed */
+}
+
+static __always_inline struct zt_agent_stats *zt_stats(__u32 agent_index)
+{
+	int index = agent_index;
+	return zt_agent_stats_v1.lookup(&index);
+}
+
+static __always_inline struct zt_config *zt_get_config(void)
+{
+	int zero = 0;
+	return zt_config_v1.lookup(&zero);
+}
+
+static __always_inline int zt_find_agent(__u64 cgroup_id, struct zt_config *cfg,
+					 struct zt_subject *subject)
+{
+	struct zt_agent *agent = zt_agents_v1.lookup(&cgroup_id);
+	if (!agent) {
+		zt_count(ZT_CNT_NO_AGENT);
+		return 0;
+	}
+	subject->agent = *agent;
+	subject->generation = cfg->generation & 1;
+	return 1;
+}
+
+static __always_inline int zt_proto_class(__u8 proto)
+{
+	/* if-chains, not switch: clang turns such a switch into a lookup
+	 * table in .rodata, which bcc cannot relocate */
+	if (proto == ZT_PROTO_TCP)
+		return ZT_CLASS_TCP;
+	if (proto == ZT_PROTO_UDP)
+		return ZT_CLASS_UDP;
+	if (proto == ZT_PROTO_ICMP)
+		return ZT_CLASS_ICMP;
+	return -1;
+}
+
+static __always_inline struct zt_levels *zt_lookup_levels(__u32 generation,
+							   __u32 agent_index)
+{
+	int index = generation * ZT_MAX_AGENTS + agent_index;
+	return zt_levels_v1.lookup(&index);
+}
+
+static __always_inline int zt_match_class(struct zt_grant_key *key, __u32 mask,
+					  __u16 port, __u64 now, __u64 *grant_id)
+{
+#pragma unroll
+	for (int bits = 16; bits >= 0; bits--) {
+		if (!(mask & (1u << bits)))
+			continue;
+		__u16 port_mask = bits ? (__u16)(0xffffu << (16 - bits)) : 0;
+		key->port_bits = bits;
+		key->port_be = bpf_htons(port & port_mask);
+		struct zt_grant_value *value = zt_grants_v1.lookup(key);
+		if (value && now >= value->not_before_ns && now < value->not_after_ns) {
+			*grant_id = value->grant_id;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Is (proto, family, addr, port) allowed for the subject right now?
+ * `proto` is the packet's IP protocol number folded to enum zt_proto
+ * (ICMPv6 counts as ZT_PROTO_ICMP); `port` is the destination port in host
+ * order, 0 for protocols without ports. Returns 1 and sets *grant_id on a
+ * match.
+ */
+static __always_inline int zt_allowed(const struct zt_subject *subject, __u8 proto,
+				      __u8 family, const __u8 *addr, __u16 port,
+				      __u64 *grant_id)
+{
+	if (subject->agent.flags & ZT_AGENT_QUARANTINED) {
+		zt_count(ZT_CNT_QUARANTINED);
+		return 0;
+	}
+	struct zt_levels *levels = zt_lookup_levels(subject->generation,
+						    subject->agent.index);
+	if (!levels)
+		return 0;
+
+	struct zt_grant_key key = {};
+	key.prefixlen = ZT_KEY_FIXED_BITS + (family == ZT_FAMILY_V4 ? 32 : 128);
+	key.agent = subject->agent.index;
+	key.family = family;
+	key.generation = subject->generation;
+	if (family == ZT_FAMILY_V4)
+		__builtin_memcpy(key.addr, addr, 4);
+	else
+		__builtin_memcpy(key.addr, addr, 16);
+
+	__u64 now = bpf_ktime_get_boot_ns();
+	int cls = zt_proto_class(proto);
+	if (cls >= 0) {
+		key.proto = proto;
+		if (zt_match_class(&key, levels->mask[cls], port, now, grant_id))
+			return 1;
+	}
+	key.proto = ZT_PROTO_ANY;
+	return zt_match_class(&key, levels->mask[ZT_CLASS_ANY], port, now, grant_id);
+}
+
+static __always_inline void zt_account_decision(__u32 agent_index, int allowed)
+{
+	struct zt_agent_stats *stats = zt_stats(agent_index);
+	if (!stats)
+		return;
+	if (allowed)
+		stats->allowed += 1;
+	else
+		stats->denied += 1;
+}
+
+#endif /* ZT_VERDICT_H */

@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * ztnet kernel ABI: every struct, enum and constant shared between the BPF
+ * programs and user space. ztnet/datapath/abi.py mirrors this file and
+ * tests/unit/test_abi.py compiles it on the host to check sizes and offsets,
+ * so it must stay free of kernel-only types.
+ *
+ * Layout changes bump ZT_ABI_VERSION, which is part of the bpffs pin
+ * directory (/sys/fs/bpf/ztnet/v<N>/): a new layout never opens old maps.
+ */
+#ifndef ZTNET_H
+#define ZTNET_H
+
+#ifdef ZT_HOST_PROBE
+#include <stdint.h>
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef uint64_t __u64;
+typedef uint16_t __be16;
+#endif
+
+#define ZT_ABI_VERSION 1
+
+/* Port prefix lengths 0 (any port) .. 16 (one port): a port range is
+ * decomposed into aligned power-of-two blocks, one LPM entry per block. */
+#define ZT_PORT_LEVELS 17
+
+/* Bits of struct zt_grant_key after `prefixlen` that are always matched
+ * exactly: agent, proto, family, port_bits, generation, port_be, pad2. */
+#define ZT_KEY_FIXED_BITS 96
+
+#ifndef ZT_MAX_AGENTS
+#define ZT_MAX_AGENTS 4096
+#endif
+/* Trie entries across both generations. */
+#ifndef ZT_MAX_ENTRIES
+#define ZT_MAX_ENTRIES 524288
+#endif
+
+/* Protocol classes as stored in the key. ICMP stands for ICMP and ICMPv6. */
+enum zt_proto {
+	ZT_PROTO_ANY = 0,
+	ZT_PROTO_ICMP = 1,
+	ZT_PROTO_TCP = 6,
+	ZT_PROTO_UDP = 17,
+};
+
+/* Index into struct zt_levels.mask. */
+enum zt_proto_class {
+	ZT_CLASS_ANY = 0,
+	ZT_CLASS_ICMP = 1,
+	ZT_CLASS_TCP = 2,
+	ZT_CLASS_UDP = 3,
+	ZT_CLASS_COUNT = 4,
+};
+
+enum zt_family {
+	ZT_FAMILY_V4 = 4,
+	ZT_FAMILY_V6 = 6,
+};
+
+/*
+ * LPM key of the grant tries. Everything before `addr` is matched exactly
+ * (ZT_KEY_FIXED_BITS); the address prefix comes last because only the last
+ * field of an LPM key can be a prefix. Ports therefore cannot be a prefix of
+ * their own: a grant's port range becomes one entry per aligned block, and
+ * the program looks up each block size (`port_bits`) the agent uses.
+ * IPv4 addresses (and IPv4-mapped IPv6) use family 4 and addr[0..3].
+ */
+struct zt_grant_key {
+	__u32 prefixlen;
+	__u32 agent;      /* agent index (struct zt_agent.index), host order */
+	__u8 proto;       /* enum zt_proto */
+	__u8 family;      /* enum zt_family */
+	__u8 port_bits;   /* 0..16: how many leading bits of port_be count */
+	__u8 generation;  /* 0 or 1: which grant set this entry belongs to */
+	__be16 port_be;   /* destination port masked to port_bits, network order */
+	__u16 pad2;
+	__u8 addr[16];    /* destination, network order */
+};
+
+/*
+ * Value of a grant entry. Times are CLOCK_BOOTTIME nanoseconds so that the
+ * program can compare them with bpf_ktime_get_boot_ns(): grants lapse on
+ * time even when no ztnet process is alive. User space folds every grant
+ * whose prefix covers this entry's prefix into the entry (an LPM lookup only
+ * returns the longest match), so one hit answers the question.
+ */
+struct zt_grant_value {
+	__u64 not_before_ns;
+	__u64 not_after_ns;
+	__u64 grant_id;
+};
+
+/* Which port_bits levels hold entries, per protocol class, for one agent
+ * and generation (index: generation * ZT_MAX_AGENTS + agent index): lets the
+ * program skip lookups that cannot match. */
+struct zt_levels {
+	__u32 mask[ZT_CLASS_COUNT];
+};
+
+#define ZT_AGENT_QUARANTINED (1u << 0)
+
+/* Value of zt_agents_v1 (key: the agent cgroup's id, __u64). */
+struct zt_agent {
+	__u32 index;
+	__u32 flags;
+};
+
+/*
+ * Single entry of zt_config_v1. Two grant sets live side by side in the
+ * grant trie and the level table, told apart by their generation; the
+ * programs only look at the one `generation` names, so writing this one
+ * word swaps the whole grant set at once.
+ */
+struct zt_config {
+	__u32 generation;
+	__u32 agent_level;  /* cgroup v2 level of <root>/agents/<name> */
+	__u64 reserved[3];
+};
+
+enum zt_counter {
+	ZT_CNT_CONNECT_ALLOW = 0,
+	ZT_CNT_CONNECT_DENY = 1,
+	ZT_CNT_SENDMSG_ALLOW = 2,
+	ZT_CNT_SENDMSG_DENY = 3,
+	ZT_CNT_EGRESS_PASS = 4,
+	ZT_CNT_EGRESS_DROP = 5,
+	ZT_CNT_NO_AGENT = 6,
+	ZT_CNT_QUARANTINED = 7,
+	ZT_CNT_UNPARSED = 8,
+	ZT_CNT_COUNT = 9,
+};
+
+/* Per-agent counters (percpu array indexed by agent index). */
+struct zt_agent_stats {
+	__u64 allowed;        /* connect/sendmsg allowed */
+	__u64 denied;         /* connect/sendmsg denied */
+	__u64 egress_packets; /* packets passed by the egress backstop */
+	__u64 egress_bytes;
+	__u64 egress_dropped; /* packets dropped by the egress backstop */
+	__u64 reserved[3];
+};
+
+_Static_assert(sizeof(struct zt_grant_key) == 32, "zt_grant_key layout");
+_Static_assert(sizeof(struct zt_grant_value) == 24, "zt_grant_value layout");
+_Static_assert(sizeof(struct zt_levels) == 16, "zt_levels layout");
+_Static_assert(sizeof(struct zt_agent) == 8, "zt_agent layout");
+_Static_assert(sizeof(struct zt_config) == 32, "zt_config layout");
+_Static_assert(sizeof(struct zt_agent_stats) == 64, "zt_agent_stats layout");
+
+#endif /* ZTNET_H */

@@ -1,0 +1,4 @@
+"""Grants: the model, canonical encoding, signing and verification, bundles.
+
+Only this package imports signing primitives.
+"""

@@ -1,0 +1,129 @@
+"""The grant: one allowed network path for one agent, valid for a window.
+
+This is the unit every layer speaks: policy compiles to grants, bundles carry
+them signed, the datapath installs them, and the reference evaluator in
+``ztnet.policy.evaluate`` defines what they mean.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+AGENT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_GRANT_ID = 2**64 - 1
+
+
+class Proto(enum.IntEnum):
+    """Protocols a grant can name. ICMP covers ICMP and ICMPv6."""
+
+    ANY = 0
+    ICMP = 1
+    TCP = 6
+    UDP = 17
+
+    @classmethod
+    def parse(cls, text: str) -> Proto:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"unknown protocol {text!r} (tcp, udp, icmp or any)") from None
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PortRange:
+    """An inclusive range of destination ports, 1..65535."""
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first <= 65535 or not 1 <= self.last <= 65535:
+            raise ValueError(f"port out of range 1-65535: {self}")
+        if self.first > self.last:
+            raise ValueError(f"inverted port range: {self}")
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    @classmethod
+    def parse(cls, text: str) -> PortRange | None:
+        """``"443"``, ``"8000-8100"`` or ``"any"`` (None)."""
+        text = text.strip()
+        if text == "any":
+            return None
+        first, sep, last = text.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"bad port {text!r}: expected '443', '8000-8100' or 'any'")
+        return cls(int(first), int(last) if sep else int(first))
+
+
+def normalize_network(network: IPNetwork) -> IPNetwork:
+    """IPv4-mapped IPv6 networks are IPv4 on the wire: judge them as IPv4."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def normalize_address(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Agent ``agent`` may reach ``network`` over ``proto`` on ``ports``
+    (None: any port) from ``not_before`` until just before ``not_after``
+    (Unix seconds). ``grant_id`` is a nonzero 64-bit number; the kernel
+    reports it with every decision the grant made."""
+
+    grant_id: int
+    agent: str
+    proto: Proto
+    network: IPNetwork
+    ports: PortRange | None
+    not_before: float
+    not_after: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.grant_id <= MAX_GRANT_ID:
+            raise ValueError(f"grant id must be a nonzero 64-bit number, got {self.grant_id}")
+        if not AGENT_NAME_RE.match(self.agent):
+            raise ValueError(f"agent name {self.agent!r} is not a DNS label")
+        if self.proto is Proto.ICMP and self.ports is not None:
+            raise ValueError("an icmp grant cannot name ports")
+        if normalize_network(self.network) != self.network:
+            raise ValueError(f"{self.network} is IPv4-mapped: write it as IPv4")
+        if self.not_after <= self.not_before:
+            raise ValueError("not_after must be later than not_before")
+
+    def live_at(self, when: float) -> bool:
+        return self.not_before <= when < self.not_after
+
+    @property
+    def label(self) -> str:
+        return format_grant_id(self.grant_id)
+
+
+def format_grant_id(grant_id: int) -> str:
+    return f"g-{grant_id:016x}"
+
+
+def parse_grant_id(text: str) -> int:
+    if not re.fullmatch(r"g-[0-9a-f]{16}", text):
+        raise ValueError(f"bad grant id {text!r}: expected g- and 16 hex digits")
+    return int(text[2:], 16)
