@@ -1,0 +1,275 @@
+"""Thin ctypes bindings to the system libbpf for what bcc does not offer:
+pinned maps opened by path, querying and detaching the programs attached to
+a cgroup. Every failure becomes a DatapathError naming the object."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import enum
+import errno
+import os
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import TypeVar
+
+from ztnet.errors import DatapathError, MapUpdateError
+
+BPF_ANY = 0
+BPF_F_ALLOW_MULTI = 2
+_MAX_PROGS = 64
+
+S = TypeVar("S", bound=ctypes.Structure)
+T = TypeVar("T", bound=ctypes.Structure | ctypes.c_uint64)
+
+
+class AttachType(enum.IntEnum):
+    """enum bpf_attach_type (uapi/linux/bpf.h), the ones ztnet uses."""
+
+    CGROUP_INET_INGRESS = 0
+    CGROUP_INET_EGRESS = 1
+    CGROUP_INET4_CONNECT = 10
+    CGROUP_INET6_CONNECT = 11
+    CGROUP_UDP4_SENDMSG = 14
+    CGROUP_UDP6_SENDMSG = 15
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise DatapathError(f"datapath: cannot load libbpf ({name}): {exc}") from exc
+    vp, i, u32, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64
+    signatures = {
+        "bpf_obj_get": ([ctypes.c_char_p], i),
+        "bpf_map_lookup_elem": ([i, vp, vp], i),
+        "bpf_map_update_elem": ([i, vp, vp, u64], i),
+        "bpf_map_delete_elem": ([i, vp], i),
+        "bpf_map_get_next_key": ([i, vp, vp], i),
+        "bpf_prog_query": ([i, i, u32, ctypes.POINTER(u32), ctypes.POINTER(u32),
+                            ctypes.POINTER(u32)], i),
+        "bpf_prog_get_fd_by_id": ([u32], i),
+        "bpf_prog_attach": ([i, i, i, ctypes.c_uint], i),
+        "bpf_prog_detach2": ([i, i, i], i),
+        "bpf_obj_get_info_by_fd": ([i, vp, ctypes.POINTER(u32)], i),
+    }
+    for fn_name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, fn_name)
+        fn.argtypes = argtypes
+        fn.restype = restype
+    return lib
+
+
+def _err(result: int) -> int:
+    """libbpf 1.x returns -errno; older builds return -1 and set errno."""
+    if result == -1:
+        return ctypes.get_errno() or errno.EPERM
+    return -result
+
+
+@cache
+def possible_cpus() -> int:
+    """Per-CPU map values hold one slot per *possible* CPU."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
+class _MapInfo(ctypes.Structure):
+    """The leading fields of struct bpf_map_info."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("_rest", ctypes.c_uint8 * 160),
+    ]
+
+
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+
+
+class PinnedMap:
+    """A map opened from its bpffs pin; keys and values are ctypes structs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.name
+        fd = _lib().bpf_obj_get(str(path).encode())
+        if fd < 0:
+            raise DatapathError(
+                f"datapath: cannot open pinned map {path}: {os.strerror(_err(fd))}"
+            )
+        self.fd = fd
+        info = _MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        rc = _lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+        if rc < 0:
+            os.close(fd)
+            raise DatapathError(f"datapath: cannot inspect map {path}: {os.strerror(_err(rc))}")
+        self.info = info
+        self.percpu = info.type == BPF_MAP_TYPE_PERCPU_ARRAY
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PinnedMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_layout(self, key_type: type[ctypes._SimpleCData] | type[ctypes.Structure],
+                     value_type: type[ctypes.Structure] | type[ctypes._SimpleCData]) -> None:
+        if (self.info.key_size, self.info.value_size) != (
+            ctypes.sizeof(key_type), ctypes.sizeof(value_type)
+        ):
+            raise DatapathError(
+                f"datapath: map {self.path} has key/value size "
+                f"{self.info.key_size}/{self.info.value_size}, expected "
+                f"{ctypes.sizeof(key_type)}/{ctypes.sizeof(value_type)}: ABI mismatch"
+            )
+
+    def lookup(self, key: ctypes._CData, value: ctypes._CData) -> bool:
+        rc = _lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        if rc < 0:
+            if _err(rc) == errno.ENOENT:
+                return False
+            raise DatapathError(f"datapath: lookup in {self.name} failed: {os.strerror(_err(rc))}")
+        return True
+
+    def update(self, key: ctypes._CData, value: ctypes._CData) -> None:
+        rc = _lib().bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY)
+        if rc < 0:
+            raise MapUpdateError(
+                f"datapath: update of {self.name} failed: {os.strerror(_err(rc))}",
+                self.name, key,
+            )
+
+    def delete(self, key: ctypes._CData) -> bool:
+        rc = _lib().bpf_map_delete_elem(self.fd, ctypes.byref(key))
+        if rc < 0:
+            if _err(rc) == errno.ENOENT:
+                return False
+            raise MapUpdateError(
+                f"datapath: delete from {self.name} failed: {os.strerror(_err(rc))}",
+                self.name, key,
+            )
+        return True
+
+    def keys(self, key_type: type[S]) -> Iterator[S]:
+        """All keys. Collect them before deleting any: deleting while walking
+        restarts a hash map walk."""
+        current: S | None = None
+        while True:
+            nxt = key_type()
+            rc = _lib().bpf_map_get_next_key(
+                self.fd, ctypes.byref(current) if current is not None else None,
+                ctypes.byref(nxt),
+            )
+            if rc < 0:
+                if _err(rc) == errno.ENOENT:
+                    return
+                raise DatapathError(f"datapath: walking {self.name} failed: "
+                                    f"{os.strerror(_err(rc))}")
+            yield nxt
+            current = nxt
+
+    def percpu_values(self, index: int, value_type: type[T]) -> list[T]:
+        """The per-CPU slots of one per-CPU array entry."""
+        slot = (ctypes.sizeof(value_type) + 7) & ~7
+        buffer = (ctypes.c_uint8 * (slot * possible_cpus()))()
+        if not self.lookup(ctypes.c_int(index), buffer):
+            return []
+        return [value_type.from_buffer_copy(buffer, cpu * slot) for cpu in range(possible_cpus())]
+
+
+class _ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info, up to run_cnt."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("_lens", ctypes.c_uint32 * 2),
+        ("_insns", ctypes.c_uint64 * 2),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("_middle", ctypes.c_uint8 * 112),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("_rest", ctypes.c_uint8 * 64),
+    ]
+
+
+class ProgramStats:
+    __slots__ = ("prog_id", "name", "run_time_ns", "run_cnt")
+
+    def __init__(self, prog_id: int, name: str, run_time_ns: int, run_cnt: int) -> None:
+        self.prog_id, self.name = prog_id, name
+        self.run_time_ns, self.run_cnt = run_time_ns, run_cnt
+
+
+def prog_info(prog_fd: int) -> ProgramStats:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = _lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
+    if rc < 0:
+        raise DatapathError(f"datapath: cannot inspect program: {os.strerror(_err(rc))}")
+    return ProgramStats(info.id, info.name.decode(errors="replace"), info.run_time_ns,
+                        info.run_cnt)
+
+
+def attached_prog_ids(cgroup_fd: int, attach_type: AttachType) -> list[int]:
+    ids = (ctypes.c_uint32 * _MAX_PROGS)()
+    count = ctypes.c_uint32(_MAX_PROGS)
+    flags = ctypes.c_uint32(0)
+    rc = _lib().bpf_prog_query(cgroup_fd, int(attach_type), 0, ctypes.byref(flags), ids,
+                               ctypes.byref(count))
+    if rc < 0:
+        raise DatapathError(
+            f"datapath: querying {attach_type.name} programs failed: {os.strerror(_err(rc))}"
+        )
+    return list(ids[: count.value])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    fd = _lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        raise DatapathError(f"datapath: program {prog_id} is gone: {os.strerror(_err(fd))}")
+    return int(fd)
+
+
+def attach(prog_fd: int, cgroup_fd: int, attach_type: AttachType, cgroup: Path) -> None:
+    from ztnet.errors import AttachError
+
+    rc = _lib().bpf_prog_attach(prog_fd, cgroup_fd, int(attach_type), BPF_F_ALLOW_MULTI)
+    if rc < 0:
+        raise AttachError(
+            f"datapath: attach {attach_type.name} to {cgroup} failed: "
+            f"{errno.errorcode.get(_err(rc), '?')} ({os.strerror(_err(rc))})",
+            str(cgroup),
+        )
+
+
+def detach(prog_fd: int, cgroup_fd: int, attach_type: AttachType) -> None:
+    rc = _lib().bpf_prog_detach2(prog_fd, cgroup_fd, int(attach_type))
+    if rc < 0 and _err(rc) != errno.ENOENT:
+        raise DatapathError(
+            f"datapath: detach {attach_type.name} failed: {os.strerror(_err(rc))}"
+        )

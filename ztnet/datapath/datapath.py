@@ -1,0 +1,336 @@
+"""The datapath API: load or adopt, swap grant sets atomically, add and
+remove grants, read counters, tear down.
+
+A grant set lives twice in the kernel (generations 0 and 1 of the grant trie
+and the level table). ``replace()`` rewrites the generation no program is
+reading, then flips ``zt_config.generation`` with one map update: agents see
+the old set or the new one, never a mixture, and there is no moment in which
+a connection both sets allow is refused. Rewriting is a diff against what that
+generation already holds (Cilium's dump-and-diff), never flush-and-refill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztnet.datapath import abi, loader
+from ztnet.datapath.bpfsys import PinnedMap
+from ztnet.datapath.compile import BootClock, DesiredState, compile_grants
+from ztnet.datapath.probe import probe
+from ztnet.errors import DatapathError, MapUpdateError
+from ztnet.grants.model import Grant, PortRange, Proto
+from ztnet.identity import cgroups
+from ztnet.instance import Instance
+
+_ZERO_LEVELS = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    generation: int
+    entries: int
+    written: int
+    deleted: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    allowed: int
+    denied: int
+    egress_packets: int
+    egress_bytes: int
+    egress_dropped: int
+
+
+@contextmanager
+def instance_lock(instance: Instance) -> Iterator[None]:
+    """One writer per instance at a time, across processes."""
+    instance.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(instance.lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Datapath:
+    def __init__(self, instance: Instance, programs: loader.LoadedPrograms) -> None:
+        self.instance = instance
+        self.programs = programs
+        self.maps = {name: PinnedMap(instance.pin_dir / name) for name in loader.MAP_NAMES}
+        self.maps["zt_grants_v1"].check_layout(abi.ZtGrantKey, abi.ZtGrantValue)
+        self.maps["zt_agents_v1"].check_layout(ctypes.c_uint64, abi.ZtAgent)
+        self.maps["zt_config_v1"].check_layout(ctypes.c_int, abi.ZtConfig)
+        self._contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] = {}
+        self._grants: tuple[Grant, ...] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, instance: Instance | None = None) -> Datapath:
+        """Load the programs, or adopt the ones a previous process left: the
+        pinned maps are reused as they are, so enforcement never pauses."""
+        instance = instance or Instance.resolve()
+        probe()
+        with instance_lock(instance):
+            instance.agents_dir.mkdir(parents=True, exist_ok=True)
+            programs = loader.load_programs(instance)
+            try:
+                datapath = cls(instance, programs)
+                datapath._init_config()
+                loader.attach_replacing(programs)
+            except BaseException:
+                programs.close()
+                raise
+        return datapath
+
+    def close(self) -> None:
+        for pinned in self.maps.values():
+            pinned.close()
+        self.programs.close()
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _config(self) -> abi.ZtConfig:
+        config = abi.ZtConfig()
+        self.maps["zt_config_v1"].lookup(ctypes.c_int(0), config)
+        return config
+
+    def _init_config(self) -> None:
+        config = self._config()
+        if config.agent_level != self.instance.agent_level:
+            config.agent_level = self.instance.agent_level
+            self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
+
+    @property
+    def generation(self) -> int:
+        return int(self._config().generation) & 1
+
+    # --- agents --------------------------------------------------------------------
+
+    def _registered(self) -> dict[int, abi.ZtAgent]:
+        agents = self.maps["zt_agents_v1"]
+        result = {}
+        for key in list(agents.keys(ctypes.c_uint64)):
+            value = abi.ZtAgent()
+            if agents.lookup(key, value):
+                result[key.value] = value
+        return result
+
+    def _indices_in_use(self) -> set[int]:
+        levels = self.maps["zt_levels_v1"]
+        used = set()
+        for slot in range(2 * abi.MAX_AGENTS):
+            value = abi.ZtLevels()
+            if levels.lookup(ctypes.c_int(slot), value) and any(value.mask):
+                used.add(slot % abi.MAX_AGENTS)
+        return used
+
+    def ensure_agents(self, names: Iterable[str]) -> dict[str, int]:
+        """Create the agents' cgroups and give each an index in zt_agents.
+        Entries of cgroups that no longer exist are dropped; their indices are
+        not reused while either generation still refers to them."""
+        for name in names:
+            cgroups.ensure_agent_cgroup(self.instance, name)
+        by_id = {cgroups.cgroup_id(path): name
+                 for name, path in cgroups.agent_cgroups(self.instance).items()}
+        registered = self._registered()
+        agents = self.maps["zt_agents_v1"]
+        for stale in set(registered) - set(by_id):
+            agents.delete(ctypes.c_uint64(stale))
+            del registered[stale]
+        used = {agent.index for agent in registered.values()} | self._indices_in_use()
+        result = {by_id[cgid]: int(agent.index) for cgid, agent in registered.items()}
+        free = (index for index in range(1, abi.MAX_AGENTS) if index not in used)
+        for cgid, name in sorted(by_id.items(), key=lambda item: item[1]):
+            if name in result:
+                continue
+            index = next(free, None)
+            if index is None:
+                raise MapUpdateError("datapath: no free agent index", "zt_agents_v1")
+            agents.update(ctypes.c_uint64(cgid), abi.ZtAgent(index, 0))
+            result[name] = index
+        return result
+
+    def set_quarantined(self, agent: str, quarantined: bool) -> None:
+        """A quarantined agent is denied everything, whatever its grants."""
+        path = cgroups.ensure_agent_cgroup(self.instance, agent)
+        self.ensure_agents([agent])
+        key = ctypes.c_uint64(cgroups.cgroup_id(path))
+        value = abi.ZtAgent()
+        self.maps["zt_agents_v1"].lookup(key, value)
+        if quarantined:
+            value.flags |= abi.AGENT_QUARANTINED
+        else:
+            value.flags &= ~abi.AGENT_QUARANTINED
+        self.maps["zt_agents_v1"].update(key, value)
+
+    # --- grants --------------------------------------------------------------------
+
+    def _dump(self, generation: int) -> dict[abi.EntryKey, abi.EntryValue]:
+        if generation in self._contents:
+            return self._contents[generation]
+        trie = self.maps["zt_grants_v1"]
+        contents = {}
+        for key in list(trie.keys(abi.ZtGrantKey)):
+            key_generation, entry = abi.EntryKey.from_c(key)
+            if key_generation != generation:
+                continue
+            value = abi.ZtGrantValue()
+            if trie.lookup(key, value):
+                contents[entry] = abi.EntryValue.from_c(value)
+        self._contents[generation] = contents
+        return contents
+
+    def _write_generation(self, generation: int, desired: DesiredState) -> tuple[int, int]:
+        trie = self.maps["zt_grants_v1"]
+        current = self._dump(generation)
+        self._contents.pop(generation, None)  # unknown until fully written
+        written = deleted = 0
+        for key, value in desired.entries.items():
+            if current.get(key) != value:
+                trie.update(key.to_c(generation), value.to_c())
+                written += 1
+        for key in current.keys() - desired.entries.keys():
+            trie.delete(key.to_c(generation))
+            deleted += 1
+        levels = self.maps["zt_levels_v1"]
+        for index in range(abi.MAX_AGENTS):
+            slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
+            want = desired.levels.get(index, _ZERO_LEVELS)
+            have = abi.ZtLevels()
+            levels.lookup(slot, have)
+            if tuple(have.mask) != want:
+                levels.update(slot, abi.ZtLevels((ctypes.c_uint32 * 4)(*want)))
+        self._contents[generation] = dict(desired.entries)
+        return written, deleted
+
+    def replace(self, grants: Iterable[Grant], *, now: float | None = None) -> ApplyResult:
+        """Make ``grants`` the whole grant set, atomically."""
+        started = time.monotonic()
+        grants = tuple(grants)
+        now = time.time() if now is None else now
+        with instance_lock(self.instance):
+            indices = self.ensure_agents({grant.agent for grant in grants})
+            desired = compile_grants(grants, indices, now=now, clock=BootClock.now())
+            if len(desired.entries) > abi.MAX_ENTRIES // 2:
+                raise MapUpdateError(
+                    f"datapath: grant set needs {len(desired.entries)} entries, "
+                    f"more than the {abi.MAX_ENTRIES // 2} a generation holds",
+                    "zt_grants_v1",
+                )
+            config = self._config()
+            target = 1 - (int(config.generation) & 1)
+            written, deleted = self._write_generation(target, desired)
+            config.generation = target
+            self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
+            self._grants = grants
+            _save_grants(self.instance, grants)
+        return ApplyResult(target, len(desired.entries), written, deleted,
+                           time.monotonic() - started)
+
+    def grants(self) -> tuple[Grant, ...]:
+        """The installed grant set (as last replaced by any process)."""
+        if self._grants is None:
+            self._grants = _load_grants(self.instance)
+        return self._grants
+
+    def add(self, grants: Iterable[Grant], *, now: float | None = None) -> ApplyResult:
+        new = {grant.grant_id: grant for grant in self.grants()}
+        new.update({grant.grant_id: grant for grant in grants})
+        return self.replace(new.values(), now=now)
+
+    def remove(self, grant_ids: Iterable[int], *, now: float | None = None) -> ApplyResult:
+        drop = set(grant_ids)
+        return self.replace((g for g in self.grants() if g.grant_id not in drop), now=now)
+
+    # --- counters ------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        counters = self.maps["zt_counters_v1"]
+        return {counter.name.lower(): sum(v.value for v in counters.percpu_values(
+            int(counter), ctypes.c_uint64)) for counter in abi.ZtCounter}
+
+    def agent_stats(self) -> dict[str, AgentStats]:
+        registered = self._registered()
+        names = {cgroups.cgroup_id(path): name
+                 for name, path in cgroups.agent_cgroups(self.instance).items()}
+        result = {}
+        for cgid, agent in registered.items():
+            if cgid not in names:
+                continue
+            per_cpu = self.maps["zt_agent_stats_v1"].percpu_values(int(agent.index),
+                                                                   abi.ZtAgentStats)
+            result[names[cgid]] = AgentStats(*(sum(getattr(v, field) for v in per_cpu) for field in
+                                               ("allowed", "denied", "egress_packets",
+                                                "egress_bytes", "egress_dropped")))
+        return result
+
+
+# --- the installed grant set, for add/remove across processes ------------------------
+
+
+def _grants_file(instance: Instance) -> Path:
+    return instance.run_dir / "grants.json"
+
+
+def _save_grants(instance: Instance, grants: tuple[Grant, ...]) -> None:
+    records = [
+        {"id": g.grant_id, "agent": g.agent, "proto": int(g.proto), "to": str(g.network),
+         "ports": None if g.ports is None else [g.ports.first, g.ports.last],
+         "not_before": g.not_before, "not_after": g.not_after}
+        for g in grants
+    ]
+    path = _grants_file(instance)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records))
+    os.replace(tmp, path)
+
+
+def _load_grants(instance: Instance) -> tuple[Grant, ...]:
+    import ipaddress
+
+    path = _grants_file(instance)
+    if not path.exists():
+        return ()
+    try:
+        records = json.loads(path.read_text())
+        return tuple(
+            Grant(r["id"], r["agent"], Proto(r["proto"]), ipaddress.ip_network(r["to"]),
+                  None if r["ports"] is None else PortRange(*r["ports"]),
+                  r["not_before"], r["not_after"])
+            for r in records
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatapathError(f"datapath: {path} is unreadable: {exc}") from exc
+
+
+def teardown(instance: Instance) -> None:
+    """Remove everything the instance put in the kernel. Agents are killed
+    first: taking enforcement away must never leave an agent unconfined."""
+    probe()
+    with instance_lock(instance):
+        cgroups.kill_all(instance.cgroup_root)
+        loader.detach_all(instance)
+        loader.remove_pins(instance)
+        cgroups.remove_tree(instance.cgroup_root)
+    for leftover in (_grants_file(instance), instance.lock_path):
+        leftover.unlink(missing_ok=True)
+    try:
+        instance.run_dir.rmdir()
+    except OSError:
+        pass
