@@ -45,6 +45,119 @@ def add_policy_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
 def add_datapath_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`ztnet run`, `agents`, `teardown`, `status`, `debug`."""
+    p = _command(sub, "run", "Run a command as an agent, confined by the datapath.",
+                 "ztnet run --agent research-bot --user nobody -- curl https://10.0.2.7/")
+    _instance_option(p)
+    p.add_argument("--agent", required=True, help="agent name (a DNS label)")
+    p.add_argument("--user", help="drop to this user (and its groups) after joining the cgroup")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS…]")
+    p.set_defaults(handler=_cmd_run)
+
+    p = _command(sub, "agents", "List agents: cgroup, live processes, live grants.",
+                 "ztnet agents --instance host-a")
+    _instance_option(p)
+    p.set_defaults(handler=_cmd_agents)
+
+    p = _command(sub, "status", "Show whether enforcement is in place, and its counters.",
+                 "ztnet status")
+    _instance_option(p)
+    p.set_defaults(handler=_cmd_status)
+
+    p = _command(sub, "teardown", "Remove ztnet from the kernel: kill agents, detach "
+                 "programs, unpin maps, remove cgroups.", "ztnet teardown --yes")
+    _instance_option(p)
+    p.add_argument("--yes", action="store_true", help="really remove enforcement")
+    p.set_defaults(handler=_cmd_teardown)
+
+    p = _command(sub, "debug", "Debugging aids.", "ztnet debug dump-bpf")
+    debug = p.add_subparsers(dest="debug_command", metavar="WHAT", required=True)
+    d = _command(debug, "dump-bpf", "Print the exact BPF translation unit and cflags.",
+                 "ztnet debug dump-bpf --instance host-a")
+    _instance_option(d)
+    d.set_defaults(handler=_cmd_dump_bpf)
+
+
+def _instance_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instance", default=None,
+                        help="instance name, for several daemons on one kernel (default: default)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ztnet.datapath.loader import is_enforcing
+    from ztnet.identity.launch import run_agent
+    from ztnet.instance import Instance
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    run_agent(Instance.resolve(args.instance), args.agent, argv, user=args.user,
+              is_enforcing=is_enforcing)
+    return 0  # not reached: run_agent execs
+
+
+def _cmd_agents(args: argparse.Namespace) -> int:
+    from ztnet.datapath.datapath import Datapath
+    from ztnet.identity import cgroups
+    from ztnet.instance import Instance
+
+    instance = Instance.resolve(args.instance)
+    with Datapath.inspect(instance) as datapath:
+        live = datapath.live_grant_counts()
+    rows = [("AGENT", "CGROUP", "PIDS", "LIVE GRANTS")]
+    for name, path in cgroups.agent_cgroups(instance).items():
+        procs = cgroups.agent_processes(path)
+        pids = ",".join(f"{p.pid}({p.comm})" for p in procs) or "-"
+        rows.append((name, str(path), pids, str(live.get(name, 0))))
+    _print_table(rows)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ztnet.datapath.datapath import Datapath
+    from ztnet.datapath.loader import attached_counts, is_enforcing
+    from ztnet.instance import Instance
+
+    instance = Instance.resolve(args.instance)
+    enforcing = is_enforcing(instance)
+    print(f"instance:   {instance.name}")
+    print(f"cgroup:     {instance.cgroup_root}")
+    print(f"pins:       {instance.pin_dir}")
+    print(f"enforcing:  {'yes' if enforcing else 'NO'}")
+    for program, count in attached_counts(instance).items():
+        print(f"  {program:<12} {count} attached")
+    if enforcing:
+        with Datapath.inspect(instance) as datapath:
+            print(f"generation: {datapath.generation}")
+            print(f"grants:     {len(datapath.grants())}")
+            for name, value in datapath.counters().items():
+                print(f"  {name:<14} {value}")
+    return 0 if enforcing else 1
+
+
+def _cmd_teardown(args: argparse.Namespace) -> int:
+    from ztnet.datapath.datapath import teardown
+    from ztnet.instance import Instance
+
+    instance = Instance.resolve(args.instance)
+    if not args.yes:
+        print(f"this kills every agent under {instance.cgroup_root} and removes enforcement; "
+              "run again with --yes", file=sys.stderr)
+        return 1
+    teardown(instance)
+    print(f"removed instance {instance.name}")
+    return 0
+
+
+def _cmd_dump_bpf(args: argparse.Namespace) -> int:
+    from ztnet.datapath.loader import dump_program_source
+    from ztnet.instance import Instance
+
+    print(dump_program_source(Instance.resolve(args.instance)))
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ztnet.datapath import abi, loader
+from ztnet.datapath import abi, loader, sockets
 from ztnet.datapath.bpfsys import PinnedMap
 from ztnet.datapath.compile import BootClock, DesiredState, compile_grants
 from ztnet.datapath.probe import probe
-from ztnet.errors import DatapathError, MapUpdateError
+from ztnet.errors import DatapathError, MapUpdateError, NotAttached
 from ztnet.grants.model import Grant, PortRange, Proto
 from ztnet.identity import cgroups
 from ztnet.instance import Instance
@@ -64,7 +64,7 @@ def instance_lock(instance: Instance) -> Iterator[None]:
 
 
 class Datapath:
-    def __init__(self, instance: Instance, programs: loader.LoadedPrograms) -> None:
+    def __init__(self, instance: Instance, programs: loader.LoadedPrograms | None) -> None:
         self.instance = instance
         self.programs = programs
         self.maps = {name: PinnedMap(instance.pin_dir / name) for name in loader.MAP_NAMES}
@@ -94,10 +94,21 @@ class Datapath:
                 raise
         return datapath
 
+    @classmethod
+    def inspect(cls, instance: Instance | None = None) -> Datapath:
+        """Open the pinned maps of a running datapath without loading anything
+        (for `ztnet agents`, `status` and other read-mostly tools)."""
+        instance = instance or Instance.resolve()
+        if not loader.is_enforcing(instance):
+            raise NotAttached(f"datapath: instance {instance.name!r} is not loaded "
+                              f"(nothing attached at {instance.cgroup_root})")
+        return cls(instance, None)
+
     def close(self) -> None:
         for pinned in self.maps.values():
             pinned.close()
-        self.programs.close()
+        if self.programs is not None:
+            self.programs.close()
 
     def __enter__(self) -> Datapath:
         return self
@@ -257,6 +268,19 @@ class Datapath:
     def remove(self, grant_ids: Iterable[int], *, now: float | None = None) -> ApplyResult:
         drop = set(grant_ids)
         return self.replace((g for g in self.grants() if g.grant_id not in drop), now=now)
+
+    def cut_unauthorized(self, *, now: float | None = None) -> list[sockets.FlowSocket]:
+        """Destroy agent sockets whose flows the installed grants no longer allow."""
+        return sockets.cut_unauthorized(self.instance, self.grants(),
+                                        time.time() if now is None else now)
+
+    def live_grant_counts(self, *, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        counts: dict[str, int] = {}
+        for grant in self.grants():
+            if grant.live_at(now):
+                counts[grant.agent] = counts.get(grant.agent, 0) + 1
+        return counts
 
     # --- counters ------------------------------------------------------------------
 

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Idempotent host set-up for ztnet, as root on Debian 12 / Ubuntu 24.04:
+# distribution packages (bcc from the distribution, never from PyPI), kernel
+# headers for bcc, a bpf filesystem, and .venv with the project and its test
+# extras. A second run with nothing to do takes seconds.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+say() { printf 'setup: %s\n' "$*"; }
+warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (installs packages, mounts bpffs)" >&2
+    exit 1
+fi
+
+PACKAGES=(python3 python3-venv python3-pip python3-bpfcc iproute2 util-linux procps gcc
+          libbpf1)
+KERNEL=$(uname -r)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+
+# Kernel headers: bcc compiles the programs at load time against
+# /lib/modules/$(uname -r)/build.
+if [ ! -e "/lib/modules/$KERNEL/build/include" ] && [ ! -e "/lib/modules/$KERNEL/build/Makefile" ]; then
+    if [ "$apt_updated" -eq 0 ]; then apt-get update -qq; apt_updated=1; fi
+    if apt-cache show "linux-headers-$KERNEL" >/dev/null 2>&1; then
+        say "installing linux-headers-$KERNEL"
+        apt_install "linux-headers-$KERNEL"
+    else
+        generic=linux-headers-amd64
+        [ -r /etc/os-release ] && . /etc/os-release
+        [ "${ID:-}" = ubuntu ] && generic=linux-headers-generic
+        [ "$(dpkg --print-architecture)" = arm64 ] && [ "${ID:-}" != ubuntu ] && generic=linux-headers-arm64
+        apt_install "$generic"
+        build=$(ls -d /usr/src/linux-headers-*/ 2>/dev/null | grep -v -- '-common/$' | sort -V | tail -n 1)
+        common=$(ls -d /usr/src/linux-headers-*-common/ 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$build" ] || { echo "setup: no kernel headers found under /usr/src" >&2; exit 1; }
+        mkdir -p "/lib/modules/$KERNEL"
+        ln -sfn "${build%/}" "/lib/modules/$KERNEL/build"
+        ln -sfn "${common:-$build}" "/lib/modules/$KERNEL/source"
+        warn "no headers package for kernel $KERNEL; linked the distribution's generic" \
+             "headers (${build%/}) at /lib/modules/$KERNEL/{build,source}." \
+             "They work for ztnet's program types (cgroup_skb, cgroup_sock_addr)."
+    fi
+fi
+
+# Pins live on a bpf filesystem.
+if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" {found=1} END {exit !found}' /proc/mounts; then
+    mkdir -p /sys/fs/bpf
+    mount -t bpf bpf /sys/fs/bpf
+    say "mounted bpffs at /sys/fs/bpf"
+fi
+
+# The venv must see the distribution's bcc: system interpreter, system site packages.
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; then
+    say "creating $VENV"
+    rm -rf "$VENV"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+
+stamp="$VENV/.ztnet-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    say "installing ztnet and its test extras into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+fi
+say "ready ($("$VENV/bin/python" -c 'import bcc, sys; print("python", sys.version.split()[0], "+ bcc")'))"

@@ -1,0 +1,100 @@
+"""Our alignchecker: the ctypes mirrors in ztnet/datapath/abi.py must match
+bpf/ztnet.h field by field, as the host compiler lays it out."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ztnet.datapath import abi
+from ztnet.datapath.loader import bpf_source_dir
+
+CC = shutil.which("cc") or shutil.which("gcc")
+
+
+def _probe_source() -> str:
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "ztnet.h"',
+             "int main(void) {", '  printf("{");']
+    first = True
+    for c_name, struct in abi.STRUCTS.items():
+        fields = [name for name, *_ in struct._fields_]
+        sep = "" if first else ","
+        first = False
+        lines.append(f'  printf("{sep}\\"{c_name}\\": {{\\"size\\": %zu", sizeof(struct {c_name}));')
+        for field in fields:
+            lines.append(f'  printf(", \\"{field}\\": %zu", offsetof(struct {c_name}, {field}));')
+        lines.append('  printf("}");')
+    constants = {"ZT_ABI_VERSION": "abi_version", "ZT_PORT_LEVELS": "port_levels",
+                 "ZT_KEY_FIXED_BITS": "key_fixed_bits", "ZT_CNT_COUNT": "counter_count",
+                 "ZT_AGENT_QUARANTINED": "quarantined"}
+    for macro, key in constants.items():
+        lines.append(f'  printf(", \\"{key}\\": %d", (int)({macro}));')
+    for counter in abi.ZtCounter:
+        lines.append(f'  printf(", \\"ZT_CNT_{counter.name}\\": %d", (int)ZT_CNT_{counter.name});')
+    for cls in abi.ZtClass:
+        lines.append(f'  printf(", \\"ZT_CLASS_{cls.name}\\": %d", (int)ZT_CLASS_{cls.name});')
+    for proto in abi.ZtProto:
+        lines.append(f'  printf(", \\"ZT_PROTO_{proto.name}\\": %d", (int)ZT_PROTO_{proto.name});')
+    lines += ['  printf("}\\n");', "  return 0;", "}"]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    if CC is None:
+        pytest.fail("no C compiler: the ABI check needs cc (installed by make setup)")
+    work = tmp_path_factory.mktemp("abi")
+    source = work / "probe.c"
+    source.write_text(_probe_source())
+    binary = work / "probe"
+    subprocess.run([CC, "-std=c11", "-Wall", "-Werror", "-DZT_HOST_PROBE",
+                    f"-I{bpf_source_dir()}", str(source), "-o", str(binary)], check=True)
+    out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def test_struct_sizes_and_offsets_match_header(layout: dict[str, dict[str, int]]) -> None:
+    for c_name, struct in abi.STRUCTS.items():
+        c = layout[c_name]
+        assert ctypes.sizeof(struct) == c["size"], c_name
+        for name, *_ in struct._fields_:
+            assert getattr(struct, name).offset == c[name], f"{c_name}.{name}"
+
+
+def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
+    assert layout["abi_version"] == abi.ABI_VERSION
+    assert layout["port_levels"] == abi.PORT_LEVELS
+    assert layout["key_fixed_bits"] == abi.KEY_FIXED_BITS
+    assert layout["counter_count"] == abi.COUNTER_COUNT
+    assert layout["quarantined"] == abi.AGENT_QUARANTINED
+    for counter in abi.ZtCounter:
+        assert layout[f"ZT_CNT_{counter.name}"] == counter
+    for cls in abi.ZtClass:
+        assert layout[f"ZT_CLASS_{cls.name}"] == cls
+    for proto in abi.ZtProto:
+        assert layout[f"ZT_PROTO_{proto.name}"] == proto
+
+
+def test_fixed_key_bits_cover_everything_before_the_address() -> None:
+    assert abi.KEY_FIXED_BITS == 8 * (abi.ZtGrantKey.addr.offset - abi.ZtGrantKey.agent.offset)
+
+
+def test_entry_key_round_trips_through_c_layout() -> None:
+    key = abi.EntryKey(agent=7, proto=6, family=4, port_bits=16, port=443,
+                       addr=bytes([10, 0, 2, 0]), addr_bits=24)
+    c_key = key.to_c(generation=1)
+    raw = bytes(c_key)
+    assert raw[12:14] == (443).to_bytes(2, "big")  # port_be is network order
+    assert raw[16:20] == bytes([10, 0, 2, 0])
+    assert c_key.prefixlen == abi.KEY_FIXED_BITS + 24
+    assert abi.EntryKey.from_c(c_key) == (1, key)
+
+
+def test_sources_exist_for_installed_layout() -> None:
+    assert Path(bpf_source_dir(), "ztnet.h").exists()

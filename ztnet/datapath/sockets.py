@@ -1,0 +1,118 @@
+"""Cut the established flows of agents that no grant covers any more.
+
+The egress program already drops their packets; destroying the sockets
+(inet_diag SOCK_DESTROY, via `ss -K`) makes the application see an error at
+once instead of retransmitting into the void. Sockets are found through each
+agent process's own /proc/<pid>/net tables, so agents in other network
+namespaces are covered, and `ss` runs inside that namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztnet.grants.model import Grant, IPAddress
+from ztnet.identity import cgroups
+from ztnet.instance import Instance
+from ztnet.policy.evaluate import allowed_by
+
+_TCP_ESTABLISHED, _TCP_SYN_SENT = 0x01, 0x02
+_TABLES = (("tcp", 6), ("tcp6", 6), ("udp", 17), ("udp6", 17))
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSocket:
+    agent: str
+    pid: int
+    netns: str
+    proto: int
+    local: tuple[IPAddress, int]
+    remote: tuple[IPAddress, int]
+
+
+def _parse_address(text: str) -> tuple[IPAddress, int]:
+    address_hex, port_hex = text.split(":")
+    raw = bytes.fromhex(address_hex)
+    # /proc prints each 32-bit word in host (little-endian) order
+    packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    address = ipaddress.ip_address(packed)
+    return address, int(port_hex, 16)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def agent_flows(instance: Instance) -> list[FlowSocket]:
+    """Connected TCP and UDP sockets owned by agent processes."""
+    flows: dict[tuple[str, str], FlowSocket] = {}
+    for agent, path in cgroups.agent_cgroups(instance).items():
+        for pid in cgroups.pids(path):
+            inodes = _socket_inodes(pid)
+            try:
+                netns = os.readlink(f"/proc/{pid}/ns/net")
+            except OSError:
+                continue
+            for table, proto in _TABLES:
+                try:
+                    lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+                except OSError:
+                    continue
+                for line in lines:
+                    fields = line.split()
+                    state, inode = int(fields[3], 16), fields[9]
+                    if inode not in inodes or (netns, inode) in flows:
+                        continue
+                    if state not in (_TCP_ESTABLISHED, _TCP_SYN_SENT):
+                        continue
+                    flows[(netns, inode)] = FlowSocket(
+                        agent, pid, netns, proto,
+                        _parse_address(fields[1]), _parse_address(fields[2]),
+                    )
+    return list(flows.values())
+
+
+def _ss_filter(flow: FlowSocket) -> list[str]:
+    def addr(a: IPAddress) -> str:
+        return f"[{a}]" if a.version == 6 else str(a)
+
+    return [
+        "src", addr(flow.local[0]), "sport", "=", f":{flow.local[1]}",
+        "dst", addr(flow.remote[0]), "dport", "=", f":{flow.remote[1]}",
+    ]
+
+
+def destroy(flow: FlowSocket) -> bool:
+    kind = "-t" if flow.proto == 6 else "-u"
+    argv = ["nsenter", f"--net=/proc/{flow.pid}/ns/net", "ss", "-K", "-n", kind,
+            *_ss_filter(flow)]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return result.returncode == 0
+
+
+def cut_unauthorized(instance: Instance, grants: Iterable[Grant], now: float) -> list[FlowSocket]:
+    """Destroy every agent flow that ``grants`` no longer allow at ``now``."""
+    grants = tuple(grants)
+    cut = []
+    for flow in agent_flows(instance):
+        address, port = flow.remote
+        if allowed_by(grants, flow.agent, flow.proto, address, port, now) is None:
+            if destroy(flow):
+                cut.append(flow)
+    return cut

@@ -1,0 +1,209 @@
+"""Network probes an agent process runs, reporting each outcome as JSON.
+
+Used by the kernel tests, the benchmarks and the demo: they launch this
+module under `ztnet run`, so every attempt comes from a real process in a
+real agent cgroup. Outcomes are errno names ("OK", "EPERM", "EINPROGRESS").
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import socket
+import sys
+import time
+
+
+def _errname(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def tcp_connect(host: str, port: int, timeout: float, payload: bytes = b"") -> str:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((host, port))
+            if payload:
+                sock.sendall(payload)
+                sock.recv(len(payload))
+        except OSError as exc:
+            return _errname(exc) if not isinstance(exc, TimeoutError) else "TIMEOUT"
+    return "OK"
+
+
+def udp_send(host: str, port: int, connect: bool) -> str:
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
+        try:
+            if connect:
+                sock.connect((host, port))
+                sock.send(b"ztnet-probe")
+            else:
+                sock.sendto(b"ztnet-probe", (host, port))
+        except OSError as exc:
+            return _errname(exc)
+    return "OK"
+
+
+def icmp_echo(host: str) -> str:
+    """An echo request through an unprivileged ICMP (ping) socket."""
+    v6 = ":" in host
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    with socket.socket(_family(host), socket.SOCK_DGRAM, proto) as sock:
+        packet = bytes([128 if v6 else 8, 0, 0, 0, 0, 1, 0, 1]) + b"ztnet"
+        try:
+            sock.sendto(packet, (host, 0))
+        except OSError as exc:
+            return _errname(exc)
+    return "OK"
+
+
+def raw_send(host: str) -> str:
+    """An ICMP echo through a raw IP socket (scapy's L3RawSocket), the path
+    that bypasses every socket-level hook."""
+    from scapy.all import ICMP, IP, IPv6, L3RawSocket, L3RawSocket6, send  # noqa: PLC0415
+    from scapy.layers.inet6 import ICMPv6EchoRequest
+
+    try:
+        if ":" in host:
+            send(IPv6(dst=host) / ICMPv6EchoRequest(), socket=L3RawSocket6(), verbose=False)
+        else:
+            send(IP(dst=host) / ICMP(), socket=L3RawSocket(), verbose=False)
+    except OSError as exc:
+        return _errname(exc)
+    return "OK"
+
+
+def nonblocking_attempt(proto: str, host: str, port: int) -> str:
+    """One attempt whose errno tells the kernel's verdict without waiting for
+    the network: EPERM (denied) or EINPROGRESS/OK (allowed)."""
+    if proto == "icmp":
+        return icmp_echo(host)
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(_family(host), kind) as sock:
+        sock.setblocking(False)
+        try:
+            if proto == "tcp":
+                sock.connect((host, port))
+            else:
+                sock.sendto(b"x", (host, port))
+        except OSError as exc:
+            return _errname(exc)
+    return "OK"
+
+
+def hold(host: str, port: int, interval: float, limit: float) -> None:
+    """Connect, say CONNECTED, then echo a byte every interval until the flow
+    breaks; report how it broke."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect((host, port))
+        except OSError as exc:
+            _emit(event="connect", result=_errname(exc))
+            return
+        _emit(event="connected")
+        deadline = time.monotonic() + limit
+        sock.settimeout(interval * 4)
+        sent = 0
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(b"k")
+                if not sock.recv(1):
+                    _emit(event="broken", result="EOF", sent=sent)
+                    return
+                sent += 1
+            except TimeoutError:
+                _emit(event="broken", result="TIMEOUT", sent=sent)
+                return
+            except OSError as exc:
+                _emit(event="broken", result=_errname(exc), sent=sent)
+                return
+            time.sleep(interval)  # pacing of the probe itself, not synchronisation
+        _emit(event="alive", sent=sent)
+
+
+def daemonized(host: str, port: int, out: str) -> None:
+    """fork, setsid, fork again; the grandchild connects and writes the result."""
+    if os.fork():
+        return
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    result = tcp_connect(host, port, 2.0)
+    with open(out + ".tmp", "w") as handle:
+        json.dump({"pid": os.getpid(), "result": result}, handle)
+    os.rename(out + ".tmp", out)
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ztnet.lab.probe")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("tcp")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--payload", default="")
+    p = sub.add_parser("udp")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--connect", action="store_true")
+    p = sub.add_parser("icmp")
+    p.add_argument("host")
+    p = sub.add_parser("raw")
+    p.add_argument("host")
+    sub.add_parser("batch", help="JSON lines [proto, host, port] on stdin")
+    p = sub.add_parser("loop")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--until-file", required=True,
+                   help="attempt non-blocking connects until this file exists")
+    p = sub.add_parser("hold")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--interval", type=float, default=0.05)
+    p.add_argument("--limit", type=float, default=30.0)
+    p = sub.add_parser("daemonize")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    if args.cmd == "tcp":
+        _emit(result=tcp_connect(args.host, args.port, args.timeout, args.payload.encode()))
+    elif args.cmd == "udp":
+        _emit(result=udp_send(args.host, args.port, args.connect))
+    elif args.cmd == "icmp":
+        _emit(result=icmp_echo(args.host))
+    elif args.cmd == "raw":
+        _emit(result=raw_send(args.host))
+    elif args.cmd == "batch":
+        for line in sys.stdin:
+            proto, host, port = json.loads(line)
+            _emit(result=nonblocking_attempt(proto, host, port))
+    elif args.cmd == "loop":
+        outcomes: dict[str, int] = {}
+        _emit(event="started")
+        while not os.path.exists(args.until_file):
+            result = nonblocking_attempt("tcp", args.host, args.port)
+            outcomes[result] = outcomes.get(result, 0) + 1
+        _emit(event="done", outcomes=outcomes)
+    elif args.cmd == "hold":
+        hold(args.host, args.port, args.interval, args.limit)
+    elif args.cmd == "daemonize":
+        daemonized(args.host, args.port, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
