@@ -118,7 +118,7 @@ def load_programs(instance: Instance) -> LoadedPrograms:
     for spec in PROGRAMS:
         prog_type = bcc.BPF.CGROUP_SOCK_ADDR if spec.sock_addr else bcc.BPF.CGROUP_SKB
         try:
-            fn = bpf.load_func(spec.function, prog_type, attach_type=int(spec.attach_type))
+            fn = bpf.load_func(spec.function.encode(), prog_type, attach_type=int(spec.attach_type))
         except Exception as exc:
             raise LoadError(f"datapath: loading {spec.function} failed: {exc}", str(exc)) from exc
         fds[spec.function] = fn.fd

@@ -132,17 +132,19 @@ def hold(host: str, port: int, interval: float, limit: float) -> None:
         _emit(event="alive", sent=sent)
 
 
-def daemonized(host: str, port: int, out: str) -> None:
-    """fork, setsid, fork again; the grandchild connects and writes the result."""
+def daemonized(host: str, port: int) -> None:
+    """fork, setsid, fork again; the grandchild connects and reports on the
+    inherited stdout (whoever reads it sees EOF only once the grandchild is
+    gone, so no one has to wait for it by other means)."""
     if os.fork():
         return
     os.setsid()
     if os.fork():
         os._exit(0)
     result = tcp_connect(host, port, 2.0)
-    with open(out + ".tmp", "w") as handle:
-        json.dump({"pid": os.getpid(), "result": result}, handle)
-    os.rename(out + ".tmp", out)
+    with open(f"/proc/{os.getpid()}/cgroup") as handle:
+        cgroup = handle.read().strip()
+    _emit(pid=os.getpid(), ppid=os.getppid(), sid=os.getsid(0), cgroup=cgroup, result=result)
     os._exit(0)
 
 
@@ -176,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("daemonize")
     p.add_argument("host")
     p.add_argument("port", type=int)
-    p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     if args.cmd == "tcp":
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "hold":
         hold(args.host, args.port, args.interval, args.limit)
     elif args.cmd == "daemonize":
-        daemonized(args.host, args.port, args.out)
+        daemonized(args.host, args.port)
     return 0
 
 
