@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PACKAGES=(python3 python3-venv python3-pip python3-bpfcc iproute2 util-linux procps gcc
+PACKAGES=(python3 python3-venv python3-pip python3-bpfcc iproute2 util-linux procps gcc libpcap0.8
           libbpf1)
 KERNEL=$(uname -r)
 

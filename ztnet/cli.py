@@ -33,11 +33,133 @@ def _command(
 
 
 def add_keys_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`ztnet keys …` (filled in with the signed-grants work)."""
+    """`ztnet keys init DIR`."""
+    keys = _command(
+        sub, "keys", "Manage the Ed25519 grant-signing key.", "ztnet keys init /etc/ztnet/keys"
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    init = _command(
+        keys_sub,
+        "init",
+        "Create DIR/signing.key (private, mode 0600) and DIR/signing.pub; "
+        "never overwrites an existing key.",
+        "ztnet keys init /etc/ztnet/keys",
+    )
+    init.add_argument("dir", metavar="DIR", help="directory for the key pair (created 0700)")
+
+    def keys_init(args: argparse.Namespace) -> int:
+        from ztnet.grants import commands  # imported late: keeps `ztnet --help` light
+
+        return commands.keys_init(args.dir)
+
+    init.set_defaults(handler=keys_init)
 
 
 def add_policy_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`ztnet policy …` (filled in with the signed-grants work)."""
+    """`ztnet policy check|compile|verify`."""
+    from ztnet.policy.document import parse_duration
+
+    def duration(text: str) -> int:
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    policy = _command(
+        sub,
+        "policy",
+        "Validate a policy file, compile it into a signed bundle, verify a bundle.",
+        "ztnet policy check examples/policy.toml",
+    )
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+
+    check = _command(
+        policy_sub,
+        "check",
+        "Validate POLICY (reporting every problem) and print a summary.",
+        "ztnet policy check examples/policy.toml",
+    )
+    check.add_argument("policy", metavar="POLICY", help="policy file (TOML)")
+
+    def policy_check(args: argparse.Namespace) -> int:
+        from ztnet.grants import commands
+
+        return commands.policy_check(args.policy)
+
+    check.set_defaults(handler=policy_check)
+
+    compile_ = _command(
+        policy_sub,
+        "compile",
+        "Compile POLICY into a bundle of expiring grants for one host, signed with KEY.",
+        "ztnet policy compile examples/policy.toml --key keys/signing.key --host web-1 "
+        "--ttl 5m --out web-1.bundle",
+    )
+    compile_.add_argument("policy", metavar="POLICY", help="policy file (TOML)")
+    compile_.add_argument("--key", required=True, help="signing key (signing.key)")
+    compile_.add_argument("--host", required=True, help="host name the bundle is for")
+    compile_.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write")
+    compile_.add_argument(
+        "--version",
+        type=int,
+        help="policy version, must grow with every bundle (default: current Unix time, s)",
+    )
+    compile_.add_argument(
+        "--ttl", type=duration, default=300, help="lifetime of rules without a ttl (default 5m)"
+    )
+    compile_.add_argument(
+        "--bundle-ttl",
+        type=duration,
+        help="how long the bundle itself is fresh (default: until its first grant expires)",
+    )
+    compile_.add_argument(
+        "--issuer", default="ztnet-cli", help="issuer name recorded in the bundle"
+    )
+
+    def policy_compile(args: argparse.Namespace) -> int:
+        from ztnet.grants import commands
+
+        return commands.policy_compile(
+            args.policy,
+            key_path=args.key,
+            host=args.host,
+            out_path=args.out,
+            version=args.version,
+            default_ttl=args.ttl,
+            bundle_ttl=args.bundle_ttl,
+            issuer=args.issuer,
+        )
+
+    compile_.set_defaults(handler=policy_compile)
+
+    verify = _command(
+        policy_sub,
+        "verify",
+        "Verify BUNDLE against trusted public keys and show its grants; "
+        "exits nonzero with the reason if it would be refused.",
+        "ztnet policy verify web-1.bundle --trust keys/signing.pub --host web-1",
+    )
+    verify.add_argument("bundle", metavar="BUNDLE", help="bundle file")
+    verify.add_argument(
+        "--trust",
+        action="append",
+        required=True,
+        metavar="PUBKEY",
+        help="trusted public key (signing.pub); repeat to trust several",
+    )
+    verify.add_argument("--host", help="check the bundle is for this host (default: not checked)")
+    verify.add_argument(
+        "--min-version", type=int, default=1, help="refuse bundles older than this version"
+    )
+
+    def policy_verify(args: argparse.Namespace) -> int:
+        from ztnet.grants import commands
+
+        return commands.policy_verify(
+            args.bundle, trust=args.trust, host=args.host, min_version=args.min_version
+        )
+
+    verify.set_defaults(handler=policy_verify)
 
 
 # --- datapath and agents ----------------------------------------------------------

@@ -96,6 +96,7 @@ class LineProcess:
     """A subprocess spoken to in JSON lines (the driver, long-lived probes)."""
 
     proc: subprocess.Popen[str]
+    ready: dict[str, object] | None = None
 
     @classmethod
     def start(cls, argv: Sequence[str]) -> LineProcess:
@@ -117,6 +118,10 @@ class LineProcess:
         result: dict[str, object] = json.loads(line)
         return result
 
+    def read_ids(self) -> list[int]:
+        """The program ids a freshly started driver reported."""
+        return sorted(int(v) for v in self.ready["prog_ids"].values())  # type: ignore[union-attr]
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -135,6 +140,6 @@ class LineProcess:
 def start_driver(instance: Instance) -> LineProcess:
     """A separate process that drives the datapath API and can be SIGKILLed."""
     driver = LineProcess.start([sys.executable, "-m", "tests.kernel.driver", instance.name])
-    ready = driver.read()
-    assert ready.get("ok"), ready
+    driver.ready = driver.read()
+    assert driver.ready.get("ok"), driver.ready
     return driver

@@ -24,6 +24,7 @@ from ztnet.lab.netns import (
     BlackholeNetns,
     LabError,
     NetnsPair,
+    _pids_in_netns,
     check_prefix,
     cleanup_stale,
     default_prefix,
@@ -291,7 +292,13 @@ def test_cleanup_stale_removes_prefixed_namespaces_links_and_processes() -> None
     try:
         subprocess.run(["ip", "link", "add", host_link, "type", "ifb"], check=True)
         # A process left inside would keep the namespace alive after its name is gone.
-        sleeper = subprocess.Popen(nsenter_argv(stale[0], ["sleep", "300"]))
+        sleeper = subprocess.Popen(
+            nsenter_argv(stale[0], ["sh", "-c", "echo inside; exec sleep 300"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert sleeper.stdout is not None
+        assert sleeper.stdout.readline() == "inside\n"  # it is in the namespace now
         removed = cleanup_stale(f"{base}-")
         assert sorted(removed) == sorted([*stale, host_link])
         assert list_netns(base) == [keep]
@@ -300,13 +307,28 @@ def test_cleanup_stale_removes_prefixed_namespaces_links_and_processes() -> None
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
         assert cleanup_stale(f"{base}-") == []
     finally:
-        if sleeper is not None and sleeper.poll() is None:
-            sleeper.kill()
-            sleeper.wait()
+        if sleeper is not None:
+            if sleeper.poll() is None:
+                sleeper.kill()
+                sleeper.wait()
+            assert sleeper.stdout is not None
+            sleeper.stdout.close()
         subprocess.run(["ip", "link", "del", host_link], capture_output=True)
         for name in [*stale, keep]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
     assert list_netns(base) == []
+
+
+def test_cleanup_never_sweeps_the_host_namespace_bound_under_a_lab_name() -> None:
+    require_tools("ip")
+    name = f"ztho{os.getpid():x}-a"
+    # Our own namespace is the host's (pid 1 may not be ours to inspect in a container).
+    subprocess.run(["ip", "netns", "attach", name, str(os.getpid())], check=True)
+    try:
+        # Listing only: a regression here must not be tested by actually killing the host.
+        assert _pids_in_netns(netns_path(name)) == []
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
 
 
 def test_create_replaces_leftovers_of_a_crashed_run_with_the_same_prefix() -> None:
@@ -351,6 +373,11 @@ def test_names_are_unique_short_and_validated() -> None:
 def test_server_that_cannot_bind_fails_fast_with_its_error(pair: NetnsPair) -> None:
     with pytest.raises(LabError, match="Cannot assign requested address"):
         ServerProcess(pair.b.netns, bind=["10.199.1.77"], tcp=[TCP_PORT]).start()
+
+
+def test_sniffer_on_a_missing_interface_fails_with_its_error(pair: NetnsPair) -> None:
+    with pytest.raises(LabError, match="nosuch0"):
+        Sniffer(pair.b.netns, "nosuch0").start()
 
 
 def test_process_that_never_gets_ready_times_out_and_is_killed() -> None:

@@ -19,7 +19,9 @@ KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 
 
-def policy_text(rule: str, *, agent: str = "bot", head: str = 'trust_domain = "example.org"') -> str:
+def policy_text(
+    rule: str, *, agent: str = "bot", head: str = 'trust_domain = "example.org"'
+) -> str:
     """A policy with one agent and one allow rule (given as TOML lines)."""
     return f"{head}\n\n[agents.{agent}]\n\n[[agents.{agent}.allow]]\n{rule}\n"
 

@@ -147,8 +147,9 @@ MALFORMED = {
     "too many signatures": mutate(lambda d: d.update(signatures=d["signatures"] * 9)),
     "signature not object": mutate(lambda d: d.update(signatures=["x"])),
     "signature extra key": mutate(lambda d: d["signatures"][0].update(alg="none")),
-    "keyid upper case": mutate(lambda d: d["signatures"][0].update(
-        keyid=d["signatures"][0]["keyid"].upper())),
+    "keyid upper case": mutate(
+        lambda d: d["signatures"][0].update(keyid=d["signatures"][0]["keyid"].upper())
+    ),
     "keyid short": mutate(lambda d: d["signatures"][0].update(keyid="ab")),
     "sig short": mutate(lambda d: d["signatures"][0].update(sig=base64.b64encode(b"x").decode())),
 }
@@ -169,8 +170,9 @@ def test_arbitrary_bytes_raise_only_grant_errors(data: bytes) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=12), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3)
+    ),
     max_leaves=10,
 )
 

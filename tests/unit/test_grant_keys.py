@@ -28,11 +28,14 @@ def test_generate_writes_a_matching_pair(tmp_path: Path) -> None:
     assert key_path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     assert pub_path.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     private, public = load_private_key(key_path), load_public_key(pub_path)
-    raw = lambda key: key.public_bytes(  # noqa: E731
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert (
+        private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        == raw
     )
-    assert raw(private.public_key()) == raw(public)
-    assert key_id(public) == hashlib.sha256(raw(public)).hexdigest()
+    assert key_id(public) == hashlib.sha256(raw).hexdigest()
 
 
 def test_private_key_is_0600_whatever_the_umask(tmp_path: Path) -> None:
@@ -69,17 +72,26 @@ def test_directory_that_is_a_file(tmp_path: Path) -> None:
 def test_wrong_key_type_is_refused(tmp_path: Path) -> None:
     ec_key = ec.generate_private_key(ec.SECP256R1())
     key_path = tmp_path / "ec.key"
-    key_path.write_bytes(ec_key.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
+    key_path.write_bytes(
+        ec_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     pub_path = tmp_path / "ec.pub"
-    pub_path.write_bytes(ec_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    with pytest.raises(ConfigError, match=f"keys: {key_path} holds a .* key; ztnet signs with "
-                                          "Ed25519"):
+    pub_path.write_bytes(
+        ec_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    with pytest.raises(
+        ConfigError, match=f"keys: {key_path} holds a .* key; ztnet signs with Ed25519"
+    ):
         load_private_key(key_path)
-    with pytest.raises(ConfigError, match=f"keys: {pub_path} holds a .* key; ztnet verifies only "
-                                          "Ed25519"):
+    with pytest.raises(
+        ConfigError, match=f"keys: {pub_path} holds a .* key; ztnet verifies only Ed25519"
+    ):
         load_public_key(pub_path)
 
 
@@ -94,16 +106,25 @@ def test_swapped_files_get_a_hint(tmp_path: Path) -> None:
 def test_encrypted_key_is_refused(tmp_path: Path) -> None:
     key_path, _ = generate_keypair(tmp_path / "k")
     encrypted = load_private_key(key_path).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"pw"))
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"),
+    )
     path = tmp_path / "enc.key"
     path.write_bytes(encrypted)
     with pytest.raises(ConfigError, match=f"keys: {path} is encrypted"):
         load_private_key(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage", b"-----BEGIN PUBLIC KEY-----\nAAAA\n"
-                                     b"-----END PUBLIC KEY-----\n", b"x" * 100_000])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"garbage",
+        b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+        b"x" * 100_000,
+    ],
+)
 def test_garbage_public_key(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.pub"
     path.write_bytes(content)

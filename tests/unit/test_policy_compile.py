@@ -69,10 +69,15 @@ def test_id_ignores_time_ttl_comment_order_and_spelling() -> None:
     ],
 )
 def test_id_changes_with_what_the_rule_allows(change: dict[str, str]) -> None:
-    fields = {"trust_domain": "example.org", "agent": "bot", "to": "10.0.2.0/24",
-              "ports": "443", "proto": "tcp"} | change
+    fields = {
+        "trust_domain": "example.org",
+        "agent": "bot",
+        "to": "10.0.2.0/24",
+        "ports": "443",
+        "proto": "tcp",
+    } | change
     policy = parse(
-        f'[agents.{fields["agent"]}]\n[[agents.{fields["agent"]}.allow]]\n'
+        f"[agents.{fields['agent']}]\n[[agents.{fields['agent']}.allow]]\n"
         f'to = "{fields["to"]}"\nports = "{fields["ports"]}"\nproto = "{fields["proto"]}"\n',
         fields["trust_domain"],
     )
@@ -110,7 +115,7 @@ def test_ttls() -> None:
 
 def test_identical_rules_dedupe_to_longest_ttl() -> None:
     policy = parse(
-        '[agents.bot]\n'
+        "[agents.bot]\n"
         '[[agents.bot.allow]]\nto = "10.0.2.0/24"\nports = "443"\nttl = "1m"\n'
         '[[agents.bot.allow]]\nto = "10.0.2.0/24"\nports = "443"\nttl = "2h"\n'
         '[[agents.bot.allow]]\nto = "10.0.2.0/24"\nports = "443"\n'
@@ -123,14 +128,16 @@ def test_identical_rules_dedupe_to_longest_ttl() -> None:
 def test_sorted_deterministically() -> None:
     policy = parse(
         '[agents.zed]\n[[agents.zed.allow]]\nto = "10.0.0.1"\nports = "1"\n'
-        '[agents.abe]\n'
+        "[agents.abe]\n"
         '[[agents.abe.allow]]\nto = "::1"\nports = "1"\n'
         '[[agents.abe.allow]]\nto = "10.0.0.2"\nports = "9"\nproto = "udp"\n'
         '[[agents.abe.allow]]\nto = "10.0.0.2"\nports = "2"\n'
         '[[agents.abe.allow]]\nto = "10.0.0.0/8"\nports = "any"\n'
     )
-    order = [(g.agent, str(g.network), str(g.proto), str(g.ports))
-             for g in compile_grants(policy, now=NOW)]
+    order = [
+        (g.agent, str(g.network), str(g.proto), str(g.ports))
+        for g in compile_grants(policy, now=NOW)
+    ]
     assert order == [
         ("abe", "10.0.0.0/8", "tcp", "None"),
         ("abe", "10.0.0.2/32", "tcp", "2"),
@@ -154,7 +161,10 @@ def test_one_grant_per_distinct_rule(policy: Policy) -> None:
     assert len(grants) == len({g.grant_id for g in grants}) == len(distinct)
     assert compile_grants(policy, now=NOW) == grants  # deterministic
     for grant in grants:
-        rules = [r for r in policy.agent(grant.agent).allow  # type: ignore[union-attr]
-                 if (r.to, r.proto, r.ports) == (grant.network, grant.proto, grant.ports)]
+        rules = [
+            r
+            for r in policy.agent(grant.agent).allow  # type: ignore[union-attr]
+            if (r.to, r.proto, r.ports) == (grant.network, grant.proto, grant.ports)
+        ]
         assert rules
         assert grant.not_after == NOW + max(r.ttl or 300.0 for r in rules)

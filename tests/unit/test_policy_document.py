@@ -57,13 +57,15 @@ def test_example_policy_loads() -> None:
 
 def test_full_rule() -> None:
     policy = parse_policy(
-        policy_text('to = "10.0.2.0/24"\nports = "8000-8100"\nproto = "udp"\nttl = "2h"\n'
-                    'comment = "api"'),
+        policy_text(
+            'to = "10.0.2.0/24"\nports = "8000-8100"\nproto = "udp"\nttl = "2h"\ncomment = "api"'
+        ),
         SOURCE,
     )
     (rule,) = policy.agents[0].allow
-    assert rule == AllowRule(ipaddress.ip_network("10.0.2.0/24"), Proto.UDP,
-                             PortRange(8000, 8100), 7200, "api")
+    assert rule == AllowRule(
+        ipaddress.ip_network("10.0.2.0/24"), Proto.UDP, PortRange(8000, 8100), 7200, "api"
+    )
 
 
 def test_defaults_proto_tcp_and_icmp_ports_any() -> None:
@@ -109,15 +111,18 @@ def test_rendered_policy_parses_back(policy: Policy) -> None:
 # --- durations --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("2h", 7200),
-                                               ("1d", 86400), ("365d", 365 * 86400)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("365d", 365 * 86400)],
+)
 def test_durations(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
     assert parse_duration(format_duration(seconds)) == seconds
 
 
-@pytest.mark.parametrize("text", ["5", "m", "0s", "5 m", "1h30m", "-5m", "5M", "366d", "1.5h",
-                                  "5m\n"])
+@pytest.mark.parametrize(
+    "text", ["5", "m", "0s", "5 m", "1h30m", "-5m", "5M", "366d", "1.5h", "5m\n"]
+)
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -131,19 +136,31 @@ RULE_ERRORS = [
     ('to = "10.0.2.0/24"\nports = "0"', "ports", "port 0 out of range 1-65535"),
     ('to = "10.0.2.0/24"\nports = "70000"', "ports", "port 70000 out of range 1-65535"),
     ('to = "10.0.2.0/24"\nports = "1-65536"', "ports", "port 65536 out of range 1-65535"),
-    ('to = "10.0.2.0/24"\nports = "9000-8000"', "ports",
-     "inverted port range '9000-8000'; did you mean \"8000-9000\"?"),
+    (
+        'to = "10.0.2.0/24"\nports = "9000-8000"',
+        "ports",
+        "inverted port range '9000-8000'; did you mean \"8000-9000\"?",
+    ),
     ('to = "10.0.2.0/24"\nports = "http"', "ports", "bad ports 'http'"),
     ('to = "10.0.2.0/24"\nports = " 443"', "ports", "bad ports ' 443'"),
-    ('to = "10.0.2.0/24"\nports = 443', "ports",
-     'expected a string, got an integer; write ports = "443"'),
+    (
+        'to = "10.0.2.0/24"\nports = 443',
+        "ports",
+        'expected a string, got an integer; write ports = "443"',
+    ),
     ('to = "10.0.2.0/24"', "ports", "missing: tcp rules need ports"),
     ('to = "10.0.2.0/24"\nproto = "udp"', "ports", "missing: udp rules need ports"),
     ('to = "10.0.2.0/24"\nproto = "icmp"\nports = "80"', "ports", "icmp has no ports"),
-    ('to = "10.0.2.1/24"\nports = "443"', "to",
-     "10.0.2.1/24 has host bits set; did you mean 10.0.2.0/24?"),
-    ('to = "2001:db8::1/32"\nports = "443"', "to",
-     "2001:db8::1/32 has host bits set; did you mean 2001:db8::/32?"),
+    (
+        'to = "10.0.2.1/24"\nports = "443"',
+        "to",
+        "10.0.2.1/24 has host bits set; did you mean 10.0.2.0/24?",
+    ),
+    (
+        'to = "2001:db8::1/32"\nports = "443"',
+        "to",
+        "2001:db8::1/32 has host bits set; did you mean 2001:db8::/32?",
+    ),
     ('to = "10.0.2.0/255.255.255.0"\nports = "443"', "to", "prefix length"),
     ('to = "10.0.2.0/33"\nports = "443"', "to", "is not an IP address or CIDR"),
     ('to = "example.com"\nports = "443"', "to", "'example.com' is not an IP address or CIDR"),
@@ -159,10 +176,16 @@ RULE_ERRORS = [
     ('to = "10.0.2.0/24"\nports = "443"\nttl = "400d"', "ttl", "longer than the maximum"),
     ('to = "10.0.2.0/24"\nports = "443"\nttl = 300', "ttl", 'write ttl = "300"'),
     ('to = "10.0.2.0/24"\nports = "443"\ncomment = "a\\nb"', "comment", "single line"),
-    ('to = "10.0.2.0/24"\nports = "443"\ncomment = true', "comment",
-     "expected a string, got a boolean"),
-    ('to = "10.0.2.0/24"\nports = "443"\nport = "80"', "port",
-     "unknown key 'port'; did you mean 'ports'?"),
+    (
+        'to = "10.0.2.0/24"\nports = "443"\ncomment = true',
+        "comment",
+        "expected a string, got a boolean",
+    ),
+    (
+        'to = "10.0.2.0/24"\nports = "443"\nport = "80"',
+        "port",
+        "unknown key 'port'; did you mean 'ports'?",
+    ),
     ('to = "10.0.2.0/24"\nports = "443"\naction = "deny"', "action", "unknown key 'action'"),
 ]
 
@@ -184,24 +207,36 @@ def test_error_on_second_rule_names_its_index() -> None:
 @pytest.mark.parametrize(
     ("text", "where", "message"),
     [
-        ('[agents.bot]\n', "trust_domain", "missing"),
-        ('trust_domain = 5\n', "trust_domain", "expected a string, got an integer"),
+        ("[agents.bot]\n", "trust_domain", "missing"),
+        ("trust_domain = 5\n", "trust_domain", "expected a string, got an integer"),
         ('trust_domain = "Example.org."\n', "trust_domain", 'did you mean "example.org"?'),
         ('trust_domain = "exa mple"\n', "trust_domain", "not a lower-case DNS name"),
         ('trust_domain = "a.b"\nagents = "bot"\n', "agents", "expected [agents.NAME] tables"),
         ('trust_domain = "a.b"\nversion = 2\n', "version", "unknown key 'version'"),
-        ('trust_domain = "a.b"\n[agents.Research_Bot]\n', "agents.Research_Bot",
-         'is not a DNS label (1-63 lower-case letters, digits and \'-\', not starting or '
-         'ending with \'-\'); did you mean "research-bot"?'),
+        (
+            'trust_domain = "a.b"\n[agents.Research_Bot]\n',
+            "agents.Research_Bot",
+            "is not a DNS label (1-63 lower-case letters, digits and '-', not starting or "
+            "ending with '-'); did you mean \"research-bot\"?",
+        ),
         ('trust_domain = "a.b"\n[agents."a.b"]\n', 'agents."a.b"', "is not a DNS label"),
         ('trust_domain = "a.b"\n[agents.-bot]\n', "agents.-bot", "is not a DNS label"),
         ('trust_domain = "a.b"\n[agents]\nbot = 5\n', "agents.bot", "expected a table"),
-        ('trust_domain = "a.b"\n[agents.bot]\nallowed = []\n', "agents.bot.allowed",
-         "unknown key 'allowed'; did you mean 'allow'?"),
-        ('trust_domain = "a.b"\n[agents.bot.allow]\nto = "10.0.0.1"\n', "agents.bot.allow",
-         "expected an array of tables: write each rule under [[agents.bot.allow]]"),
-        ('trust_domain = "a.b"\n[agents.bot]\nallow = ["10.0.0.1"]\n', "agents.bot.allow",
-         "expected an array of tables"),
+        (
+            'trust_domain = "a.b"\n[agents.bot]\nallowed = []\n',
+            "agents.bot.allowed",
+            "unknown key 'allowed'; did you mean 'allow'?",
+        ),
+        (
+            'trust_domain = "a.b"\n[agents.bot.allow]\nto = "10.0.0.1"\n',
+            "agents.bot.allow",
+            "expected an array of tables: write each rule under [[agents.bot.allow]]",
+        ),
+        (
+            'trust_domain = "a.b"\n[agents.bot]\nallow = ["10.0.0.1"]\n',
+            "agents.bot.allow",
+            "expected an array of tables",
+        ),
     ],
 )
 def test_document_errors(text: str, where: str, message: str) -> None:
@@ -212,8 +247,10 @@ def test_document_errors(text: str, where: str, message: str) -> None:
 
 def test_unknown_top_level_key_suggests_and_missing_is_reported() -> None:
     lines = errors_of('trust-domain = "a.b"\n')
-    assert f"policy: {SOURCE}: trust-domain: unknown key 'trust-domain'; did you mean " \
-           "'trust_domain'?" in lines
+    assert (
+        f"policy: {SOURCE}: trust-domain: unknown key 'trust-domain'; did you mean "
+        "'trust_domain'?" in lines
+    )
     assert any(line.startswith(f"policy: {SOURCE}: trust_domain: missing") for line in lines)
 
 
@@ -243,7 +280,7 @@ def test_duplicate_agent_names_file_and_line() -> None:
 def test_duplicate_key_names_line() -> None:
     line = single_error(policy_text('to = "10.0.0.1"\nto = "10.0.0.2"\nports = "1"'))
     assert line.startswith(f"policy: {SOURCE}: line 7: invalid TOML:")
-    assert "defined twice" in line and "to = \"10.0.0.2\"" in line
+    assert "defined twice" in line and 'to = "10.0.0.2"' in line
 
 
 def test_toml_syntax_error_names_line() -> None:

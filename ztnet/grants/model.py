@@ -15,7 +15,14 @@ from dataclasses import dataclass
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-AGENT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# \Z, not $: "$" also matches before a trailing newline, and "bot\n" is no agent.
+AGENT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+# A lower-case DNS name (one or more AGENT_NAME_RE labels joined by dots): the
+# form SPIFFE trust domains take. Lower case only, so that two spellings of a
+# trust domain can never name two different sets of agents.
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DNS_NAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
+MAX_DNS_NAME = 253
 MAX_GRANT_ID = 2**64 - 1
 
 
@@ -67,6 +74,11 @@ class PortRange:
         if not first.isdigit() or (sep and not last.isdigit()):
             raise ValueError(f"bad port {text!r}: expected '443', '8000-8100' or 'any'")
         return cls(int(first), int(last) if sep else int(first))
+
+
+def is_dns_name(text: str) -> bool:
+    """True for a lower-case DNS name such as ``example.org``."""
+    return len(text) <= MAX_DNS_NAME and DNS_NAME_RE.match(text) is not None
 
 
 def normalize_network(network: IPNetwork) -> IPNetwork:

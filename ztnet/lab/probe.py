@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -101,7 +102,7 @@ def nonblocking_attempt(proto: str, host: str, port: int) -> str:
     return "OK"
 
 
-def hold(host: str, port: int, interval: float, limit: float) -> None:
+def hold(host: str, port: int, interval: float, limit: float, timeout: float) -> None:
     """Connect, say CONNECTED, then echo a byte every interval until the flow
     breaks; report how it broke."""
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
@@ -113,7 +114,7 @@ def hold(host: str, port: int, interval: float, limit: float) -> None:
             return
         _emit(event="connected")
         deadline = time.monotonic() + limit
-        sock.settimeout(interval * 4)
+        sock.settimeout(timeout)
         sent = 0
         while time.monotonic() < deadline:
             try:
@@ -168,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("loop")
     p.add_argument("host")
     p.add_argument("port", type=int)
-    p.add_argument("--until-file", required=True,
-                   help="attempt non-blocking connects until this file exists")
     p = sub.add_parser("hold")
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--interval", type=float, default=0.05)
     p.add_argument("--limit", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=1.0,
+                   help="how long an echo may take before the flow counts as broken")
     p = sub.add_parser("daemonize")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -193,14 +194,17 @@ def main(argv: list[str] | None = None) -> int:
             proto, host, port = json.loads(line)
             _emit(result=nonblocking_attempt(proto, host, port))
     elif args.cmd == "loop":
+        # non-blocking connects as fast as possible until SIGUSR1
         outcomes: dict[str, int] = {}
+        stop: list[int] = []
+        signal.signal(signal.SIGUSR1, lambda signum, frame: stop.append(signum))
         _emit(event="started")
-        while not os.path.exists(args.until_file):
+        while not stop:
             result = nonblocking_attempt("tcp", args.host, args.port)
             outcomes[result] = outcomes.get(result, 0) + 1
         _emit(event="done", outcomes=outcomes)
     elif args.cmd == "hold":
-        hold(args.host, args.port, args.interval, args.limit)
+        hold(args.host, args.port, args.interval, args.limit, args.timeout)
     elif args.cmd == "daemonize":
         daemonized(args.host, args.port)
     return 0

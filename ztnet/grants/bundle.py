@@ -1,0 +1,201 @@
+"""Signed grant bundles: issue, sign, verify.
+
+    policy ──issue_bundle──▶ Bundle ──sign_bundle──▶ envelope bytes
+    envelope bytes ──verify_bundle──▶ VerifiedBundle (the only thing to apply)
+
+verify_bundle checks the signature *first* and decodes only the bytes the
+signature covers; then it checks, in this order, that the bundle is for this
+host (audience), is not older than what the host already applied (rollback),
+is still fresh (its own ``expires``: a stale bundle means updates are being
+withheld, a freeze) and that no grant in it has already expired. Any failure
+rejects the whole bundle. The payload format lives in ztnet.grants.payload;
+its names are re-exported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ztnet.errors import BundleRejected, ConfigError, GrantExpired
+from ztnet.grants.envelope import TrustedKeys, sign_envelope, verify_envelope
+from ztnet.grants.model import Grant
+from ztnet.grants.payload import (
+    MAX_INT64,
+    Bundle,
+    GrantRecord,
+    decode_payload,
+    encode_payload,
+    floor_ms,
+    normalize_host,
+    parse_spiffe_agent_id,
+    spiffe_agent_id,
+)
+from ztnet.policy.compile import compile_grants
+from ztnet.policy.document import MAX_TTL, Policy
+
+__all__ = [
+    "BUNDLE_PAYLOAD_TYPE",
+    "SERIALS_PER_VERSION",
+    "Bundle",
+    "GrantRecord",
+    "VerifiedBundle",
+    "decode_payload",
+    "encode_payload",
+    "issue_bundle",
+    "normalize_host",
+    "parse_spiffe_agent_id",
+    "sign_bundle",
+    "spiffe_agent_id",
+    "verify_bundle",
+]
+
+BUNDLE_PAYLOAD_TYPE = "application/vnd.ztnet.bundle.v1+json"
+# Serial of a bundle's i-th grant: version * SERIALS_PER_VERSION + i. Serials
+# are thus unique across versions as long as versions only grow, and a serial
+# says which policy version issued it.
+SERIALS_PER_VERSION = 1_000_000
+MAX_ISSUE_VERSION = (MAX_INT64 - SERIALS_PER_VERSION) // SERIALS_PER_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedBundle:
+    """A bundle whose signature, audience, version and freshness were checked
+    by verify_bundle (construct it only there). ``grants`` are the model
+    grants to apply; ``key_id`` names the key that signed; ``payload_sha256``
+    (hex) identifies the exact payload, e.g. to log what was applied."""
+
+    bundle: Bundle
+    grants: tuple[Grant, ...]
+    key_id: str
+    payload_sha256: str
+
+    @property
+    def version(self) -> int:
+        """The policy version: equal to the applied one means nothing to do."""
+        return self.bundle.version
+
+
+def issue_bundle(
+    policy: Policy,
+    *,
+    host: str,
+    version: int,
+    now: float,
+    issuer: str,
+    default_ttl: float = 300.0,
+    bundle_ttl: float | None = None,
+) -> Bundle:
+    """Compile ``policy`` for ``host`` as policy version ``version``. Times are
+    rounded down to whole milliseconds (the payload's unit). The bundle expires
+    ``bundle_ttl`` seconds after ``now``; None means when its first grant
+    expires (at most ``default_ttl``), so a fresh bundle never holds an
+    expired grant. Grant serials are ``version * SERIALS_PER_VERSION + i``."""
+    try:
+        audience = normalize_host(host)
+    except ValueError as exc:
+        raise ConfigError(f"bundle: bad host: {exc}") from None
+    if not 1 <= version <= MAX_ISSUE_VERSION:
+        raise ConfigError(f"bundle: version must be between 1 and {MAX_ISSUE_VERSION}")
+    if bundle_ttl is not None and not 0 < bundle_ttl <= MAX_TTL:
+        raise ConfigError(f"bundle: bundle ttl must be between 1ms and 365d, got {bundle_ttl}s")
+    start = floor_ms(now)
+    grants = compile_grants(policy, now=start, default_ttl=default_ttl)
+    lifetime = bundle_ttl
+    if lifetime is None:
+        lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
+    if len(grants) >= SERIALS_PER_VERSION:
+        raise ConfigError(f"bundle: {len(grants)} grants is more than one bundle can carry")
+    records = tuple(
+        GrantRecord(
+            # start + ttl is a float sum; snap it back to the millisecond grid.
+            replace(grant, not_after=round(grant.not_after * 1000) / 1000),
+            serial=version * SERIALS_PER_VERSION + index,
+        )
+        for index, grant in enumerate(grants)
+    )
+    try:
+        return Bundle(
+            trust_domain=policy.trust_domain,
+            issuer=issuer,
+            audience=audience,
+            version=version,
+            issued_at=start,
+            expires=round((start + lifetime) * 1000) / 1000,
+            grants=records,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bundle: cannot issue: {exc}") from None
+
+
+def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> bytes:
+    """The signed envelope (JSON bytes) carrying ``bundle``."""
+    return sign_envelope(encode_payload(bundle), BUNDLE_PAYLOAD_TYPE, private_key)
+
+
+def verify_bundle(
+    envelope: bytes,
+    *,
+    trusted: TrustedKeys,
+    host: str | None,
+    min_version: int,
+    now: float,
+    trust_domain: str | None = None,
+) -> VerifiedBundle:
+    """Verify and check a signed bundle; raise a GrantError subclass naming
+    the reason. ``host`` None skips the audience check (for inspection only,
+    never for applying); ``min_version`` is the version currently applied
+    (equal is accepted, lower is a rollback); ``trust_domain``, if given,
+    pins the bundle's trust domain. Expired bundle → BundleRejected; a grant
+    already past its window → GrantExpired."""
+    verified = verify_envelope(envelope, trusted=trusted, payload_type=BUNDLE_PAYLOAD_TYPE)
+    bundle = decode_payload(verified.payload)  # only bytes the signature covered
+    if trust_domain is not None and bundle.trust_domain != trust_domain:
+        raise BundleRejected(
+            f"bundle: trust domain {bundle.trust_domain} is not this host's {trust_domain}"
+        )
+    if host is not None:
+        try:
+            this_host = normalize_host(host)
+        except ValueError as exc:
+            raise ConfigError(f"bundle: bad host: {exc}") from None
+        if bundle.audience != this_host:
+            raise BundleRejected(
+                f"bundle: this bundle is for host {bundle.audience}, this host is {this_host}"
+            )
+    if bundle.version < min_version:
+        raise BundleRejected(
+            f"bundle: version {bundle.version} is older than version {min_version} already "
+            "applied; refusing a rollback"
+        )
+    if now >= bundle.expires:
+        raise BundleRejected(
+            f"bundle: version {bundle.version} expired at {format_time(bundle.expires)} "
+            f"(now {format_time(now)}); refusing a stale policy"
+        )
+    for record in bundle.grants:
+        grant = record.grant
+        if grant.not_after <= now:
+            raise GrantExpired(
+                f"bundle: grant {grant.label} (agent {grant.agent}, {grant.proto} "
+                f"{grant.network}) expired at {format_time(grant.not_after)}; "
+                "refusing the whole bundle"
+            )
+    return VerifiedBundle(
+        bundle=bundle,
+        grants=tuple(record.grant for record in bundle.grants),
+        key_id=verified.key_id,
+        payload_sha256=hashlib.sha256(verified.payload).hexdigest(),
+    )
+
+
+def format_time(seconds: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.000Z."""
+    try:
+        moment = datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError):
+        return f"{seconds!r} (unix)"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

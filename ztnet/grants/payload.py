@@ -1,0 +1,323 @@
+"""The bundle payload: a policy version's grants for one host, and its one
+canonical byte encoding.
+
+Canonical form is JSON with sorted keys, no whitespace, ASCII only, and every
+time as an integer count of Unix *milliseconds* (keys end in ``_ms``), so that
+no float formatting ever decides what bytes get signed::
+
+    {"audience":"web-1","expires_ms":…,"grants":[{"agent":"spiffe://example.org/agent/bot",
+     "destination":"10.0.2.0/24","id":"g-…","not_after_ms":…,"not_before_ms":…,
+     "ports":"443","proto":"tcp","serial":7000000}],"issued_at_ms":…,
+     "issuer":"…","trust_domain":"example.org","version":7}
+
+In Python, times are float Unix seconds that are whole milliseconds; a
+Bundle refuses any other value, so ``decode_payload(encode_payload(b)) == b``
+always holds. Decoding is strict (exact keys, exact types, canonical spelling
+of every field and of the whole document); anything else is BundleRejected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ztnet.errors import BundleRejected
+from ztnet.grants import strictjson
+from ztnet.grants.model import (
+    AGENT_NAME_RE,
+    Grant,
+    IPNetwork,
+    PortRange,
+    Proto,
+    format_grant_id,
+    is_dns_name,
+    normalize_network,
+    parse_grant_id,
+)
+
+MAX_INT64 = 2**63 - 1
+# Year 2286. Keeps ms → float seconds → ms exact (float spacing stays far
+# below a millisecond) and nanosecond deadlines far inside 64 bits.
+MAX_TIME_MS = 10**13
+MAX_ISSUER = 256
+
+BUNDLE_KEYS = frozenset(
+    {"trust_domain", "issuer", "audience", "version", "issued_at_ms", "expires_ms", "grants"}
+)
+GRANT_KEYS = frozenset(
+    {
+        "id",
+        "serial",
+        "agent",
+        "destination",
+        "proto",
+        "ports",
+        "not_before_ms",
+        "not_after_ms",
+    }
+)
+# Host names as hosts really have them (underscores occur), in lower case.
+_HOST_LABEL = r"[a-z0-9_][a-z0-9_-]{0,62}"
+_HOST_RE = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\Z")
+_PROTOS = {str(proto): proto for proto in Proto}
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    """A grant as issued: the grant and its serial (a per-issuance number,
+    unique within the bundle; see ztnet.grants.bundle.issue_bundle)."""
+
+    grant: Grant
+    serial: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.serial <= MAX_INT64:
+            raise ValueError(f"serial {self.serial} is not a 64-bit non-negative number")
+        to_ms(self.grant.not_before, "not_before")
+        to_ms(self.grant.not_after, "not_after")
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """Everything one host may enforce for one policy version. ``expires`` is
+    the bundle's own freshness limit: past it the bundle is refused even if
+    its grants would still be live, so a withheld update cannot freeze a host
+    on an old policy."""
+
+    trust_domain: str
+    issuer: str
+    audience: str
+    version: int
+    issued_at: float
+    expires: float
+    grants: tuple[GrantRecord, ...]
+
+    def __post_init__(self) -> None:
+        if not is_dns_name(self.trust_domain):
+            raise ValueError(f"trust domain {self.trust_domain!r} is not a lower-case DNS name")
+        if not 0 < len(self.issuer) <= MAX_ISSUER or not _printable_ascii(self.issuer):
+            raise ValueError("issuer must be 1-256 printable ASCII characters")
+        if normalize_host(self.audience) != self.audience:
+            raise ValueError(f"audience {self.audience!r} is not a lower-case host name")
+        if not 1 <= self.version <= MAX_INT64:
+            raise ValueError(f"version {self.version} must be between 1 and 2**63-1")
+        if to_ms(self.expires, "expires") <= to_ms(self.issued_at, "issued_at"):
+            raise ValueError("expires must be later than issued_at")
+        # One id, one grant: the kernel reports decisions by id, and two grants
+        # under one id would make "which grant allowed this" ambiguous.
+        seen: set[int] = set()
+        for record in self.grants:
+            if record.grant.grant_id in seen:
+                label = format_grant_id(record.grant.grant_id)
+                raise ValueError(f"grant id {label} appears more than once")
+            seen.add(record.grant.grant_id)
+        serials = [record.serial for record in self.grants]
+        if len(set(serials)) != len(serials):
+            raise ValueError("grant serials must be unique")
+
+    def agent_id(self, agent: str) -> str:
+        return spiffe_agent_id(self.trust_domain, agent)
+
+
+# --- helpers shared with issuing and verifying -----------------------------------
+
+
+def to_ms(seconds: float, what: str = "time") -> int:
+    """Exact milliseconds of a time that must be a whole number of them."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number")
+    ms = round(seconds * 1000)
+    if ms / 1000 != seconds:
+        raise ValueError(f"{what} {seconds!r} is not a whole number of milliseconds")
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise ValueError(f"{what} {seconds!r} is outside 1970..2286")
+    return ms
+
+
+def floor_ms(seconds: float) -> float:
+    """``seconds`` rounded down to whole milliseconds (idempotent)."""
+    ms = round(seconds * 1000)
+    if ms / 1000 != seconds:
+        ms = math.floor(seconds * 1000)
+    return ms / 1000
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, without a trailing dot; ValueError if not a host name."""
+    name = host.lower().removesuffix(".")
+    if len(name) > 253 or not _HOST_RE.match(name):
+        raise ValueError(f"{host!r} is not a host name")
+    return name
+
+
+def spiffe_agent_id(trust_domain: str, agent: str) -> str:
+    return f"spiffe://{trust_domain}/agent/{agent}"
+
+
+def parse_spiffe_agent_id(uri: str, trust_domain: str) -> str:
+    """The agent name in ``spiffe://<trust_domain>/agent/<name>``."""
+    scheme = "spiffe://"
+    if not uri.startswith(scheme):
+        raise ValueError(f"{uri!r} is not a SPIFFE id")
+    domain, _, path = uri[len(scheme) :].partition("/")
+    if domain != trust_domain:
+        raise ValueError(f"{uri!r} is not under trust domain {trust_domain}")
+    name = path.removeprefix("agent/")
+    if name == path or not AGENT_NAME_RE.match(name):
+        raise ValueError(f"{uri!r} is not an agent id spiffe://{trust_domain}/agent/<name>")
+    return name
+
+
+# --- encoding --------------------------------------------------------------------
+
+
+def encode_payload(bundle: Bundle) -> bytes:
+    document = {
+        "trust_domain": bundle.trust_domain,
+        "issuer": bundle.issuer,
+        "audience": bundle.audience,
+        "version": bundle.version,
+        "issued_at_ms": to_ms(bundle.issued_at),
+        "expires_ms": to_ms(bundle.expires),
+        "grants": [_encode_grant(bundle, record) for record in bundle.grants],
+    }
+    return strictjson.dumps(document)
+
+
+def _encode_grant(bundle: Bundle, record: GrantRecord) -> dict[str, object]:
+    grant = record.grant
+    return {
+        "id": format_grant_id(grant.grant_id),
+        "serial": record.serial,
+        "agent": bundle.agent_id(grant.agent),
+        "destination": str(grant.network),
+        "proto": str(grant.proto),
+        "ports": "any" if grant.ports is None else str(grant.ports),
+        "not_before_ms": to_ms(grant.not_before),
+        "not_after_ms": to_ms(grant.not_after),
+    }
+
+
+def decode_payload(data: bytes) -> Bundle:
+    """The Bundle in ``data``; BundleRejected names what is wrong and where."""
+    try:
+        document = strictjson.loads(data)
+    except strictjson.StrictJSONError as exc:
+        raise _malformed(str(exc)) from None
+    obj = _object(document, BUNDLE_KEYS, "payload")
+    trust_domain = _string(obj, "trust_domain", "")
+    if not is_dns_name(trust_domain):
+        raise _malformed(f"trust_domain: {trust_domain!r} is not a lower-case DNS name")
+    raw_grants = obj["grants"]
+    if not isinstance(raw_grants, list):
+        raise _malformed("grants: expected a list")
+    records = tuple(
+        _decode_grant(raw, f"grants[{index}]", trust_domain) for index, raw in enumerate(raw_grants)
+    )
+    try:
+        bundle = Bundle(
+            trust_domain=trust_domain,
+            issuer=_string(obj, "issuer", ""),
+            audience=_string(obj, "audience", ""),
+            version=_integer(obj, "version", ""),
+            issued_at=_integer(obj, "issued_at_ms", "") / 1000,
+            expires=_integer(obj, "expires_ms", "") / 1000,
+            grants=records,
+        )
+    except ValueError as exc:
+        raise _malformed(str(exc)) from None
+    # Every field was checked to be in canonical spelling; this also pins key
+    # order and whitespace, so one bundle has exactly one byte encoding and
+    # payload_sha256 identifies it.
+    if encode_payload(bundle) != data:
+        raise _malformed("not in canonical form (sorted keys, no whitespace, ASCII)")
+    return bundle
+
+
+def _decode_grant(raw: Any, where: str, trust_domain: str) -> GrantRecord:
+    obj = _object(raw, GRANT_KEYS, where)
+    try:
+        grant_id = parse_grant_id(_string(obj, "id", where))
+        agent = parse_spiffe_agent_id(_string(obj, "agent", where), trust_domain)
+    except ValueError as exc:
+        raise _malformed(f"{where}: {exc}") from None
+    proto_text = _string(obj, "proto", where)
+    if proto_text not in _PROTOS:
+        raise _malformed(f"{where}.proto: {proto_text!r} is not tcp, udp, icmp or any")
+    try:
+        grant = Grant(
+            grant_id=grant_id,
+            agent=agent,
+            proto=_PROTOS[proto_text],
+            network=_network(_string(obj, "destination", where), f"{where}.destination"),
+            ports=_ports(_string(obj, "ports", where), f"{where}.ports"),
+            not_before=_integer(obj, "not_before_ms", where) / 1000,
+            not_after=_integer(obj, "not_after_ms", where) / 1000,
+        )
+        return GrantRecord(grant, _integer(obj, "serial", where))
+    except ValueError as exc:
+        raise _malformed(f"{where}: {exc}") from None
+
+
+def _network(text: str, where: str) -> IPNetwork:
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise _malformed(f"{where}: {text!r} is not a CIDR with host bits clear") from None
+    if normalize_network(network) != network:
+        raise _malformed(f"{where}: {text!r} is IPv4-mapped; bundles carry it as IPv4")
+    if str(network) != text or "/" not in text:
+        raise _malformed(f"{where}: {text!r} is not canonical (expected {network})")
+    return network
+
+
+def _ports(text: str, where: str) -> PortRange | None:
+    if text == "any":
+        return None
+    try:
+        ports = PortRange.parse(text)
+    except ValueError as exc:
+        raise _malformed(f"{where}: {exc}") from None
+    if str(ports) != text:
+        raise _malformed(f"{where}: {text!r} is not canonical (expected {ports})")
+    return ports
+
+
+def _object(value: Any, keys: frozenset[str], where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _malformed(f"{where}: expected an object")
+    if value.keys() != keys:
+        raise _malformed(f"{where}: {strictjson.key_diff(keys, value.keys())}")
+    return value
+
+
+def _string(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _malformed(f"{_path(where, key)}: expected a string")
+    return value
+
+
+def _integer(obj: dict[str, Any], key: str, where: str) -> int:
+    value = obj[key]
+    # bool is an int subclass in Python, but `true` is not a number.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _malformed(f"{_path(where, key)}: expected an integer")
+    if not 0 <= value <= MAX_INT64:
+        raise _malformed(f"{_path(where, key)}: {value} is out of range")
+    return value
+
+
+def _path(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _malformed(what: str) -> BundleRejected:
+    return BundleRejected(f"bundle: malformed payload: {what}")
+
+
+def _printable_ascii(text: str) -> bool:
+    return all(" " <= char <= "~" for char in text)

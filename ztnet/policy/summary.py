@@ -1,0 +1,67 @@
+"""Plain-text rendering of a policy for `ztnet policy check`, and the small
+table helper the other policy commands share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ztnet.policy.document import Policy, format_duration
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart; no trailing spaces."""
+    widths = [len(header) for header in headers]
+    for row in rows:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
+    lines = []
+    for row in (headers, *rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:
+    """Header, one table row per allow rule, and notes on rules that will be
+    merged and agents that have no access at all."""
+    agents = len(policy.agents)
+    header = (
+        f"policy {policy.source}: trust domain {policy.trust_domain}, "
+        f"{agents} agent{'s' if agents != 1 else ''}, "
+        f"{policy.rule_count} rule{'s' if policy.rule_count != 1 else ''}"
+    )
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for agent in policy.agents:
+        if not agent.allow:
+            rows.append([agent.name, "-", "-", "(no rules: no network access)", "", "", ""])
+            continue
+        seen: dict[tuple[str, str, str], int] = {}
+        for index, rule in enumerate(agent.allow):
+            first = seen.setdefault(rule.canonical(), index)
+            if first != index:
+                notes.append(
+                    f"note: agents.{agent.name}.allow[{index}] repeats allow[{first}]; "
+                    "they become one grant with the longer ttl"
+                )
+            ttl = format_duration(rule.ttl) if rule.ttl is not None else "default"
+            rows.append(
+                [
+                    agent.name,
+                    str(index),
+                    str(rule.proto),
+                    str(rule.to),
+                    rule.ports_text,
+                    ttl,
+                    rule.comment,
+                ]
+            )
+    parts = [header]
+    if rows:
+        table = format_table(["AGENT", "#", "PROTO", "TO", "PORTS", "TTL", "COMMENT"], rows)
+        parts.append(table)
+    parts.extend(notes)
+    parts.append(
+        f"default ttl {format_duration(default_ttl)}; everything not listed is denied "
+        "(no implicit loopback or metadata access)"
+    )
+    return "\n".join(parts)
