@@ -191,6 +191,10 @@ def add_datapath_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--yes", action="store_true", help="really remove enforcement")
     p.set_defaults(handler=_cmd_teardown)
 
+    p = _command(sub, "demo", "A self-contained enforcement showcase in network namespaces "
+                 "(root); exits non-zero if anything misbehaves.", "sudo ztnet demo")
+    p.set_defaults(handler=_cmd_demo)
+
     p = _command(sub, "debug", "Debugging aids.", "ztnet debug dump-bpf")
     debug = p.add_subparsers(dest="debug_command", metavar="WHAT", required=True)
     d = _command(debug, "dump-bpf", "Print the exact BPF translation unit and cflags.",
@@ -268,6 +272,12 @@ def _cmd_teardown(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ztnet.lab.showcase import run_showcase
+
+    return run_showcase()
+
+
 def _cmd_dump_bpf(args: argparse.Namespace) -> int:
     from ztnet.datapath.loader import dump_program_source
     from ztnet.instance import Instance
@@ -279,7 +289,7 @@ def _cmd_dump_bpf(args: argparse.Namespace) -> int:
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:
