@@ -25,7 +25,8 @@ def _probe_source() -> str:
         fields = [name for name, *_ in struct._fields_]
         sep = "" if first else ","
         first = False
-        lines.append(f'  printf("{sep}\\"{c_name}\\": {{\\"size\\": %zu", sizeof(struct {c_name}));')
+        size = f"sizeof(struct {c_name})"
+        lines.append(f'  printf("{sep}\\"{c_name}\\": {{\\"size\\": %zu", {size});')
         for field in fields:
             lines.append(f'  printf(", \\"{field}\\": %zu", offsetof(struct {c_name}, {field}));')
         lines.append('  printf("}");')

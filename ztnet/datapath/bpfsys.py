@@ -9,10 +9,10 @@ import ctypes.util
 import enum
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from ztnet.errors import DatapathError, MapUpdateError
 
@@ -20,7 +20,7 @@ BPF_ANY = 0
 BPF_F_ALLOW_MULTI = 2
 _MAX_PROGS = 64
 
-S = TypeVar("S", bound=ctypes.Structure)
+S = TypeVar("S")
 T = TypeVar("T", bound=ctypes.Structure | ctypes.c_uint64)
 
 
@@ -131,8 +131,7 @@ class PinnedMap:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def check_layout(self, key_type: type[ctypes._SimpleCData] | type[ctypes.Structure],
-                     value_type: type[ctypes.Structure] | type[ctypes._SimpleCData]) -> None:
+    def check_layout(self, key_type: type[Any], value_type: type[Any]) -> None:
         if (self.info.key_size, self.info.value_size) != (
             ctypes.sizeof(key_type), ctypes.sizeof(value_type)
         ):
@@ -169,15 +168,15 @@ class PinnedMap:
             )
         return True
 
-    def keys(self, key_type: type[S]) -> Iterator[S]:
+    def keys(self, key_type: Callable[[], S]) -> Iterator[S]:
         """All keys. Collect them before deleting any: deleting while walking
         restarts a hash map walk."""
         current: S | None = None
         while True:
             nxt = key_type()
             rc = _lib().bpf_map_get_next_key(
-                self.fd, ctypes.byref(current) if current is not None else None,
-                ctypes.byref(nxt),
+                self.fd, ctypes.byref(cast(Any, current)) if current is not None else None,
+                ctypes.byref(cast(Any, nxt)),
             )
             if rc < 0:
                 if _err(rc) == errno.ENOENT:
@@ -193,7 +192,8 @@ class PinnedMap:
         buffer = (ctypes.c_uint8 * (slot * possible_cpus()))()
         if not self.lookup(ctypes.c_int(index), buffer):
             return []
-        return [value_type.from_buffer_copy(buffer, cpu * slot) for cpu in range(possible_cpus())]
+        return [cast(T, value_type.from_buffer_copy(buffer, cpu * slot))
+                for cpu in range(possible_cpus())]
 
 
 class _ProgInfo(ctypes.Structure):

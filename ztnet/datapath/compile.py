@@ -118,7 +118,7 @@ def compile_grants(
             agent = agent_index[grant.agent]
         except KeyError:
             raise DatapathError(f"datapath: agent {grant.agent!r} has no index") from None
-        family = ZtFamily.V4 if grant.network.version == 4 else ZtFamily.V6
+        family = int(ZtFamily.V4 if grant.network.version == 4 else ZtFamily.V6)
         blocks = [(0, 0)] if grant.ports is None else port_blocks(
             grant.ports.first, grant.ports.last
         )

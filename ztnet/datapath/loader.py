@@ -22,8 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ztnet.datapath import abi
-from ztnet.datapath.bpfsys import AttachType, attach, attached_prog_ids, detach, prog_fd_by_id, \
-    prog_info
+from ztnet.datapath.bpfsys import (
+    AttachType,
+    attach,
+    attached_prog_ids,
+    detach,
+    prog_fd_by_id,
+    prog_info,
+)
 from ztnet.errors import DatapathError, LoadError
 from ztnet.instance import Instance
 

@@ -71,8 +71,10 @@ def icmp_echo(host: str) -> str:
 def raw_send(host: str) -> str:
     """An ICMP echo through a raw IP socket (scapy's L3RawSocket), the path
     that bypasses every socket-level hook."""
-    from scapy.all import ICMP, IP, IPv6, L3RawSocket, L3RawSocket6, send  # noqa: PLC0415
-    from scapy.layers.inet6 import ICMPv6EchoRequest
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    from scapy.sendrecv import send
+    from scapy.supersocket import L3RawSocket, L3RawSocket6
 
     try:
         if ":" in host:
