@@ -116,7 +116,7 @@ def load_programs(instance: Instance) -> LoadedPrograms:
 
     instance.pin_dir.mkdir(parents=True, exist_ok=True)
     try:
-        bpf = bcc.BPF(text=translation_unit(), cflags=cflags(instance))
+        bpf = bcc.BPF(text=translation_unit().encode(), cflags=cflags(instance))
     except Exception as exc:  # bcc raises bare Exception on compile errors
         raise LoadError(f"datapath: compiling BPF programs failed: {exc}", str(exc)) from exc
     fds: dict[str, int] = {}
