@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ztnet.errors import ZtnetError
 
@@ -293,6 +294,39 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
         print("  ".join(cells).rstrip())
 
 
+def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = _command(sub, "daemon", "Enforce signed grant bundles on this host: verify, apply "
+                 "atomically, reload on SIGHUP or when the bundle file changes.",
+                 "ztnet daemon --trust /etc/ztnet/signing.pub --bundle /etc/ztnet/bundle.json")
+    _instance_option(p)
+    p.add_argument("--trust", action="append", required=True, type=Path, metavar="PUBKEY",
+                   help="grant-signing public key to trust (repeat for key rotation)")
+    p.add_argument("--bundle", type=Path, help="signed bundle file to enforce and watch")
+    p.add_argument("--state", type=Path, default=None,
+                   help="state directory (default /var/lib/ztnet[-INSTANCE])")
+    p.add_argument("--host", default=None, help="this host's name (default: hostname); must "
+                   "match the bundle's audience")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
+                   help="period of the level-triggered re-install (default 30)")
+    p.set_defaults(handler=_cmd_daemon)
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    import socket
+
+    from ztnet.daemon import logs
+    from ztnet.daemon.service import Daemon, DaemonConfig
+
+    logs.setup(args.log_format)
+    suffix = f"-{args.instance}" if args.instance and args.instance != "default" else ""
+    config = DaemonConfig(trust=args.trust, bundle=args.bundle,
+                          state=args.state or Path(f"/var/lib/ztnet{suffix}"),
+                          host=args.host or socket.gethostname(), instance=args.instance,
+                          resync_seconds=args.resync)
+    return Daemon(config).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ztnet",
@@ -300,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         "signed, expiring grant allows them, enforced in the kernel with eBPF.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_daemon_commands(sub)
     add_datapath_commands(sub)
     add_keys_commands(sub)
     add_policy_commands(sub)
