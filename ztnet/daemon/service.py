@@ -27,6 +27,7 @@ from ztnet.daemon.notify import notify
 from ztnet.daemon.state import Applied, StateDir
 from ztnet.daemon.watch import FileWatch
 from ztnet.datapath.datapath import Datapath
+from ztnet.datapath.probe import probe
 from ztnet.errors import ConfigError, GrantError
 from ztnet.grants.bundle import VerifiedBundle, verify_bundle
 from ztnet.grants.keys import key_id, load_public_key
@@ -48,6 +49,7 @@ class DaemonConfig:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        probe()  # no root, cgroup v2, bcc or headers: one line, before touching anything
         keys = [load_public_key(path) for path in config.trust]
         if not keys:
             raise ConfigError("daemon: at least one --trust key is needed")

@@ -1,0 +1,133 @@
+"""A real `ztnet daemon` process for tests: readiness through a real
+NOTIFY_SOCKET, progress through its JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ztnet.grants.bundle import issue_bundle, sign_bundle
+from ztnet.instance import Instance
+from ztnet.policy.document import parse_policy
+
+HOST = "testhost"
+POLICY = """trust_domain = "test.example"
+[agents.bot]
+{rules}
+"""
+RULE = """[[agents.bot.allow]]
+to = "{to}"
+ports = "{ports}"
+proto = "tcp"
+ttl = "{ttl}"
+"""
+
+
+def make_bundle(key: Ed25519PrivateKey, version: int, to: str, ports: list[str], *,
+                host: str = HOST, ttl: str = "1h", now: float | None = None,
+                bundle_ttl: float | None = None) -> bytes:
+    rules = "".join(RULE.format(to=to, ports=p, ttl=ttl) for p in ports)
+    policy = parse_policy(POLICY.format(rules=rules), "test-policy.toml")
+    bundle = issue_bundle(policy, host=host, version=version,
+                          now=time.time() if now is None else now, issuer="tests",
+                          default_ttl=3600, bundle_ttl=bundle_ttl)
+    return sign_bundle(bundle, key)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class DaemonProcess:
+    def __init__(self, instance: Instance, trust: Path, bundle: Path, state: Path) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="ztnet-notify-"))
+        self.notify_path = self._dir / "notify"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.argv = [sys.executable, "-m", "ztnet.cli", "daemon", "--instance", instance.name,
+                     "--trust", str(trust), "--bundle", str(bundle), "--state", str(state),
+                     "--host", HOST, "--log-format", "json", "--resync", "3600"]
+        self.events: list[dict[str, object]] = []
+        self.stderr_text: list[str] = []
+        self._cond = threading.Condition()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Self:
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path))
+        self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, text=True, env=env)
+        threading.Thread(target=self._read, daemon=True).start()
+        self.notify.settimeout(60)
+        try:
+            message = self.notify.recv(4096).decode()
+        except TimeoutError:
+            self.kill()
+            raise AssertionError(f"daemon never said READY: {self.stderr()}") from None
+        assert "READY=1" in message, message
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.kill()
+        self.notify.close()
+        self.notify_path.unlink(missing_ok=True)
+        self._dir.rmdir()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.stderr_text.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+                self._cond.notify_all()
+
+    def stderr(self) -> str:
+        return "".join(self.stderr_text)
+
+    def wait_event(self, predicate: Callable[[dict[str, object]], bool], timeout: float = 30.0,
+                   start: int = 0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events[start:]:
+                    if predicate(event):
+                        return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching daemon event; log:\n{self.stderr()}")
+                self._cond.wait(remaining)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
