@@ -294,6 +294,18 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
         print("  ".join(cells).rstrip())
 
 
+# --- controller (gRPC) ------------------------------------------------------------
+
+
+def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`ztnet controller init|serve|token create|admin-cert`, `policy apply` is added to the
+    policy group by add_policy_commands' owner; `hosts`, `revoke` (controller work)."""
+
+
+def add_node_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`ztnet enroll` (node side of the controller work)."""
+
+
 def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _command(sub, "daemon", "Enforce signed grant bundles on this host: verify, apply "
                  "atomically, reload on SIGHUP or when the bundle file changes.",
@@ -335,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_daemon_commands(sub)
+    add_controller_commands(sub)
+    add_node_commands(sub)
     add_datapath_commands(sub)
     add_keys_commands(sub)
     add_policy_commands(sub)
