@@ -117,6 +117,8 @@ struct zt_agent {
 struct zt_config {
 	__u32 generation;
 	__u32 agent_level;  /* cgroup v2 level of <root>/agents/<name> */
+	/* reserved[0]: the Unix-minus-boot-time offset (ns) user space wrote the
+	 * grant windows with; never read by the programs */
 	__u64 reserved[3];
 };
 

@@ -87,4 +87,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q -e ".[test]"
     echo "$want" > "$stamp"
 fi
+# The wire protocol lives only in proto/; its Python code is generated here.
+"$VENV/bin/python" -m ztnet.protogen >/dev/null
 say "ready ($("$VENV/bin/python" -c 'import bcc, sys; print("python", sys.version.split()[0], "+ bcc")'))"

@@ -127,6 +127,21 @@ class Datapath:
             config.agent_level = self.instance.agent_level
             self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
 
+    def _boot_clock(self) -> BootClock:
+        """The Unix→boot-time offset the installed entries were written with.
+        Measuring it anew on every replace would move every window by a few
+        microseconds and turn each diff into a full rewrite, so it is kept
+        (in zt_config, for the next process too) until the wall clock really
+        steps."""
+        measured = BootClock.now()
+        config = self._config()
+        stored = int(config.reserved[0])
+        if stored and abs(stored - measured.offset_ns) < 1_000_000:
+            return BootClock(stored)
+        config.reserved[0] = measured.offset_ns
+        self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
+        return measured
+
     @property
     def generation(self) -> int:
         return int(self._config().generation) & 1
@@ -237,7 +252,7 @@ class Datapath:
         now = time.time() if now is None else now
         with instance_lock(self.instance):
             indices = self.ensure_agents({grant.agent for grant in grants})
-            desired = compile_grants(grants, indices, now=now, clock=BootClock.now())
+            desired = compile_grants(grants, indices, now=now, clock=self._boot_clock())
             if len(desired.entries) > abi.MAX_ENTRIES // 2:
                 raise MapUpdateError(
                     f"datapath: grant set needs {len(desired.entries)} entries, "

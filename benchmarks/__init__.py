@@ -1,0 +1,1 @@
+"""Benchmarks of ztnet (run with `make bench`); scripts, not tests."""

@@ -1,0 +1,54 @@
+"""Generate the Python gRPC code from proto/ (the only definition of the wire
+protocol) into ztnet/v1/: the proto package ztnet.v1 maps onto that
+subpackage, so the generated modules' own imports (``from ztnet.v1 import
+node_pb2``) resolve. Run by the set-up step; tests/unit/test_proto.py fails
+when the generated code is stale."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO_DIR = ROOT / "proto"
+OUT_DIR = Path(__file__).resolve().parent / "v1"
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+def proto_files() -> list[Path]:
+    return sorted(PROTO_DIR.rglob("*.proto"))
+
+
+def generate(root: Path) -> dict[str, bytes]:
+    """Run protoc into ``root``; returns the generated files of ztnet/v1 by name."""
+    from grpc_tools import protoc
+
+    args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={root}", f"--pyi_out={root}",
+            f"--grpc_python_out={root}", *map(str, proto_files())]
+    if protoc.main(args) != 0:
+        raise SystemExit("protogen: protoc failed")
+    return {p.name: p.read_bytes() for p in (root / "ztnet" / "v1").iterdir()}
+
+
+def installed() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in OUT_DIR.iterdir()
+            if p.name.endswith(GENERATED_SUFFIXES)} if OUT_DIR.exists() else {}
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        files = generate(Path(tmp))
+    OUT_DIR.mkdir(exist_ok=True)
+    (OUT_DIR / "__init__.py").write_text('"""Generated from proto/ztnet/v1 by ztnet.protogen."""\n')
+    for name in installed().keys() - files.keys():
+        (OUT_DIR / name).unlink()
+    for name, data in files.items():
+        if installed().get(name) != data:
+            (OUT_DIR / name).write_bytes(data)
+    print(f"protogen: generated {len(proto_files())} proto files into {OUT_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
