@@ -21,7 +21,7 @@ class FileWatch:
     def __init__(self, path: Path) -> None:
         self.path = path
         libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self.fd: int = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
