@@ -71,7 +71,11 @@ class Datapath:
         self.maps["zt_grants_v1"].check_layout(abi.ZtGrantKey, abi.ZtGrantValue)
         self.maps["zt_agents_v1"].check_layout(ctypes.c_uint64, abi.ZtAgent)
         self.maps["zt_config_v1"].check_layout(ctypes.c_int, abi.ZtConfig)
+        # What each generation holds, read once and then kept up to date by
+        # this process: there is one writer per instance (the daemon; the
+        # instance lock serializes the rest).
         self._contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] = {}
+        self._levels: dict[int, dict[int, tuple[int, int, int, int]]] = {}
         self._grants: tuple[Grant, ...] | None = None
 
     # --- lifecycle -----------------------------------------------------------------
@@ -157,14 +161,21 @@ class Datapath:
                 result[key.value] = value
         return result
 
+    def _read_levels(self, generation: int) -> dict[int, tuple[int, int, int, int]]:
+        """Non-zero level masks of one generation, by agent index."""
+        if generation not in self._levels:
+            levels = self.maps["zt_levels_v1"]
+            found = {}
+            for index in range(abi.MAX_AGENTS):
+                value = abi.ZtLevels()
+                slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
+                if levels.lookup(slot, value) and any(value.mask):
+                    found[index] = (value.mask[0], value.mask[1], value.mask[2], value.mask[3])
+            self._levels[generation] = found
+        return self._levels[generation]
+
     def _indices_in_use(self) -> set[int]:
-        levels = self.maps["zt_levels_v1"]
-        used = set()
-        for slot in range(2 * abi.MAX_AGENTS):
-            value = abi.ZtLevels()
-            if levels.lookup(ctypes.c_int(slot), value) and any(value.mask):
-                used.add(slot % abi.MAX_AGENTS)
-        return used
+        return set(self._read_levels(0)) | set(self._read_levels(1))
 
     def ensure_agents(self, names: Iterable[str]) -> dict[str, int]:
         """Create the agents' cgroups and give each an index in zt_agents.
@@ -235,13 +246,14 @@ class Datapath:
             trie.delete(key.to_c(generation))
             deleted += 1
         levels = self.maps["zt_levels_v1"]
-        for index in range(abi.MAX_AGENTS):
-            slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
+        have = self._read_levels(generation)
+        self._levels.pop(generation, None)
+        for index in have.keys() | desired.levels.keys():
             want = desired.levels.get(index, _ZERO_LEVELS)
-            have = abi.ZtLevels()
-            levels.lookup(slot, have)
-            if tuple(have.mask) != want:
+            if have.get(index, _ZERO_LEVELS) != want:
+                slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
                 levels.update(slot, abi.ZtLevels((ctypes.c_uint32 * 4)(*want)))
+        self._levels[generation] = {i: m for i, m in desired.levels.items() if any(m)}
         self._contents[generation] = dict(desired.entries)
         return written, deleted
 
