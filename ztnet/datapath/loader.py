@@ -142,17 +142,23 @@ def attach_replacing(programs: LoadedPrograms) -> int:
         for spec in PROGRAMS:
             attach(programs.prog_fds[spec.function], cgroup_fd, spec.attach_type, root)
         for spec in PROGRAMS:
-            ours = programs.prog_ids[spec.function]
-            for prog_id in attached_prog_ids(cgroup_fd, spec.attach_type):
-                if prog_id == ours:
-                    continue
-                fd = prog_fd_by_id(prog_id)
-                try:
-                    detach(fd, cgroup_fd, spec.attach_type)
-                finally:
-                    os.close(fd)
-                replaced += 1
+            replaced += _detach_others(cgroup_fd, spec, keep=programs.prog_ids[spec.function])
     return replaced
+
+
+def _detach_others(cgroup_fd: int, spec: ProgramSpec, keep: int | None) -> int:
+    """Detach every program attached for ``spec``'s hook except ``keep``."""
+    removed = 0
+    for prog_id in attached_prog_ids(cgroup_fd, spec.attach_type):
+        if prog_id == keep:
+            continue
+        fd = prog_fd_by_id(prog_id)
+        try:
+            detach(fd, cgroup_fd, spec.attach_type)
+        finally:
+            os.close(fd)
+        removed += 1
+    return removed
 
 
 def attached_counts(instance: Instance) -> dict[str, int]:
@@ -173,17 +179,8 @@ def is_enforcing(instance: Instance) -> bool:
 def detach_all(instance: Instance) -> int:
     if not instance.cgroup_root.is_dir():
         return 0
-    removed = 0
     with _cgroup_fd(instance.cgroup_root) as cgroup_fd:
-        for spec in PROGRAMS:
-            for prog_id in attached_prog_ids(cgroup_fd, spec.attach_type):
-                fd = prog_fd_by_id(prog_id)
-                try:
-                    detach(fd, cgroup_fd, spec.attach_type)
-                finally:
-                    os.close(fd)
-                removed += 1
-    return removed
+        return sum(_detach_others(cgroup_fd, spec, keep=None) for spec in PROGRAMS)
 
 
 def remove_pins(instance: Instance) -> None:
