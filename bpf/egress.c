@@ -11,7 +11,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
-#include "verdict.h"
+#include "events.h"
 
 #define ZT_IPV6_NEXTHDR_TCP 6
 #define ZT_IPV6_NEXTHDR_UDP 17
@@ -22,7 +22,9 @@ struct zt_packet {
 	__u8 family;
 	__u8 proto;
 	__u16 port;
+	__u16 sport;
 	__u8 addr[16];
+	__u8 saddr[16];
 };
 
 static __always_inline __u8 zt_fold_proto(__u8 proto)
@@ -35,16 +37,17 @@ static __always_inline __u8 zt_fold_proto(__u8 proto)
 static __always_inline void zt_load_port(struct __sk_buff *skb, __u32 l4_offset,
 					 struct zt_packet *pkt)
 {
-	__be16 dport = 0;
+	__be16 ports[2] = {};
 	if (pkt->proto != ZT_PROTO_TCP && pkt->proto != ZT_PROTO_UDP)
 		return;
-	/* destination port: bytes 2..3 of both TCP and UDP headers */
-	if (bpf_skb_load_bytes(skb, l4_offset + 2, &dport, sizeof(dport)) < 0) {
+	/* source and destination port: bytes 0..3 of both TCP and UDP headers */
+	if (bpf_skb_load_bytes(skb, l4_offset, ports, sizeof(ports)) < 0) {
 		/* truncated: no port, so only port-agnostic grants can match */
 		pkt->proto = 0xff;
 		return;
 	}
-	pkt->port = bpf_ntohs(dport);
+	pkt->sport = bpf_ntohs(ports[0]);
+	pkt->port = bpf_ntohs(ports[1]);
 }
 
 /* Returns 0 when the packet cannot be parsed at all. */
@@ -57,6 +60,7 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_packet *pkt
 		pkt->family = ZT_FAMILY_V4;
 		pkt->proto = zt_fold_proto(iph.protocol);
 		__builtin_memcpy(pkt->addr, &iph.daddr, 4);
+		__builtin_memcpy(pkt->saddr, &iph.saddr, 4);
 		/* later fragments carry no L4 header: port unknown */
 		if (bpf_ntohs(iph.frag_off) & ZT_IP_OFFSET_MASK) {
 			if (pkt->proto == ZT_PROTO_TCP || pkt->proto == ZT_PROTO_UDP)
@@ -71,12 +75,15 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_packet *pkt
 		if (bpf_skb_load_bytes(skb, 0, &ip6h, sizeof(ip6h)) < 0)
 			return 0;
 		__u32 *d = (__u32 *)&ip6h.daddr;
+		__u32 *src = (__u32 *)&ip6h.saddr;
 		if (d[0] == 0 && d[1] == 0 && d[2] == bpf_htonl(0x0000ffff)) {
 			pkt->family = ZT_FAMILY_V4;
 			__builtin_memcpy(pkt->addr, &d[3], 4);
+			__builtin_memcpy(pkt->saddr, &src[3], 4);
 		} else {
 			pkt->family = ZT_FAMILY_V6;
 			__builtin_memcpy(pkt->addr, &ip6h.daddr, 16);
+			__builtin_memcpy(pkt->saddr, &ip6h.saddr, 16);
 		}
 		/* Extension headers are not walked: such a packet is judged as
 		 * its first next-header with no port, so only grants for any
@@ -86,6 +93,44 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_packet *pkt
 		return 1;
 	}
 	return 0;
+}
+
+/* Count the packet on its socket's flow; sockets no hook saw (raw sockets,
+ * or opened before this program was loaded) get a flow record here. */
+static __always_inline void zt_account_egress(struct __sk_buff *skb,
+					      const struct zt_subject *subject,
+					      const struct zt_packet *pkt, __u64 cgroup_id,
+					      __u64 grant_id)
+{
+	__u64 cookie = zt_socket_cookie(skb);
+	__u64 now = bpf_ktime_get_boot_ns();
+	struct zt_flow *flow = zt_flows_v1.lookup(&cookie);
+	if (flow) {
+		__sync_fetch_and_add(&flow->packets_out, 1);
+		__sync_fetch_and_add(&flow->bytes_out, skb->len);
+		flow->last_ns = now;
+		if (!flow->sport_be) {
+			flow->sport_be = bpf_htons(pkt->sport);
+			__builtin_memcpy(flow->saddr, pkt->saddr, 16);
+		}
+		return;
+	}
+	struct zt_flow fresh = {};
+	fresh.grant_id = grant_id;
+	fresh.cgroup_id = cgroup_id;
+	fresh.packets_out = 1;
+	fresh.bytes_out = skb->len;
+	fresh.first_ns = now;
+	fresh.last_ns = now;
+	fresh.agent = subject->agent.index;
+	fresh.proto = pkt->proto;
+	fresh.family = pkt->family;
+	fresh.dport_be = bpf_htons(pkt->port);
+	fresh.sport_be = bpf_htons(pkt->sport);
+	__builtin_memcpy(fresh.daddr, pkt->addr, 16);
+	__builtin_memcpy(fresh.saddr, pkt->saddr, 16);
+	if (zt_flows_v1.insert(&cookie, &fresh) < 0)
+		zt_count(ZT_CNT_FLOWS_UNTRACKED);
 }
 
 int zt_egress(struct __sk_buff *skb)
@@ -116,6 +161,7 @@ int zt_egress(struct __sk_buff *skb)
 			stats->egress_packets += 1;
 			stats->egress_bytes += skb->len;
 		}
+		zt_account_egress(skb, &subject, &pkt, cgroup_id, grant_id);
 		return 1;
 	}
 	zt_count(ZT_CNT_EGRESS_DROP);

@@ -34,4 +34,27 @@ BPF_TABLE_PINNED("percpu_array", int, __u64, zt_counters_v1, ZT_CNT_COUNT,
 BPF_TABLE_PINNED("percpu_array", int, struct zt_agent_stats, zt_agent_stats_v1,
 		 ZT_MAX_AGENTS, ZT_PIN_DIR "/zt_agent_stats_v1");
 
+/* Socket accounting by cookie; LRU so a full table evicts the oldest flow
+ * instead of refusing new ones (an eviction loses that flow's end record,
+ * which zt_counters_v1[ZT_CNT_FLOWS_UNTRACKED] does not see: the table is
+ * sized well above the sockets agents hold). */
+BPF_TABLE_PINNED("lru_hash", __u64, struct zt_flow, zt_flows_v1, ZT_MAX_FLOWS,
+		 ZT_PIN_DIR "/zt_flows_v1");
+BPF_TABLE_PINNED("array", int, struct zt_deny_budget, zt_deny_budget_v1, ZT_MAX_AGENTS,
+		 ZT_PIN_DIR "/zt_deny_budget_v1");
+
+/* The event ring buffer, pinned like every map so an adopting daemon reads
+ * the same buffer (bcc's BPF_RINGBUF_OUTPUT has no pinned form). */
+struct zt_events_v1_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, __u64, __u64);
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_discard)(void *, __u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" ZT_PIN_DIR "/zt_events_v1")))
+struct zt_events_v1_table_t zt_events_v1 = { .max_entries = ZT_EVENTS_BYTES };
+
 #endif /* ZT_MAPS_H */

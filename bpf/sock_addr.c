@@ -8,7 +8,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
-#include "verdict.h"
+#include "events.h"
 
 static __always_inline __u8 zt_socket_proto(struct bpf_sock_addr *ctx)
 {
@@ -23,36 +23,51 @@ static __always_inline __u8 zt_socket_proto(struct bpf_sock_addr *ctx)
 }
 
 static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
-				     const __u8 *addr, int allow_counter)
+				     const __u8 *addr, int allow_counter, __u8 kind)
 {
 	struct zt_config *cfg = zt_get_config();
 	if (!cfg)
 		return 0;
+	struct zt_decision d = {};
+	d.kind = kind;
+	d.family = family;
+	d.proto = zt_socket_proto(ctx);
+	if (family == ZT_FAMILY_V4)
+		__builtin_memcpy(d.daddr, addr, 4);
+	else
+		__builtin_memcpy(d.daddr, addr, 16);
+	if (d.proto == ZT_PROTO_TCP || d.proto == ZT_PROTO_UDP)
+		d.dport = bpf_ntohs((__u16)ctx->user_port);
+	d.cgroup_id = bpf_get_current_ancestor_cgroup_id(cfg->agent_level);
+
 	struct zt_subject subject = {};
-	__u64 cgroup_id = bpf_get_current_ancestor_cgroup_id(cfg->agent_level);
-	if (!zt_find_agent(cgroup_id, cfg, &subject)) {
+	if (!zt_find_agent(d.cgroup_id, cfg, &subject)) {
 		zt_count(allow_counter + 1);
+		d.reason = ZT_REASON_NOT_AGENT;
+		zt_emit_decision(ctx, &d);
 		return 0;
 	}
-	__u8 proto = zt_socket_proto(ctx);
-	__u16 port = 0;
-	if (proto == ZT_PROTO_TCP || proto == ZT_PROTO_UDP)
-		port = bpf_ntohs((__u16)ctx->user_port);
-	__u64 grant_id = 0;
-	int allowed = zt_allowed(&subject, proto, family, addr, port, &grant_id);
-	zt_count(allowed ? allow_counter : allow_counter + 1);
-	zt_account_decision(subject.agent.index, allowed);
-	return allowed;
+	d.agent = subject.agent.index;
+	d.allowed = zt_allowed(&subject, d.proto, family, addr, d.dport, &d.grant_id);
+	if (!d.allowed)
+		d.reason = (subject.agent.flags & ZT_AGENT_QUARANTINED) ? ZT_REASON_QUARANTINED
+									 : ZT_REASON_NO_GRANT;
+	zt_count(d.allowed ? allow_counter : allow_counter + 1);
+	zt_account_decision(subject.agent.index, d.allowed);
+	zt_emit_decision(ctx, &d);
+	if (d.allowed)
+		zt_track_flow(ctx, &d);
+	return d.allowed;
 }
 
-static __always_inline int zt_decide4(struct bpf_sock_addr *ctx, int allow_counter)
+static __always_inline int zt_decide4(struct bpf_sock_addr *ctx, int allow_counter, __u8 kind)
 {
 	__u32 daddr = ctx->user_ip4;
-	return zt_decide(ctx, ZT_FAMILY_V4, (const __u8 *)&daddr, allow_counter);
+	return zt_decide(ctx, ZT_FAMILY_V4, (const __u8 *)&daddr, allow_counter, kind);
 }
 
 /* ::ffff:a.b.c.d is IPv4 on the wire, so it is judged by the IPv4 grants. */
-static __always_inline int zt_decide6(struct bpf_sock_addr *ctx, int allow_counter)
+static __always_inline int zt_decide6(struct bpf_sock_addr *ctx, int allow_counter, __u8 kind)
 {
 	__u32 daddr[4];
 	daddr[0] = ctx->user_ip6[0];
@@ -61,26 +76,26 @@ static __always_inline int zt_decide6(struct bpf_sock_addr *ctx, int allow_count
 	daddr[3] = ctx->user_ip6[3];
 	if (daddr[0] == 0 && daddr[1] == 0 && daddr[2] == bpf_htonl(0x0000ffff))
 		return zt_decide(ctx, ZT_FAMILY_V4, (const __u8 *)&daddr[3],
-				 allow_counter);
-	return zt_decide(ctx, ZT_FAMILY_V6, (const __u8 *)daddr, allow_counter);
+				 allow_counter, kind);
+	return zt_decide(ctx, ZT_FAMILY_V6, (const __u8 *)daddr, allow_counter, kind);
 }
 
 int zt_connect4(struct bpf_sock_addr *ctx)
 {
-	return zt_decide4(ctx, ZT_CNT_CONNECT_ALLOW);
+	return zt_decide4(ctx, ZT_CNT_CONNECT_ALLOW, ZT_EV_CONNECT);
 }
 
 int zt_connect6(struct bpf_sock_addr *ctx)
 {
-	return zt_decide6(ctx, ZT_CNT_CONNECT_ALLOW);
+	return zt_decide6(ctx, ZT_CNT_CONNECT_ALLOW, ZT_EV_CONNECT);
 }
 
 int zt_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return zt_decide4(ctx, ZT_CNT_SENDMSG_ALLOW);
+	return zt_decide4(ctx, ZT_CNT_SENDMSG_ALLOW, ZT_EV_SENDMSG);
 }
 
 int zt_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return zt_decide6(ctx, ZT_CNT_SENDMSG_ALLOW);
+	return zt_decide6(ctx, ZT_CNT_SENDMSG_ALLOW, ZT_EV_SENDMSG);
 }

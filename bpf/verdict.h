@@ -9,6 +9,10 @@
 
 #include "maps.h"
 
+/* bcc 0.26 declares bpf_get_socket_cookie() as returning u32, which would
+ * truncate every cookie; the helper returns 64 bits. */
+static __u64 (*zt_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
 struct zt_subject {
 	struct zt_agent agent;
 	__u32 generation;

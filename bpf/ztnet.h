@@ -122,6 +122,105 @@ struct zt_config {
 	__u64 reserved[3];
 };
 
+/* Per-agent token bucket for deny events: a hostile agent cannot drown the
+ * trace. Allowed verdicts are never rate-limited. */
+#ifndef ZT_DENY_EVENTS_PER_SEC
+#define ZT_DENY_EVENTS_PER_SEC 100
+#endif
+#ifndef ZT_EVENTS_BYTES
+#define ZT_EVENTS_BYTES (4 * 1024 * 1024)
+#endif
+#ifndef ZT_MAX_FLOWS
+#define ZT_MAX_FLOWS 65536
+#endif
+
+enum zt_event_kind {
+	ZT_EV_CONNECT = 1,
+	ZT_EV_SENDMSG = 2,
+	ZT_EV_FLOW_END = 3,
+};
+
+enum zt_verdict {
+	ZT_VERDICT_ALLOWED = 1,
+	ZT_VERDICT_DENIED = 2,
+};
+
+/* Why: one table shared with ztnet/datapath/abi.py and docs/flows.md. */
+enum zt_reason {
+	ZT_REASON_GRANTED = 0,
+	ZT_REASON_NO_GRANT = 1,
+	ZT_REASON_NOT_AGENT = 2,
+	ZT_REASON_QUARANTINED = 3,
+	ZT_REASON_UNPARSED = 4,
+};
+
+/*
+ * One record of the zt_events_v1 ring buffer. Connect and sendmsg verdicts
+ * fill the socket fields; flow-end records (sock_release) also carry the
+ * flow's counters. `suppressed` is how many deny events of this agent the
+ * rate limit dropped since its previous deny event.
+ */
+struct zt_event {
+	__u64 time_ns;        /* CLOCK_BOOTTIME */
+	__u64 cookie;         /* socket cookie */
+	__u64 cgroup_id;
+	__u64 grant_id;
+	__u64 packets_out;
+	__u64 bytes_out;
+	__u64 packets_in;
+	__u64 bytes_in;
+	__u64 first_ns;
+	__u64 last_ns;
+	__u32 pid;            /* thread id */
+	__u32 tgid;           /* process id */
+	__u32 uid;
+	__u32 agent;
+	__u32 suppressed;
+	__u8 kind;            /* enum zt_event_kind */
+	__u8 verdict;         /* enum zt_verdict */
+	__u8 reason;          /* enum zt_reason */
+	__u8 proto;           /* IP protocol number */
+	__u8 family;          /* enum zt_family */
+	__u8 pad;
+	__be16 sport_be;
+	__be16 dport_be;
+	__u16 pad2;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	char comm[16];
+};
+
+/* Per-socket accounting (zt_flows_v1, keyed by socket cookie). */
+struct zt_flow {
+	__u64 grant_id;
+	__u64 cgroup_id;
+	__u64 packets_out;
+	__u64 bytes_out;
+	__u64 packets_in;
+	__u64 bytes_in;
+	__u64 first_ns;
+	__u64 last_ns;
+	__u32 agent;
+	__u32 pid;
+	__u32 tgid;
+	__u32 uid;
+	__u8 proto;
+	__u8 family;
+	__be16 dport_be;
+	__be16 sport_be;      /* learnt from the first egress packet */
+	__u16 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	char comm[16];
+};
+
+/* zt_deny_budget_v1, indexed by agent index. */
+struct zt_deny_budget {
+	__u64 window_start_ns;
+	__u32 sent;
+	__u32 suppressed;
+};
+
 enum zt_counter {
 	ZT_CNT_CONNECT_ALLOW = 0,
 	ZT_CNT_CONNECT_DENY = 1,
@@ -132,7 +231,10 @@ enum zt_counter {
 	ZT_CNT_NO_AGENT = 6,
 	ZT_CNT_QUARANTINED = 7,
 	ZT_CNT_UNPARSED = 8,
-	ZT_CNT_COUNT = 9,
+	ZT_CNT_EVENTS_LOST = 9,       /* ring buffer full: reservation failed */
+	ZT_CNT_EVENTS_SUPPRESSED = 10, /* deny events dropped by the rate limit */
+	ZT_CNT_FLOWS_UNTRACKED = 11,  /* flow table full */
+	ZT_CNT_COUNT = 12,
 };
 
 /* Per-agent counters (percpu array indexed by agent index). */
@@ -142,7 +244,9 @@ struct zt_agent_stats {
 	__u64 egress_packets; /* packets passed by the egress backstop */
 	__u64 egress_bytes;
 	__u64 egress_dropped; /* packets dropped by the egress backstop */
-	__u64 reserved[3];
+	__u64 ingress_packets;
+	__u64 ingress_bytes;
+	__u64 events_suppressed;
 };
 
 _Static_assert(sizeof(struct zt_grant_key) == 32, "zt_grant_key layout");
@@ -151,5 +255,8 @@ _Static_assert(sizeof(struct zt_levels) == 16, "zt_levels layout");
 _Static_assert(sizeof(struct zt_agent) == 8, "zt_agent layout");
 _Static_assert(sizeof(struct zt_config) == 32, "zt_config layout");
 _Static_assert(sizeof(struct zt_agent_stats) == 64, "zt_agent_stats layout");
+_Static_assert(sizeof(struct zt_event) == 160, "zt_event layout");
+_Static_assert(sizeof(struct zt_flow) == 136, "zt_flow layout");
+_Static_assert(sizeof(struct zt_deny_budget) == 16, "zt_deny_budget layout");
 
 #endif /* ZTNET_H */

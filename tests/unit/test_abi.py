@@ -39,6 +39,14 @@ def _probe_source() -> str:
         lines.append(f'  printf(", \\"ZT_CNT_{counter.name}\\": %d", (int)ZT_CNT_{counter.name});')
     for cls in abi.ZtClass:
         lines.append(f'  printf(", \\"ZT_CLASS_{cls.name}\\": %d", (int)ZT_CLASS_{cls.name});')
+    for kind in abi.ZtEventKind:
+        lines.append(f'  printf(", \\"ZT_EV_{kind.name}\\": %d", (int)ZT_EV_{kind.name});')
+    for verdict in abi.ZtVerdict:
+        lines.append(f'  printf(", \\"ZT_VERDICT_{verdict.name}\\": %d", '
+                     f'(int)ZT_VERDICT_{verdict.name});')
+    for reason in abi.ZtReason:
+        lines.append(f'  printf(", \\"ZT_REASON_{reason.name}\\": %d", '
+                     f'(int)ZT_REASON_{reason.name});')
     for proto in abi.ZtProto:
         lines.append(f'  printf(", \\"ZT_PROTO_{proto.name}\\": %d", (int)ZT_PROTO_{proto.name});')
     lines += ['  printf("}\\n");', "  return 0;", "}"]
@@ -80,6 +88,12 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
         assert layout[f"ZT_CLASS_{cls.name}"] == cls
     for proto in abi.ZtProto:
         assert layout[f"ZT_PROTO_{proto.name}"] == proto
+    for kind in abi.ZtEventKind:
+        assert layout[f"ZT_EV_{kind.name}"] == kind
+    for verdict in abi.ZtVerdict:
+        assert layout[f"ZT_VERDICT_{verdict.name}"] == verdict
+    for reason in abi.ZtReason:
+        assert layout[f"ZT_REASON_{reason.name}"] == reason
 
 
 def test_fixed_key_bits_cover_everything_before_the_address() -> None:

@@ -61,9 +61,37 @@ class ZtCounter(enum.IntEnum):
     NO_AGENT = 6
     QUARANTINED = 7
     UNPARSED = 8
+    EVENTS_LOST = 9
+    EVENTS_SUPPRESSED = 10
+    FLOWS_UNTRACKED = 11
 
 
-COUNTER_COUNT = 9
+COUNTER_COUNT = 12
+
+
+class ZtEventKind(enum.IntEnum):
+    """enum zt_event_kind"""
+
+    CONNECT = 1
+    SENDMSG = 2
+    FLOW_END = 3
+
+
+class ZtVerdict(enum.IntEnum):
+    """enum zt_verdict"""
+
+    ALLOWED = 1
+    DENIED = 2
+
+
+class ZtReason(enum.IntEnum):
+    """enum zt_reason (docs/flows.md lists them for users)"""
+
+    GRANTED = 0
+    NO_GRANT = 1
+    NOT_AGENT = 2
+    QUARANTINED = 3
+    UNPARSED = 4
 AGENT_QUARANTINED = 1
 
 
@@ -124,8 +152,92 @@ class ZtAgentStats(ctypes.Structure):
         ("egress_packets", ctypes.c_uint64),
         ("egress_bytes", ctypes.c_uint64),
         ("egress_dropped", ctypes.c_uint64),
-        ("reserved", ctypes.c_uint64 * 3),
+        ("ingress_packets", ctypes.c_uint64),
+        ("ingress_bytes", ctypes.c_uint64),
+        ("events_suppressed", ctypes.c_uint64),
     ]
+
+
+class ZtEvent(ctypes.Structure):
+    """struct zt_event"""
+
+    _fields_ = [
+        ("time_ns", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("grant_id", ctypes.c_uint64),
+        ("packets_out", ctypes.c_uint64),
+        ("bytes_out", ctypes.c_uint64),
+        ("packets_in", ctypes.c_uint64),
+        ("bytes_in", ctypes.c_uint64),
+        ("first_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tgid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("agent", ctypes.c_uint32),
+        ("suppressed", ctypes.c_uint32),
+        ("kind", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("sport_be", ctypes.c_uint16),
+        ("dport_be", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint16),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+class ZtFlow(ctypes.Structure):
+    """struct zt_flow"""
+
+    _fields_ = [
+        ("grant_id", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("packets_out", ctypes.c_uint64),
+        ("bytes_out", ctypes.c_uint64),
+        ("packets_in", ctypes.c_uint64),
+        ("bytes_in", ctypes.c_uint64),
+        ("first_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+        ("agent", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("tgid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("dport_be", ctypes.c_uint16),
+        ("sport_be", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+class ZtDenyBudget(ctypes.Structure):
+    """struct zt_deny_budget"""
+
+    _fields_ = [
+        ("window_start_ns", ctypes.c_uint64),
+        ("sent", ctypes.c_uint32),
+        ("suppressed", ctypes.c_uint32),
+    ]
+
+
+def port_from_be(value: int) -> int:
+    """A __be16 read as a little-endian host integer, back to the port."""
+    return int.from_bytes(int(value).to_bytes(2, "little"), "big")
+
+
+def address_from(raw: bytes, family: int) -> str:
+    if family == ZtFamily.V4:
+        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+    return str(ipaddress.IPv6Address(bytes(raw[:16])))
 
 
 STRUCTS: dict[str, type[ctypes.Structure]] = {
@@ -135,6 +247,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_agent": ZtAgent,
     "zt_config": ZtConfig,
     "zt_agent_stats": ZtAgentStats,
+    "zt_event": ZtEvent,
+    "zt_flow": ZtFlow,
+    "zt_deny_budget": ZtDenyBudget,
 }
 
 

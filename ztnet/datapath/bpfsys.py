@@ -33,6 +33,7 @@ class AttachType(enum.IntEnum):
     CGROUP_INET6_CONNECT = 11
     CGROUP_UDP4_SENDMSG = 14
     CGROUP_UDP6_SENDMSG = 15
+    CGROUP_INET_SOCK_RELEASE = 34
 
 
 @cache

@@ -16,12 +16,12 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ztnet.datapath import abi, loader, sockets
+from ztnet.datapath import abi, events, loader, sockets
 from ztnet.datapath.bpfsys import PinnedMap
 from ztnet.datapath.compile import BootClock, DesiredState, compile_grants
 from ztnet.datapath.probe import probe
@@ -49,6 +49,9 @@ class AgentStats:
     egress_packets: int
     egress_bytes: int
     egress_dropped: int
+    ingress_packets: int
+    ingress_bytes: int
+    events_suppressed: int
 
 
 @contextmanager
@@ -296,6 +299,34 @@ class Datapath:
         drop = set(grant_ids)
         return self.replace((g for g in self.grants() if g.grant_id not in drop), now=now)
 
+    def event_reader(self, on_event: Callable[[events.KernelEvent], None]) -> events.EventReader:
+        """Read verdict and flow-end events (only the loading process can)."""
+        if self.programs is None:
+            raise NotAttached("datapath: events are read by the process that loaded the "
+                              "programs (the daemon)")
+        return events.EventReader(self.programs.bpf, self._boot_clock(), on_event)
+
+    def pending_suppressed(self) -> dict[int, int]:
+        """Deny events the rate limit dropped that no event has reported yet,
+        by agent index."""
+        budget = self.maps["zt_deny_budget_v1"]
+        pending = {}
+        for index in set(self._registered_indices()):
+            value = abi.ZtDenyBudget()
+            if budget.lookup(ctypes.c_int(index), value) and value.suppressed:
+                pending[index] = int(value.suppressed)
+        return pending
+
+    def _registered_indices(self) -> list[int]:
+        return [int(agent.index) for agent in self._registered().values()]
+
+    def agent_names(self) -> dict[int, str]:
+        """Agent index -> name, for the agents whose cgroups exist."""
+        by_id = {cgroups.cgroup_id(path): name
+                 for name, path in cgroups.agent_cgroups(self.instance).items()}
+        return {int(agent.index): by_id[cgid] for cgid, agent in self._registered().items()
+                if cgid in by_id}
+
     def cut_unauthorized(self, *, now: float | None = None) -> list[sockets.FlowSocket]:
         """Destroy agent sockets whose flows the installed grants no longer allow."""
         return sockets.cut_unauthorized(self.instance, self.grants(),
@@ -326,9 +357,8 @@ class Datapath:
                 continue
             per_cpu = self.maps["zt_agent_stats_v1"].percpu_values(int(agent.index),
                                                                    abi.ZtAgentStats)
-            result[names[cgid]] = AgentStats(*(sum(getattr(v, field) for v in per_cpu) for field in
-                                               ("allowed", "denied", "egress_packets",
-                                                "egress_bytes", "egress_dropped")))
+            result[names[cgid]] = AgentStats(*(sum(getattr(v, name) for v in per_cpu)
+                                               for name in AgentStats.__slots__))
         return result
 
 

@@ -33,26 +33,30 @@ from ztnet.datapath.bpfsys import (
 from ztnet.errors import DatapathError, LoadError
 from ztnet.instance import Instance
 
-SOURCES = ("maps.h", "verdict.h", "sock_addr.c", "egress.c")
+SOURCES = ("maps.h", "verdict.h", "events.h", "sock_addr.c", "egress.c", "ingress.c",
+           "sock_release.c")
 
 
 @dataclass(frozen=True, slots=True)
 class ProgramSpec:
     function: str
     attach_type: AttachType
-    sock_addr: bool  # else cgroup_skb
+    prog_type: str  # name of the bcc.BPF program-type constant
 
 
 PROGRAMS = (
-    ProgramSpec("zt_connect4", AttachType.CGROUP_INET4_CONNECT, True),
-    ProgramSpec("zt_connect6", AttachType.CGROUP_INET6_CONNECT, True),
-    ProgramSpec("zt_sendmsg4", AttachType.CGROUP_UDP4_SENDMSG, True),
-    ProgramSpec("zt_sendmsg6", AttachType.CGROUP_UDP6_SENDMSG, True),
-    ProgramSpec("zt_egress", AttachType.CGROUP_INET_EGRESS, False),
+    ProgramSpec("zt_connect4", AttachType.CGROUP_INET4_CONNECT, "CGROUP_SOCK_ADDR"),
+    ProgramSpec("zt_connect6", AttachType.CGROUP_INET6_CONNECT, "CGROUP_SOCK_ADDR"),
+    ProgramSpec("zt_sendmsg4", AttachType.CGROUP_UDP4_SENDMSG, "CGROUP_SOCK_ADDR"),
+    ProgramSpec("zt_sendmsg6", AttachType.CGROUP_UDP6_SENDMSG, "CGROUP_SOCK_ADDR"),
+    ProgramSpec("zt_egress", AttachType.CGROUP_INET_EGRESS, "CGROUP_SKB"),
+    ProgramSpec("zt_ingress", AttachType.CGROUP_INET_INGRESS, "CGROUP_SKB"),
+    ProgramSpec("zt_sock_release", AttachType.CGROUP_INET_SOCK_RELEASE, "CGROUP_SOCK"),
 )
 
 MAP_NAMES = ("zt_agents_v1", "zt_grants_v1", "zt_levels_v1", "zt_config_v1",
-             "zt_counters_v1", "zt_agent_stats_v1")
+             "zt_counters_v1", "zt_agent_stats_v1", "zt_flows_v1", "zt_deny_budget_v1",
+             "zt_events_v1")
 
 
 def bpf_source_dir() -> Path:
@@ -122,7 +126,7 @@ def load_programs(instance: Instance) -> LoadedPrograms:
     fds: dict[str, int] = {}
     ids: dict[str, int] = {}
     for spec in PROGRAMS:
-        prog_type = bcc.BPF.CGROUP_SOCK_ADDR if spec.sock_addr else bcc.BPF.CGROUP_SKB
+        prog_type = getattr(bcc.BPF, spec.prog_type)
         try:
             fn = bpf.load_func(spec.function.encode(), prog_type, attach_type=int(spec.attach_type))
         except Exception as exc:

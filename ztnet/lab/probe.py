@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("loop")
     p.add_argument("host")
     p.add_argument("port", type=int)
+    p.add_argument("--count", type=int, default=0, help="stop after this many attempts")
     p = sub.add_parser("hold")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cmd == "tcp":
-        _emit(result=tcp_connect(args.host, args.port, args.timeout, args.payload.encode()))
+        _emit(result=tcp_connect(args.host, args.port, args.timeout, args.payload.encode()),
+              pid=os.getpid(), comm=open(f"/proc/{os.getpid()}/comm").read().strip())
     elif args.cmd == "udp":
         _emit(result=udp_send(args.host, args.port, args.connect))
     elif args.cmd == "icmp":
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         stop: list[int] = []
         signal.signal(signal.SIGUSR1, lambda signum, frame: stop.append(signum))
         _emit(event="started")
-        while not stop:
+        while not stop and (not args.count or sum(outcomes.values()) < args.count):
             result = nonblocking_attempt("tcp", args.host, args.port)
             outcomes[result] = outcomes.get(result, 0) + 1
         _emit(event="done", outcomes=outcomes)

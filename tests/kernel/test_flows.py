@@ -1,0 +1,121 @@
+"""Kernel flow tracing: every verdict and every flow end reaches user space
+with the right process, agent, grant and byte counts, and a flood of denied
+attempts is rate-limited with every suppressed event accounted for."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.kernel.support import LineProcess, agent_argv, grant, probe_argv, run_probe
+from ztnet.datapath.abi import ZtEventKind, ZtReason, ZtVerdict
+from ztnet.datapath.datapath import Datapath
+from ztnet.datapath.events import EventReader, KernelEvent
+from ztnet.grants.model import Proto
+from ztnet.instance import Instance
+from ztnet.lab.netns import NetnsPair
+from ztnet.lab.servers import ServerProcess
+
+ALLOWED, DENIED = 8080, 9090
+AGENT = "bot"
+
+
+class Collector:
+    def __init__(self, datapath: Datapath) -> None:
+        self.events: list[KernelEvent] = []
+        self.reader: EventReader = datapath.event_reader(self.events.append)
+
+    def wait_for(self, predicate: Callable[[KernelEvent], bool], timeout: float = 10.0,
+                 what: str = "event") -> KernelEvent:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if predicate(event):
+                    return event
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} among {len(self.events)} events")
+            self.reader.poll(100)  # blocks in epoll until events arrive
+
+    def drain(self) -> None:
+        self.reader.poll(0)
+
+
+@pytest.fixture
+def setup(instance: Instance) -> Iterator[tuple[Datapath, NetnsPair]]:
+    with NetnsPair() as pair, Datapath.open(instance) as datapath, \
+            ServerProcess(pair.b.netns, bind=[pair.b.ipv4], tcp=[ALLOWED, DENIED]):
+        yield datapath, pair
+
+
+def test_allowed_connection_record_carries_process_agent_grant_and_bytes(
+        setup: tuple[Datapath, NetnsPair]) -> None:
+    datapath, pair = setup
+    datapath.replace([grant(0xABC, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    collector = Collector(datapath)
+    payload = "x" * 1000
+    result = run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED), "--payload",
+                       payload], netns=pair.a.netns, user="nobody")
+    assert result["result"] == "OK"
+    index = {name: i for i, name in datapath.agent_names().items()}[AGENT]
+    connect = collector.wait_for(lambda e: e.kind == ZtEventKind.CONNECT
+                                 and e.destination_port == ALLOWED, what="connect event")
+    assert connect.verdict == ZtVerdict.ALLOWED and connect.reason == ZtReason.GRANTED
+    assert connect.grant_id == 0xABC and connect.agent_index == index
+    assert connect.tgid == result["pid"] and connect.comm == result["comm"]
+    assert connect.uid == 65534 and connect.destination == pair.b.ipv4
+    assert abs(connect.time - time.time()) < 30
+    end = collector.wait_for(lambda e: e.kind == ZtEventKind.FLOW_END
+                             and e.cookie == connect.cookie, what="flow end")
+    assert end.grant_id == 0xABC and end.tgid == result["pid"]
+    assert end.source == pair.a.ipv4 and end.source_port > 0
+    assert end.bytes_out >= len(payload) and end.bytes_in >= len(payload)  # echoed back
+    assert end.packets_out >= 3 and end.packets_in >= 2
+    assert end.first_seen <= end.last_seen
+
+
+def test_denied_attempt_is_recorded_with_its_reason(setup: tuple[Datapath, NetnsPair]) -> None:
+    datapath, pair = setup
+    datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    collector = Collector(datapath)
+    result = run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)],
+                       netns=pair.a.netns, user="nobody")
+    assert result["result"] == "EPERM"
+    event = collector.wait_for(lambda e: e.destination_port == DENIED, what="deny event")
+    assert event.verdict == ZtVerdict.DENIED and event.reason == ZtReason.NO_GRANT
+    assert event.grant_id == 0 and event.tgid == result["pid"]
+    assert not [e for e in collector.events if e.kind == ZtEventKind.FLOW_END
+                and e.destination_port == DENIED]
+
+
+def test_a_flood_of_denied_attempts_is_rate_limited_and_fully_accounted(
+        setup: tuple[Datapath, NetnsPair]) -> None:
+    datapath, pair = setup
+    datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    collector = Collector(datapath)
+    attempts = 20_000
+    flood = LineProcess.start(agent_argv(datapath.instance, AGENT, probe_argv(
+        "loop", pair.b.ipv4, str(DENIED), "--count", str(attempts)),
+        netns=pair.a.netns, user="nobody"))
+    try:
+        assert flood.read()["event"] == "started"
+        done = flood.read()
+    finally:
+        flood.kill()
+    assert done["outcomes"] == {"EPERM": attempts}
+    # an allowed connect afterwards is never suppressed and arrives behind the flood
+    run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)],
+              netns=pair.a.netns, user="nobody")
+    collector.wait_for(lambda e: e.kind == ZtEventKind.CONNECT
+                       and e.verdict == ZtVerdict.ALLOWED, what="the allowed connect")
+    collector.drain()
+    denies = [e for e in collector.events if e.verdict == ZtVerdict.DENIED]
+    reported = sum(e.suppressed for e in denies)
+    index = {name: i for i, name in datapath.agent_names().items()}[AGENT]
+    pending = datapath.pending_suppressed().get(index, 0)
+    assert len(denies) < attempts / 4, "the rate limit did not engage"
+    assert len(denies) + reported + pending == attempts  # nothing vanished silently
+    assert datapath.counters()["events_suppressed"] == reported + pending
+    assert datapath.agent_stats()[AGENT].events_suppressed == reported + pending
+    assert datapath.counters()["events_lost"] == 0

@@ -1,0 +1,111 @@
+"""Decoding the kernel's verdict and flow-end events (zt_events_v1).
+
+The ring buffer is read by the process that loaded the programs (the
+daemon): bcc polls it and hands each raw record to ``EventReader``, which
+turns it into a ``KernelEvent`` with Unix times. Everything user-facing
+(agent names, grant metadata, process paths) is added by ztnet.observe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ztnet.datapath import abi
+from ztnet.datapath.compile import BootClock
+
+
+@dataclass(frozen=True, slots=True)
+class KernelEvent:
+    kind: abi.ZtEventKind
+    verdict: abi.ZtVerdict
+    reason: abi.ZtReason
+    time: float
+    cookie: int
+    cgroup_id: int
+    grant_id: int
+    agent_index: int
+    pid: int
+    tgid: int
+    uid: int
+    comm: str
+    proto: int
+    family: int
+    source: str
+    source_port: int
+    destination: str
+    destination_port: int
+    suppressed: int
+    packets_out: int
+    bytes_out: int
+    packets_in: int
+    bytes_in: int
+    first_seen: float
+    last_seen: float
+
+
+def decode(raw: abi.ZtEvent, clock: BootClock) -> KernelEvent:
+    def unix(boot_ns: int) -> float:
+        return (boot_ns + clock.offset_ns) / 1e9 if boot_ns else 0.0
+
+    family = raw.family or abi.ZtFamily.V4
+    return KernelEvent(
+        kind=abi.ZtEventKind(raw.kind),
+        verdict=abi.ZtVerdict(raw.verdict),
+        reason=abi.ZtReason(raw.reason),
+        time=unix(raw.time_ns),
+        cookie=raw.cookie,
+        cgroup_id=raw.cgroup_id,
+        grant_id=raw.grant_id,
+        agent_index=raw.agent,
+        pid=raw.pid,
+        tgid=raw.tgid,
+        uid=raw.uid,
+        comm=raw.comm.decode(errors="replace"),
+        proto=raw.proto,
+        family=family,
+        source=abi.address_from(bytes(raw.saddr), family) if any(raw.saddr) else "",
+        source_port=abi.port_from_be(raw.sport_be),
+        destination=abi.address_from(bytes(raw.daddr), family),
+        destination_port=abi.port_from_be(raw.dport_be),
+        suppressed=raw.suppressed,
+        packets_out=raw.packets_out,
+        bytes_out=raw.bytes_out,
+        packets_in=raw.packets_in,
+        bytes_in=raw.bytes_in,
+        first_seen=unix(raw.first_ns),
+        last_seen=unix(raw.last_ns),
+    )
+
+
+class EventReader:
+    """Calls ``on_event`` for every kernel event, from ``poll()``."""
+
+    def __init__(self, bpf: Any, clock: BootClock,
+                 on_event: Callable[[KernelEvent], None]) -> None:
+        self._bpf = bpf
+        self._clock = clock
+        self._on_event = on_event
+        self.malformed = 0
+        # keep the table: bcc frees the ring buffer when it is collected,
+        # and its poller would then read freed memory
+        self._table = bpf["zt_events_v1"]
+        self._table.open_ring_buffer(self._on_raw)
+
+    def _on_raw(self, _ctx: Any, data: Any, size: int) -> int:
+        if size < ctypes.sizeof(abi.ZtEvent):
+            self.malformed += 1
+            return 0
+        raw = ctypes.cast(data, ctypes.POINTER(abi.ZtEvent)).contents
+        try:
+            event = decode(raw, self._clock)
+        except ValueError:  # an enum value this build does not know
+            self.malformed += 1
+            return 0
+        self._on_event(event)
+        return 0
+
+    def poll(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)
