@@ -17,7 +17,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PACKAGES=(python3 python3-venv python3-pip python3-bpfcc iproute2 util-linux procps gcc libpcap0.8
-          libbpf1)
+          libbpf1 prometheus)
 KERNEL=$(uname -r)
 
 missing=()
@@ -38,6 +38,11 @@ apt_install() {
 if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
     apt_install "${missing[@]}"
+    # Only promtool is wanted from the prometheus package (metrics tests):
+    # do not leave a Prometheus server running on the host.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+    fi
 fi
 
 # Kernel headers: bcc compiles the programs at load time against
@@ -89,4 +94,31 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # The wire protocol lives only in proto/; its Python code is generated here.
 "$VENV/bin/python" -m ztnet.protogen >/dev/null
+
+# The second-language client of tests/interop (Node.js); its test skips without npm.
+NODE_CLIENT="$ROOT/tests/interop/node_client"
+if command -v npm >/dev/null 2>&1; then
+    lock=$(sha256sum "$NODE_CLIENT/package-lock.json" | cut -d' ' -f1)
+    if [ "$(cat "$NODE_CLIENT/node_modules/.ztnet-installed" 2>/dev/null)" != "$lock" ]; then
+        say "installing the Node.js interop client's packages (npm ci)"
+        (cd "$NODE_CLIENT" && npm ci --no-audit --no-fund --loglevel=error)
+        echo "$lock" > "$NODE_CLIENT/node_modules/.ztnet-installed"
+    fi
+else
+    warn "npm not found: tests/interop (the Node.js client) will be skipped"
+fi
+
+# Opt-in: ZTNET_INSTALL_UNIT=1 installs the daemon's systemd unit, run from this checkout.
+if [ "${ZTNET_INSTALL_UNIT:-0}" = 1 ]; then
+    sed "s#/usr/local/bin/ztnet#$VENV/bin/ztnet#" packaging/ztnet-daemon.service \
+        > /etc/systemd/system/ztnet-daemon.service
+    chmod 0644 /etc/systemd/system/ztnet-daemon.service
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+        say "installed ztnet-daemon.service (set ZTNET_CONTROLLER in /etc/default/ztnet," \
+            "then: systemctl enable --now ztnet-daemon)"
+    else
+        say "installed ztnet-daemon.service; systemd is not running here, so not reloaded"
+    fi
+fi
 say "ready ($("$VENV/bin/python" -c 'import bcc, sys; print("python", sys.version.split()[0], "+ bcc")'))"

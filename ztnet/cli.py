@@ -298,21 +298,310 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 
 
 def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`ztnet controller init|serve|token create|admin-cert`, `policy apply` is added to the
-    policy group by add_policy_commands' owner; `hosts`, `revoke` (controller work)."""
+    """`ztnet controller init|serve|token create|admin-cert|revoke-host`, the operator
+    commands `hosts` and `revoke`, and, on groups other functions create, `policy apply|show`
+    and `agents --controller` (docs/controller.md)."""
+    import os
+    from typing import Any
+
+    from ztnet.policy.document import parse_duration
+
+    def duration(text: str) -> int:
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def state_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--state", required=True, type=Path, metavar="DIR",
+                            help="the controller's state directory")
+
+    def operator_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--controller", metavar="ADDR", default=None,
+                            help="the controller's mutual-TLS HOST:PORT (default: "
+                            "$ZTNET_CONTROLLER)")
+        parser.add_argument("--credentials", metavar="DIR", default=None,
+                            help="admin credential directory from `controller admin-cert` "
+                            "(default: $ZTNET_CREDENTIALS)")
+
+    def with_admin(args: argparse.Namespace, run: Callable[..., int], *rest: object,
+                   **options: object) -> int:
+        from ztnet.controller.admin_client import AdminClient, resolve
+
+        address, credentials = resolve(args.controller, args.credentials)
+        with AdminClient(address, credentials) as client:
+            return run(client, *rest, **options)
+
+    controller = _command(sub, "controller", "Run and administer the controller: the CA, "
+                          "enrollment tokens, admin credentials and the gRPC server.",
+                          "ztnet controller init --state /var/lib/ztnet-controller "
+                          "--trust-domain example.org")
+    group = controller.add_subparsers(dest="controller_command", metavar="COMMAND",
+                                      required=True)
+
+    p = _command(group, "init", "Create a state directory: a CA for mutual TLS, a grant-"
+                 "signing key, the server certificate and the database. Never overwrites.",
+                 "ztnet controller init --state /var/lib/ztnet-controller "
+                 "--trust-domain example.org --san ctl.example.org")
+    state_option(p)
+    p.add_argument("--trust-domain", required=True, metavar="DOMAIN",
+                   help="SPIFFE trust domain (policies must name the same one)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="extra DNS name or IP address for the server certificate (repeat); "
+                   "localhost, 127.0.0.1 and ::1 are always included")
+
+    def init(args: argparse.Namespace) -> int:
+        from ztnet.controller import commands
+
+        return commands.controller_init(args.state, args.trust_domain, sans=tuple(args.san))
+
+    p.set_defaults(handler=init)
+
+    p = _command(group, "serve", "Serve the node and admin APIs (gRPC, mutual TLS), push "
+                 "signed grants to every connected host, renew them before they expire.",
+                 "ztnet controller serve --state /var/lib/ztnet-controller "
+                 "--listen 0.0.0.0:7443 --enroll-listen 0.0.0.0:7444")
+    state_option(p)
+    p.add_argument("--listen", required=True, metavar="ADDR",
+                   help="mutual-TLS HOST:PORT for daemons and operators (port 0: any)")
+    p.add_argument("--enroll-listen", metavar="ADDR", default=None,
+                   help="server-authenticated TLS HOST:PORT where hosts without a "
+                   "certificate can Enroll (default: enrollment off)")
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="apply this policy at start if it is newer than the stored one")
+    p.add_argument("--grant-ttl", type=duration, default=300, metavar="DURATION",
+                   help="lifetime of grants whose rule has no ttl; bundles are renewed at "
+                   "half their lifetime (default 5m)")
+    p.add_argument("--host-cert-ttl", type=duration, default=86400, metavar="DURATION",
+                   help="lifetime of host certificates (default 24h)")
+    p.add_argument("--apply-timeout", type=duration, default=10, metavar="DURATION",
+                   help="how long ApplyPolicy and Revoke wait for hosts by default (10s)")
+    p.add_argument("--ready-file", type=Path, metavar="FILE",
+                   help="write {pid, listen, enroll_listen} as JSON here once serving")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    def serve(args: argparse.Namespace) -> int:
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
+        from ztnet.controller.server import ServeConfig
+        from ztnet.controller.server import serve as run_server
+        from ztnet.daemon import logs
+
+        logs.setup(args.log_format)
+        return run_server(ServeConfig(
+            state=args.state, listen=args.listen, enroll_listen=args.enroll_listen,
+            policy=args.policy, grant_ttl=args.grant_ttl, host_cert_ttl=args.host_cert_ttl,
+            apply_timeout=args.apply_timeout, ready_file=args.ready_file))
+
+    p.set_defaults(handler=serve)
+
+    p = _command(group, "token", "Enrollment tokens.",
+                 "ztnet controller token create --state DIR --host web-1")
+    tokens = p.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    p = _command(tokens, "create", "Print a one-time enrollment token for HOST and the CA "
+                 "fingerprint, the two things `ztnet enroll` needs.",
+                 "ztnet controller token create --state DIR --host web-1 --ttl 15m --json")
+    state_option(p)
+    p.add_argument("--host", required=True, help="the host this token may enroll")
+    p.add_argument("--ttl", type=duration, default=900, metavar="DURATION",
+                   help="how long the token is valid (default 15m)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"token": …, "ca_fingerprint": …}')
+
+    def token_create(args: argparse.Namespace) -> int:
+        from ztnet.controller import commands
+
+        return commands.token_create(args.state, args.host, ttl=args.ttl, as_json=args.json)
+
+    p.set_defaults(handler=token_create)
+
+    p = _command(group, "admin-cert", "Write an admin credential directory (admin.key, "
+                 "admin.pem, ca.pem) for the operator commands.",
+                 "ztnet controller admin-cert --state DIR --out ~/.ztnet/admin --name alice")
+    state_option(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="directory to write (created 0700)")
+    p.add_argument("--name", default="admin", help="who holds it (in the SPIFFE id)")
+    p.add_argument("--ttl", type=duration, default=30 * 86400, metavar="DURATION",
+                   help="lifetime (default 30d)")
+
+    def admin_cert(args: argparse.Namespace) -> int:
+        from ztnet.controller import commands
+
+        return commands.admin_cert(args.state, args.out, name=args.name, ttl=args.ttl)
+
+    p.set_defaults(handler=admin_cert)
+
+    p = _command(group, "revoke-host", "Revoke every certificate of HOST (a lost or "
+                 "compromised host); it must enroll again with a new token.",
+                 "ztnet controller revoke-host --state DIR --host web-1")
+    state_option(p)
+    p.add_argument("--host", required=True)
+
+    def revoke_host(args: argparse.Namespace) -> int:
+        from ztnet.controller import commands
+
+        return commands.revoke_host(args.state, args.host)
+
+    p.set_defaults(handler=revoke_host)
+
+    # --- operator commands (admin API over mutual TLS) ---
+    p = _command(sub, "hosts", "List enrolled hosts: applied version, in sync, connected, "
+                 "last seen, last rejection.", "ztnet hosts --controller ctl:7443 "
+                 "--credentials ~/.ztnet/admin")
+    operator_options(p)
+
+    def hosts(args: argparse.Namespace) -> int:
+        from ztnet.controller import admin_client
+
+        return with_admin(args, admin_client.hosts)
+
+    p.set_defaults(handler=hosts)
+
+    p = _command(sub, "revoke", "Revoke one grant, or every grant, of an agent on every host "
+                 "at once (established connections are cut); --restore lifts it.",
+                 "ztnet revoke --agent research-bot --grant g-0123456789abcdef")
+    operator_options(p)
+    p.add_argument("--agent", required=True)
+    p.add_argument("--grant", default="", metavar="ID", help="grant id g-… (default: all)")
+    p.add_argument("--restore", action="store_true", help="lift the revocation instead")
+
+    def revoke(args: argparse.Namespace) -> int:
+        from ztnet.controller import admin_client
+
+        return with_admin(args, admin_client.revoke, args.agent, args.grant,
+                          restore=args.restore)
+
+    p.set_defaults(handler=revoke)
+
+    def extend_policy(policy_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        p = _command(policy_sub, "apply", "Validate POLICY on the controller, store it as a "
+                     "new version and push it to every connected host; prints which hosts "
+                     "acknowledged or rejected it.", "ztnet policy apply examples/policy.toml "
+                     "--controller ctl:7443 --credentials ~/.ztnet/admin")
+        p.add_argument("policy", type=Path, metavar="POLICY", help="policy file (TOML)")
+        operator_options(p)
+        p.add_argument("--wait", type=duration, default=0, metavar="DURATION",
+                       help="how long to wait for hosts (default: the controller's)")
+
+        def apply(args: argparse.Namespace) -> int:
+            from ztnet.controller import admin_client
+
+            return with_admin(args, admin_client.policy_apply, args.policy,
+                              wait=float(args.wait))
+
+        p.set_defaults(handler=apply)
+
+        p = _command(policy_sub, "show", "Print the controller's current policy (its version "
+                     "on stderr).", "ztnet policy show --controller ctl:7443")
+        operator_options(p)
+
+        def show(args: argparse.Namespace) -> int:
+            from ztnet.controller import admin_client
+
+            return with_admin(args, admin_client.policy_show)
+
+        p.set_defaults(handler=show)
+
+    def agents_from_controller(args: argparse.Namespace) -> int:
+        from ztnet.controller import admin_client
+
+        return with_admin(args, admin_client.agents)
+
+    class ControllerMode(argparse.Action):
+        """`agents --controller [ADDR]`: the controller's view instead of the local one
+        (without ADDR: $ZTNET_CONTROLLER). Switching the handler here keeps the local
+        default untouched, whoever sets it and whenever."""
+
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                     values: object, option_string: str | None = None) -> None:
+            namespace.controller = values if isinstance(values, str) else None
+            namespace.handler = agents_from_controller
+
+    def extend_agents(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--controller", nargs="?", action=ControllerMode, metavar="ADDR",
+                            help="list the controller's agents instead (mutual TLS; ADDR "
+                            "defaults to $ZTNET_CONTROLLER)")
+        parser.add_argument("--credentials", metavar="DIR", default=None,
+                            help="admin credential directory (default: $ZTNET_CREDENTIALS)")
+
+    def when_added(name: str, extend: Callable[[argparse.ArgumentParser], None]) -> None:
+        """Call ``extend`` on the sub-command ``name`` once it exists."""
+        if name in sub.choices:
+            extend(sub.choices[name])
+            return
+        add_parser = sub.add_parser
+
+        def add_and_extend(command: str, **kwargs: Any) -> argparse.ArgumentParser:
+            parser: argparse.ArgumentParser = add_parser(command, **kwargs)
+            if command == name:
+                extend(parser)
+            return parser
+
+        setattr(sub, "add_parser", add_and_extend)  # noqa: B010  (an instance override)
+
+    def when_grouped(parser: argparse.ArgumentParser) -> None:
+        """Call extend_policy on ``parser``'s sub-command group once it exists."""
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                extend_policy(action)
+                return
+        add_subparsers = parser.add_subparsers
+
+        def add_and_extend(**kwargs: Any) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+            group: argparse._SubParsersAction = add_subparsers(**kwargs)  # type: ignore[type-arg]
+            extend_policy(group)
+            return group
+
+        setattr(parser, "add_subparsers", add_and_extend)  # noqa: B010  (an instance override)
+
+    # `policy` and `agents` belong to functions build_parser calls after this one, so they
+    # are extended when they are created (or at once, should the order change).
+    when_added("policy", when_grouped)
+    when_added("agents", extend_agents)
 
 
 def add_node_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`ztnet enroll` (node side of the controller work)."""
+    p = _command(sub, "enroll", "Enroll this host with a controller: generate the host key "
+                 "here, pin the controller's CA by its fingerprint, exchange the one-time "
+                 "token and a CSR for a host certificate and the grant-signing key.",
+                 "ztnet enroll --controller ctl.example:7444 --token=TOKEN "
+                 "--ca-fingerprint 3f5a… --state /var/lib/ztnet")
+    p.add_argument("--controller", required=True, metavar="ADDR",
+                   help="the controller's enrollment HOST:PORT (`serve --enroll-listen`)")
+    p.add_argument("--token", required=True, help="one-time token (`controller token "
+                   "create`); write --token=TOKEN if it starts with '-'")
+    p.add_argument("--ca-fingerprint", required=True, metavar="SHA256",
+                   help="hex SHA-256 of the controller's CA certificate (DER), printed with "
+                   "the token; nothing is sent to a controller that does not match it")
+    p.add_argument("--state", required=True, type=Path, metavar="DIR",
+                   help="state directory for the credentials (created 0700)")
+    p.add_argument("--host", default=None, help="this host's name (default: hostname)")
+
+    def enroll(args: argparse.Namespace) -> int:
+        from ztnet.daemon.enroll import enroll as run_enroll
+
+        identity = run_enroll(args.controller, args.token, args.ca_fingerprint, args.state,
+                              host=args.host)
+        print(f"enrolled {identity.host} as {identity.spiffe_id}; credentials in {args.state}")
+        print(f"next: ztnet daemon --controller {args.controller} --state {args.state}")
+        return 0
+
+    p.set_defaults(handler=enroll)
 
 
 def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _command(sub, "daemon", "Enforce signed grant bundles on this host: verify, apply "
-                 "atomically, reload on SIGHUP or when the bundle file changes.",
-                 "ztnet daemon --trust /etc/ztnet/signing.pub --bundle /etc/ztnet/bundle.json")
+                 "atomically; follow the controller (after `ztnet enroll`), or a bundle file "
+                 "reloaded on SIGHUP or when it changes.",
+                 "ztnet daemon --controller ctl.example:7443 --state /var/lib/ztnet\n"
+                 "  ztnet daemon --trust /etc/ztnet/signing.pub --bundle /etc/ztnet/bundle.json")
     _instance_option(p)
-    p.add_argument("--trust", action="append", required=True, type=Path, metavar="PUBKEY",
-                   help="grant-signing public key to trust (repeat for key rotation)")
+    p.add_argument("--controller", metavar="ADDR", help="controller HOST:PORT to subscribe to "
+                   "(credentials, trust and host name come from the enrolled --state)")
+    p.add_argument("--trust", action="append", type=Path, metavar="PUBKEY", default=[],
+                   help="grant-signing public key to trust (repeat for key rotation; "
+                   "needed without --controller)")
     p.add_argument("--bundle", type=Path, help="signed bundle file to enforce and watch")
     p.add_argument("--state", type=Path, default=None,
                    help="state directory (default /var/lib/ztnet[-INSTANCE])")
@@ -321,6 +610,12 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
                    help="period of the level-triggered re-install (default 30)")
+    p.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS",
+                   help="longest wait between reconnects to the controller (default 30)")
+    p.add_argument("--metrics", metavar="ADDR", default=None,
+                   help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
+    p.add_argument("--no-flows", action="store_true",
+                   help="do not record flows (<state>/flows.jsonl) or the audit trail")
     p.set_defaults(handler=_cmd_daemon)
 
 
@@ -332,11 +627,87 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_format)
     suffix = f"-{args.instance}" if args.instance and args.instance != "default" else ""
-    config = DaemonConfig(trust=args.trust, bundle=args.bundle,
-                          state=args.state or Path(f"/var/lib/ztnet{suffix}"),
-                          host=args.host or socket.gethostname(), instance=args.instance,
-                          resync_seconds=args.resync)
+    state = args.state or Path(f"/var/lib/ztnet{suffix}")
+    if args.controller:
+        from ztnet.daemon.credentials import controller_settings
+
+        settings = controller_settings(state, host=args.host, bundle=args.bundle)
+        config = DaemonConfig(trust=[settings.signing_key, *args.trust], bundle=None,
+                              state=state, host=settings.host, instance=args.instance,
+                              resync_seconds=args.resync, controller=args.controller,
+                              trust_domain=settings.trust_domain,
+                              backoff_cap=args.backoff_max, flows=not args.no_flows,
+                              metrics_listen=args.metrics)
+    else:
+        config = DaemonConfig(trust=args.trust, bundle=args.bundle, state=state,
+                              host=args.host or socket.gethostname(), instance=args.instance,
+                              resync_seconds=args.resync, flows=not args.no_flows,
+                              metrics_listen=args.metrics)
     return Daemon(config).run()
+
+
+def add_observe_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`ztnet observe`, `ztnet audit verify`."""
+    obs = _command(sub, "observe", "Show flows the local daemon recorded (like `hubble observe`): "
+                 "the last 20, or all since --since; --follow streams new ones.",
+                 "ztnet observe --agent research-bot --verdict denied --since 10m --follow")
+    _instance_option(obs)
+    obs.add_argument("--state", type=Path, default=None, metavar="DIR",
+                   help="the daemon's state directory (default /var/lib/ztnet[-INSTANCE])")
+    obs.add_argument("--file", type=Path, default=None, metavar="PATH",
+                   help="flow log to read (default: DIR/flows.jsonl)")
+    obs.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
+    obs.add_argument("--agent", action="append", default=[], metavar="NAME",
+                   help="only this agent (repeat for several)")
+    obs.add_argument("--verdict", metavar="allowed|denied", help="only this verdict")
+    obs.add_argument("--kind", action="append", default=[], metavar="KIND",
+                   help="only connect, sendmsg or flow_end records (repeat for several)")
+    obs.add_argument("--since", metavar="WHEN",
+                   help="only flows since then: a duration ago (30s, 10m, 2h) or RFC 3339")
+    obs.add_argument("--last", type=int, default=None, metavar="N",
+                   help="history to show: the last N matching flows (default 20 without "
+                   "--since, all with it; 0 = none)")
+    obs.add_argument("--json", action="store_true",
+                   help="one JSON record per line, in the schema of docs/flows.md")
+
+    def observe(args: argparse.Namespace) -> int:
+        from ztnet.observe import commands, query
+
+        try:
+            flt = query.FlowFilter(
+                agents=frozenset(args.agent),
+                verdict=query.parse_verdict(args.verdict) if args.verdict else None,
+                since_ns=query.parse_since(args.since) if args.since else None,
+                kinds=frozenset(query.parse_kind(kind) for kind in args.kind))
+        except ValueError as exc:
+            obs.error(str(exc))
+        last = args.last if args.last is not None else (
+            None if args.since else commands.DEFAULT_LAST)
+        options = commands.ObserveOptions(
+            path=commands.flows_path(file=args.file, state=args.state, instance=args.instance),
+            filter=flt, follow=args.follow, json=args.json, last=last,
+            color=commands.use_color(sys.stdout))
+        return commands.observe(options, sys.stdout, sys.stderr)
+
+    obs.set_defaults(handler=observe)
+
+    p = _command(sub, "audit", "Work with the tamper-evident audit trail.",
+                 "ztnet audit verify /var/lib/ztnet/audit.jsonl")
+    audit = p.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+    v = _command(audit, "verify", "Check FILE's hash chain and its head: prints OK and the "
+                 "record count, or the first problem (edit, deletion, reordering, truncation) "
+                 "with its line number and exits 1.",
+                 "ztnet audit verify /var/lib/ztnet/audit.jsonl")
+    v.add_argument("file", type=Path, metavar="FILE", help="audit log (audit.jsonl)")
+    v.add_argument("--head", metavar="SEQ:HASH", help="check against this head recorded "
+                   "elsewhere instead of FILE.head")
+
+    def audit_verify(args: argparse.Namespace) -> int:
+        from ztnet.observe.commands import audit_verify as run
+
+        return run(args.file, sys.stdout, head=args.head)
+
+    v.set_defaults(handler=audit_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_datapath_commands(sub)
     add_keys_commands(sub)
     add_policy_commands(sub)
+    add_observe_commands(sub)
     return parser
 
 

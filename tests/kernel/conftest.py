@@ -79,9 +79,11 @@ def _remove_stale_test_instances() -> None:
     if os.geteuid() != 0:
         return
     from ztnet.datapath.datapath import teardown
+    from ztnet.lab.netns import cleanup_orphans
 
     for instance in stale_test_instances():
         teardown(instance)
+    cleanup_orphans()
 
 
 @pytest.fixture

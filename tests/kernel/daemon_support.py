@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -54,14 +54,30 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class DaemonProcess:
-    def __init__(self, instance: Instance, trust: Path, bundle: Path, state: Path) -> None:
+    def __init__(self, instance: Instance, trust: Path | None, bundle: Path | None,
+                 state: Path, *, controller: str | None = None,
+                 capabilities: Sequence[str] | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="ztnet-notify-"))
         self.notify_path = self._dir / "notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.argv = [sys.executable, "-m", "ztnet.cli", "daemon", "--instance", instance.name,
-                     "--trust", str(trust), "--bundle", str(bundle), "--state", str(state),
-                     "--host", HOST, "--log-format", "json", "--resync", "3600"]
+                     "--state", str(state), "--log-format", "json", "--resync", "3600"]
+        if controller is not None:
+            # trust, host and credentials come from the enrolled state directory; tests
+            # restart controllers, so reconnect within a second rather than 30
+            self.argv += ["--controller", controller, "--backoff-max", "1"]
+        else:
+            assert trust is not None and bundle is not None
+            self.argv += ["--trust", str(trust), "--bundle", str(bundle), "--host", HOST]
+        self.argv += list(extra_args)
+        if capabilities is not None:
+            # as systemd would start it: root, but only these capabilities (and no way to
+            # gain others); names as in capabilities(7), without the CAP_ prefix
+            bounding = ",".join(["-all", *(f"+{c.lower()}" for c in capabilities)])
+            self.argv = ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all",
+                         "--no-new-privs", *self.argv]
         self.events: list[dict[str, object]] = []
         self.stderr_text: list[str] = []
         self._cond = threading.Condition()
@@ -71,12 +87,18 @@ class DaemonProcess:
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path))
         self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, text=True, env=env)
         threading.Thread(target=self._read, daemon=True).start()
-        self.notify.settimeout(60)
-        try:
-            message = self.notify.recv(4096).decode()
-        except TimeoutError:
-            self.kill()
-            raise AssertionError(f"daemon never said READY: {self.stderr()}") from None
+        # wait for READY, but notice at once a daemon that exits instead
+        self.notify.settimeout(0.2)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                message = self.notify.recv(4096).decode()
+                break
+            except TimeoutError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    self.proc.wait()
+                    raise AssertionError(f"daemon never said READY: {self.stderr()}") from None
         assert "READY=1" in message, message
         return self
 

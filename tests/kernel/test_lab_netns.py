@@ -394,3 +394,19 @@ def test_captured_packet_json_round_trip() -> None:
     pkt = CapturedPacket(1.5, 4, "10.0.0.1", "10.0.0.2", 6, 1, 2, 60, "S", None, "x")
     assert CapturedPacket.from_json(pkt.to_json()) == pkt
     assert pkt.is_syn
+
+
+def test_cleanup_orphans_removes_only_namespaces_of_dead_creators() -> None:
+    from ztnet.lab.netns import cleanup_orphans, create_netns, list_netns, remove_netns
+
+    dead = f"zt{0x3ffffff0:x}n1-a"  # above pid_max: no such process can exist
+    alive = f"zt{os.getpid():x}n7f-a"
+    create_netns(dead)
+    create_netns(alive)
+    try:
+        removed = cleanup_orphans()
+        assert dead in removed and dead not in list_netns("zt")
+        assert alive in list_netns("zt")
+    finally:
+        remove_netns(dead)
+        remove_netns(alive)

@@ -8,6 +8,11 @@ its reason and changes nothing. The loop is level-triggered: every resync
 period it re-installs the current grant set (a diff: usually no map writes),
 which activates later validity windows, re-registers recreated agent
 cgroups and absorbs wall-clock steps.
+
+Bundles come from a file (``--bundle``, reloaded on SIGHUP or when it changes) or from the
+controller (``--controller``, after ``ztnet enroll``): a ControllerClient (client.py) keeps
+the grant stream in its own threads and hands every pushed bundle to this loop, which
+verifies and applies it here, on the main thread, and answers Ack or Nack with the reason.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 from ztnet.daemon import logs
+from ztnet.daemon.client import ControllerClient
+from ztnet.daemon.credentials import HostCredentials
+from ztnet.daemon.flows import FlowPipeline
 from ztnet.daemon.notify import notify
 from ztnet.daemon.state import Applied, StateDir
 from ztnet.daemon.watch import FileWatch
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.probe import probe
-from ztnet.errors import ConfigError, GrantError
+from ztnet.errors import ConfigError, DatapathError, GrantError
 from ztnet.grants.bundle import VerifiedBundle, verify_bundle
 from ztnet.grants.keys import key_id, load_public_key
 from ztnet.instance import Instance
@@ -44,6 +53,26 @@ class DaemonConfig:
     host: str = field(default_factory=socket.gethostname)
     instance: str | None = None
     resync_seconds: float = 30.0
+    # Controller mode: the controller's address; credentials come from ``state``.
+    controller: str | None = None
+    # Refuse bundles of any other trust domain (controller mode: the enrolled one).
+    trust_domain: str | None = None
+    backoff_cap: float = 30.0
+    # Flow tracing: records in <state>/flows.jsonl, audit trail, optional metrics listener.
+    flows: bool = True
+    metrics_listen: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What apply() did: "applied", "unchanged" or "rejected" (then ``reason`` says why)."""
+
+    status: Literal["applied", "unchanged", "rejected"]
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "rejected"
 
 
 class Daemon:
@@ -60,20 +89,26 @@ class Daemon:
         self.instance = Instance.resolve(config.instance)
         self.datapath: Datapath | None = None
         self.rejected = 0
+        self.credentials: HostCredentials | None = None
+        if config.controller is not None:
+            self.credentials = HostCredentials(config.state)  # missing or corrupt: fail now
+        self.client: ControllerClient | None = None
+        self.flows: FlowPipeline | None = None
         self._stop = False
         self._reload = False
 
     # --- applying ------------------------------------------------------------------------
 
-    def apply(self, envelope: bytes, source: str) -> str:
-        """Verify and apply; returns "applied", "unchanged" or "rejected"."""
+    def apply(self, envelope: bytes, source: str) -> Outcome:
+        """Verify and apply; a rejection carries the verifier's reason."""
         assert self.datapath is not None
         now = time.time()
         floor = self.applied.version if self.applied else 0
         started = time.monotonic()
         try:
             verified = verify_bundle(envelope, trusted=self.trusted, host=self.config.host,
-                                     min_version=floor, now=now)
+                                     min_version=floor, now=now,
+                                     trust_domain=self.config.trust_domain)
             if self.applied and verified.version == self.applied.version \
                     and verified.payload_sha256 != self.applied.payload_sha256 \
                     and self.current is not None:
@@ -83,23 +118,47 @@ class Daemon:
             self.rejected += 1
             logs.event("bundle rejected", logging.WARNING, source=source, reason=str(exc),
                        applied_version=floor)
-            return "rejected"
+            if self.flows is not None:
+                self.flows.bundle_rejected(source, str(exc))
+            return Outcome("rejected", str(exc))
         if self.current is not None and self.applied is not None \
                 and verified.version == self.applied.version:
             logs.event("bundle unchanged", source=source, version=verified.version)
-            return "unchanged"
+            return Outcome("unchanged")
         verify_seconds = time.monotonic() - started
         result = self.datapath.replace(verified.grants, now=now)
         self.current = verified
         self.applied = Applied(verified.version, verified.payload_sha256)
         self.state.save(envelope, self.applied)
         cut = self.datapath.cut_unauthorized(now=now)
+        if self.flows is not None:
+            self.flows.bundle_applied(verified)
         logs.event("bundle applied", source=source, version=verified.version,
                    grants=len(verified.grants), entries=result.entries,
                    key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],
                    verify_ms=round(verify_seconds * 1000, 1),
                    apply_ms=round(result.seconds * 1000, 1), flows_cut=len(cut))
-        return "applied"
+        return Outcome("applied")
+
+    def version_held(self) -> int:
+        """What Subscribe reports: the applied version while its bundle is still fresh, else
+        0 (nothing usable held: the controller should send its current bundle)."""
+        current, applied = self.current, self.applied
+        if current is None or applied is None or current.bundle.expires <= time.time():
+            return 0
+        return applied.version
+
+    def on_pushes(self, client: ControllerClient) -> None:
+        """Apply what the controller pushed, in order, and answer each."""
+        for push in client.pushes():
+            try:
+                outcome = self.apply(push.envelope, f"controller {self.config.controller}")
+            except DatapathError as exc:
+                # The swap is atomic: the kernel still enforces the previous set.
+                logs.event("bundle not applied", logging.ERROR, version=push.version,
+                           reason=str(exc))
+                outcome = Outcome("rejected", str(exc))
+            client.answer(push, outcome.ok, outcome.reason)
 
     def _read_bundle_file(self) -> bytes | None:
         path = self.config.bundle
@@ -145,12 +204,24 @@ class Daemon:
         logs.event("datapath ready", instance=self.instance.name,
                    cgroup=str(self.instance.cgroup_root), pins=str(self.instance.pin_dir),
                    generation=self.datapath.generation)
+        if self.config.flows:
+            self.flows = FlowPipeline(self.datapath, self.state.path, host=self.config.host,
+                                      trust_domain=self.config.trust_domain or "",
+                                      metrics_listen=self.config.metrics_listen)
         persisted = self.state.bundle()
         if persisted is not None:
             # the persisted bundle first, re-verified, before any other input
             self.current = None
             self.apply(persisted, f"{self.state.path}/applied-bundle.json")
         self.reload()
+
+    def _start_client(self) -> ControllerClient | None:
+        if self.config.controller is None or self.credentials is None:
+            return None
+        client = ControllerClient(self.credentials, self.config.controller, self.version_held,
+                                  backoff_cap=self.config.backoff_cap)
+        client.start()
+        return client
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -170,10 +241,16 @@ class Daemon:
         watch = FileWatch(self.config.bundle) if self.config.bundle else None
         if watch is not None:
             selector.register(watch, selectors.EVENT_READ)
+        # Ready once the persisted bundle is enforced again: not waiting for the controller,
+        # which may be down (the kernel keeps enforcing, expiry included, meanwhile).
         notify(f"READY=1\nSTATUS=enforcing version "
                f"{self.applied.version if self.applied else 'none'}")
         logs.event("daemon ready", host=self.config.host,
-                   version=self.applied.version if self.applied else None)
+                   version=self.applied.version if self.applied else None,
+                   controller=self.config.controller)
+        client = self.client = self._start_client()
+        if client is not None:
+            selector.register(client, selectors.EVENT_READ)
         next_resync = time.monotonic() + self.config.resync_seconds
         try:
             while not self._stop:
@@ -181,6 +258,8 @@ class Daemon:
                 for key, _ in selector.select(timeout):
                     if key.fileobj is watch and watch is not None and watch.changed():
                         self._reload = True
+                    elif key.fileobj is client and client is not None:
+                        self.on_pushes(client)
                     elif key.fileobj == wake_r:
                         while True:
                             try:
@@ -191,13 +270,19 @@ class Daemon:
                 if self._reload and not self._stop:
                     self._reload = False
                     self.reload()
+                    if client is not None:
+                        client.reconnect()  # SIGHUP in controller mode: resubscribe now
                 if time.monotonic() >= next_resync:
                     self.resync()
                     next_resync = time.monotonic() + self.config.resync_seconds
         finally:
             notify("STOPPING=1")
+            if client is not None:
+                client.stop()
             if watch is not None:
                 watch.close()
+            if self.flows is not None:
+                self.flows.close()
             if self.datapath is not None:
                 self.datapath.close()  # programs stay attached: enforcement outlives us
             logs.event("daemon stopped; enforcement stays in place")

@@ -79,6 +79,21 @@ def default_prefix() -> str:
     return f"zt{os.getpid():x}n{next(_instances):x}"
 
 
+_DEFAULT_PREFIX_RE = re.compile(r"^zt([0-9a-f]+)n[0-9a-f]+-")
+
+
+def cleanup_orphans() -> list[str]:
+    """Remove namespaces with a :func:`default_prefix` name whose creating
+    process is gone (a run that crashed or was killed before its cleanup)."""
+    removed = []
+    for name in list_netns("zt"):
+        match = _DEFAULT_PREFIX_RE.match(name)
+        if match and not os.path.exists(f"/proc/{int(match.group(1), 16)}"):
+            if remove_netns(name):
+                removed.append(name)
+    return removed
+
+
 def check_prefix(prefix: str) -> str:
     if len(prefix) > MAX_PREFIX_LEN or not _PREFIX_RE.match(prefix):
         raise ValueError(

@@ -1,0 +1,380 @@
+"""Test helpers for the controller: a state directory, a real `ztnet controller
+serve` process on loopback (real mutual TLS, ephemeral ports), enrolled host
+identities, and a fake node that speaks the grant stream by hand.
+
+    state = init_controller(tmp_path / "ctl")
+    with ControllerProcess(state, policy=write_policy(tmp_path, {"bot": [("10.0.0.1", "443")]})) \
+            as controller:
+        identity = enroll(controller, "web-1")
+        with FakeNode(controller, identity) as node:
+            push = node.next_push()
+            bundle = node.verify(push)
+            node.ack(push)
+        with controller.admin() as admin:
+            admin.list_hosts()
+
+Nothing here needs root or BPF. Readiness is awaited by polling (the ready
+file, then the health RPC over mutual TLS) against a deadline, never by
+sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ztnet.controller.admin_client import AdminClient, AdminCredentials
+from ztnet.controller.enrollment import create_token as store_token
+from ztnet.controller.statedir import StatePaths, init_state, issue_admin_credentials
+from ztnet.controller.store import SqliteStore
+from ztnet.grants.bundle import VerifiedBundle, verify_bundle
+from ztnet.grants.keys import key_id, load_public_key
+from ztnet.v1 import node_pb2, node_pb2_grpc
+
+TRUST_DOMAIN = "test.example"
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 20.0
+
+
+# --- state, policies, credentials ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerState:
+    root: Path
+    trust_domain: str
+
+    @property
+    def paths(self) -> StatePaths:
+        return StatePaths(self.root)
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.paths.ca_cert.read_bytes()
+
+
+def init_controller(root: Path, trust_domain: str = TRUST_DOMAIN,
+                    sans: tuple[str, ...] = ()) -> ControllerState:
+    """A fresh state directory (in-process, like `ztnet controller init`)."""
+    init_state(root, trust_domain, sans=sans, now=time.time())
+    return ControllerState(root, trust_domain)
+
+
+def policy_toml(agents: Mapping[str, Sequence[tuple[str, str]]], *,
+                trust_domain: str = TRUST_DOMAIN, proto: str = "tcp") -> str:
+    """A policy: agent name → [(destination, ports), …]."""
+    lines = [f'trust_domain = "{trust_domain}"']
+    for agent, rules in agents.items():
+        lines.append(f"[agents.{agent}]")
+        for to, ports in rules:
+            lines += [f"[[agents.{agent}.allow]]", f'to = "{to}"', f'ports = "{ports}"',
+                      f'proto = "{proto}"']
+    return "\n".join(lines) + "\n"
+
+
+def write_policy(directory: Path, agents: Mapping[str, Sequence[tuple[str, str]]],
+                 name: str = "policy.toml", **options: str) -> Path:
+    path = directory / name
+    path.write_text(policy_toml(agents, **options))
+    return path
+
+
+def admin_credentials(state: ControllerState, out: Path, name: str = "ops",
+                      lifetime: float = 86400.0) -> Path:
+    """An admin credential directory (admin.key, admin.pem, ca.pem)."""
+    issue_admin_credentials(state.paths, out, name, lifetime=lifetime, now=time.time())
+    return out
+
+
+def create_token(state: ControllerState, host: str, ttl: float = 900.0) -> str:
+    store = SqliteStore.open(state.paths.database)
+    try:
+        return store_token(store, host, ttl=ttl, now=time.time())
+    finally:
+        store.close()
+
+
+# --- the controller process --------------------------------------------------------
+
+
+class ControllerProcess:
+    """`python -m ztnet.cli controller serve` on 127.0.0.1 with ephemeral ports.
+
+    ``address`` is the mutual-TLS listener (node and admin APIs),
+    ``enroll_address`` the server-authenticated one (Enroll). ``extra_args``
+    are appended to the command line (e.g. ``["--grant-ttl", "2s"]``)."""
+
+    def __init__(self, state: ControllerState, *, policy: Path | None = None,
+                 extra_args: Sequence[str] = (), admin: Path | None = None) -> None:
+        self.state = state
+        # beside the state (a test's tmp_path), so pytest cleans it up
+        self._dir = Path(tempfile.mkdtemp(prefix="controller-", dir=state.root.parent))
+        self.ready_file = self._dir / "ready.json"
+        self.log_path = self._dir / "controller.log"
+        self.admin_dir = admin or admin_credentials(state, self._dir / "admin")
+        self.argv = [sys.executable, "-m", "ztnet.cli", "controller", "serve",
+                     "--state", str(state.root), "--listen", "127.0.0.1:0",
+                     "--enroll-listen", "127.0.0.1:0", "--ready-file", str(self.ready_file),
+                     *(["--policy", str(policy)] if policy else []), *extra_args]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.address = ""
+        self.enroll_address = ""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not self.ready_file.exists():
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"controller not ready after {START_TIMEOUT}s:\n"
+                                       f"{self.log()}")
+                time.sleep(0.02)
+            ready = json.loads(self.ready_file.read_text())
+            self.address, self.enroll_address = ready["listen"], ready["enroll_listen"]
+            self.wait_serving(deadline)
+        except BaseException:
+            self.stop(signal.SIGKILL)  # never leave a half-started controller behind
+            raise
+
+    def wait_serving(self, deadline: float) -> None:
+        """Poll the health RPC over mutual TLS until SERVING."""
+        with self.channel(self.admin_dir) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive()
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"controller not SERVING in time:\n{self.log()}")
+                time.sleep(0.02)
+
+    def _check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"controller exited with {self.process.returncode}:\n"
+                               f"{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the controller and wait; returns its exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def channel(self, credentials: Path | None = None, *, enroll: bool = False,
+                key_pem: bytes | None = None, cert_pem: bytes | None = None,
+                options: Sequence[tuple[str, int]] = ()) -> grpc.Channel:
+        """A channel verified against the controller's CA: with an admin
+        credential directory, with a key and certificate, or with neither
+        (then ``enroll`` picks the enrollment listener)."""
+        if credentials is not None:
+            creds = AdminCredentials.load(credentials)
+            key_pem, cert_pem = creds.key_pem, creds.cert_pem
+        tls = grpc.ssl_channel_credentials(self.state.ca_pem, key_pem, cert_pem)
+        return grpc.secure_channel(self.enroll_address if enroll else self.address, tls,
+                                   options=list(options))
+
+    def admin(self, credentials: Path | None = None) -> AdminClient:
+        return AdminClient(self.address, AdminCredentials.load(credentials or self.admin_dir))
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged within {timeout}s:\n{log}")
+            time.sleep(0.02)
+        return log
+
+
+# --- hosts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostIdentity:
+    """What Enroll returned to one host, with the key that never left it."""
+
+    host: str
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+    signing_pub_pem: bytes
+    spiffe_id: str
+    trust_domain: str
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, common_name: str,
+             sans: Sequence[x509.GeneralName] = ()) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def enroll(controller: ControllerProcess, host: str, token: str | None = None,
+           csr_pem: bytes | None = None, key: ec.EllipticCurvePrivateKey | None = None,
+           ) -> HostIdentity:
+    """Enroll ``host`` over the enrollment listener (a token is created if
+    none is given); raises grpc.RpcError if the controller refuses."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    request = node_pb2.EnrollRequest(
+        token=token if token is not None else create_token(controller.state, host),
+        host=host, csr_pem=csr_pem or make_csr(key, host))
+    with controller.channel(enroll=True) as channel:
+        reply = node_pb2_grpc.NodeServiceStub(channel).Enroll(request, timeout=10)
+    return HostIdentity(host, private_pem(key), reply.certificate_pem, reply.ca_pem,
+                        reply.signing_public_key_pem, reply.spiffe_id, reply.trust_domain)
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    version: int
+    nonce: str
+    envelope: bytes
+
+
+class FakeNode:
+    """A daemon stand-in on the grant stream: Subscribe on open, then the
+    test reads pushes and answers them itself. ``subscribe_as`` lets a test
+    subscribe for another host than the certificate names."""
+
+    def __init__(self, controller: ControllerProcess, identity: HostIdentity, *,
+                 version_held: int = 0, subscribe_as: str | None = None) -> None:
+        self.identity = identity
+        self._channel = controller.channel(key_pem=identity.key_pem, cert_pem=identity.cert_pem)
+        self._outgoing: queue.Queue[node_pb2.GrantStreamRequest | None] = queue.Queue()
+        self._incoming: queue.Queue[Push | BaseException | None] = queue.Queue()
+        self._outgoing.put(node_pb2.GrantStreamRequest(subscribe=node_pb2.Subscribe(
+            host=subscribe_as or identity.host, version_held=version_held)))
+        self._call = node_pb2_grpc.NodeServiceStub(self._channel).StreamGrants(self._requests())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _requests(self) -> Iterator[node_pb2.GrantStreamRequest]:
+        while (request := self._outgoing.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._incoming.put(Push(response.version, response.nonce, response.envelope))
+            self._incoming.put(None)
+        except grpc.RpcError as exc:
+            self._incoming.put(exc)
+
+    def next_push(self, timeout: float = 10.0) -> Push:
+        item = self._incoming.get(timeout=timeout)
+        if not isinstance(item, Push):
+            raise AssertionError(f"the stream ended instead of pushing: {item!r}")
+        return item
+
+    def no_push_within(self, seconds: float) -> bool:
+        try:
+            item = self._incoming.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        self._incoming.put(item)
+        return False
+
+    def ended(self, timeout: float = 10.0) -> grpc.RpcError | None:
+        """Wait for the stream to end (skipping pushes): its error, or None if it
+        ended cleanly."""
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self._incoming.get(timeout=max(0.01, deadline - time.monotonic()))
+            if not isinstance(item, Push):
+                return item if isinstance(item, grpc.RpcError) else None
+
+    def ack(self, push: Push) -> None:
+        self._outgoing.put(node_pb2.GrantStreamRequest(
+            ack=node_pb2.Ack(version=push.version, nonce=push.nonce)))
+
+    def nack(self, push: Push, reason: str) -> None:
+        self._outgoing.put(node_pb2.GrantStreamRequest(
+            nack=node_pb2.Nack(version=push.version, nonce=push.nonce, reason=reason)))
+
+    def send(self, request: node_pb2.GrantStreamRequest) -> None:
+        self._outgoing.put(request)
+
+    def verify(self, push: Push, min_version: int = 0) -> VerifiedBundle:
+        """Verify as a daemon would: signature by the key Enroll returned,
+        audience this host, trust domain pinned, fresh."""
+        with tempfile.NamedTemporaryFile(suffix=".pub") as pub:
+            pub.write(self.identity.signing_pub_pem)
+            pub.flush()
+            key = load_public_key(pub.name)
+        return verify_bundle(push.envelope, trusted={key_id(key): key},
+                             host=self.identity.host, min_version=min_version, now=time.time(),
+                             trust_domain=self.identity.trust_domain)
+
+    def close(self) -> None:
+        self._outgoing.put(None)
+        self._call.cancel()
+        self._channel.close()
+        self._reader.join(timeout=5)

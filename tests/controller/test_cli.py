@@ -1,0 +1,187 @@
+"""The `ztnet controller …` and operator commands as real processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.controller.support import (
+    ROOT,
+    ControllerProcess,
+    ControllerState,
+    FakeNode,
+    enroll,
+    write_policy,
+)
+from ztnet import cli
+from ztnet.controller import ca
+
+
+def ztnet(*args: str | Path, env: dict[str, str] | None = None,
+          stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ztnet.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, input=stdin,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def ztnet_background(*args: str | Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ztnet.cli", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_init_creates_a_private_state_directory(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    result = ztnet("controller", "init", "--state", state, "--trust-domain", "example.org",
+                   "--san", "ctl.example.org", "--san", "192.0.2.10")
+    assert result.returncode == 0, result.stderr
+    assert mode(state) == 0o700
+    for name in ("ca.key", "signing.key", "server.key", "ztnet.db"):
+        assert mode(state / name) == 0o600, name
+    for name in ("ca.pem", "signing.pub", "server.pem"):
+        assert mode(state / name) == 0o644, name
+    ca_cert = x509.load_pem_x509_certificate((state / "ca.pem").read_bytes())
+    assert f"CA fingerprint (SHA-256): {ca.fingerprint(ca_cert)}" in result.stdout
+    server = x509.load_pem_x509_certificate((state / "server.pem").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "ctl.example.org"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == \
+        {"127.0.0.1", "::1", "192.0.2.10"}
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == \
+        ["spiffe://example.org/controller"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_init_never_overwrites(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert ztnet("controller", "init", "--state", state, "--trust-domain", "a.org").returncode == 0
+    key = (state / "ca.key").read_bytes()
+    again = ztnet("controller", "init", "--state", state, "--trust-domain", "a.org")
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    assert (state / "ca.key").read_bytes() == key
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    assert ztnet("controller", "init", "--state", empty, "--trust-domain", "a.org").returncode == 0
+    assert mode(empty) == 0o700
+
+
+def test_init_refuses_a_bad_trust_domain(tmp_path: Path) -> None:
+    result = ztnet("controller", "init", "--state", tmp_path / "s", "--trust-domain", "Not Ok")
+    assert result.returncode == 2 and "trust domain" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_token_create_json(state: ControllerState) -> None:
+    result = ztnet("controller", "token", "create", "--state", state.root, "--host", "web-json",
+                   "--ttl", "1h", "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert set(printed) == {"token", "ca_fingerprint"}
+    assert printed["ca_fingerprint"] == ca.fingerprint(
+        x509.load_pem_x509_certificate(state.ca_pem))
+    bad = ztnet("controller", "token", "create", "--state", state.root, "--host", "x",
+                "--ttl", "0s")
+    assert bad.returncode == 2 and "greater than zero" in bad.stderr
+
+
+def test_admin_cert_writes_a_credential_directory(state: ControllerState,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "alice"
+    result = ztnet("controller", "admin-cert", "--state", state.root, "--out", out,
+                   "--name", "alice")
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == 0o700 and mode(out / "admin.key") == 0o600
+    assert (out / "ca.pem").read_bytes() == state.ca_pem
+    cert = x509.load_pem_x509_certificate((out / "admin.pem").read_bytes())
+    assert ca.certificate_identity(cert).uri == "spiffe://test.example/admin/alice"
+    again = ztnet("controller", "admin-cert", "--state", state.root, "--out", out)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_agents_stays_local_unless_controller_is_given() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["agents"]).handler is cli._cmd_agents
+    remote = parser.parse_args(["agents", "--controller", "ctl:7443"])
+    assert remote.handler is not cli._cmd_agents and remote.controller == "ctl:7443"
+    from_env = parser.parse_args(["agents", "--controller"])
+    assert from_env.handler is remote.handler and from_env.controller is None
+    assert parser.parse_args(["policy", "check", "p.toml"]).policy == "p.toml"
+    assert parser.parse_args(["policy", "apply", "p.toml"]).policy == Path("p.toml")
+
+
+def test_the_extensions_do_not_depend_on_the_parser_order() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cli.add_datapath_commands(sub)
+    cli.add_policy_commands(sub)
+    cli.add_controller_commands(sub)  # after the groups it extends, this time
+    assert parser.parse_args(["policy", "apply", "p.toml"]).policy == Path("p.toml")
+    assert parser.parse_args(["agents", "--controller", "x:1"]).handler is not cli._cmd_agents
+
+
+def operator_env(controller: ControllerProcess) -> dict[str, str]:
+    return {"ZTNET_CONTROLLER": controller.address,
+            "ZTNET_CREDENTIALS": str(controller.admin_dir)}
+
+
+def test_operator_commands(controller: ControllerProcess, workdir: Path) -> None:
+    env = operator_env(controller)
+    hosts = ztnet("hosts", env=env)
+    assert hosts.returncode == 0, hosts.stderr
+    assert hosts.stdout.split()[:6] == ["HOST", "APPLIED", "IN", "SYNC", "CONNECTED", "LAST"]
+    agents = ztnet("agents", "--controller", env=env)
+    assert agents.returncode == 0, agents.stderr
+    assert "spiffe://test.example/agent/bot" in agents.stdout
+    show = ztnet("policy", "show", env=env)
+    assert show.returncode == 0 and 'trust_domain = "test.example"' in show.stdout
+    unknown = ztnet("revoke", "--agent", "ghost", env=env)
+    assert unknown.returncode == 6
+    assert unknown.stderr.startswith(f"ztnet: controller: {controller.address}: NOT_FOUND")
+
+
+@pytest.mark.parametrize("answer, code", [("ack", 0), ("nack", 6)])
+def test_policy_apply_prints_each_hosts_answer(controller: ControllerProcess, workdir: Path,
+                                               answer: str, code: int) -> None:
+    policy = write_policy(workdir, {"bot": [("10.0.0.1", "443"), ("10.0.0.2", "80")],
+                                    "other": [("10.9.0.0/16", "22")]}, name="cli.toml")
+    with FakeNode(controller, enroll(controller, f"cli-{answer}")) as node:
+        node.ack(node.next_push())
+        apply = ztnet_background("policy", "apply", policy, "--wait", "20s",
+                                 env=operator_env(controller))
+        push = node.next_push(timeout=20)
+        if answer == "ack":
+            node.ack(push)
+        else:
+            node.nack(push, "bundle: refused in test")
+        stdout, stderr = apply.communicate(timeout=30)
+    assert apply.returncode == code, stderr
+    row = next(line.split() for line in stdout.splitlines() if line.startswith(f"cli-{answer}"))
+    assert row[:3] == [f"cli-{answer}", answer, str(push.version)]
+    if answer == "nack":
+        assert "refused in test" in stdout
+        assert "was not applied by 1 of" in stderr
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["hosts"], {}, "no controller address"),
+    (["hosts", "--controller", "127.0.0.1:1"], {}, "no admin credentials"),
+    (["hosts", "--controller", "127.0.0.1:1", "--credentials", "/nonexistent"], {},
+     "cannot read /nonexistent/ca.pem"),
+])
+def test_operator_commands_explain_missing_settings(args: Sequence[str], env: dict[str, str],
+                                                    message: str) -> None:
+    clean = {key: "" for key in ("ZTNET_CONTROLLER", "ZTNET_CREDENTIALS")}
+    result = ztnet(*args, env={**clean, **env})
+    assert result.returncode == 2 and message in result.stderr

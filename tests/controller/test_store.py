@@ -1,0 +1,131 @@
+"""SqliteStore: the version counter, tokens, certificates, hosts."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ztnet.controller.store import SqliteStore, TokenStatus
+from ztnet.errors import ConfigError
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore.create(tmp_path / "ztnet.db", "test.example")
+    yield store
+    store.close()
+
+
+def test_the_database_is_private_and_in_wal_mode(store: SqliteStore, tmp_path: Path) -> None:
+    path = tmp_path / "ztnet.db"
+    assert path.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.trust_domain() == "test.example"
+
+
+def test_one_counter_for_policies_revocations_and_renewals(store: SqliteStore) -> None:
+    assert store.current_version() == 0
+    first = store.add_policy("p1", now=10.0)
+    revoked, changed = store.set_revocation("bot", 7, now=11.0, revoked=True)
+    renewal = store.next_version()
+    ahead = store.next_version(at_least=100)
+    second = store.add_policy("p2", now=12.0)
+    versions = [first.version, revoked, renewal, ahead, second.version]
+    assert versions == sorted(set(versions)) and changed
+    assert ahead == 101 and store.current_version() == second.version
+    current = store.current_policy()
+    assert current is not None and (current.version, current.text) == (second.version, "p2")
+
+
+def test_the_counter_survives_reopening(store: SqliteStore, tmp_path: Path) -> None:
+    store.add_policy("p", now=1.0)
+    version = store.next_version()
+    again = SqliteStore.open(tmp_path / "ztnet.db")
+    try:
+        assert again.next_version() == version + 1
+    finally:
+        again.close()
+
+
+def test_revocations_keep_64_bit_grant_ids(store: SqliteStore) -> None:
+    big = 2**64 - 5
+    store.set_revocation("bot", big, now=1.0, revoked=True)
+    store.set_revocation("other", None, now=1.0, revoked=True)
+    assert [(r.agent, r.grant_id) for r in store.revocations()] == [("bot", big),
+                                                                     ("other", None)]
+    _, changed = store.set_revocation("bot", big, now=2.0, revoked=False)
+    assert changed and [r.agent for r in store.revocations()] == ["other"]
+    _, changed = store.set_revocation("bot", big, now=3.0, revoked=False)
+    assert not changed
+
+
+def test_a_token_is_used_once_before_it_expires(store: SqliteStore) -> None:
+    store.add_token("d1", "web-1", now=100.0, expires_at=200.0)
+    assert store.consume_token("d1", "web-2", now=150.0) is TokenStatus.WRONG_HOST
+    assert store.consume_token("d1", "web-1", now=150.0) is TokenStatus.ACCEPTED
+    assert store.consume_token("d1", "web-1", now=151.0) is TokenStatus.USED
+    assert store.consume_token("nope", "web-1", now=150.0) is TokenStatus.UNKNOWN
+    store.add_token("d2", "web-1", now=100.0, expires_at=200.0)
+    assert store.consume_token("d2", "web-1", now=200.0) is TokenStatus.EXPIRED
+    assert store.consume_token("d2", "web-1", now=199.9) is TokenStatus.ACCEPTED
+
+
+def test_a_token_is_used_once_across_connections(store: SqliteStore, tmp_path: Path) -> None:
+    store.add_token("d", "web-1", now=0.0, expires_at=10.0)
+    other = SqliteStore.open(tmp_path / "ztnet.db")
+    try:
+        outcomes = {store.consume_token("d", "web-1", 1.0), other.consume_token("d", "web-1", 1.0)}
+    finally:
+        other.close()
+    assert outcomes == {TokenStatus.ACCEPTED, TokenStatus.USED}
+
+
+def test_certificates_are_revoked_by_identity(store: SqliteStore) -> None:
+    host = "spiffe://test.example/host/web-1"
+    store.record_certificate(2**150, host, now=1.0, not_after=100.0)
+    store.record_certificate(2, host, now=2.0, not_after=100.0)
+    assert not store.certificate_revoked(2**150)
+    store.record_certificate(3, host, now=3.0, not_after=100.0, replace_older=True)
+    assert store.certificate_revoked(2**150) and store.certificate_revoked(2)
+    assert not store.certificate_revoked(3)
+    assert not store.certificate_revoked(99)  # unknown serials are not "revoked"
+    assert store.revoke_certificates(host, now=4.0) == 1
+    assert store.certificate_revoked(3)
+
+
+def test_hosts_record_acks_and_nacks(store: SqliteStore) -> None:
+    store.enroll_host("web-1", "spiffe://test.example/host/web-1", now=1.0)
+    store.record_answer("web-1", 5, now=2.0, nack_reason=None)
+    store.record_answer("web-1", 3, now=3.0, nack_reason=None)  # never goes backwards
+    store.record_answer("web-1", 6, now=4.0, nack_reason="bundle: expired")
+    (host,) = store.hosts()
+    assert (host.applied_version, host.last_seen) == (5, 4.0)
+    assert (host.nack_version, host.nack_reason) == (6, "bundle: expired")
+    store.record_seen("web-1", now=9.0, applied_version=6)
+    assert store.hosts()[0].applied_version == 6
+
+
+def test_a_failed_transaction_changes_nothing(store: SqliteStore) -> None:
+    store.add_token("d", "web-1", now=0.0, expires_at=10.0)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_token("d", "web-2", now=0.0, expires_at=10.0)
+    assert store.consume_token("d", "web-1", now=1.0) is TokenStatus.ACCEPTED
+
+
+def test_opening_something_else_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing"):
+        SqliteStore.open(tmp_path / "absent.db")
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema', '99')")
+    with pytest.raises(ConfigError, match="schema 99"):
+        SqliteStore.open(other)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(ConfigError, match="not a (ztnet )?database"):
+        SqliteStore.open(garbage)

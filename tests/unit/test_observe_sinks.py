@@ -1,0 +1,194 @@
+"""The dispatcher (bounded queue, safecall, counted drops) and the JSONL sink."""
+
+from __future__ import annotations
+
+import logging
+import stat
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.test_observe_records import make_record
+from ztnet.errors import ConfigError
+from ztnet.observe.query import read_flows
+from ztnet.observe.records import FlowRecord, from_json
+from ztnet.observe.sinks import DROP_CLOSED, DROP_QUEUE_FULL, Dispatcher, JsonlSink
+
+DEADLINE = 10.0
+
+
+class ListSink:
+    name = "list"
+
+    def __init__(self) -> None:
+        self.records: list[FlowRecord] = []
+        self.flushes = 0
+        self.closed = False
+
+    def configure(self, cfg: Mapping[str, Any]) -> None:
+        pass
+
+    def on_flow(self, record: FlowRecord) -> None:
+        self.records.append(record)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RaisingSink(ListSink):
+    name = "raising"
+
+    def on_flow(self, record: FlowRecord) -> None:
+        raise RuntimeError(f"boom {record.socket_cookie}")
+
+    def close(self) -> None:
+        raise RuntimeError("cannot close either")
+
+
+class BlockingSink(ListSink):
+    """Blocks in on_flow until released, after saying it got there."""
+
+    name = "blocking"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_flow(self, record: FlowRecord) -> None:
+        self.entered.set()
+        assert self.release.wait(DEADLINE)
+        super().on_flow(record)
+
+
+def records(count: int, start: int = 0) -> list[FlowRecord]:
+    return [make_record(cookie=start + i, time=1_800_000_000.0 + i) for i in range(count)]
+
+
+def test_every_sink_gets_every_record_in_order() -> None:
+    a, b = ListSink(), ListSink()
+    batch = records(50)
+    with Dispatcher([a, b]) as dispatcher:
+        assert all(dispatcher.submit(record) for record in batch)
+        assert dispatcher.wait_idle(DEADLINE)
+        stats = dispatcher.stats()
+    assert a.records == batch and b.records == batch
+    assert a.flushes >= 1 and a.closed and b.closed
+    assert (stats.submitted, stats.delivered, stats.queued) == (50, 50, 0)
+    assert stats.dropped == {} and stats.sink_errors == {}
+
+
+def test_a_raising_sink_is_logged_and_counted_and_harms_no_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    good = ListSink()
+    batch = records(20)
+    with caplog.at_level(logging.ERROR, logger="ztnet.observe"):
+        dispatcher = Dispatcher([RaisingSink(), good]).start()
+        for record in batch:
+            dispatcher.submit(record)
+        assert dispatcher.wait_idle(DEADLINE)
+        dispatcher.close()
+    assert good.records == batch and good.closed
+    stats = dispatcher.stats()
+    assert stats.sink_errors == {"raising": 21}  # 20 records and the close
+    assert stats.delivered == 20
+    failures = [r for r in caplog.records if "sink raising failed in on_flow" in r.getMessage()]
+    assert len(failures) == 1, "repeats of a failure are not logged again at once"
+    message = failures[0].getMessage()
+    assert "RuntimeError: boom 0" in message and "in on_flow" in message
+    assert message.count('File "') <= 3  # a trimmed traceback
+    assert any("failed in close" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking() -> None:
+    sink = BlockingSink()
+    dispatcher = Dispatcher([sink], queue_size=4).start()
+    batch = records(10)
+    assert dispatcher.submit(batch[0])
+    assert sink.entered.wait(DEADLINE)  # the worker holds record 0; the queue is empty
+    accepted = [dispatcher.submit(record) for record in batch[1:]]
+    assert accepted == [True] * 4 + [False] * 5
+    stats = dispatcher.stats()
+    assert stats.dropped == {DROP_QUEUE_FULL: 5} and stats.queued == 4
+    sink.release.set()
+    assert dispatcher.wait_idle(DEADLINE)
+    dispatcher.close()
+    assert sink.records == batch[:5]
+    assert not dispatcher.submit(batch[0])
+    assert dispatcher.stats().dropped == {DROP_QUEUE_FULL: 5, DROP_CLOSED: 1}
+
+
+def test_close_delivers_what_is_queued_first() -> None:
+    sink = BlockingSink()
+    dispatcher = Dispatcher([sink]).start()
+    batch = records(30)
+    dispatcher.submit(batch[0])
+    assert sink.entered.wait(DEADLINE)
+    for record in batch[1:]:
+        dispatcher.submit(record)
+    sink.release.set()
+    dispatcher.close()
+    assert sink.records == batch and sink.closed
+
+
+def test_configure_reaches_every_sink_and_bad_values_are_fatal(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "flows.jsonl")
+    dispatcher = Dispatcher([sink, ListSink()])
+    dispatcher.configure({"max_bytes": 4096, "backups": 2, "unrelated": 1})
+    assert (sink.max_bytes, sink.backups) == (4096, 2)
+    for bad in ({"max_bytes": 10}, {"backups": -1}, {"fsync_interval": "often"}):
+        with pytest.raises(ConfigError):
+            dispatcher.configure(bad)
+    dispatcher.close()
+
+
+def test_jsonl_files_hold_one_record_per_line_mode_0640(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "flows.jsonl"
+    sink = JsonlSink(path)
+    batch = records(3)
+    for record in batch:
+        sink.on_flow(record)
+    sink.flush()
+    assert [from_json(line) for line in path.read_text().splitlines()] == batch
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    sink.close()
+    reopened = JsonlSink(path)  # a restarted daemon appends
+    reopened.on_flow(records(1, start=3)[0])
+    reopened.close()
+    assert len(path.read_text().splitlines()) == 4
+
+
+def test_rotation_bounds_the_total_size_and_keeps_the_newest(tmp_path: Path) -> None:
+    path = tmp_path / "flows.jsonl"
+    sink = JsonlSink(path, max_bytes=8192, backups=3, fsync_interval=0)
+    batch = records(400)
+    for i, record in enumerate(batch):
+        sink.on_flow(record)
+        if i % 7 == 0:
+            sink.flush()
+    sink.close()
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["flows.jsonl", "flows.jsonl.1", "flows.jsonl.2",
+                                       "flows.jsonl.3"]
+    assert all(f.stat().st_size <= 8192 for f in files)
+    assert sum(f.stat().st_size for f in files) <= 4 * 8192
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o640 for f in files)
+    kept = read_flows(path)
+    assert kept == batch[-len(kept):]  # the newest, in order, no gaps
+    assert len(kept) > len(path.read_text().splitlines())  # not just the current file
+
+
+def test_without_backups_rotation_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "flows.jsonl"
+    sink = JsonlSink(path, max_bytes=4096, backups=0)
+    for record in records(100):
+        sink.on_flow(record)
+    sink.close()
+    assert [f.name for f in tmp_path.iterdir()] == ["flows.jsonl"]
+    assert path.stat().st_size <= 4096

@@ -1,0 +1,97 @@
+"""Epochs: what every host is sent for one version, and when to renew it.
+
+An epoch is one version of the grants: the current policy minus the
+revocations, issued at one instant. Every host's bundle for that version is
+compiled with the epoch's ``issued_at``, so the same (version, host) always
+yields the same bytes (Ed25519 signatures are deterministic): a host that
+reconnects mid-epoch is sent exactly what it may already hold, never an
+equal version with other content (which a daemon refuses).
+
+A bundle is fresh until its first grant expires (``issue_bundle``'s
+default), at most the grant ttl. The controller starts a new epoch, with a
+new version, at ``RENEW_FRACTION`` of that lifetime, so hosts hold grants
+that are renewed long before they lapse, and lapse on time if the
+controller goes away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ztnet.controller.store import Revocation
+from ztnet.grants.bundle import issue_bundle, sign_bundle
+from ztnet.policy.compile import grant_id_for
+from ztnet.policy.document import Policy
+
+ISSUER = "ztnet-controller"
+RENEW_FRACTION = 0.5
+# Renewing more often than this buys nothing and would spin on 1 s ttls.
+MIN_RENEW_INTERVAL = 0.5
+_PROBE_HOST = "localhost"
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    version: int
+    policy_version: int
+    policy: Policy  # the effective policy: revoked grants already removed
+    issued_at: float
+    expires: float
+    reason: str
+
+    @property
+    def renew_at(self) -> float:
+        lifetime = self.expires - self.issued_at
+        return self.issued_at + max(MIN_RENEW_INTERVAL, lifetime * RENEW_FRACTION)
+
+    def fresh(self, now: float) -> bool:
+        return now < self.expires
+
+
+def effective_policy(policy: Policy, revocations: tuple[Revocation, ...]) -> Policy:
+    """``policy`` without the revoked grants. A revoked agent keeps its name
+    but loses every rule: it stays known, and may reach nothing."""
+    whole = {r.agent for r in revocations if r.grant_id is None}
+    single = {(r.agent, r.grant_id) for r in revocations if r.grant_id is not None}
+    agents = tuple(
+        replace(agent, allow=tuple(
+            rule for rule in agent.allow
+            if agent.name not in whole
+            and (agent.name, grant_id_for(policy.trust_domain, agent.name, rule)) not in single))
+        for agent in policy.agents)
+    return replace(policy, agents=agents)
+
+
+class Issuer:
+    """Signs bundles; keeps the current epoch's envelopes, one per host."""
+
+    def __init__(self, signing_key: Ed25519PrivateKey, *, grant_ttl: float) -> None:
+        self.signing_key = signing_key
+        self.grant_ttl = grant_ttl
+        self._cached_version = 0
+        self._cache: dict[str, bytes] = {}
+
+    def check(self, policy: Policy, now: float) -> None:
+        """Raise the ConfigError issuing would raise (too many grants, …)."""
+        issue_bundle(policy, host=_PROBE_HOST, version=1, now=now, issuer=ISSUER,
+                     default_ttl=self.grant_ttl)
+
+    def new_epoch(self, policy: Policy, *, policy_version: int,
+                  revocations: tuple[Revocation, ...], version: int, now: float,
+                  reason: str) -> Epoch:
+        effective = effective_policy(policy, revocations)
+        probe = issue_bundle(effective, host=_PROBE_HOST, version=version, now=now,
+                             issuer=ISSUER, default_ttl=self.grant_ttl)
+        return Epoch(version, policy_version, effective, probe.issued_at, probe.expires, reason)
+
+    def envelope(self, epoch: Epoch, host: str) -> bytes:
+        if epoch.version != self._cached_version:
+            self._cached_version, self._cache = epoch.version, {}
+        cached = self._cache.get(host)
+        if cached is None:
+            bundle = issue_bundle(epoch.policy, host=host, version=epoch.version,
+                                  now=epoch.issued_at, issuer=ISSUER, default_ttl=self.grant_ttl)
+            cached = self._cache[host] = sign_bundle(bundle, self.signing_key)
+        return cached

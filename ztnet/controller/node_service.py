@@ -1,0 +1,152 @@
+"""The node API (proto/ztnet/v1/node.proto): what daemons call.
+
+Enroll is the only RPC without a certificate (it is served on the
+enrollment listener too, which asks for none); every other RPC needs a host
+certificate and acts only about the host it names. Handlers take parsed
+requests and raise RpcFailure; ``ztnet.controller.rpc`` does the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from ztnet.controller import status
+from ztnet.controller.authz import Authorizer, Peer
+from ztnet.controller.enrollment import Enrollment, check_host
+from ztnet.controller.hub import Answer, Hub, Session
+from ztnet.controller.publisher import Publisher
+from ztnet.controller.store import Store
+from ztnet.daemon import logs
+from ztnet.v1 import node_pb2
+
+# How often an idle stream re-checks its certificate (revoked, expired).
+RECHECK_SECONDS = 30.0
+MAX_REASON = 4096
+
+
+class NodeService:
+    def __init__(self, store: Store, enrollment: Enrollment, authz: Authorizer, hub: Hub,
+                 publisher: Publisher, signing_pub_pem: bytes,
+                 clock: Callable[[], float]) -> None:
+        self.store = store
+        self.enrollment = enrollment
+        self.authz = authz
+        self.hub = hub
+        self.publisher = publisher
+        self.signing_pub_pem = signing_pub_pem
+        self.clock = clock
+        self._flow_sequence: dict[str, int] = {}
+
+    async def enroll(self, request: node_pb2.EnrollRequest,
+                     context: Any) -> node_pb2.EnrollResponse:
+        issued = self.enrollment.enroll(request.token, request.host, request.csr_pem)
+        logs.event("host enrolled", host=issued.identity.name,
+                   serial=format(issued.cert.serial_number, "x"))
+        return node_pb2.EnrollResponse(
+            certificate_pem=issued.cert.public_bytes(serialization.Encoding.PEM),
+            ca_pem=self.enrollment.authority.cert_pem,
+            signing_public_key_pem=self.signing_pub_pem,
+            trust_domain=issued.identity.trust_domain,
+            spiffe_id=issued.identity.uri)
+
+    async def renew_certificate(self, request: node_pb2.RenewCertificateRequest,
+                                context: Any) -> node_pb2.RenewCertificateResponse:
+        peer = self.authz.require(context, "host")
+        issued = self.enrollment.renew(peer.identity, request.csr_pem)
+        logs.event("host certificate renewed", host=peer.name,
+                   serial=format(issued.cert.serial_number, "x"))
+        return node_pb2.RenewCertificateResponse(
+            certificate_pem=issued.cert.public_bytes(serialization.Encoding.PEM))
+
+    async def stream_grants(self, requests: AsyncIterator[node_pb2.GrantStreamRequest],
+                            context: Any) -> AsyncIterator[node_pb2.GrantStreamResponse]:
+        peer = self.authz.require(context, "host")
+        first = await anext(requests, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "subscribe":
+            raise status.invalid("subscribe", "the first message of the stream must be a "
+                                 "Subscribe")
+        host = check_host(first.subscribe.host, "subscribe.host")
+        peer.require_self(host, "subscribe.host")
+        session = Session(host, peer)
+        self.hub.attach(session)
+        reader = asyncio.create_task(self._read_answers(session, requests))
+        logs.event("host connected", host=host, version_held=first.subscribe.version_held)
+        try:
+            await self.publisher.subscribe(session, first.subscribe.version_held)
+            while True:
+                push = await session.next_push(self._recheck_in(peer))
+                if session.closed:
+                    if session.failure is not None:
+                        raise session.failure
+                    return
+                self.authz.check_valid(peer)  # revoked or expired since the stream began
+                if push is not None:
+                    yield node_pb2.GrantStreamResponse(version=push.version, nonce=push.nonce,
+                                                       envelope=push.envelope)
+        finally:
+            reader.cancel()
+            self.hub.detach(session)
+            logs.event("host disconnected", host=host)
+
+    def _recheck_in(self, peer: Peer) -> float:
+        return max(0.05, min(RECHECK_SECONDS, peer.not_after - self.clock()))
+
+    async def _read_answers(self, session: Session,
+                            requests: AsyncIterator[node_pb2.GrantStreamRequest]) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "ack":
+                    self._answer(session, request.ack.nonce, request.ack.version, None)
+                elif kind == "nack":
+                    reason = request.nack.reason[:MAX_REASON] or "no reason given"
+                    self._answer(session, request.nack.nonce, request.nack.version, reason)
+                else:
+                    raise status.invalid(kind or "kind", "only the first message of the "
+                                         "stream may be a Subscribe; then Ack or Nack")
+        except status.RpcFailure as failure:
+            session.close(failure)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke (client went away, bad bytes …)
+            logs.event("grant stream read failed", logging.DEBUG, host=session.host,
+                       error=repr(exc))
+        session.close(session.failure)
+
+    def _answer(self, session: Session, nonce: str, version: int,
+                nack_reason: str | None) -> None:
+        sent = session.sent_version(nonce)
+        if sent is None or sent != version:
+            # xDS semantics: an answer to a push we did not make (or no longer
+            # remember) changes nothing.
+            logs.event("stale answer ignored", logging.WARNING, host=session.host,
+                       nonce=nonce[:32], version=version)
+            return
+        self.store.record_answer(session.host, version, self.clock(), nack_reason)
+        self.hub.answer(session.host, Answer(version, nack_reason is None, nack_reason or ""))
+        if nack_reason is None:
+            logs.event("host ack", host=session.host, version=version)
+        else:
+            logs.event("host nack", logging.WARNING, host=session.host, version=version,
+                       reason=nack_reason)
+
+    async def report_flows(self, requests: AsyncIterator[node_pb2.FlowBatch],
+                           context: Any) -> AsyncIterator[node_pb2.FlowAck]:
+        """Accepts and acknowledges batches; storing them is the flow-trace
+        issue's work. A batch at or below the last sequence is a resend: it is
+        acknowledged again and dropped."""
+        peer = self.authz.require(context, "host")
+        async for batch in requests:
+            last = self._flow_sequence.get(peer.name, 0)
+            if batch.sequence > last:
+                self._flow_sequence[peer.name] = batch.sequence
+                logs.event("flows received", logging.DEBUG, host=peer.name,
+                           sequence=batch.sequence, records=len(batch.records))
+            yield node_pb2.FlowAck(sequence=batch.sequence)

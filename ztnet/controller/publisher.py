@@ -1,0 +1,162 @@
+"""From changes to pushes: every policy apply, revocation and renewal becomes
+a new epoch (a new version from the store's counter) and is offered to every
+connected host at once.
+
+Epochs are created under one lock, so versions go out in the order they were
+allocated. Renewal: while any host is connected, a new epoch starts at the
+current one's ``renew_at`` (half its lifetime); with nobody connected no
+versions are spent, and the next host to subscribe triggers the renewal
+itself if the current epoch is past due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ztnet.controller import status
+from ztnet.controller.epochs import Epoch, Issuer
+from ztnet.controller.hub import Answer, Hub, Session, new_push
+from ztnet.controller.store import Store
+from ztnet.daemon import logs
+from ztnet.errors import PolicyError
+from ztnet.policy.document import Policy, parse_policy
+
+# A host may say it holds a version above ours (the database was restored
+# from a backup): we skip past it, but not arbitrarily far on a host's word.
+MAX_VERSION_AHEAD = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    epoch: Epoch
+    answers: dict[str, asyncio.Future[Answer | None]]
+
+
+class Publisher:
+    def __init__(self, store: Store, issuer: Issuer, hub: Hub,
+                 clock: Callable[[], float]) -> None:
+        self.store = store
+        self.issuer = issuer
+        self.hub = hub
+        self.clock = clock
+        self.trust_domain = store.trust_domain()
+        self.current: Epoch | None = None
+        self.policy: Policy | None = None
+        self.policy_version = 0
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        record = store.current_policy()
+        if record is not None:
+            self.policy = parse_policy(record.text, f"<policy version {record.version}>")
+            self.policy_version = record.version
+
+    def validate(self, text: str, source: str) -> Policy:
+        """The policy in ``text``, or PolicyError: everything that could make
+        it fail later is checked now, so nothing is stored on error."""
+        policy = parse_policy(text, source)
+        if policy.trust_domain != self.trust_domain:
+            raise PolicyError(f"policy: {source}: trust_domain is {policy.trust_domain!r}, but "
+                              f"this controller's trust domain is {self.trust_domain!r}")
+        self.issuer.check(policy, self.clock())
+        return policy
+
+    async def start(self) -> None:
+        if self.policy is not None and self.current is None:
+            async with self._lock:
+                self._publish(self.store.next_version(), "start", wait=False)
+        self._task = asyncio.create_task(self._renewals(), name="ztnet-renewals")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def apply(self, text: str, policy: Policy) -> Publication:
+        async with self._lock:
+            record = self.store.add_policy(text, self.clock())
+            self.policy, self.policy_version = policy, record.version
+            return self._publish(record.version, "policy", wait=True)
+
+    async def revoke(self, agent: str, grant_id: int | None, *, restore: bool) -> Publication:
+        async with self._lock:
+            version, _ = self.store.set_revocation(agent, grant_id, self.clock(),
+                                                   revoked=not restore)
+            return self._publish(version, "restore" if restore else "revoke", wait=True)
+
+    async def subscribe(self, session: Session, version_held: int) -> None:
+        """A host (already attached to the hub) subscribed holding ``version_held``:
+        send the current bundle unless it holds exactly that and it is fresh."""
+        async with self._lock:
+            host, now, epoch = session.host, self.clock(), self.current
+            self._changed.set()  # the renewal loop now has someone to renew for
+            if epoch is None:
+                self.store.record_seen(host, now)
+            elif version_held > epoch.version:
+                ceiling = self.store.current_version() + MAX_VERSION_AHEAD
+                if version_held > ceiling:
+                    raise status.precondition(
+                        f"subscribe.version_held: {version_held} is far ahead of this "
+                        f"controller's version {epoch.version}; reset the host's state")
+                logs.event("host ahead of controller", logging.WARNING, host=host,
+                           version_held=version_held, version=epoch.version)
+                self.store.record_seen(host, now)
+                self._publish(self.store.next_version(at_least=version_held), "skip ahead",
+                              wait=False)
+            elif now >= epoch.renew_at:
+                self.store.record_seen(host, now)
+                self._publish(self.store.next_version(), "renewal", wait=False)
+            elif version_held == epoch.version and epoch.fresh(now):
+                self.store.record_seen(host, now, applied_version=version_held)
+            else:
+                self.store.record_seen(host, now)
+                session.offer(new_push(epoch.version, self.issuer.envelope(epoch, host)))
+
+    def _publish(self, version: int, reason: str, *, wait: bool) -> Publication:
+        """Start epoch ``version`` and offer it to every connected host. Only
+        with the lock held, and only after the change is stored."""
+        if self.policy is None:
+            raise status.precondition("no policy has been applied yet")
+        now = self.clock()
+        epoch = self.issuer.new_epoch(self.policy, policy_version=self.policy_version,
+                                      revocations=self.store.revocations(), version=version,
+                                      now=now, reason=reason)
+        self.current = epoch
+        sessions = self.hub.sessions()
+        for session in sessions:
+            session.offer(new_push(version, self.issuer.envelope(epoch, session.host)))
+        answers = self.hub.expect([s.host for s in sessions], version) if wait else {}
+        self._changed.set()
+        logs.event("epoch", version=version, reason=reason, policy_version=self.policy_version,
+                   hosts=len(sessions), expires_in_s=round(epoch.expires - now, 1))
+        return Publication(epoch, answers)
+
+    async def _renewals(self) -> None:
+        while True:
+            try:
+                await self._renew_when_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a renewal bug must not end renewals
+                logs.event("renewal failed", logging.ERROR, error=repr(exc))
+                await asyncio.sleep(1.0)
+
+    async def _renew_when_due(self) -> None:
+        self._changed.clear()
+        epoch = self.current
+        if epoch is None or not self.hub.sessions():
+            await self._changed.wait()
+            return
+        delay = epoch.renew_at - self.clock()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self._changed.wait(), delay)
+                return  # something changed: look again
+            except TimeoutError:
+                pass
+        async with self._lock:
+            if self.current is epoch and self.hub.sessions():
+                self._publish(self.store.next_version(), "renewal", wait=False)

@@ -1,0 +1,225 @@
+"""`ztnet controller serve`: one gRPC server (asyncio), two listeners.
+
+    --listen ADDR         mutual TLS: the TLS handshake requires a client
+                          certificate issued by the CA. Node, admin, health
+                          and reflection services.
+    --enroll-listen ADDR  server-authenticated TLS, no client certificate:
+                          the same services, but only Enroll (and health,
+                          reflection) can succeed there; everything else is
+                          UNAUTHENTICATED for lack of a certificate.
+
+Two listeners because gRPC Python can either require a verified client
+certificate or not ask for one at all: it has no "ask, verify if given"
+mode, and enrolling hosts have no certificate yet. Both present the chain
+[server certificate, CA], so a host can pin the CA by its fingerprint.
+
+Ready: after both listeners are bound, the health service says SERVING and
+``--ready-file`` (if given) holds the bound addresses as JSON. SIGTERM or
+SIGINT: health NOT_SERVING, grant streams end with UNAVAILABLE (daemons
+reconnect elsewhere or later), in-flight RPCs get a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ztnet.controller import rpc, statedir
+from ztnet.controller.admin_service import AdminService
+from ztnet.controller.authz import Authorizer
+from ztnet.controller.enrollment import Enrollment
+from ztnet.controller.epochs import Issuer
+from ztnet.controller.hub import Hub
+from ztnet.controller.node_service import NodeService
+from ztnet.controller.publisher import Publisher
+from ztnet.controller.status import RpcFailure
+from ztnet.controller.store import SqliteStore
+from ztnet.daemon import logs
+from ztnet.errors import ConfigError, PolicyError
+from ztnet.grants.keys import load_private_key
+from ztnet.policy.document import MAX_POLICY_BYTES
+from ztnet.v1 import admin_pb2, node_pb2
+
+NODE_SERVICE = "ztnet.v1.NodeService"
+ADMIN_SERVICE = "ztnet.v1.AdminService"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SHUTDOWN_GRACE = 5.0
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # gRPC sets SO_REUSEPORT by default: a second controller on the same port
+    # would then start "fine" and take half the connections.
+    ("grpc.so_reuseport", 0),
+    # Daemons ping every 20 s to notice a dead controller; without these the
+    # server would call that abuse and close their connections (too_many_pings).
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    # And the server pings too, so a host that vanished is shown disconnected.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    state: Path
+    listen: str
+    enroll_listen: str | None = None
+    policy: Path | None = None
+    grant_ttl: float = 300.0
+    host_cert_ttl: float = 24 * 3600.0
+    apply_timeout: float = 10.0
+    ready_file: Path | None = None
+
+
+def serve(config: ServeConfig) -> int:
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: ServeConfig) -> int:
+    paths = statedir.open_state(config.state)
+    store = SqliteStore.open(paths.database)
+    try:
+        return await _run(config, paths, store)
+    finally:
+        store.close()
+
+
+async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteStore) -> int:
+    clock = time.time
+    authority = statedir.load_authority(paths)
+    if statedir.ensure_server_certificate(paths, authority, store, clock()):
+        logs.event("server certificate renewed", path=str(paths.server_cert))
+    hub = Hub()
+    issuer = Issuer(load_private_key(paths.signing_key), grant_ttl=config.grant_ttl)
+    publisher = Publisher(store, issuer, hub, clock)
+    authz = Authorizer(store, authority, clock)
+    enrollment = Enrollment(store, authority, host_cert_ttl=config.host_cert_ttl, clock=clock)
+    node = NodeService(store, enrollment, authz, hub, publisher,
+                       statedir.read_file(paths.signing_pub), clock)
+    admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout)
+
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server.add_generic_rpc_handlers([node_handlers(node), admin_handlers(admin)])
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    for name in ("", NODE_SERVICE, ADMIN_SERVICE):
+        await checks.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (NODE_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+
+    key_pem = statedir.read_file(paths.server_key)
+    chain = statedir.read_file(paths.server_cert) + authority.cert_pem
+    addresses = {"listen": _bind(server, config.listen, grpc.ssl_server_credentials(
+        [(key_pem, chain)], root_certificates=authority.cert_pem, require_client_auth=True))}
+    if config.enroll_listen:
+        addresses["enroll_listen"] = _bind(server, config.enroll_listen,
+                                           grpc.ssl_server_credentials([(key_pem, chain)]))
+    await server.start()
+    try:
+        if config.policy is not None:
+            await _initial_policy(config.policy, publisher, store)
+        await publisher.start()
+        for name in ("", NODE_SERVICE, ADMIN_SERVICE):
+            await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.ready_file is not None:
+            _write_ready(config.ready_file, addresses)
+        logs.event("controller serving", trust_domain=store.trust_domain(),
+                   ca_fingerprint=authority.fingerprint, version=store.current_version(),
+                   listen=addresses["listen"], enroll_listen=addresses.get("enroll_listen", "off"))
+        await _wait_for_signal()
+    finally:
+        logs.event("controller stopping")
+        await checks.enter_graceful_shutdown()
+        for session in hub.sessions():
+            session.close(RpcFailure(grpc.StatusCode.UNAVAILABLE,
+                                     "the controller is shutting down"))
+        await publisher.stop()
+        await server.stop(SHUTDOWN_GRACE)
+        if config.ready_file is not None:
+            config.ready_file.unlink(missing_ok=True)
+    return 0
+
+
+def node_handlers(node: NodeService) -> grpc.GenericRpcHandler:
+    return rpc.service(NODE_SERVICE, {
+        "Enroll": rpc.unary("Enroll", node.enroll, node_pb2.EnrollRequest),
+        "RenewCertificate": rpc.unary("RenewCertificate", node.renew_certificate,
+                                      node_pb2.RenewCertificateRequest),
+        "StreamGrants": rpc.stream("StreamGrants", node.stream_grants,
+                                   node_pb2.GrantStreamRequest),
+        "ReportFlows": rpc.stream("ReportFlows", node.report_flows, node_pb2.FlowBatch),
+    })
+
+
+def admin_handlers(admin: AdminService) -> grpc.GenericRpcHandler:
+    return rpc.service(ADMIN_SERVICE, {
+        "ApplyPolicy": rpc.unary("ApplyPolicy", admin.apply_policy,
+                                 admin_pb2.ApplyPolicyRequest),
+        "GetPolicy": rpc.unary("GetPolicy", admin.get_policy, admin_pb2.GetPolicyRequest),
+        "ListHosts": rpc.unary("ListHosts", admin.list_hosts, admin_pb2.ListHostsRequest),
+        "ListAgents": rpc.unary("ListAgents", admin.list_agents, admin_pb2.ListAgentsRequest),
+        "Revoke": rpc.unary("Revoke", admin.revoke, admin_pb2.RevokeRequest),
+    })
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"controller: bad listen address {address!r} (want HOST:PORT, "
+                          "e.g. 0.0.0.0:7443 or [::]:7443)")
+    try:
+        bound = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"controller: cannot listen on {address}: {exc}") from None
+    if not bound:
+        raise ConfigError(f"controller: cannot listen on {address}")
+    return f"{host}:{bound}"
+
+
+async def _initial_policy(path: Path, publisher: Publisher, store: SqliteStore) -> None:
+    """``--policy FILE`` wins only if it is newer than the stored policy: an
+    apply made through the API since the file was written is kept."""
+    try:
+        data = path.read_bytes()
+        mtime = path.stat().st_mtime
+    except OSError as exc:
+        raise ConfigError(f"controller: cannot read --policy {path}: {exc.strerror}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy: {path}: larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"policy: {path}: not UTF-8 text (byte {exc.start})") from None
+    policy = publisher.validate(text, str(path))
+    stored = store.current_policy()
+    if stored is not None and (stored.text == text or mtime <= stored.applied_at):
+        logs.event("policy file not applied", path=str(path), stored_version=stored.version,
+                   reason="same as stored" if stored.text == text else "older than stored")
+        return
+    publication = await publisher.apply(text, policy)
+    logs.event("policy file applied", path=str(path), version=publication.epoch.version)
+
+
+def _write_ready(path: Path, addresses: dict[str, str]) -> None:
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(json.dumps({"pid": os.getpid(), **addresses}) + "\n")
+    os.replace(staged, path)  # readers never see half a file
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()

@@ -1,0 +1,228 @@
+"""The controller's state directory (mode 0700)::
+
+    ca.key       CA private key (0600)        ca.pem       CA certificate (10 years)
+    signing.key  grant-signing key (0600)     signing.pub  its public half (hosts trust it)
+    server.key   TLS key (0600)               server.pem   the controller's certificate
+    ztnet.db     the SQLite database (0600, WAL mode)
+
+`controller init` builds it in a temporary sibling directory and renames it
+into place at the end, so a failure leaves nothing half-made, and it never
+touches a directory that already has anything in it. Admin credential
+directories (`controller admin-cert --out DIR`) hold admin.key, admin.pem and
+ca.pem: everything an operator's client needs for mutual TLS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ztnet.controller import ca
+from ztnet.controller.store import SqliteStore
+from ztnet.errors import ConfigError
+from ztnet.grants.keys import generate_keypair
+from ztnet.grants.model import is_dns_name
+
+ADMIN_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+# `serve` re-issues its own certificate when less than this is left.
+SERVER_RENEW_BEFORE = 30 * 86400.0
+MAX_FILE = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "signing.key"
+
+    @property
+    def signing_pub(self) -> Path:
+        return self.root / "signing.pub"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "ztnet.db"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPaths:
+    root: Path
+
+    @property
+    def key(self) -> Path:
+        return self.root / "admin.key"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "admin.pem"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+
+def init_state(root: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
+               now: float) -> StatePaths:
+    """Create a complete state directory at ``root`` (absent or empty)."""
+    if not is_dns_name(trust_domain):
+        raise ConfigError(f"controller: trust domain {trust_domain!r} is not a lower-case "
+                          "DNS name (e.g. example.org)")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ConfigError(f"controller: {root} already exists and is not empty; refusing to "
+                          "overwrite a controller's state (its CA and keys are irreplaceable)")
+    dns, ips = ca.split_sans(("localhost", *sans))
+    ips = tuple(dict.fromkeys(("127.0.0.1", "::1", *ips)))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.init-", dir=root.parent))
+    except OSError as exc:
+        raise ConfigError(f"controller: cannot create {root}: {exc.strerror or exc}") from None
+    try:
+        paths = StatePaths(staging)
+        authority = ca.create_authority(trust_domain, now=now)
+        write_file(paths.ca_key, ca.private_key_pem(authority.key), 0o600)
+        write_file(paths.ca_cert, authority.cert_pem, 0o644)
+        generate_keypair(staging)
+        store = SqliteStore.create(paths.database, trust_domain)
+        try:
+            _issue_server_certificate(paths, authority, store, dns, ips, now)
+        finally:
+            store.close()
+        os.rename(staging, root)  # replaces an empty directory atomically
+        root.chmod(0o700)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return StatePaths(root)
+
+
+def open_state(root: Path) -> StatePaths:
+    paths = StatePaths(root)
+    for path in (paths.ca_key, paths.ca_cert, paths.signing_key, paths.server_key,
+                 paths.server_cert, paths.database):
+        if not path.is_file():
+            raise ConfigError(f"controller: {path} is missing; is {root} a controller state "
+                              "directory (`ztnet controller init`)?")
+    return paths
+
+
+def load_authority(paths: StatePaths) -> ca.Authority:
+    return ca.load_authority(read_file(paths.ca_key), read_file(paths.ca_cert))
+
+
+def ensure_server_certificate(paths: StatePaths, authority: ca.Authority, store: SqliteStore,
+                              now: float) -> bool:
+    """Re-issue server.pem (same names, new key) when it is close to expiry;
+    True if it did. The controller is its own CA, so it never needs a person
+    to renew this."""
+    cert = x509.load_pem_x509_certificate(read_file(paths.server_cert))
+    if ca.not_after(cert) - now > SERVER_RENEW_BEFORE:
+        return False
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = tuple(san.get_values_for_type(x509.DNSName))
+    ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+    _issue_server_certificate(paths, authority, store, dns, ips, now, replace=True)
+    return True
+
+
+def issue_admin_credentials(paths: StatePaths, out: Path, name: str, *, lifetime: float,
+                            now: float) -> AdminPaths:
+    if not ADMIN_NAME_RE.match(name):
+        raise ConfigError(f"controller: admin name {name!r} must be lower-case letters, "
+                          "digits, '.', '_' or '-' (at most 63)")
+    admin = AdminPaths(out)
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"controller: cannot create {out}: {exc.strerror or exc}") from None
+    authority = load_authority(paths)
+    store = SqliteStore.open(paths.database)
+    try:
+        identity = ca.spiffe_id(store.trust_domain(), "admin", name)
+        key = ca.new_tls_key()
+        cert = ca.issue(authority, key.public_key(), identity, now=now, lifetime=lifetime)
+        write_file(admin.key, ca.private_key_pem(key), 0o600)
+        write_file(admin.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_file(admin.ca_cert, authority.cert_pem, 0o644)
+        store.record_certificate(cert.serial_number, identity.uri, now, ca.not_after(cert))
+    finally:
+        store.close()
+    return admin
+
+
+def _issue_server_certificate(paths: StatePaths, authority: ca.Authority, store: SqliteStore,
+                              dns: tuple[str, ...], ips: tuple[str, ...], now: float, *,
+                              replace: bool = False) -> None:
+    key = ca.new_tls_key()
+    identity = ca.spiffe_id(store.trust_domain(), "controller")
+    cert = ca.issue(authority, key.public_key(), identity, now=now, lifetime=ca.SERVER_LIFETIME,
+                    dns_names=dns, ip_addresses=ips)
+    write = replace_file if replace else write_file
+    write(paths.server_key, ca.private_key_pem(key), 0o600)
+    write(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    store.record_certificate(cert.serial_number, identity.uri, now, ca.not_after(cert))
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (never replacing one) with ``mode`` from the start, so a
+    private key is never readable by others, not even for a moment."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise ConfigError(f"controller: {path} already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise ConfigError(f"controller: cannot create {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # the umask may have removed bits
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"controller: cannot write {path}: {exc.strerror or exc}") from None
+
+
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write aside, then rename over ``path``: readers see the old or the new file."""
+    staged = path.with_name(f".{path.name}.new")
+    staged.unlink(missing_ok=True)
+    write_file(staged, data, mode)
+    os.replace(staged, path)
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"controller: cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE:
+        raise ConfigError(f"controller: {path} is too large")
+    return data

@@ -1,0 +1,35 @@
+"""Failures that become a gRPC status: the controller's logic raises these,
+``ztnet.controller.rpc`` turns them into the status code and message the
+caller sees. Messages name the field or the rule that failed."""
+
+from __future__ import annotations
+
+import grpc
+
+from ztnet.errors import ControllerError
+
+
+class RpcFailure(ControllerError):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(field: str, problem: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
+
+
+def unauthenticated(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def denied(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def not_found(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.NOT_FOUND, message)
+
+
+def precondition(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, message)

@@ -1,0 +1,344 @@
+"""The controller's durable state behind a small interface.
+
+``Store`` is what the rest of the controller uses; ``SqliteStore`` is the
+embedded default (one file in the state directory, WAL mode, so `controller
+token create` can write while `controller serve` reads). A server database
+can replace it by implementing the same protocol.
+
+The version counter: one monotonic number shared by every change that
+produces new bundles: a policy apply, a revocation (or its lifting), and a
+renewal. Hosts refuse a lower version (rollback) and an equal version with
+other content, so every bundle the controller ever signs gets a version no
+earlier bundle had; the counter is bumped in the same transaction that
+records the change, and never reused, even across restarts.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ztnet.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE policies (
+    version INTEGER PRIMARY KEY, text TEXT NOT NULL, applied_at REAL NOT NULL);
+CREATE TABLE revocations (
+    agent TEXT NOT NULL, grant_id INTEGER NOT NULL,  -- 0: every grant of the agent
+    version INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (agent, grant_id));
+CREATE TABLE tokens (
+    digest TEXT PRIMARY KEY, host TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, used_at REAL);
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, issued_at REAL NOT NULL,
+    not_after REAL NOT NULL, revoked_at REAL);
+CREATE INDEX certificates_by_id ON certificates (spiffe_id);
+CREATE TABLE hosts (
+    name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, enrolled_at REAL NOT NULL,
+    applied_version INTEGER NOT NULL DEFAULT 0, last_seen REAL NOT NULL DEFAULT 0,
+    nack_version INTEGER NOT NULL DEFAULT 0, nack_reason TEXT NOT NULL DEFAULT '');
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRecord:
+    version: int
+    text: str
+    applied_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """``grant_id`` None: every grant of ``agent``."""
+
+    agent: str
+    grant_id: int | None
+    version: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecord:
+    name: str
+    spiffe_id: str
+    enrolled_at: float
+    applied_version: int
+    last_seen: float
+    nack_version: int
+    nack_reason: str
+
+
+class TokenStatus(enum.Enum):
+    ACCEPTED = "accepted"
+    UNKNOWN = "unknown"
+    USED = "used"
+    EXPIRED = "expired"
+    WRONG_HOST = "wrong host"
+
+
+class Store(Protocol):
+    def trust_domain(self) -> str: ...
+
+    def current_version(self) -> int: ...
+
+    def next_version(self, at_least: int = 0) -> int:
+        """A version no bundle had: above the counter and above ``at_least``."""
+        ...
+
+    def add_policy(self, text: str, now: float) -> PolicyRecord: ...
+
+    def current_policy(self) -> PolicyRecord | None: ...
+
+    def set_revocation(self, agent: str, grant_id: int | None, now: float,
+                       revoked: bool) -> tuple[int, bool]:
+        """Add (or lift) a revocation; returns (new version, whether anything changed)."""
+        ...
+
+    def revocations(self) -> tuple[Revocation, ...]: ...
+
+    def add_token(self, digest: str, host: str, now: float, expires_at: float) -> None: ...
+
+    def consume_token(self, digest: str, host: str, now: float) -> TokenStatus:
+        """Atomically mark an unused, unexpired token for ``host`` used."""
+        ...
+
+    def record_certificate(self, serial: int, spiffe_id: str, now: float, not_after: float, *,
+                           replace_older: bool = False) -> None:
+        """Remember an issued certificate; ``replace_older`` revokes every earlier
+        certificate of the same identity (re-enrollment replaces a host's identity)."""
+        ...
+
+    def certificate_revoked(self, serial: int) -> bool: ...
+
+    def revoke_certificates(self, spiffe_id: str, now: float) -> int: ...
+
+    def enroll_host(self, name: str, spiffe_id: str, now: float) -> None: ...
+
+    def record_seen(self, host: str, now: float, applied_version: int | None = None) -> None: ...
+
+    def record_answer(self, host: str, version: int, now: float, nack_reason: str | None) -> None:
+        """An ACK (``nack_reason`` None: ``version`` is applied) or a NACK."""
+        ...
+
+    def hosts(self) -> tuple[HostRecord, ...]: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file. Not thread-safe: one owner (the server's
+    event loop, or one CLI command) per instance; other processes may open
+    the same file concurrently (WAL, busy timeout)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+
+    @classmethod
+    def create(cls, path: Path, trust_domain: str) -> SqliteStore:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except OSError as exc:
+            raise ConfigError(f"controller: cannot create {path}: {exc.strerror}") from None
+        store = cls(_connect(path))
+        # executescript commits on its own; a half-made database never matters
+        # because init builds the state directory aside and renames it at the end.
+        store._db.executescript(_SCHEMA)
+        with store._tx() as db:
+            db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("schema", str(SCHEMA_VERSION)), ("trust_domain", trust_domain),
+                ("version", "0")])
+        return store
+
+    @classmethod
+    def open(cls, path: Path) -> SqliteStore:
+        if not path.is_file():
+            raise ConfigError(f"controller: {path} is missing (run `ztnet controller init`)")
+        store = cls(_connect(path))
+        try:
+            schema = store._meta("schema")
+        except (sqlite3.DatabaseError, ConfigError) as exc:
+            store.close()
+            raise ConfigError(f"controller: {path} is not a ztnet database: {exc}") from None
+        if schema != str(SCHEMA_VERSION):
+            store.close()
+            raise ConfigError(f"controller: {path} has schema {schema}; this ztnet reads "
+                              f"schema {SCHEMA_VERSION}")
+        return store
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock at once: a read-then-write (token use,
+        # version bump) cannot interleave with another writer.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _meta(self, key: str) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise ConfigError(f"controller: the database has no {key!r}")
+        return str(row[0])
+
+    def _bump(self, db: sqlite3.Connection, at_least: int = 0) -> int:
+        current = int(db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0])
+        version = max(current, at_least) + 1
+        db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(version),))
+        return version
+
+    # --- versions and policies ------------------------------------------------------
+
+    def trust_domain(self) -> str:
+        return self._meta("trust_domain")
+
+    def current_version(self) -> int:
+        return int(self._meta("version"))
+
+    def next_version(self, at_least: int = 0) -> int:
+        with self._tx() as db:
+            return self._bump(db, at_least)
+
+    def add_policy(self, text: str, now: float) -> PolicyRecord:
+        with self._tx() as db:
+            version = self._bump(db)
+            db.execute("INSERT INTO policies VALUES (?, ?, ?)", (version, text, now))
+        return PolicyRecord(version, text, now)
+
+    def current_policy(self) -> PolicyRecord | None:
+        row = self._db.execute(
+            "SELECT version, text, applied_at FROM policies ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        return PolicyRecord(int(row[0]), str(row[1]), float(row[2])) if row else None
+
+    def set_revocation(self, agent: str, grant_id: int | None, now: float,
+                       revoked: bool) -> tuple[int, bool]:
+        # SQLite integers are signed 64-bit; grant ids use all 64 bits.
+        key = _signed(grant_id or 0)
+        with self._tx() as db:
+            version = self._bump(db)
+            if revoked:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO revocations VALUES (?, ?, ?, ?)",
+                    (agent, key, version, now))
+            else:
+                cursor = db.execute(
+                    "DELETE FROM revocations WHERE agent = ? AND grant_id = ?", (agent, key))
+        return version, cursor.rowcount > 0
+
+    def revocations(self) -> tuple[Revocation, ...]:
+        rows = self._db.execute(
+            "SELECT agent, grant_id, version, created_at FROM revocations "
+            "ORDER BY agent, grant_id").fetchall()
+        return tuple(Revocation(str(agent), (grant & (2**64 - 1)) or None, int(version),
+                                float(created)) for agent, grant, version, created in rows)
+
+    # --- enrollment tokens -----------------------------------------------------------
+
+    def add_token(self, digest: str, host: str, now: float, expires_at: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, NULL)",
+                       (digest, host, now, expires_at))
+
+    def consume_token(self, digest: str, host: str, now: float) -> TokenStatus:
+        with self._tx() as db:
+            row = db.execute("SELECT host, expires_at, used_at FROM tokens WHERE digest = ?",
+                             (digest,)).fetchone()
+            if row is None:
+                return TokenStatus.UNKNOWN
+            token_host, expires_at, used_at = row
+            if used_at is not None:
+                return TokenStatus.USED
+            if now >= float(expires_at):
+                return TokenStatus.EXPIRED
+            if token_host != host:
+                return TokenStatus.WRONG_HOST
+            db.execute("UPDATE tokens SET used_at = ? WHERE digest = ?", (now, digest))
+        return TokenStatus.ACCEPTED
+
+    # --- certificates and hosts ------------------------------------------------------
+
+    def record_certificate(self, serial: int, spiffe_id: str, now: float, not_after: float, *,
+                           replace_older: bool = False) -> None:
+        with self._tx() as db:
+            if replace_older:
+                db.execute("UPDATE certificates SET revoked_at = ? "
+                           "WHERE spiffe_id = ? AND revoked_at IS NULL", (now, spiffe_id))
+            db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?, NULL)",
+                       (_serial(serial), spiffe_id, now, not_after))
+
+    def certificate_revoked(self, serial: int) -> bool:
+        row = self._db.execute("SELECT revoked_at FROM certificates WHERE serial = ?",
+                               (_serial(serial),)).fetchone()
+        return row is not None and row[0] is not None
+
+    def revoke_certificates(self, spiffe_id: str, now: float) -> int:
+        with self._tx() as db:
+            cursor = db.execute("UPDATE certificates SET revoked_at = ? "
+                                "WHERE spiffe_id = ? AND revoked_at IS NULL", (now, spiffe_id))
+        return cursor.rowcount
+
+    def enroll_host(self, name: str, spiffe_id: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO hosts (name, spiffe_id, enrolled_at) VALUES (?, ?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
+                       "enrolled_at = excluded.enrolled_at, applied_version = 0",
+                       (name, spiffe_id, now))
+
+    def record_seen(self, host: str, now: float, applied_version: int | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE hosts SET last_seen = ? WHERE name = ?", (now, host))
+            if applied_version is not None:
+                db.execute("UPDATE hosts SET applied_version = ? WHERE name = ?",
+                           (applied_version, host))
+
+    def record_answer(self, host: str, version: int, now: float, nack_reason: str | None) -> None:
+        with self._tx() as db:
+            if nack_reason is None:
+                db.execute("UPDATE hosts SET last_seen = ?, applied_version = "
+                           "max(applied_version, ?) WHERE name = ?", (now, version, host))
+            else:
+                db.execute("UPDATE hosts SET last_seen = ?, nack_version = ?, nack_reason = ? "
+                           "WHERE name = ?", (now, version, nack_reason, host))
+
+    def hosts(self) -> tuple[HostRecord, ...]:
+        rows = self._db.execute(
+            "SELECT name, spiffe_id, enrolled_at, applied_version, last_seen, nack_version, "
+            "nack_reason FROM hosts ORDER BY name").fetchall()
+        return tuple(HostRecord(str(r[0]), str(r[1]), float(r[2]), int(r[3]), float(r[4]),
+                                int(r[5]), str(r[6])) for r in rows)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        # isolation_level None: no implicit transactions; _tx() says where they are.
+        db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
+    except sqlite3.Error as exc:
+        raise ConfigError(f"controller: cannot open {path}: {exc}") from None
+    if str(mode).lower() != "wal":
+        raise ConfigError(f"controller: {path}: cannot switch to WAL mode (got {mode})")
+    return db
+
+
+def _serial(serial: int) -> str:
+    return format(serial, "x")
+
+
+def _signed(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value

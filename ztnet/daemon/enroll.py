@@ -1,0 +1,111 @@
+"""`ztnet enroll`: turn a one-time token into this host's credentials.
+
+    1. pin:    read the controller's TLS chain, find the CA with the operator's fingerprint
+               and check it signed the controller's certificate (``pinning``); nothing sent
+    2. key:    generate the host key here (ECDSA P-256); only a CSR leaves the host
+    3. enroll: Enroll(token, host, CSR) over TLS verified against that CA
+    4. check:  the returned CA is the pinned one, the certificate is for our key and names
+               spiffe://<trust-domain>/host/<name>, the grant-signing key is Ed25519
+    5. store:  state directory (0700), identity.json last (see ``credentials``)
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ztnet.daemon.channel import controller_channel, describe
+from ztnet.daemon.credentials import (
+    Identity,
+    build_csr,
+    check_host_certificate,
+    fingerprint,
+    generate_host_key,
+    is_enrolled,
+    load_certificate,
+    normalize_fingerprint,
+    store_enrollment,
+)
+from ztnet.daemon.pinning import pin_controller_ca
+from ztnet.errors import ConfigError, ControllerError
+from ztnet.grants.payload import normalize_host
+from ztnet.v1 import node_pb2, node_pb2_grpc
+
+_REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
+
+
+def enroll(controller: str, token: str, ca_fingerprint: str, state: Path,
+           host: str | None = None, timeout: float = 15.0) -> Identity:
+    expected = normalize_fingerprint(ca_fingerprint)
+    try:
+        name = normalize_host(host or socket.gethostname())
+    except ValueError as exc:
+        raise ConfigError(f"enroll: bad --host: {exc}") from None
+    if not token:
+        raise ConfigError("enroll: --token is empty")
+    _prepare(state)
+
+    pinned = pin_controller_ca(controller, expected, timeout=timeout)
+    key = generate_host_key()
+    request = node_pb2.EnrollRequest(token=token, host=name, csr_pem=build_csr(key, name))
+    channel = controller_channel(controller, pinned.ca_pem, pinned.server_name)
+    try:
+        response = node_pb2_grpc.NodeServiceStub(channel).Enroll(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise _enroll_error(controller, exc) from None
+    finally:
+        channel.close()
+
+    ca = load_certificate(response.ca_pem, "the CA returned by Enroll")
+    if fingerprint(ca) != expected:
+        raise ControllerError("enroll: Enroll returned a CA other than the pinned one")
+    spiffe_id = f"spiffe://{response.trust_domain}/host/{name}"
+    if response.spiffe_id != spiffe_id:
+        raise ControllerError(f"enroll: the controller named this host {response.spiffe_id!r}, "
+                              f"expected {spiffe_id!r}")
+    cert = load_certificate(response.certificate_pem, "the host certificate")
+    check_host_certificate(cert, pinned.ca, key, spiffe_id)
+    _check_signing_key(response.signing_public_key_pem)
+    identity = Identity(host=name, trust_domain=response.trust_domain, spiffe_id=spiffe_id,
+                        enrolled_via=controller, server_name=pinned.server_name)
+    store_enrollment(state, identity, key, response.certificate_pem, pinned.ca_pem,
+                     response.signing_public_key_pem)
+    return identity
+
+
+def _prepare(state: Path) -> None:
+    try:
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state.chmod(0o700)
+    except OSError as exc:
+        raise ConfigError(f"enroll: cannot use state directory {state}: {exc.strerror}") from None
+    if is_enrolled(state):
+        raise ConfigError(f"enroll: {state} already holds an enrollment (identity.json); "
+                          "use another directory or remove it to enroll again")
+
+
+def _enroll_error(controller: str, exc: grpc.RpcError) -> ControllerError:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    if code in _REFUSED:
+        return ControllerError(f"enroll: the controller refused the token ({describe(exc)})")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ControllerError(f"enroll: cannot reach the controller at {controller} "
+                               f"({describe(exc)})")
+    return ControllerError(f"enroll: Enroll failed ({describe(exc)})")
+
+
+def _check_signing_key(pem: bytes) -> None:
+    """The daemon will trust this key for every grant: it must be an Ed25519 public key."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise ControllerError(f"enroll: the grant-signing key is not a PEM public key: "
+                              f"{exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ControllerError("enroll: the grant-signing key is not an Ed25519 public key")

@@ -1,0 +1,103 @@
+"""The daemon's flow pipeline: kernel events → flow records → sinks.
+
+A thread of its own polls the ring buffer (the daemon's main loop never
+waits on it) and hands each record to the dispatcher, which fans out to the
+JSONL flow log, the Prometheus metrics and the audit trail. The main thread
+tells it about bundles (new grant metadata, audit records of grant changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+
+from ztnet.daemon import logs
+from ztnet.datapath.datapath import Datapath
+from ztnet.datapath.events import KernelEvent
+from ztnet.grants.bundle import VerifiedBundle
+from ztnet.grants.model import Grant, format_grant_id
+from ztnet.observe import audit, metrics, records, sinks
+
+FLOWS_FILE = "flows.jsonl"
+AUDIT_FILE = "audit.jsonl"
+_POLL_MS = 200
+_COUNTERS_EVERY = 5  # polls between kernel-counter snapshots for the metrics
+
+
+def _grant_fields(grant: Grant) -> dict[str, object]:
+    return {"id": format_grant_id(grant.grant_id), "agent": grant.agent,
+            "proto": str(grant.proto), "to": str(grant.network),
+            "ports": str(grant.ports) if grant.ports else "any",
+            "not_before": grant.not_before, "not_after": grant.not_after}
+
+
+class FlowPipeline:
+    def __init__(self, datapath: Datapath, state: Path, *, host: str, trust_domain: str,
+                 metrics_listen: str | None) -> None:
+        self.datapath = datapath
+        self.audit_log = audit.AuditLog(state / AUDIT_FILE)
+        self.metrics = metrics.FlowMetrics()
+        self.dispatcher = sinks.Dispatcher([
+            sinks.JsonlSink(state / FLOWS_FILE), self.metrics, audit.AuditSink(self.audit_log),
+        ]).start()
+        self.context = records.RecordContext(host=host, trust_domain=trust_domain,
+                                             agent_names=datapath.agent_names(),
+                                             exe=records.CachedExe())
+        self.server = (metrics.start_http_server(metrics_listen, self.metrics.registry)
+                       if metrics_listen else None)
+        self._granted: dict[int, Grant] = {}
+        self._reader = datapath.event_reader(self._on_event)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ztnet-flows", daemon=True)
+        self._thread.start()
+
+    def _on_event(self, event: KernelEvent) -> None:
+        self.dispatcher.submit(records.from_event(event, self.context))
+
+    def _run(self) -> None:
+        polls = 0
+        while not self._stop.is_set():
+            try:
+                self._reader.poll(_POLL_MS)
+                polls += 1
+                if polls % _COUNTERS_EVERY == 0:
+                    self.metrics.set_kernel_counters(self.datapath.counters())
+                    self.metrics.set_dispatcher_stats(self.dispatcher.stats())
+            except Exception as exc:  # the trace must not take enforcement down with it
+                logs.event("flow pipeline error", logging.ERROR, reason=repr(exc))
+                self._stop.wait(1.0)
+
+    def bundle_applied(self, verified: VerifiedBundle) -> None:
+        """New grant metadata for records; the grant changes into the audit trail."""
+        names = {**self.context.agent_names, **self.datapath.agent_names()}
+        self.context = dataclasses.replace(
+            self.context, agent_names=names,
+            grants={**self.context.grants, **records.grant_infos(
+                (g.grant_id for g in verified.grants), verified.version, verified.key_id)})
+        new = {g.grant_id: g for g in verified.grants}
+        self.audit_log.append(audit.BUNDLE_APPLIED, {
+            "version": verified.version, "key_id": verified.key_id,
+            "payload_sha256": verified.payload_sha256, "grants": len(new)})
+        for grant_id in sorted(new.keys() - self._granted.keys()):
+            self.audit_log.append(audit.GRANT_ADDED, _grant_fields(new[grant_id]), sync=False)
+        for grant_id in sorted(self._granted.keys() - new.keys()):
+            self.audit_log.append(audit.GRANT_REMOVED, _grant_fields(self._granted[grant_id]),
+                                  sync=False)
+        self.audit_log.sync()
+        self._granted = new
+        self.metrics.bundle_applied(verified.version)
+        self.metrics.set_active_grants(self.datapath.live_grant_counts())
+
+    def bundle_rejected(self, source: str, reason: str) -> None:
+        self.audit_log.append(audit.BUNDLE_REJECTED, {"source": source, "reason": reason})
+        self.metrics.bundle_rejected(reason.split(":")[0] or "bundle")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.dispatcher.close()
+        if self.server is not None:
+            self.server.close()
+        self.audit_log.close()

@@ -1,0 +1,298 @@
+"""Where flow records go: sinks are addons behind one dispatcher.
+
+A sink is any object with ``configure(cfg)``, ``on_flow(record)`` and
+``close()`` (and optionally ``flush()``, called whenever the queue runs
+empty). The ``Dispatcher`` takes records from the event reader without ever
+blocking it: a bounded queue feeds one worker thread, a full queue drops the
+record and counts it (``DispatcherStats.dropped``), and every sink call runs
+in ``safecall`` so a failing sink is logged and counted, never fatal to the
+pipeline or to the other sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ztnet.errors import ConfigError
+from ztnet.observe.records import FlowRecord, to_json
+
+log = logging.getLogger("ztnet.observe")
+
+SinkConfig = Mapping[str, Any]
+# Reasons a record never reached the sinks (DispatcherStats.dropped keys).
+DROP_QUEUE_FULL = "queue_full"
+DROP_CLOSED = "closed"
+
+
+class Sink(Protocol):
+    def configure(self, cfg: SinkConfig) -> None:
+        """Take the options this sink knows from ``cfg`` (ignore the rest);
+        raise ConfigError on a bad value."""
+
+    def on_flow(self, record: FlowRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+def sink_name(sink: object) -> str:
+    return str(getattr(sink, "name", type(sink).__name__))
+
+
+_TRACEBACK_FRAMES = 3
+_REPEAT_LOG_SECONDS = 60.0
+
+
+class _SafeCaller:
+    """mitmproxy's safecall: log a trimmed traceback and carry on. Repeats
+    of a failure are logged at most once a minute per sink and hook, with
+    a count."""
+
+    def __init__(self) -> None:
+        self.errors: Counter[str] = Counter()
+        self._last_log: dict[str, float] = {}
+
+    def __call__(self, sink: object, hook: str, fn: Callable[..., None], *args: Any) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # a sink must never take the pipeline down
+            name = sink_name(sink)
+            self.errors[name] += 1
+            now, key = time.monotonic(), f"{name}.{hook}"
+            if now - self._last_log.get(key, -_REPEAT_LOG_SECONDS) >= _REPEAT_LOG_SECONDS:
+                self._last_log[key] = now
+                # the sink's frames only (not this one), the innermost few
+                frames = traceback.format_list(
+                    traceback.extract_tb(exc.__traceback__)[1:][-_TRACEBACK_FRAMES:])
+                log.error("observe: sink %s failed in %s (%d errors so far): %s: %s\n%s",
+                          name, hook, self.errors[name], type(exc).__name__, exc,
+                          "".join(frames).rstrip())
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherStats:
+    submitted: int                 # accepted into the queue
+    delivered: int                 # handed to every sink (whether the sink coped or not)
+    queued: int
+    dropped: Mapping[str, int]     # reason -> records that reached no sink
+    sink_errors: Mapping[str, int]  # sink name -> failed calls
+
+
+class Dispatcher:
+    """Fans records out to sinks on one worker thread.
+
+    ``submit`` never blocks; ``close`` delivers what is queued, then closes
+    the sinks. ``wait_idle`` returns once everything submitted so far has
+    been delivered and flushed (for tests and orderly shutdown)."""
+
+    def __init__(self, sinks: Iterable[Sink], *, queue_size: int = 8192,
+                 batch_size: int = 256) -> None:
+        self.sinks = list(sinks)
+        self._queue: queue.Queue[FlowRecord | None] = queue.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._safecall = _SafeCaller()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._submitted = self._delivered = self._pending = 0
+        self._dropped: Counter[str] = Counter()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def configure(self, cfg: SinkConfig) -> None:
+        """Configure every sink; a ConfigError propagates (bad options are fatal)."""
+        for sink in self.sinks:
+            sink.configure(cfg)
+
+    def start(self) -> Dispatcher:
+        self._thread = threading.Thread(target=self._run, name="ztnet-observe", daemon=True)
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> Dispatcher:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, record: FlowRecord) -> bool:
+        """Queue ``record``; False (and counted) if it was dropped."""
+        with self._lock:
+            if self._closed:
+                self._dropped[DROP_CLOSED] += 1
+                return False
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                self._dropped[DROP_QUEUE_FULL] += 1
+                return False
+            self._submitted += 1
+            self._pending += 1
+            return True
+
+    def stats(self) -> DispatcherStats:
+        with self._lock:
+            return DispatcherStats(self._submitted, self._delivered, self._queue.qsize(),
+                                   dict(self._dropped), dict(self._safecall.errors))
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread is not None:
+            try:  # behind every queued record; nothing can follow it (closed)
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                log.error("observe: dispatcher stuck, %d records not delivered",
+                          self._queue.qsize())
+            self._thread.join(timeout)
+        for sink in self.sinks:
+            self._safecall(sink, "close", sink.close)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self._batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            records = [record for record in batch if record is not None]
+            for record in records:
+                for sink in self.sinks:
+                    self._safecall(sink, "on_flow", sink.on_flow, record)
+            for sink in self.sinks:
+                if isinstance(sink, Flushable):
+                    self._safecall(sink, "flush", sink.flush)
+            with self._idle:
+                self._delivered += len(records)
+                self._pending -= len(records)
+                self._idle.notify_all()
+            if len(records) < len(batch):
+                return
+
+
+class JsonlSink:
+    """Flow records as JSON lines, size-bounded like logging's
+    RotatingFileHandler: ``flows.jsonl`` is current; when the next line
+    would take it past ``max_bytes`` it becomes ``flows.jsonl.1`` (older
+    files shift up, the one beyond ``backups`` is deleted). At most
+    ``(backups + 1) * max_bytes`` bytes are kept (a single longer line gets a
+    file of its own). ``backups=0`` starts a new file, dropping the old.
+
+    Durability: lines are written to the OS after each dispatcher batch
+    (``flush``); ``fsync`` runs at most every ``fsync_interval`` seconds
+    (default 1; 0 = every batch), before each rotation, and on close. A
+    crash of the daemon loses nothing that was flushed; a power loss at most
+    the last interval. Files are created mode 0640."""
+
+    name = "jsonl"
+
+    def __init__(self, path: Path, *, max_bytes: int = 64 << 20, backups: int = 5,
+                 fsync_interval: float = 1.0) -> None:
+        self.path = Path(path)
+        self.max_bytes, self.backups, self.fsync_interval = 0, 0, 0.0
+        self.configure({"max_bytes": max_bytes, "backups": backups,
+                        "fsync_interval": fsync_interval})
+        self._fd = -1
+        self._size = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._last_fsync = time.monotonic()
+        self._dirty = False
+        self._open()
+
+    def configure(self, cfg: SinkConfig) -> None:
+        max_bytes = cfg.get("max_bytes", self.max_bytes)
+        backups = cfg.get("backups", self.backups)
+        interval = cfg.get("fsync_interval", self.fsync_interval)
+        if not isinstance(max_bytes, int) or max_bytes < 1024:
+            raise ConfigError(f"observe: jsonl max_bytes must be at least 1024, not {max_bytes!r}")
+        if not isinstance(backups, int) or not 0 <= backups <= 1000:
+            raise ConfigError(f"observe: jsonl backups must be 0..1000, not {backups!r}")
+        if not isinstance(interval, int | float) or interval < 0:
+            raise ConfigError(f"observe: jsonl fsync_interval must be >= 0, not {interval!r}")
+        self.max_bytes, self.backups, self.fsync_interval = max_bytes, backups, float(interval)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                           0o640)
+        os.fchmod(self._fd, 0o640)  # whatever the umask
+        self._size = os.fstat(self._fd).st_size
+
+    def on_flow(self, record: FlowRecord) -> None:
+        line = (to_json(record) + "\n").encode()
+        if self._size + self._buffered + len(line) > self.max_bytes \
+                and self._size + self._buffered > 0:
+            self._write_out()
+            self._rotate()
+        self._buffer.append(line)
+        self._buffered += len(line)
+
+    def _write_out(self) -> None:
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(data)
+        self._dirty = True
+
+    def _rotate(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.rotated(self.backups).unlink(missing_ok=True)
+            for n in range(self.backups - 1, 0, -1):
+                if self.rotated(n).exists():
+                    os.replace(self.rotated(n), self.rotated(n + 1))
+            os.replace(self.path, self.rotated(1))
+        self._open()
+        self._dirty = False
+
+    def rotated(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def flush(self) -> None:
+        self._write_out()
+        now = time.monotonic()
+        if self._dirty and now - self._last_fsync >= self.fsync_interval:
+            os.fsync(self._fd)
+            self._last_fsync, self._dirty = now, False
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self._write_out()
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
