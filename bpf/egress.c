@@ -133,6 +133,14 @@ static __always_inline void zt_account_egress(struct __sk_buff *skb,
 		zt_count(ZT_CNT_FLOWS_UNTRACKED);
 }
 
+static __always_inline void zt_count_drop(__u32 agent_index, int reason)
+{
+	int index = agent_index * ZT_DROP_SLOTS + reason;
+	__u64 *count = zt_agent_drops_v1.lookup(&index);
+	if (count)
+		*count += 1;  /* percpu */
+}
+
 int zt_egress(struct __sk_buff *skb)
 {
 	struct zt_config *cfg = zt_get_config();
@@ -150,6 +158,7 @@ int zt_egress(struct __sk_buff *skb)
 	if (!zt_parse(skb, &pkt)) {
 		zt_count(ZT_CNT_UNPARSED);
 		zt_count(ZT_CNT_EGRESS_DROP);
+		zt_count_drop(subject.agent.index, ZT_REASON_UNPARSED);
 		if (stats)
 			stats->egress_dropped += 1;
 		return 0;
@@ -165,6 +174,8 @@ int zt_egress(struct __sk_buff *skb)
 		return 1;
 	}
 	zt_count(ZT_CNT_EGRESS_DROP);
+	zt_count_drop(subject.agent.index, (subject.agent.flags & ZT_AGENT_QUARANTINED)
+						   ? ZT_REASON_QUARANTINED : ZT_REASON_NO_GRANT);
 	if (stats)
 		stats->egress_dropped += 1;
 	return 0;

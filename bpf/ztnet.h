@@ -237,6 +237,10 @@ enum zt_counter {
 	ZT_CNT_COUNT = 12,
 };
 
+/* zt_agent_drops_v1: packets the egress backstop dropped, per agent and
+ * reason (percpu array, index: agent index * ZT_DROP_SLOTS + enum zt_reason). */
+#define ZT_DROP_SLOTS 8
+
 /* Per-agent counters (percpu array indexed by agent index). */
 struct zt_agent_stats {
 	__u64 allowed;        /* connect/sendmsg allowed */

@@ -122,6 +122,7 @@ def test_raw_socket_packet_from_agent_never_arrives(
     assert len([p for p in packets if p.icmp_type == 8]) == 1  # only the control
     assert not [p for p in packets if p.family == 6 and p.icmp_type == 128]
     assert datapath.counters()["egress_drop"] >= 2
+    assert datapath.agent_drops()[AGENT]["NO_GRANT"] >= 2  # per agent and reason
 
 
 def test_ipv6_and_ipv4_mapped_denied_unless_granted(

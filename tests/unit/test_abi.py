@@ -32,7 +32,7 @@ def _probe_source() -> str:
         lines.append('  printf("}");')
     constants = {"ZT_ABI_VERSION": "abi_version", "ZT_PORT_LEVELS": "port_levels",
                  "ZT_KEY_FIXED_BITS": "key_fixed_bits", "ZT_CNT_COUNT": "counter_count",
-                 "ZT_AGENT_QUARANTINED": "quarantined"}
+                 "ZT_AGENT_QUARANTINED": "quarantined", "ZT_DROP_SLOTS": "drop_slots"}
     for macro, key in constants.items():
         lines.append(f'  printf(", \\"{key}\\": %d", (int)({macro}));')
     for counter in abi.ZtCounter:
@@ -82,6 +82,7 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
     assert layout["key_fixed_bits"] == abi.KEY_FIXED_BITS
     assert layout["counter_count"] == abi.COUNTER_COUNT
     assert layout["quarantined"] == abi.AGENT_QUARANTINED
+    assert layout["drop_slots"] == abi.DROP_SLOTS > max(abi.ZtReason)
     for counter in abi.ZtCounter:
         assert layout[f"ZT_CNT_{counter.name}"] == counter
     for cls in abi.ZtClass:

@@ -64,6 +64,7 @@ class FlowPipeline:
                 polls += 1
                 if polls % _COUNTERS_EVERY == 0:
                     self.metrics.set_kernel_counters(self.datapath.counters())
+                    self.metrics.set_agent_drops(self.datapath.agent_drops())
                     self.metrics.set_dispatcher_stats(self.dispatcher.stats())
             except Exception as exc:  # the trace must not take enforcement down with it
                 logs.event("flow pipeline error", logging.ERROR, reason=repr(exc))

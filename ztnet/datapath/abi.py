@@ -67,6 +67,7 @@ class ZtCounter(enum.IntEnum):
 
 
 COUNTER_COUNT = 12
+DROP_SLOTS = 8
 
 
 class ZtEventKind(enum.IntEnum):

@@ -306,6 +306,18 @@ class Datapath:
                               "programs (the daemon)")
         return events.EventReader(self.programs.bpf, self._boot_clock(), on_event)
 
+    def agent_drops(self) -> dict[str, dict[str, int]]:
+        """Packets the egress backstop dropped, by agent and reason."""
+        drops = self.maps["zt_agent_drops_v1"]
+        result: dict[str, dict[str, int]] = {}
+        for index, name in self.agent_names().items():
+            for reason in abi.ZtReason:
+                slot = index * abi.DROP_SLOTS + int(reason)
+                count = sum(v.value for v in drops.percpu_values(slot, ctypes.c_uint64))
+                if count:
+                    result.setdefault(name, {})[reason.name] = count
+        return result
+
     def pending_suppressed(self) -> dict[int, int]:
         """Deny events the rate limit dropped that no event has reported yet,
         by agent index."""

@@ -55,7 +55,8 @@ PROGRAMS = (
 )
 
 MAP_NAMES = ("zt_agents_v1", "zt_grants_v1", "zt_levels_v1", "zt_config_v1",
-             "zt_counters_v1", "zt_agent_stats_v1", "zt_flows_v1", "zt_deny_budget_v1",
+             "zt_counters_v1", "zt_agent_stats_v1", "zt_agent_drops_v1", "zt_flows_v1",
+             "zt_deny_budget_v1",
              "zt_events_v1")
 
 

@@ -36,7 +36,12 @@ class _Snapshots(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kernel: dict[str, int] = {}
+        self._drops: dict[str, dict[str, int]] = {}
         self._dispatcher: DispatcherStats | None = None
+
+    def set_drops(self, drops: Mapping[str, Mapping[str, int]]) -> None:
+        with self._lock:
+            self._drops = {agent: dict(reasons) for agent, reasons in drops.items()}
 
     def set_kernel(self, counters: Mapping[str, int]) -> None:
         with self._lock:
@@ -48,7 +53,7 @@ class _Snapshots(Collector):
 
     def collect(self) -> Iterator[Any]:
         with self._lock:
-            kernel, dispatcher = dict(self._kernel), self._dispatcher
+            kernel, dispatcher, drops = dict(self._kernel), self._dispatcher, self._drops
         lost = CounterMetricFamily("ztnet_events_lost", "Kernel events lost because the "
                                    "ring buffer was full (reservation failed).")
         lost.add_metric([], kernel.get("events_lost", 0))
@@ -59,7 +64,13 @@ class _Snapshots(Collector):
                                        "(zt_counters_v1), by name.", labels=["counter"])
         for name, value in sorted(kernel.items()):
             datapath.add_metric([name], value)
-        yield from (lost, suppressed, datapath)
+        egress_drops = CounterMetricFamily("ztnet_egress_dropped", "Packets the egress "
+                                           "backstop dropped, by agent and reason.",
+                                           labels=["agent", "reason"])
+        for agent, reasons in sorted(drops.items()):
+            for reason, count in sorted(reasons.items()):
+                egress_drops.add_metric([agent, reason], count)
+        yield from (lost, suppressed, datapath, egress_drops)
         dropped = CounterMetricFamily("ztnet_flow_records_dropped", "Flow records that "
                                       "reached no sink, by reason.", labels=["reason"])
         errors = CounterMetricFamily("ztnet_flow_sink_errors", "Failed sink calls, by "
@@ -148,6 +159,10 @@ class FlowMetrics:
     def set_kernel_counters(self, counters: Mapping[str, int]) -> None:
         """``Datapath.counters()`` (events_lost, events_suppressed, …)."""
         self._snapshots.set_kernel(counters)
+
+    def set_agent_drops(self, drops: Mapping[str, Mapping[str, int]]) -> None:
+        """The kernel's per-agent, per-reason egress drop counts (copied in)."""
+        self._snapshots.set_drops(drops)
 
     def set_dispatcher_stats(self, stats: DispatcherStats) -> None:
         self._snapshots.set_dispatcher(stats)
