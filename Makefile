@@ -30,3 +30,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# ztnet across real VMs (root; minutes): builds or reuses the offline box, brings up the
+# Vagrant topology, runs the end-to-end checks, destroys the VMs. See vagrant/README.md.
+.PHONY: test-vagrant
+test-vagrant:
+	bash vagrant/run-e2e.sh

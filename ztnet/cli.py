@@ -192,8 +192,16 @@ def add_datapath_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--yes", action="store_true", help="really remove enforcement")
     p.set_defaults(handler=_cmd_teardown)
 
-    p = _command(sub, "demo", "A self-contained enforcement showcase in network namespaces "
-                 "(root); exits non-zero if anything misbehaves.", "sudo ztnet demo")
+    p = _command(sub, "demo", "The whole story in one command (root): brings the lab up "
+                 "(controller, enrolled daemons, services; `ztnet lab`), applies the lab policy, "
+                 "runs a scripted agent with live flow traces, revokes its grant, prints a "
+                 "summary and tears the lab down; exits non-zero if any step misbehaves.",
+                 "sudo ztnet demo")
+    p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    p.add_argument("--local", action="store_true", help="the older single-host showcase "
+                   "instead: one datapath, no controller")
+    p.add_argument("--name", default="ztlab", help="lab name (several labs can coexist; "
+                   "default ztlab)")
     p.set_defaults(handler=_cmd_demo)
 
     p = _command(sub, "debug", "Debugging aids.", "ztnet debug dump-bpf")
@@ -274,9 +282,13 @@ def _cmd_teardown(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ztnet.lab.showcase import run_showcase
+    if args.local:
+        from ztnet.lab.showcase import run_showcase
 
-    return run_showcase()
+        return run_showcase()
+    from ztnet.lab.demo import run_demo
+
+    return run_demo(args.name, keep=args.keep)
 
 
 def _cmd_dump_bpf(args: argparse.Namespace) -> int:
@@ -299,8 +311,8 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 
 def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`ztnet controller init|serve|token create|admin-cert|revoke-host`, the operator
-    commands `hosts` and `revoke`, and, on groups other functions create, `policy apply|show`
-    and `agents --controller` (docs/controller.md)."""
+    commands `hosts`, `revoke` and `flows`, and, on groups other functions create,
+    `policy apply|show` and `agents --controller` (docs/controller.md)."""
     import os
     from typing import Any
 
@@ -311,6 +323,10 @@ def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: i
             return parse_duration(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def limit_or_off(text: str) -> int:
+        """A duration, or 0/off for no limit."""
+        return 0 if text in ("0", "off") else duration(text)
 
     def state_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--state", required=True, type=Path, metavar="DIR",
@@ -357,7 +373,7 @@ def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: i
 
     p.set_defaults(handler=init)
 
-    p = _command(group, "serve", "Serve the node and admin APIs (gRPC, mutual TLS), push "
+    p = p_serve = _command(group, "serve", "Serve the node and admin APIs (gRPC, mutual TLS), push "
                  "signed grants to every connected host, renew them before they expire.",
                  "ztnet controller serve --state /var/lib/ztnet-controller "
                  "--listen 0.0.0.0:7443 --enroll-listen 0.0.0.0:7444")
@@ -379,18 +395,35 @@ def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: i
     p.add_argument("--ready-file", type=Path, metavar="FILE",
                    help="write {pid, listen, enroll_listen} as JSON here once serving")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--flow-retention", type=limit_or_off, default=7 * 86400,
+                   metavar="DURATION", help="delete flow records older than this (default "
+                   "7d; 0: keep them)")
+    p.add_argument("--flow-max-rows", type=int, default=10_000_000, metavar="N",
+                   help="keep at most N flow records, deleting the oldest (default "
+                   "10000000, about 15 GB of disk; 0: no limit)")
+    p.add_argument("--flow-prune-interval", type=duration, default=60, metavar="DURATION",
+                   help="how often retention runs (default 1m)")
+    p.add_argument("--metrics", metavar="ADDR", default=None,
+                   help="serve Prometheus metrics at http://ADDR/metrics (e.g. "
+                   "127.0.0.1:9465; default: off)")
 
     def serve(args: argparse.Namespace) -> int:
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
+        from ztnet.controller.flows import Retention
         from ztnet.controller.server import ServeConfig
         from ztnet.controller.server import serve as run_server
         from ztnet.daemon import logs
 
+        if args.flow_max_rows < 0:
+            p_serve.error("--flow-max-rows: must be 0 (no limit) or more")
         logs.setup(args.log_format)
         return run_server(ServeConfig(
             state=args.state, listen=args.listen, enroll_listen=args.enroll_listen,
             policy=args.policy, grant_ttl=args.grant_ttl, host_cert_ttl=args.host_cert_ttl,
-            apply_timeout=args.apply_timeout, ready_file=args.ready_file))
+            apply_timeout=args.apply_timeout, ready_file=args.ready_file,
+            retention=Retention(max_age=args.flow_retention, max_rows=args.flow_max_rows,
+                                interval=args.flow_prune_interval),
+            metrics=args.metrics))
 
     p.set_defaults(handler=serve)
 
@@ -472,6 +505,45 @@ def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: i
                           restore=args.restore)
 
     p.set_defaults(handler=revoke)
+
+    p = p_flows = _command(
+        sub, "flows", "Query the flow records every host reported to the controller: the "
+        "newest N matching flows, shown in time order with the table of `ztnet observe`.",
+        "ztnet flows --controller ctl:7443 --agent research-bot --verdict denied --since 1h")
+    operator_options(p)
+    p.add_argument("--host", default="", help="only flows of this host")
+    p.add_argument("--agent", default="", metavar="NAME", help="only this agent")
+    p.add_argument("--verdict", metavar="allowed|denied", help="only this verdict")
+    p.add_argument("--kind", metavar="KIND", help="only connect, sendmsg or flow_end records")
+    p.add_argument("--since", metavar="WHEN",
+                   help="only flows since then: a duration ago (30s, 10m, 2h) or RFC 3339")
+    p.add_argument("--until", metavar="WHEN", help="only flows before then (same forms)")
+    p.add_argument("--limit", type=int, default=100, metavar="N",
+                   help="the newest N matching flows (default 100, at most 10000)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON record per line, in the schema of docs/flows.md")
+
+    def flows(args: argparse.Namespace) -> int:
+        from ztnet.controller import admin_client
+        from ztnet.observe import query
+        from ztnet.observe.commands import use_color
+        from ztnet.v1 import admin_pb2
+
+        if not 1 <= args.limit <= 10_000:
+            p_flows.error("--limit: must be between 1 and 10000")
+        try:
+            request = admin_pb2.QueryFlowsRequest(
+                host=args.host, agent=args.agent, limit=args.limit,
+                verdict=query.parse_verdict(args.verdict).value if args.verdict else "",
+                event_type=query.parse_kind(args.kind).value if args.kind else "",
+                since_ns=max(0, query.parse_since(args.since)) if args.since else 0,
+                until_ns=max(0, query.parse_since(args.until)) if args.until else 0)
+        except ValueError as exc:
+            p_flows.error(str(exc))
+        return with_admin(args, admin_client.flows, request, as_json=args.json,
+                          color=use_color(sys.stdout))
+
+    p.set_defaults(handler=flows)
 
     def extend_policy(policy_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p = _command(policy_sub, "apply", "Validate POLICY on the controller, store it as a "
@@ -616,7 +688,23 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
     p.add_argument("--no-flows", action="store_true",
                    help="do not record flows (<state>/flows.jsonl) or the audit trail")
+    p.add_argument("--spool-max", type=_spool_size, default="64M", metavar="SIZE",
+                   help="controller mode: bound of <state>/spool, the flow records not yet "
+                   "acknowledged by the controller; when full the oldest are dropped and "
+                   "counted (default 64M)")
     p.set_defaults(handler=_cmd_daemon)
+
+
+def _spool_size(text: str) -> int:
+    from ztnet.daemon.spool import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 1 << 20:
+        raise argparse.ArgumentTypeError(f"the spool needs at least 1M, not {text}")
+    return size
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
@@ -637,7 +725,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
                               resync_seconds=args.resync, controller=args.controller,
                               trust_domain=settings.trust_domain,
                               backoff_cap=args.backoff_max, flows=not args.no_flows,
-                              metrics_listen=args.metrics)
+                              metrics_listen=args.metrics, spool_max_bytes=args.spool_max)
     else:
         config = DaemonConfig(trust=args.trust, bundle=args.bundle, state=state,
                               host=args.host or socket.gethostname(), instance=args.instance,
@@ -710,6 +798,75 @@ def add_observe_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     v.set_defaults(handler=audit_verify)
 
 
+def add_lab_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`ztnet lab up|down|status` (docs/lab.md)."""
+    lab = _command(sub, "lab", "A multi-host lab on this machine (root): network namespaces "
+                   "on a bridge with a controller, agent hosts each running an enrolled "
+                   "daemon, an internal API, an exfiltration sink and a DNS resolver.",
+                   "sudo ztnet lab up --hosts 2")
+    group = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
+
+    def checked(make: Callable[[str], object]) -> Callable[[str], object]:
+        def parse(text: str) -> object:
+            try:
+                return make(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        return parse
+
+    def lab_name(text: str) -> str:
+        from ztnet.lab.topology import Topology
+
+        return Topology(text).name  # validates
+
+    def host_count(text: str) -> int:
+        from ztnet.lab.topology import Topology
+
+        return Topology(agent_hosts=int(text)).agent_hosts
+
+    def name_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--name", default="ztlab", type=checked(lab_name),
+                            help="lab name: labs with different names coexist (default ztlab)")
+
+    p = _command(group, "up", "Build the lab and start everything in it; returns once every "
+                 "daemon enforces the lab policy. Idempotent.", "sudo ztnet lab up --hosts 3")
+    name_option(p)
+    p.add_argument("--hosts", type=checked(host_count), default=2, metavar="N",
+                   help="number of agent hosts (1-8, default 2)")
+
+    def up(args: argparse.Namespace) -> int:
+        from ztnet.lab.commands import lab_up
+
+        return lab_up(args.name, args.hosts)
+
+    p.set_defaults(handler=up)
+
+    d = _command(group, "down", "Remove everything the lab owns (processes, namespaces, "
+                 "daemon instances, run directory), even after a crashed `lab up`.",
+                 "sudo ztnet lab down")
+    name_option(d)
+
+    def down(args: argparse.Namespace) -> int:
+        from ztnet.lab.commands import lab_down
+
+        return lab_down(args.name)
+
+    d.set_defaults(handler=down)
+
+    s = _command(group, "status", "Show the lab's hosts, addresses, processes and "
+                 "enforcement; exits 1 unless everything is up.", "sudo ztnet lab status")
+    name_option(s)
+    s.add_argument("--json", action="store_true", help="machine-readable")
+
+    def status(args: argparse.Namespace) -> int:
+        from ztnet.lab.commands import lab_status
+
+        return lab_status(args.name, as_json=args.json)
+
+    s.set_defaults(handler=status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ztnet",
@@ -724,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(sub)
     add_policy_commands(sub)
     add_observe_commands(sub)
+    add_lab_commands(sub)
     return parser
 
 

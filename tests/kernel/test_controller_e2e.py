@@ -273,7 +273,9 @@ def test_the_host_certificate_is_renewed_over_mutual_tls(instance: Instance,
                                                          tmp_path: Path) -> None:
     state = init_controller(tmp_path / "ctl")
     node = tmp_path / "node"
-    with ControllerProcess(state, extra_args=["--host-cert-ttl", "4s"]) as controller:
+    # short enough to see two renewals, long enough that a loaded machine still starts
+    # the daemon before the enrolled certificate expires
+    with ControllerProcess(state, extra_args=["--host-cert-ttl", "16s"]) as controller:
         assert enroll_with_cli(controller, node).returncode == 0
         enrolled = x509.load_pem_x509_certificate((node / "host.pem").read_bytes())
         with DaemonProcess(instance, None, None, node, controller=controller.address) as daemon:

@@ -154,8 +154,9 @@ def test_restart_reapplies_the_persisted_bundle_before_anything_else(setup: Setu
 
 
 def test_expiry_of_the_bundles_grants_cuts_flows_without_the_daemon(setup: Setup) -> None:
-    setup.publish(1, [A], ttl="5s")
     with setup.daemon() as daemon:
+        # issued once the daemon is up, so a slow start cannot eat the short window
+        setup.publish(1, [A], ttl="10s")
         daemon.wait_event(applied(1))
         holder = LineProcess.start(agent_argv(setup.instance, AGENT, probe_argv(
             "hold", setup.pair.b.ipv4, str(A), "--interval", "0.05", "--limit", "30"),

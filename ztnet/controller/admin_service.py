@@ -5,17 +5,23 @@ ApplyPolicy and Revoke return when every host connected at push time has
 answered (ACK or NACK) the new version or a later one, or the timeout
 passed: each host's outcome is "ack", "nack" (with the daemon's reason),
 "timeout" or "disconnected".
+
+QueryFlows reads the flow store in a worker thread (its own read-only
+connection), so a slow query never holds up grant pushes on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
-from ztnet.controller import status
+from ztnet.controller import flows, status
 from ztnet.controller.authz import Authorizer
 from ztnet.controller.hub import HostResult, Hub
+from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.publisher import Publication, Publisher
 from ztnet.controller.store import Store
 from ztnet.daemon import logs
@@ -31,13 +37,15 @@ MAX_WAIT = 300.0
 
 class AdminService:
     def __init__(self, store: Store, publisher: Publisher, hub: Hub, authz: Authorizer,
-                 clock: Callable[[], float], *, default_wait: float = DEFAULT_WAIT) -> None:
+                 clock: Callable[[], float], *, default_wait: float = DEFAULT_WAIT,
+                 metrics: ControllerMetrics | None = None) -> None:
         self.store = store
         self.publisher = publisher
         self.hub = hub
         self.authz = authz
         self.clock = clock
         self.default_wait = default_wait
+        self.metrics = metrics or ControllerMetrics()
 
     async def apply_policy(self, request: admin_pb2.ApplyPolicyRequest,
                            context: Any) -> admin_pb2.ApplyPolicyResponse:
@@ -129,6 +137,15 @@ class AdminService:
                    version=publication.epoch.version, **_summary(results))
         return admin_pb2.RevokeResponse(version=publication.epoch.version,
                                         results=[_result(r) for r in results])
+
+    async def query_flows(self, request: admin_pb2.QueryFlowsRequest,
+                          context: Any) -> admin_pb2.QueryFlowsResponse:
+        self.authz.require(context, "admin")
+        query = flows.parse_query(request)
+        started = time.perf_counter()
+        page = await asyncio.to_thread(self.store.query_flows, query)
+        self.metrics.query_seconds.observe(time.perf_counter() - started)
+        return flows.response(page.records, page.more)
 
     def _wait(self, seconds: float) -> float:
         if math.isnan(seconds) or seconds < 0 or seconds > MAX_WAIT:

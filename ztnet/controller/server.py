@@ -17,6 +17,10 @@ Ready: after both listeners are bound, the health service says SERVING and
 ``--ready-file`` (if given) holds the bound addresses as JSON. SIGTERM or
 SIGINT: health NOT_SERVING, grant streams end with UNAVAILABLE (daemons
 reconnect elsewhere or later), in-flight RPCs get a grace period.
+
+Also: flow records reported by the daemons are stored in the state database
+and pruned by ``--flow-retention``/``--flow-max-rows`` (ztnet.controller.flows);
+``--metrics ADDR`` serves Prometheus metrics (ztnet.controller.metrics).
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from ztnet.controller.admin_service import AdminService
 from ztnet.controller.authz import Authorizer
 from ztnet.controller.enrollment import Enrollment
 from ztnet.controller.epochs import Issuer
+from ztnet.controller.flows import Pruner, Retention
 from ztnet.controller.hub import Hub
+from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.node_service import NodeService
 from ztnet.controller.publisher import Publisher
 from ztnet.controller.status import RpcFailure
@@ -46,6 +52,7 @@ from ztnet.controller.store import SqliteStore
 from ztnet.daemon import logs
 from ztnet.errors import ConfigError, PolicyError
 from ztnet.grants.keys import load_private_key
+from ztnet.observe.metrics import MetricsServer, start_http_server
 from ztnet.policy.document import MAX_POLICY_BYTES
 from ztnet.v1 import admin_pb2, node_pb2
 
@@ -79,6 +86,8 @@ class ServeConfig:
     host_cert_ttl: float = 24 * 3600.0
     apply_timeout: float = 10.0
     ready_file: Path | None = None
+    retention: Retention = Retention()
+    metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
 
 
 def serve(config: ServeConfig) -> int:
@@ -88,9 +97,11 @@ def serve(config: ServeConfig) -> int:
 async def _serve(config: ServeConfig) -> int:
     paths = statedir.open_state(config.state)
     store = SqliteStore.open(paths.database)
+    checkpointer = store.checkpoint_in_background()
     try:
         return await _run(config, paths, store)
     finally:
+        checkpointer.stop()
         store.close()
 
 
@@ -104,9 +115,16 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
     publisher = Publisher(store, issuer, hub, clock)
     authz = Authorizer(store, authority, clock)
     enrollment = Enrollment(store, authority, host_cert_ttl=config.host_cert_ttl, clock=clock)
+    metrics = ControllerMetrics()
+    metrics.follow(hosts=lambda: len(hub.sessions()),
+                   bundle_version=lambda: publisher.current.version if publisher.current else 0,
+                   policy_version=lambda: publisher.policy_version)
+    metrics.flow_rows.set(store.flow_count())
     node = NodeService(store, enrollment, authz, hub, publisher,
-                       statedir.read_file(paths.signing_pub), clock)
-    admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout)
+                       statedir.read_file(paths.signing_pub), clock, metrics)
+    admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout,
+                         metrics=metrics)
+    pruner = Pruner(store, config.retention, clock, metrics)
 
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     server.add_generic_rpc_handlers([node_handlers(node), admin_handlers(admin)])
@@ -126,17 +144,26 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
         addresses["enroll_listen"] = _bind(server, config.enroll_listen,
                                            grpc.ssl_server_credentials([(key_pem, chain)]))
     await server.start()
+    exporter: MetricsServer | None = None
+    pruning: asyncio.Task[None] | None = None
     try:
+        if config.metrics is not None:
+            exporter = start_http_server(config.metrics, metrics.registry)
+            host = str(exporter.server.server_address[0])
+            addresses["metrics"] = f"[{host}]:{exporter.port}" if ":" in host else \
+                f"{host}:{exporter.port}"
         if config.policy is not None:
             await _initial_policy(config.policy, publisher, store)
         await publisher.start()
+        pruning = asyncio.create_task(pruner.run(), name="ztnet-flow-prune")
         for name in ("", NODE_SERVICE, ADMIN_SERVICE):
             await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.ready_file is not None:
             _write_ready(config.ready_file, addresses)
         logs.event("controller serving", trust_domain=store.trust_domain(),
                    ca_fingerprint=authority.fingerprint, version=store.current_version(),
-                   listen=addresses["listen"], enroll_listen=addresses.get("enroll_listen", "off"))
+                   listen=addresses["listen"], enroll_listen=addresses.get("enroll_listen", "off"),
+                   metrics=addresses.get("metrics", "off"))
         await _wait_for_signal()
     finally:
         logs.event("controller stopping")
@@ -145,7 +172,12 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
             session.close(RpcFailure(grpc.StatusCode.UNAVAILABLE,
                                      "the controller is shutting down"))
         await publisher.stop()
+        if pruning is not None:
+            pruning.cancel()
+            await asyncio.gather(pruning, return_exceptions=True)
         await server.stop(SHUTDOWN_GRACE)
+        if exporter is not None:
+            exporter.close()
         if config.ready_file is not None:
             config.ready_file.unlink(missing_ok=True)
     return 0
@@ -170,6 +202,7 @@ def admin_handlers(admin: AdminService) -> grpc.GenericRpcHandler:
         "ListHosts": rpc.unary("ListHosts", admin.list_hosts, admin_pb2.ListHostsRequest),
         "ListAgents": rpc.unary("ListAgents", admin.list_agents, admin_pb2.ListAgentsRequest),
         "Revoke": rpc.unary("Revoke", admin.revoke, admin_pb2.RevokeRequest),
+        "QueryFlows": rpc.unary("QueryFlows", admin.query_flows, admin_pb2.QueryFlowsRequest),
     })
 
 

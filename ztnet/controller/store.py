@@ -11,6 +11,9 @@ renewal. Hosts refuse a lower version (rollback) and an equal version with
 other content, so every bundle the controller ever signs gets a version no
 earlier bundle had; the counter is bumped in the same transaction that
 records the change, and never reused, even across restarts.
+
+Flow records (``FlowStore``, ztnet.controller.flowstore) live in the same
+database; schema 2 added them, and ``open`` upgrades a schema-1 database.
 """
 
 from __future__ import annotations
@@ -18,36 +21,19 @@ from __future__ import annotations
 import enum
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ztnet.controller.flowstore import FlowStore, SqliteFlowStore
+from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, create_schema, upgrade
 from ztnet.errors import ConfigError
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE policies (
-    version INTEGER PRIMARY KEY, text TEXT NOT NULL, applied_at REAL NOT NULL);
-CREATE TABLE revocations (
-    agent TEXT NOT NULL, grant_id INTEGER NOT NULL,  -- 0: every grant of the agent
-    version INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (agent, grant_id));
-CREATE TABLE tokens (
-    digest TEXT PRIMARY KEY, host TEXT NOT NULL, created_at REAL NOT NULL,
-    expires_at REAL NOT NULL, used_at REAL);
-CREATE TABLE certificates (
-    serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, issued_at REAL NOT NULL,
-    not_after REAL NOT NULL, revoked_at REAL);
-CREATE INDEX certificates_by_id ON certificates (spiffe_id);
-CREATE TABLE hosts (
-    name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, enrolled_at REAL NOT NULL,
-    applied_version INTEGER NOT NULL DEFAULT 0, last_seen REAL NOT NULL DEFAULT 0,
-    nack_version INTEGER NOT NULL DEFAULT 0, nack_reason TEXT NOT NULL DEFAULT '');
-"""
-
+__all__ = ["SCHEMA_VERSION", "HostRecord", "PolicyRecord", "Revocation", "SqliteStore", "Store",
+           "TokenStatus"]
 
 @dataclass(frozen=True, slots=True)
 class PolicyRecord:
@@ -85,7 +71,7 @@ class TokenStatus(enum.Enum):
     WRONG_HOST = "wrong host"
 
 
-class Store(Protocol):
+class Store(FlowStore, Protocol):
     def trust_domain(self) -> str: ...
 
     def current_version(self) -> int: ...
@@ -121,7 +107,9 @@ class Store(Protocol):
 
     def revoke_certificates(self, spiffe_id: str, now: float) -> int: ...
 
-    def enroll_host(self, name: str, spiffe_id: str, now: float) -> None: ...
+    def enroll_host(self, name: str, spiffe_id: str, now: float) -> None:
+        """Also forgets the host's flow batch sequence (a new spool starts at 1)."""
+        ...
 
     def record_seen(self, host: str, now: float, applied_version: int | None = None) -> None: ...
 
@@ -134,13 +122,17 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteStore:
+class SqliteStore(SqliteFlowStore):
     """``Store`` on one SQLite file. Not thread-safe: one owner (the server's
-    event loop, or one CLI command) per instance; other processes may open
-    the same file concurrently (WAL, busy timeout)."""
+    event loop, or one CLI command) per instance, except ``query_flows``
+    (its own read-only connection); other processes may open the same file
+    concurrently (WAL, busy timeout)."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
+        self._path = path
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
 
     @classmethod
     def create(cls, path: Path, trust_domain: str) -> SqliteStore:
@@ -148,10 +140,10 @@ class SqliteStore:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         except OSError as exc:
             raise ConfigError(f"controller: cannot create {path}: {exc.strerror}") from None
-        store = cls(_connect(path))
-        # executescript commits on its own; a half-made database never matters
-        # because init builds the state directory aside and renames it at the end.
-        store._db.executescript(_SCHEMA)
+        store = cls(connect(path), path)
+        # a half-made database never matters: init builds the state directory
+        # aside and renames it at the end
+        create_schema(store._db)
         with store._tx() as db:
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("schema", str(SCHEMA_VERSION)), ("trust_domain", trust_domain),
@@ -162,9 +154,12 @@ class SqliteStore:
     def open(cls, path: Path) -> SqliteStore:
         if not path.is_file():
             raise ConfigError(f"controller: {path} is missing (run `ztnet controller init`)")
-        store = cls(_connect(path))
+        store = cls(connect(path), path)
         try:
             schema = store._meta("schema")
+            if schema != str(SCHEMA_VERSION):
+                with store._tx() as db:
+                    schema = upgrade(db)
         except (sqlite3.DatabaseError, ConfigError) as exc:
             store.close()
             raise ConfigError(f"controller: {path} is not a ztnet database: {exc}") from None
@@ -174,7 +169,14 @@ class SqliteStore:
                               f"schema {SCHEMA_VERSION}")
         return store
 
+    def checkpoint_in_background(self) -> Checkpointer:
+        """WAL checkpoints off this connection (`serve`); stop() it before close()."""
+        checkpointer = Checkpointer(self._path)
+        checkpointer.start(self._db)
+        return checkpointer
+
     def close(self) -> None:
+        self.close_reader()
         self._db.close()
 
     @contextmanager
@@ -298,6 +300,7 @@ class SqliteStore:
                        "ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
                        "enrolled_at = excluded.enrolled_at, applied_version = 0",
                        (name, spiffe_id, now))
+            self.reset_flow_sequence(db, name)
 
     def record_seen(self, host: str, now: float, applied_version: int | None = None) -> None:
         with self._tx() as db:
@@ -321,19 +324,6 @@ class SqliteStore:
             "nack_reason FROM hosts ORDER BY name").fetchall()
         return tuple(HostRecord(str(r[0]), str(r[1]), float(r[2]), int(r[3]), float(r[4]),
                                 int(r[5]), str(r[6])) for r in rows)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    try:
-        # isolation_level None: no implicit transactions; _tx() says where they are.
-        db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
-    except sqlite3.Error as exc:
-        raise ConfigError(f"controller: cannot open {path}: {exc}") from None
-    if str(mode).lower() != "wal":
-        raise ConfigError(f"controller: {path}: cannot switch to WAL mode (got {mode})")
-    return db
 
 
 def _serial(serial: int) -> str:

@@ -7,6 +7,10 @@ mutual TLS (the host's identity); without, it is server-authenticated TLS (enrol
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Literal
+
 import grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the largest bundle the daemon accepts
@@ -45,3 +49,57 @@ def describe(exc: grpc.RpcError) -> str:
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     name = code.name if code is not None else "ERROR"
     return f"{name}: {details or 'no details'}"
+
+
+class CallScope:
+    """One connection attempt and its calls: what to cancel when it must end. Closing may
+    race with the thread still setting the attempt up, so whatever is attached after
+    close() is cancelled at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        self._cancels: list[Callable[[], object]] = []
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def attach(self, cancel: Callable[[], object]) -> bool:
+        """Cancel with the scope; False (and cancelled now) if it is already closed."""
+        with self._lock:
+            if not self._closed:
+                self._cancels.append(cancel)
+                return True
+        cancel()
+        return False
+
+    def close(self) -> None:
+        """Cancel everything attached (once)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            cancels = list(self._cancels)
+        self._closing()
+        for cancel in cancels:
+            cancel()
+
+    def _closing(self) -> None:
+        """Runs once, before the cancels (for subclasses)."""
+
+
+def wait_ready(channel: grpc.Channel, scope: CallScope,
+               timeout: float) -> Literal["ready", "closed", "timeout"]:
+    """Connect (TLS handshake included) within ``timeout``; closing ``scope`` ends the
+    wait early."""
+    ready = grpc.channel_ready_future(channel)
+    if not scope.attach(ready.cancel):
+        return "closed"
+    try:
+        ready.result(timeout=timeout)
+    except grpc.FutureCancelledError:
+        return "closed"
+    except grpc.FutureTimeoutError:
+        return "timeout"
+    return "ready"

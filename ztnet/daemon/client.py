@@ -32,7 +32,7 @@ import grpc
 
 from ztnet.daemon import logs
 from ztnet.daemon.backoff import Backoff
-from ztnet.daemon.channel import controller_channel, describe
+from ztnet.daemon.channel import CallScope, controller_channel, describe, wait_ready
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
@@ -50,40 +50,21 @@ class Push:
     stream: int
 
 
-class _Stream:
+class _Stream(CallScope):
     """One connection attempt and its StreamGrants call: the outgoing requests, and what
-    to cancel when it must end. Closing may race with the stream thread still setting the
-    attempt up, so whatever is attached after close() is cancelled at once."""
+    to cancel when it must end."""
 
     def __init__(self, number: int) -> None:
+        super().__init__()
         self.number = number
         self.outgoing: queue.Queue[node_pb2.GrantStreamRequest | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._cancels: list[Callable[[], object]] = []
 
     def requests(self) -> Iterator[node_pb2.GrantStreamRequest]:
         while (item := self.outgoing.get()) is not None:
             yield item
 
-    def attach(self, cancel: Callable[[], object]) -> bool:
-        """Cancel with the stream; False (and cancelled now) if it is already closed."""
-        with self._lock:
-            if not self._closed:
-                self._cancels.append(cancel)
-                return True
-        cancel()
-        return False
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            cancels = list(self._cancels)
+    def _closing(self) -> None:
         self.outgoing.put(None)  # ends requests(), so gRPC's sender thread can exit
-        for cancel in cancels:
-            cancel()
 
 
 class ControllerClient:
@@ -209,16 +190,11 @@ class ControllerClient:
                                      identity.server_name, key_pem=key_pem, cert_pem=cert_pem)
         received = 0
         try:
-            ready = grpc.channel_ready_future(channel)
-            if not stream.attach(ready.cancel):
-                return 0
-            try:
-                ready.result(timeout=CONNECT_TIMEOUT)
-            except grpc.FutureCancelledError:
-                return 0
-            except grpc.FutureTimeoutError:
+            connected = wait_ready(channel, stream, CONNECT_TIMEOUT)
+            if connected == "timeout":
                 logs.event("controller unreachable", logging.WARNING, controller=self.address,
                            timeout_s=CONNECT_TIMEOUT)
+            if connected != "ready":
                 return 0
             held = self.version_held()
             stream.outgoing.put(node_pb2.GrantStreamRequest(

@@ -4,6 +4,7 @@ A thread of its own polls the ring buffer (the daemon's main loop never
 waits on it) and hands each record to the dispatcher, which fans out to the
 JSONL flow log, the Prometheus metrics and the audit trail. The main thread
 tells it about bundles (new grant metadata, audit records of grant changes).
+In controller mode a fourth sink spools the records for the controller (uploader.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from pathlib import Path
 
 from ztnet.daemon import logs
+from ztnet.daemon.uploader import FlowUpload, UploadSettings
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.events import KernelEvent
 from ztnet.grants.bundle import VerifiedBundle
@@ -35,12 +37,15 @@ def _grant_fields(grant: Grant) -> dict[str, object]:
 
 class FlowPipeline:
     def __init__(self, datapath: Datapath, state: Path, *, host: str, trust_domain: str,
-                 metrics_listen: str | None) -> None:
+                 metrics_listen: str | None, upload: UploadSettings | None = None) -> None:
         self.datapath = datapath
         self.audit_log = audit.AuditLog(state / AUDIT_FILE)
         self.metrics = metrics.FlowMetrics()
+        # controller mode: every record is also spooled and uploaded (uploader.py)
+        self.upload = FlowUpload(state, upload, self.metrics.registry) if upload else None
         self.dispatcher = sinks.Dispatcher([
             sinks.JsonlSink(state / FLOWS_FILE), self.metrics, audit.AuditSink(self.audit_log),
+            *([self.upload.sink] if self.upload else []),
         ]).start()
         self.context = records.RecordContext(host=host, trust_domain=trust_domain,
                                              agent_names=datapath.agent_names(),
@@ -98,7 +103,9 @@ class FlowPipeline:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.dispatcher.close()
+        if self.upload is not None:
+            self.upload.stop()
+        self.dispatcher.close()  # the spool sink writes its last batch for the next start
         if self.server is not None:
             self.server.close()
         self.audit_log.close()

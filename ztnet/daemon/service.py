@@ -33,7 +33,9 @@ from ztnet.daemon.client import ControllerClient
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.flows import FlowPipeline
 from ztnet.daemon.notify import notify
+from ztnet.daemon.spool import DEFAULT_MAX_BYTES
 from ztnet.daemon.state import Applied, StateDir
+from ztnet.daemon.uploader import UploadSettings
 from ztnet.daemon.watch import FileWatch
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.probe import probe
@@ -61,6 +63,8 @@ class DaemonConfig:
     # Flow tracing: records in <state>/flows.jsonl, audit trail, optional metrics listener.
     flows: bool = True
     metrics_listen: str | None = None
+    # Controller mode: the bound of the spool of flow records awaiting upload.
+    spool_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +209,13 @@ class Daemon:
                    cgroup=str(self.instance.cgroup_root), pins=str(self.instance.pin_dir),
                    generation=self.datapath.generation)
         if self.config.flows:
+            upload = None
+            if self.config.controller is not None and self.credentials is not None:
+                upload = UploadSettings(self.config.controller, self.credentials,
+                                        self.config.spool_max_bytes, self.config.backoff_cap)
             self.flows = FlowPipeline(self.datapath, self.state.path, host=self.config.host,
                                       trust_domain=self.config.trust_domain or "",
-                                      metrics_listen=self.config.metrics_listen)
+                                      metrics_listen=self.config.metrics_listen, upload=upload)
         persisted = self.state.bundle()
         if persisted is not None:
             # the persisted bundle first, re-verified, before any other input

@@ -22,11 +22,16 @@ class Applied:
     payload_sha256: str
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` (0600) so that a crash or power loss leaves the old content or the
+    new, never a mixture: a temporary file (``.NAME.tmp``), fsync, rename, fsync of the
+    directory."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -63,6 +68,6 @@ class StateDir:
         return path.read_bytes() if path.exists() else None
 
     def save(self, envelope: bytes, applied: Applied) -> None:
-        _write_atomic(self.path / BUNDLE_FILE, envelope)
-        _write_atomic(self.path / VERSION_FILE, json.dumps(
+        write_atomic(self.path / BUNDLE_FILE, envelope)
+        write_atomic(self.path / VERSION_FILE, json.dumps(
             {"version": applied.version, "payload_sha256": applied.payload_sha256}).encode())

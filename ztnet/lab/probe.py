@@ -42,6 +42,67 @@ def tcp_connect(host: str, port: int, timeout: float, payload: bytes = b"") -> s
     return "OK"
 
 
+def tcp_exchange(host: str, port: int, timeout: float, payload: bytes) -> dict[str, object]:
+    """Like :func:`tcp_connect`, also reporting the source port (to match the flow with a
+    sniffer's capture and the flow record) and how many echoed bytes came back."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sport = 0
+        received = b""
+        try:
+            sock.connect((host, port))
+            sport = int(sock.getsockname()[1])
+            if payload:
+                sock.sendall(payload)
+                while len(received) < len(payload):
+                    chunk = sock.recv(len(payload) - len(received))
+                    if not chunk:
+                        break
+                    received += chunk
+        except OSError as exc:
+            result = _errname(exc) if not isinstance(exc, TimeoutError) else "TIMEOUT"
+            return {"result": result, "sport": sport, "received": len(received)}
+    return {"result": "OK", "sport": sport, "received": len(received)}
+
+
+def dns_lookup(server: str, name: str, qtype: str, timeout: float) -> dict[str, object]:
+    """One real DNS query over UDP to ``server``:53; the answer's addresses."""
+    from ztnet.lab.dns import TYPE_A, TYPE_AAAA, build_query, parse_answer
+
+    ident = os.getpid() & 0xFFFF
+    query = build_query(name, TYPE_AAAA if qtype == "AAAA" else TYPE_A, ident)
+    with socket.socket(_family(server), socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(query, (server, 53))
+            response = sock.recv(4096)
+        except OSError as exc:
+            return {"result": _errname(exc) if not isinstance(exc, TimeoutError) else "TIMEOUT"}
+    try:
+        rcode, addresses = parse_answer(response, ident)
+    except (ValueError, IndexError):
+        return {"result": "BADANSWER"}
+    return {"result": "OK" if rcode == 0 else f"RCODE{rcode}", "addresses": addresses}
+
+
+def attempt(spec: dict[str, object], timeout: float) -> dict[str, object]:
+    """One attempt of a ``many`` script: ``{"kind": tcp|udp|icmp|raw|dns, "host", "port",
+    "payload", "name", "qtype"}``."""
+    kind, host = str(spec["kind"]), str(spec["host"])
+    port = int(str(spec.get("port", 0)))
+    if kind == "tcp":
+        return tcp_exchange(host, port, timeout, str(spec.get("payload", "")).encode())
+    if kind == "udp":
+        return {"result": udp_send(host, port, False)}
+    if kind == "icmp":
+        return {"result": icmp_echo(host)}
+    if kind == "raw":
+        return {"result": raw_send(host)}
+    if kind == "dns":
+        return dns_lookup(host, str(spec["name"]), str(spec.get("qtype", "A")), timeout)
+    return {"result": f"unknown kind {kind!r}"}
+
+
 def udp_send(host: str, port: int, connect: bool) -> str:
     with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
         try:
@@ -168,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("raw")
     p.add_argument("host")
     sub.add_parser("batch", help="JSON lines [proto, host, port] on stdin")
+    p = sub.add_parser("many", help="a JSON list of attempts (see attempt()); one result each")
+    p.add_argument("script", help="JSON list, or - for stdin")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p = sub.add_parser("dns")
+    p.add_argument("server")
+    p.add_argument("name")
+    p.add_argument("--qtype", choices=("A", "AAAA"), default="A")
+    p.add_argument("--timeout", type=float, default=2.0)
     p = sub.add_parser("loop")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -197,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in sys.stdin:
             proto, host, port = json.loads(line)
             _emit(result=nonblocking_attempt(proto, host, port))
+    elif args.cmd == "many":
+        script = json.loads(sys.stdin.read() if args.script == "-" else args.script)
+        for index, spec in enumerate(script):
+            _emit(index=index, **attempt(spec, args.timeout))
+    elif args.cmd == "dns":
+        _emit(**dns_lookup(args.server, args.name, args.qtype, args.timeout))
     elif args.cmd == "loop":
         # non-blocking connects as fast as possible until SIGUSR1
         outcomes: dict[str, int] = {}

@@ -1,8 +1,9 @@
-"""`ztnet demo` (until the full lab demo lands): a self-contained enforcement
-showcase on this host. Two network namespaces, a server on the far side, one
-agent with one grant, and every kind of attempt the threat model lists, each
-checked: the command exits non-zero if anything did not behave as described,
-so it doubles as a smoke test."""
+"""`ztnet demo --local`: the single-host enforcement showcase, without a
+controller or daemon (the full story is `ztnet demo`, ztnet/lab/demo.py). Two
+network namespaces, a server on the far side, one agent with one grant set
+through the datapath API directly, and every kind of attempt the threat model
+lists, each checked: the command exits non-zero if anything did not behave as
+described. Kept because it needs nothing but the datapath."""
 
 from __future__ import annotations
 

@@ -1,0 +1,159 @@
+"""The flow store in-process: dedupe, the row count, retention in chunks, the
+query plans (every query reads an index in order: no scan, no sort), the
+schema-1 upgrade, queries from another thread."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.controller.flow_support import NS, make_record
+from ztnet.controller import flows
+from ztnet.controller.flowstore import FlowQuery, FlowRow, flow_sql, iter_explain
+from ztnet.controller.metrics import ControllerMetrics
+from ztnet.controller.status import RpcFailure
+from ztnet.controller.store import SCHEMA_VERSION, SqliteStore
+from ztnet.observe.records import EventType, FlowRecord, Verdict, to_json
+
+BASE = 1_800_000_000 * NS
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore.create(tmp_path / "ztnet.db", "test.example")
+    yield store
+    store.close()
+
+
+def rows(host: str, count: int, *, start: int = 0, agent: str = "bot",
+         verdict: Verdict = Verdict.ALLOWED) -> list[FlowRow]:
+    return [FlowRow.of(make_record(host, agent=agent, verdict=verdict,
+                                   time_ns=BASE + (start + i) * NS)) for i in range(count)]
+
+
+def count_star(store: SqliteStore) -> int:
+    return int(store._db.execute("SELECT count(*) FROM flows").fetchone()[0])
+
+
+def test_sequences_and_uuids_keep_resends_out(store: SqliteStore) -> None:
+    batch = rows("h1", 4)
+    assert store.store_flows("h1", 1, batch).stored == 4
+    assert store.store_flows("h1", 1, batch).duplicate
+    assert store.store_flows("h1", 2, rows("h1", 4, start=100)[:1] + batch).ignored == 4
+    assert store.store_flows("h2", 1, rows("h2", 2)).stored == 2  # sequences are per host
+    assert (store.flow_sequence("h1"), store.flow_sequence("h2"), store.flow_sequence("h3")) \
+        == (2, 1, 0)
+    assert store.flow_count() == count_star(store) == 7
+    store.enroll_host("h1", "spiffe://test.example/host/h1", now=1.0)
+    assert store.flow_sequence("h1") == 0  # re-enrolled: a new spool
+
+
+def test_retention_deletes_the_oldest_in_chunks(store: SqliteStore) -> None:
+    store.store_flows("h1", 1, rows("h1", 50, start=100))
+    store.store_flows("h2", 1, rows("h2", 50))  # older, though stored later
+    deleted = store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20)
+    assert deleted == 20 and store.flow_count() == count_star(store) == 80
+    assert store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20) == 10
+    assert store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20) == 0
+    assert store.prune_flows(before_ns=0, max_rows=60, chunk=1000) == 10  # the row limit
+    oldest = store._db.execute("SELECT min(time_ns) FROM flows").fetchone()[0]
+    assert oldest == BASE + 40 * NS and store.flow_count() == count_star(store) == 60
+
+    pruner = flows.Pruner(store, flows.Retention(max_age=0, max_rows=5, chunk=7),
+                          lambda: 0.0, ControllerMetrics())
+    assert asyncio.run(pruner.prune()) == 55  # eight chunks, the loop free in between
+    assert pruner.metrics.flow_rows._value.get() == 5 == count_star(store)
+    kept = [r[0] for r in store._db.execute("SELECT time_ns FROM flows ORDER BY time_ns")]
+    assert kept == [BASE + i * NS for i in range(145, 150)]  # the newest five
+
+
+def _populate(store: SqliteStore) -> None:
+    """Enough rows, over enough values, that a wrong plan would show."""
+    for host in range(5):
+        batch = []
+        for agent in range(8):
+            verdict = Verdict.DENIED if agent % 4 == 0 else Verdict.ALLOWED
+            batch += rows(f"h{host}", 25, start=agent * 1000, agent=f"a{agent}",
+                          verdict=verdict)
+        store.store_flows(f"h{host}", 1, batch)
+    store._db.execute("ANALYZE")  # statistics must not talk the planner out of the index
+
+
+@pytest.mark.parametrize("query, index", [
+    (FlowQuery(), "flows_by_time"),
+    (FlowQuery(since_ns=BASE, until_ns=BASE + 10 * NS), "flows_by_time"),
+    (FlowQuery(event_type="flow_end", since_ns=BASE), "flows_by_time"),
+    (FlowQuery(agent="a1", since_ns=BASE + 600 * NS), "flows_by_agent"),
+    (FlowQuery(verdict="DENIED", since_ns=BASE), "flows_by_verdict"),
+    (FlowQuery(host="h1", limit=100), "flows_by_host"),
+    (FlowQuery(host="h1", agent="a2", verdict="DENIED"), "flows_by_agent"),
+    (FlowQuery(host="h1", verdict="DENIED", event_type="connect"), "flows_by_host"),
+])
+def test_every_query_reads_an_index_in_order(store: SqliteStore, query: FlowQuery,
+                                             index: str) -> None:
+    _populate(store)
+    plan = list(iter_explain(store._db, query))
+    assert len(plan) == 1 and f"USING INDEX {index}" in plan[0], plan
+    # the index's order is the answer's order: no sort, and LIMIT stops the read early
+    assert not any("TEMP B-TREE" in step for step in plan), plan
+    if query.since_ns or query.host or query.agent or query.verdict:
+        assert plan[0].startswith("SEARCH"), plan  # a range of the index, not all of it
+    sql, params = flow_sql(query)
+    assert "ORDER BY time_ns DESC LIMIT" in sql and params[-1] == query.limit + 1
+
+
+def test_queries_from_another_thread_see_committed_batches(store: SqliteStore) -> None:
+    store.store_flows("h1", 1, rows("h1", 3))
+    results: list[int] = []
+    worker = threading.Thread(
+        target=lambda: results.append(len(store.query_flows(FlowQuery()).records)))
+    worker.start()
+    worker.join(10)
+    store.store_flows("h1", 2, rows("h1", 2, start=10))
+    page = store.query_flows(FlowQuery(limit=4))
+    assert results == [3] and len(page.records) == 4 and page.more
+
+
+def test_a_schema_1_database_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "ztnet.db"
+    SqliteStore.create(path, "test.example").close()
+    with sqlite3.connect(path) as db:  # back to what the first release made
+        for table in ("flows", "flow_hosts"):
+            db.execute(f"DROP TABLE {table}")
+        db.execute("DELETE FROM meta WHERE key = 'flow_rows'")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    store = SqliteStore.open(path)
+    try:
+        assert store.store_flows("h1", 1, rows("h1", 2)).stored == 2
+        assert store.flow_count() == 2
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == \
+            str(SCHEMA_VERSION)
+    SqliteStore.open(path).close()  # and opens again as it is
+
+
+def test_answers_are_cut_at_the_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flows, "MAX_RESPONSE_BYTES", 25)
+    response = flows.response(["x" * 10] * 3, more=False)
+    assert len(response.records) == 2 and response.truncated
+    assert not flows.response(["x" * 10] * 2, more=False).truncated
+
+
+def test_decode_keeps_columns_and_refuses_bad_bounds() -> None:
+    record = make_record("h1", event_type=EventType.FLOW_END, time_ns=BASE)
+    (row,) = flows.decode_batch("h1", [row_json(record)])
+    assert (row.host, row.agent, row.verdict, row.event_type, row.grant_id) == \
+        ("h1", "bot", "ALLOWED", "flow_end", "g-0000000000000abc")
+    with pytest.raises(RpcFailure, match=r"records\[0\]: protocol or destination"):
+        flows.decode_batch("h1", [row_json(make_record("h1", port=70000))])
+
+
+def row_json(record: FlowRecord) -> bytes:
+    return to_json(record).encode()

@@ -1,0 +1,382 @@
+"""The whole system across hosts: the lab (ztnet/lab/cluster.py), checked end to end.
+
+A real controller and two agent hosts, each enrolled with a one-time token and running its
+own daemon instance, with different agents and so different policies (ztnet/lab/policy.py).
+From each agent host, its agent tries every other role — the API (v4/v6, both ports, ping),
+the exfil sink (TCP and UDP, v4 and v6), the metadata address, the DNS resolver (v4 and v6),
+the controller's two listeners, the other agent host — and, as root, raw packets. Three
+witnesses must agree:
+
+* the probe's errno (EPERM at once for what is denied);
+* sniffers on the api and exfil hosts: every allowed attempt arrived, no denied packet did
+  (proven after an unconfined positive control, see ztnet/lab/sniff.py);
+* the flow records in the controller's flow store (`ztnet flows --controller --json`, which
+  the daemons feed), which must name exactly these attempts, each with the right verdict, and
+  whose flow ends carry the very source ports the sniffers saw.
+
+Also: `ztnet demo` exits 0 with the right summary, and `ztnet lab down` cleans up after a
+SIGKILLed `ztnet lab up`. Lab names carry this process's pid (zl…, zd…, zk…), so concurrent
+test runs and a developer's own `ztnet lab` never collide; leftovers of crashed runs are
+removed first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kernel.conftest import require_bpf, require_tools
+from ztnet.datapath.bpfsys import attached_prog_ids
+from ztnet.datapath.loader import PROGRAMS
+from ztnet.identity import cgroups
+from ztnet.instance import Instance, find_cgroup2_mount
+from ztnet.lab.cluster import Lab, orphan_labs
+from ztnet.lab.netns import list_netns, poll_until
+from ztnet.lab.procs import alive
+from ztnet.lab.sniff import CapturedPacket, Sniffer
+from ztnet.lab.topology import (
+    CONTROL_PORT,
+    CONTROLLER_PORT,
+    ENROLL_PORT,
+    HOST_IFACE,
+    METADATA_IPV4,
+    PEER_PORT,
+    LabHost,
+    Topology,
+)
+from ztnet.lab.wire import control_from
+from ztnet.observe.records import EventType, FlowRecord, Verdict
+
+PREFIXES = ("zl", "zd", "zk")  # e2e lab, demo lab, killed lab
+PAYLOAD = "ztnet-e2e-payload"
+RESEARCH, OPS = "research-bot", "ops-bot"
+ECHO_REQUESTS = (8, 128)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean_crashed_runs() -> None:
+    require_bpf()
+    require_tools("nsenter", "sysctl")
+    for prefix in PREFIXES:
+        for name in orphan_labs(prefix):
+            Lab(Topology(name)).down()
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    the_lab = Lab(Topology(f"zl{os.getpid():x}"))
+    try:
+        assert the_lab.up()
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+# --- the traffic matrix ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    kind: str  # tcp | udp | icmp | dns | raw
+    role: str  # the target host (or "peer": the other agent host, "metadata")
+    v6: bool
+    port: int
+    allowed: frozenset[str]  # the agents whose policy allows it
+
+    def address(self, lab: Lab, me: LabHost) -> str:
+        if self.role == "metadata":
+            return METADATA_IPV4
+        hosts = lab.topology.agent_hosts_list
+        host = next(h for h in hosts if h != me) if self.role == "peer" else \
+            lab.topology.host(self.role)
+        return host.ipv6 if self.v6 else host.ipv4
+
+    def spec(self, lab: Lab, me: LabHost) -> dict[str, Any]:
+        spec: dict[str, Any] = {"kind": self.kind, "host": self.address(lab, me),
+                                "port": self.port}
+        if self.kind == "tcp":
+            spec["payload"] = PAYLOAD
+        if self.kind == "dns":
+            spec["name"] = lab.topology.host("api").fqdn
+        return spec
+
+    @property
+    def proto(self) -> int:
+        return {"tcp": 6, "udp": 17, "dns": 17}.get(self.kind, 58 if self.v6 else 1)
+
+
+def _a(kind: str, role: str, port: int = 0, *allowed: str, v6: bool = False) -> Attempt:
+    return Attempt(kind, role, v6, port, frozenset(allowed))
+
+
+# what each agent's policy allows is written out here, not derived from ztnet/lab/policy.py
+MATRIX = (
+    _a("tcp", "api", 443, RESEARCH), _a("tcp", "api", 8443, OPS),
+    _a("tcp", "api", 443, v6=True), _a("tcp", "api", 8443, OPS, v6=True),
+    _a("icmp", "api", 0, OPS),
+    _a("tcp", "exfil", 4444), _a("tcp", "exfil", 4444, v6=True),
+    _a("udp", "exfil", 4444), _a("udp", "exfil", 4444, v6=True),
+    _a("tcp", "metadata", 80),
+    _a("dns", "dns", 53, RESEARCH, OPS), _a("dns", "dns", 53, v6=True),
+    _a("tcp", "ctl", CONTROLLER_PORT), _a("tcp", "ctl", ENROLL_PORT),
+    _a("tcp", "peer", PEER_PORT), _a("tcp", "peer", PEER_PORT, v6=True),
+)
+# as root, through a raw socket: only the egress backstop stands in the way
+RAW = (_a("raw", "api", 0, OPS), _a("raw", "exfil", 0))
+SNIFFED = ("api", "exfil")
+
+
+@dataclass
+class Outcome:
+    host: LabHost
+    attempt: Attempt
+    result: dict[str, Any]
+
+    @property
+    def agent(self) -> str:
+        return self.host.agent
+
+    @property
+    def allowed(self) -> bool:
+        return self.agent in self.attempt.allowed
+
+
+def _sniffed_target(lab: Lab, outcome: Outcome) -> str | None:
+    role = "exfil" if outcome.attempt.role == "metadata" else outcome.attempt.role
+    return role if role in SNIFFED else None
+
+
+def _arrived(packets: list[CapturedPacket], lab: Lab, outcome: Outcome) -> list[CapturedPacket]:
+    attempt, host = outcome.attempt, outcome.host
+    source = host.ipv6 if attempt.v6 else host.ipv4
+    destination = attempt.address(lab, host)
+    return [p for p in packets if p.src == source and p.dst == destination
+            and p.proto == attempt.proto
+            and (p.dport == attempt.port if attempt.proto in (6, 17)
+                 else p.icmp_type in ECHO_REQUESTS)]
+
+
+def _agent_packets(packets: list[CapturedPacket], lab: Lab) -> list[CapturedPacket]:
+    sources = {a for h in lab.topology.agent_hosts_list for a in (h.ipv4, h.ipv6)}
+    return [p for p in packets if p.src in sources and p.dport != CONTROL_PORT
+            and (p.proto in (6, 17) or p.icmp_type in ECHO_REQUESTS)]
+
+
+def _verdict_key(r: FlowRecord) -> tuple[str, str, str, str, str, int]:
+    return (r.host, r.agent.name, r.event_type.value, r.verdict.value, r.destination,
+            r.destination_port)
+
+
+def _expected_key(lab: Lab, o: Outcome) -> tuple[str, str, str, str, str, int] | None:
+    """The verdict record an attempt must leave; None for ping and raw sockets, which pass
+    no connect or sendmsg hook (their allowed packets show up as flow ends)."""
+    if o.attempt.kind in ("icmp", "raw"):
+        return None
+    kind = EventType.CONNECT if o.attempt.kind == "tcp" else EventType.SENDMSG
+    verdict = Verdict.ALLOWED if o.allowed else Verdict.DENIED
+    return (o.host.name, o.agent, kind.value, verdict.value, o.attempt.address(lab, o.host),
+            o.attempt.port)
+
+
+def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
+    topo = lab.topology
+    started = time.time()
+    sniffers = {role: Sniffer(topo.netns(role), HOST_IFACE) for role in SNIFFED}
+    outcomes: list[Outcome] = []
+    try:
+        for sniffer in sniffers.values():
+            sniffer.start()
+        for host in topo.agent_hosts_list:
+            results = lab.probe(host, host.agent, [a.spec(lab, host) for a in MATRIX])
+            results += lab.probe(host, host.agent, [a.spec(lab, host) for a in RAW], user=None)
+            outcomes += [Outcome(host, a, r) for a, r in zip((*MATRIX, *RAW), results,
+                                                              strict=True)]
+        # positive controls: unconfined, from each agent host, after all agent traffic
+        for host in topo.agent_hosts_list:
+            lab.probe(host, None, [{"kind": "tcp", "host": topo.host(role).ipv4,
+                                    "port": CONTROL_PORT} for role in SNIFFED], timeout=1.0)
+        for sniffer in sniffers.values():
+            for host in topo.agent_hosts_list:
+                sniffer.wait_for(control_from(host), 10.0,
+                                 f"the positive control from {host.name}")
+    finally:
+        captured = {role: sniffer.stop() for role, sniffer in sniffers.items()}
+
+    # 1. the probes: allowed works end to end, denied fails at once with EPERM
+    for o in outcomes:
+        what = f"{o.agent}@{o.host.name} {o.attempt}"
+        if o.attempt.kind == "raw":
+            continue  # sendto() of a raw socket reports nothing useful; the wire decides
+        if not o.allowed:
+            assert o.result["result"] == "EPERM", (what, o.result)
+        elif o.attempt.kind == "tcp":
+            assert (o.result["result"], o.result["received"]) == ("OK", len(PAYLOAD)), what
+        elif o.attempt.kind == "dns":
+            assert o.result == {"index": o.result["index"], "result": "OK",
+                                "addresses": [topo.host("api").ipv4]}, what
+        else:
+            assert o.result["result"] == "OK", (what, o.result)
+
+    # 2. the wire: allowed arrived, denied did not, and nothing else from an agent host did
+    explained: set[CapturedPacket] = set()
+    for o in outcomes:
+        role = _sniffed_target(lab, o)
+        if role is None:
+            continue
+        arrived = _arrived(captured[role], lab, o)
+        assert bool(arrived) == o.allowed, (f"{o.agent}@{o.host.name} {o.attempt}", arrived)
+        explained |= set(arrived)
+    for role in SNIFFED:
+        unexplained = [p.summary for p in _agent_packets(captured[role], lab)
+                       if p not in explained]
+        assert not unexplained, (role, unexplained)
+
+    # 3. the controller's flow store: exactly these verdicts, and the sniffed source ports
+    expected = sorted(k for o in outcomes if (k := _expected_key(lab, o)) is not None)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started - 1))
+
+    def stored() -> list[FlowRecord] | None:
+        records = lab.controller_flows(since=since)
+        verdicts = sorted(_verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
+        ends = [r for r in records if r.event_type == EventType.FLOW_END]
+        tcp_allowed = sum(o.allowed for o in outcomes if o.attempt.kind == "tcp")
+        return records if verdicts == expected and len(ends) >= tcp_allowed else None
+
+    records = poll_until(stored, 20.0, "the controller's flow store to hold every attempt")
+    verdicts = sorted(_verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
+    assert verdicts == expected
+    ends = [r for r in records if r.event_type == EventType.FLOW_END]
+    for o in outcomes:
+        if o.attempt.kind != "tcp" or not o.allowed:
+            continue
+        sport = int(o.result["sport"])
+        end = [r for r in ends if (r.host, r.source_port, r.destination_port) ==
+               (o.host.name, sport, o.attempt.port)]
+        assert len(end) == 1, (o, end)
+        assert end[0].grant is not None and end[0].flow is not None
+        assert end[0].flow.bytes_out > len(PAYLOAD) and end[0].flow.bytes_in > len(PAYLOAD)
+        role = _sniffed_target(lab, o)
+        assert role is not None
+        syns = [p for p in _arrived(captured[role], lab, o) if p.is_syn]
+        assert [(p.src, p.sport) for p in syns] == [(end[0].source, sport)], (o, syns)
+    pings = [r for r in ends if r.agent.name == OPS and r.proto == 1
+             and r.destination == topo.host("api").ipv4]
+    assert pings and all(r.grant is not None for r in pings)
+    assert not [r for r in ends if r.agent.name == RESEARCH and r.proto in (1, 58)]
+    # the controller and each host's own log agree, record for record
+    local = {r.uuid for h in topo.agent_hosts_list for r in _local_flows(lab, h, started - 1)}
+    assert local <= {r.uuid for r in records}
+
+
+def _local_flows(lab: Lab, host: LabHost, since: float) -> list[FlowRecord]:
+    from ztnet.observe.query import read_flows
+
+    return [r for r in read_flows(lab.flows_path(host)) if r.time >= since]
+
+
+def _local_flows_or_none(lab: Lab, host: LabHost) -> list[FlowRecord] | None:
+    return _local_flows(lab, host, 0) or None
+
+
+def test_each_daemon_owns_its_programs_maps_and_agents(lab: Lab) -> None:
+    """Two daemons share one kernel: each has its own programs attached at its own cgroup
+    root, its own pins, and records only its own agents' cgroups."""
+    programs: dict[str, set[int]] = {}
+    agent_cgroups: dict[str, set[int]] = {}
+    for host in lab.topology.agent_hosts_list:
+        instance = lab.instance(host)
+        lab.probe(host, host.agent, [{"kind": "tcp", "host": lab.topology.host("api").ipv4,
+                                      "port": 443}])
+        fd = os.open(instance.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            per_hook = [attached_prog_ids(fd, spec.attach_type) for spec in PROGRAMS]
+        finally:
+            os.close(fd)
+        assert all(len(ids) == 1 for ids in per_hook), (host.name, per_hook)
+        programs[host.name] = {i for ids in per_hook for i in ids}
+        assert (instance.pin_dir / "zt_grants_v1").exists()
+        agent_cgroups[host.name] = {cgroups.cgroup_id(path) for path in
+                                    cgroups.agent_cgroups(instance).values()}
+        records = poll_until(partial(_local_flows_or_none, lab, host), 10.0,
+                             f"{host.name}'s flow log")
+        assert {r.cgroup_id for r in records} <= agent_cgroups[host.name]
+        assert {r.host for r in records} == {host.name}
+    a, b = (lab.topology.agent_hosts_list[i].name for i in (0, 1))
+    assert not programs[a] & programs[b]
+    assert not agent_cgroups[a] & agent_cgroups[b]
+    assert lab.instance(a).pin_dir != lab.instance(b).pin_dir
+
+
+# --- the demo, and down after a crash -------------------------------------------------------
+
+
+def ztnet(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ztnet.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_the_demo_tells_the_story_and_its_summary_adds_up() -> None:
+    name = f"zd{os.getpid():x}"
+    start = time.monotonic()
+    done = ztnet("demo", "--name", name)
+    took = time.monotonic() - start
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert took < 60, took
+    out = done.stdout
+    assert "FAIL" not in out and "all 11 steps behaved as described" in out
+    # AGENT HOST ATTEMPTS ALLOWED DENIED ALERTS BYTES-OUT BYTES-IN
+    rows: dict[tuple[str, str], list[int]] = {}
+    for line in out[out.index("\nsummary"):].splitlines():
+        cells = line.split()
+        if len(cells) == 8 and cells[2].isdigit():
+            rows[(cells[0], cells[1])] = [int(cell) for cell in cells[2:]]
+    assert rows[(RESEARCH, "host-a")][:4] == [8, 3, 5, 1], rows
+    assert rows[(OPS, "host-b")][:4] == [2, 1, 1, 0], rows
+    assert rows[("total", "-")][:4] == [10, 4, 6, 1], rows
+    assert all(row[4] > 0 and row[5] > 0 for row in rows.values()), rows
+    assert "ALERT metadata-endpoint attempt: research-bot@host-a" in out
+    assert '"result": "ECONNABORTED"' in out
+    assert not list_netns(f"{name}-") and not Topology(name).run_dir.exists()
+
+
+def test_lab_down_removes_everything_after_a_sigkilled_up() -> None:
+    topo = Topology(f"zk{os.getpid():x}")
+    lab = Lab(topo)
+    up = subprocess.Popen([sys.executable, "-m", "ztnet.cli", "lab", "up", "--name", topo.name],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # kill it mid-way: the controller serves and the daemons are starting (not yet ready)
+        def daemons_started() -> bool | None:
+            names = [r.name for r in lab.records()]
+            return True if sum(n.startswith("daemon") for n in names) == 2 else None
+
+        poll_until(daemons_started, 60.0, "lab up to start the daemons")
+    finally:
+        up.send_signal(signal.SIGKILL)
+        up.wait()
+    records = lab.records()
+    assert list_netns(f"{topo.name}-") and any(alive(r) for r in records)
+    done = ztnet("lab", "down", "--name", topo.name)
+    assert done.returncode == 0, done.stderr
+    assert not list_netns(f"{topo.name}-")
+    assert not topo.run_dir.exists()
+    assert not any(alive(r) for r in records)
+    mount = find_cgroup2_mount()
+    for host in topo.agent_hosts_list:
+        instance = Instance.resolve(topo.instance_name(host), mount)
+        assert not instance.cgroup_root.exists() and not instance.bpffs_dir.exists()
+    assert not [p for p in Path("/sys/fs/bpf").glob(f"ztnet-{topo.name}-*")]
+    again = ztnet("lab", "down", "--name", topo.name)
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
+    json.loads(ztnet("lab", "status", "--name", topo.name, "--json").stdout)

@@ -1,0 +1,64 @@
+"""Prometheus metrics of `ztnet controller serve` (``--metrics ADDR``).
+
+A registry of its own (never the process-global one), served by
+``ztnet.observe.metrics.start_http_server``. Counters are incremented on the
+event loop; gauges that mirror the controller's state read it when scraped
+(from the HTTP thread: only plain attribute reads, no database access).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# QueryFlows latency: interactive queries land in the low buckets; a bad
+# plan over millions of rows would show in the top ones.
+QUERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.hosts_connected = Gauge("ztnet_controller_hosts_connected", "Hosts with an open "
+                                     "grant stream.", registry=r)
+        self.bundle_version = Gauge("ztnet_controller_bundle_version", "Version of the "
+                                    "current epoch (the bundles being pushed).", registry=r)
+        self.policy_version = Gauge("ztnet_controller_policy_version", "Version of the "
+                                    "current policy.", registry=r)
+        self.pushes = Counter("ztnet_controller_pushes", "Bundles sent to hosts.", registry=r)
+        self.answers = Counter("ztnet_controller_push_answers", "Hosts' answers to pushes, "
+                               "by answer (ack, nack).", ["answer"], registry=r)
+        self.flow_batches = Counter("ztnet_controller_flow_batches", "ReportFlows batches, by "
+                                    "outcome: stored, duplicate (at or below the host's "
+                                    "sequence: acknowledged, not stored), refused.",
+                                    ["outcome"], registry=r)
+        self.flow_records = Counter("ztnet_controller_flow_records", "Flow records in stored "
+                                    "batches, by outcome: stored, duplicate (uuid already "
+                                    "stored).", ["outcome"], registry=r)
+        self.flow_rows = Gauge("ztnet_controller_flows_stored", "Flow records in the "
+                               "database.", registry=r)
+        self.flows_pruned = Counter("ztnet_controller_flows_pruned", "Flow records deleted "
+                                    "by retention (age or row limit).", registry=r)
+        self.query_seconds = Histogram("ztnet_controller_flow_query_seconds", "QueryFlows "
+                                       "latency (database part).", buckets=QUERY_BUCKETS,
+                                       registry=r)
+        # exported from the start, at 0, so rate() and alerts see them
+        for answer in ("ack", "nack"):
+            self.answers.labels(answer)
+        for outcome in ("stored", "duplicate", "refused"):
+            self.flow_batches.labels(outcome)
+        for outcome in ("stored", "duplicate"):
+            self.flow_records.labels(outcome)
+
+    def follow(self, *, hosts: Callable[[], int], bundle_version: Callable[[], int],
+               policy_version: Callable[[], int]) -> None:
+        """Read these when scraped."""
+        self.hosts_connected.set_function(hosts)
+        self.bundle_version.set_function(bundle_version)
+        self.policy_version.set_function(policy_version)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

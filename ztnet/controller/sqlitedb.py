@@ -1,0 +1,129 @@
+"""The SQLite plumbing under ``SqliteStore``: the schema and its upgrades,
+how a connection is opened, and WAL checkpoints in a thread of their own.
+
+Checkpoints: by default SQLite checkpoints inside whichever commit takes the
+write-ahead log past 1000 pages. With flow batches arriving, that is a commit
+on the server's event loop, which then copies megabytes into the database and
+fsyncs it while grant pushes wait. ``Checkpointer`` (used by `controller
+serve`) turns that off for the serving connection and runs PASSIVE checkpoints
+twice a second on a connection of its own: PASSIVE never takes the write lock
+nor waits for readers, and sqlite3 releases the GIL while it works. Measured
+over a million flow inserts (batches of 500): 43,000 against 17,000 records a
+second, and the slowest batch 0.1 s against 0.6 s. The log stays bounded by
+about half a second of writes. Other processes (`controller token create` …)
+keep the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+from ztnet.controller.flowstore import FLOW_SCHEMA
+from ztnet.daemon import logs
+from ztnet.errors import ConfigError
+
+SCHEMA_VERSION = 2  # 2: flow records
+CHECKPOINT_INTERVAL = 0.5
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE policies (
+    version INTEGER PRIMARY KEY, text TEXT NOT NULL, applied_at REAL NOT NULL);
+CREATE TABLE revocations (
+    agent TEXT NOT NULL, grant_id INTEGER NOT NULL,  -- 0: every grant of the agent
+    version INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (agent, grant_id));
+CREATE TABLE tokens (
+    digest TEXT PRIMARY KEY, host TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, used_at REAL);
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, issued_at REAL NOT NULL,
+    not_after REAL NOT NULL, revoked_at REAL);
+CREATE INDEX certificates_by_id ON certificates (spiffe_id);
+CREATE TABLE hosts (
+    name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, enrolled_at REAL NOT NULL,
+    applied_version INTEGER NOT NULL DEFAULT 0, last_seen REAL NOT NULL DEFAULT 0,
+    nack_version INTEGER NOT NULL DEFAULT 0, nack_reason TEXT NOT NULL DEFAULT '');
+"""
+
+# schema N -> the statements that make it N + 1
+_UPGRADES: dict[int, tuple[str, ...]] = {1: FLOW_SCHEMA}
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    """Every table of the current schema (the caller adds the meta rows)."""
+    db.executescript(_SCHEMA)  # commits on its own
+    for statement in FLOW_SCHEMA:
+        db.execute(statement)
+
+
+def upgrade(db: sqlite3.Connection) -> str:
+    """Bring an older schema up to date, inside the caller's write transaction
+    (read again under its lock: another process may have upgraded it); returns
+    the schema now. A newer schema than this ztnet knows is left alone."""
+    schema = str(db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0])
+    while schema.isdigit() and int(schema) in _UPGRADES:
+        for statement in _UPGRADES[int(schema)]:
+            db.execute(statement)
+        schema = str(int(schema) + 1)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (schema,))
+    return schema
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    try:
+        # isolation_level None: no implicit transactions; _tx() says where they are.
+        db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
+        # up to 64 MiB of page cache (the default is 2 MiB): flow inserts write at
+        # the end of each agent's and host's range in the indexes, and queries
+        # reread the newest pages
+        db.execute("PRAGMA cache_size = -65536")
+    except sqlite3.Error as exc:
+        raise ConfigError(f"controller: cannot open {path}: {exc}") from None
+    if str(mode).lower() != "wal":
+        raise ConfigError(f"controller: {path}: cannot switch to WAL mode (got {mode})")
+    return db
+
+
+class Checkpointer:
+    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL) -> None:
+        self.path = path
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._serving: sqlite3.Connection | None = None
+
+    def start(self, serving: sqlite3.Connection) -> None:
+        """Take checkpointing away from ``serving`` (the event loop's connection)."""
+        self._serving = serving
+        serving.execute("PRAGMA wal_autocheckpoint = 0")
+        self._thread = threading.Thread(target=self._run, name="ztnet-wal-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._serving is not None:
+            # back to the default, so closing the connection checkpoints what is left
+            self._serving.execute("PRAGMA wal_autocheckpoint = 1000")
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        failed = False
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    failed = False
+                except sqlite3.Error as exc:
+                    if not failed:  # once per run of failures, not twice a second
+                        logs.event("wal checkpoint failed", logging.WARNING, error=str(exc))
+                    failed = True
+        finally:
+            db.close()
