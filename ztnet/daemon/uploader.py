@@ -257,10 +257,12 @@ class _Collector(Collector):
                                   "acknowledged.", value=upload.records)
         dropped = CounterMetricFamily("ztnet_flow_upload_dropped", "Flow records that will "
                                       "never reach the controller, by reason (spool_full: "
-                                      "deleted unacknowledged to make room; write_failed: "
+                                      "deleted unacknowledged to make room; write_backlog: "
+                                      "the spool's writer was too far behind; write_failed: "
                                       "could not be spooled; refused: in a batch the "
                                       "controller refused).", labels=["reason"])
         dropped.add_metric(["spool_full"], spool.dropped_records)
+        dropped.add_metric(["write_backlog"], self.sink.backlog_records)
         dropped.add_metric(["write_failed"], self.sink.lost_records)
         dropped.add_metric(["refused"], upload.refused)
         yield dropped
