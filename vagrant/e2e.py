@@ -30,10 +30,8 @@ PY = "/ztnet/.venv/bin/python"
 ZTNET = "/ztnet/.venv/bin/ztnet"
 ADMIN = "ZTNET_CONTROLLER={ctl}:{port} ZTNET_CREDENTIALS=/root/ztnet-admin"
 VMCHECK = "cd /ztnet && /ztnet/.venv/bin/python -m vagrant.vmcheck"
-PAYLOAD = "ztnet-vagrant-e2e"
 CAPTURE = "/tmp/ztnet-e2e-capture.jsonl"
 CONTROL_PORT = 9  # the lab's positive-control port: nothing listens there (topology.py)
-AGENTS = {"host-a": "research-bot", "host-b": "ops-bot"}  # topology.agent_for
 
 
 class CheckFailed(Exception):
@@ -114,20 +112,25 @@ class E2E:
         self.lab = {k: v.strip("'") for k, v in self.lab.items()}
         self.admin = ADMIN.format(ctl=self.lab["CONTROLLER_V4"], port=self.lab["CONTROLLER_PORT"])
         self.api_port, self.api_alt_port = map(int, self.lab["API_PORTS"].split())
-        self.exfil_port = int(self.lab["EXFIL_UDP_PORT"])
-        self.metadata_port = int(self.lab["EXFIL_TCP_PORTS"].split()[1])
+        # agent host -> the agent it runs (topology.agent_for)
+        self.agents = {vm: self.lab[f"{self.key(vm)}_AGENT"]
+                       for vm in self.lab["AGENT_HOSTS"].split()}
         self.plan: dict[str, Any] = {}
         self.results: dict[str, list[dict[str, object]]] = {}
         self.raw: dict[str, list[dict[str, object]]] = {}
         self.sniffer_pid = ""
 
-    def host_ip(self, vm: str, v6: bool = False) -> str:
-        return self.lab[f"{vm.upper().replace('-', '_')}_{'V6' if v6 else 'V4'}"]
+    @staticmethod
+    def key(vm: str) -> str:
+        return vm.upper().replace("-", "_")
+
+    def host_ip(self, vm: str) -> str:
+        return self.lab[f"{self.key(vm)}_V4"]
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def operator(self, args: str, check: bool = True) -> str:
-        return self.c.ssh("controller", f"{self.admin} {ZTNET} {args}", check=check).stdout
+    def operator(self, args: str) -> str:
+        return self.c.ssh("controller", f"{self.admin} {ZTNET} {args}").stdout
 
     def probe(self, vm: str, agent: str | None, attempts: list[dict[str, object]], *,
               user: str | None = "nobody") -> list[dict[str, object]]:
@@ -151,8 +154,8 @@ class E2E:
     def topology(self) -> str:
         missing = []
         vms = {"controller": ["CONTROLLER_V4", "CONTROLLER_V6"],
-               "host-a": ["HOST_A_V4", "HOST_A_V6"], "host-b": ["HOST_B_V4", "HOST_B_V6"],
-               "services": ["API_V4", "API_V6", "EXFIL_V4", "DNS_V4", "DNS_V6"]}
+               **{vm: [f"{self.key(vm)}_V4", f"{self.key(vm)}_V6"] for vm in self.agents},
+               "services": ["API_V4", "API_V6", "EXFIL_V4", "EXFIL_V6", "DNS_V4", "DNS_V6"]}
         for vm, keys in vms.items():
             have = self.c.ssh(vm, "ip -o addr show").stdout
             missing += [f"{vm}:{self.lab[k]}" for k in keys if f" {self.lab[k]}/" not in have]
@@ -166,11 +169,11 @@ class E2E:
     def enrolled(self) -> str:
         table = self.operator("hosts")
         rows = {line.split()[0]: line.split() for line in table.splitlines()[1:] if line.split()}
-        for vm in AGENTS:
+        for vm in self.agents:
             expect(vm in rows, f"{vm} not enrolled:\n{table}")
             # HOST APPLIED IN-SYNC CONNECTED …
             expect(rows[vm][2:4] == ["yes", "yes"], f"{vm} not in sync and connected:\n{table}")
-        return ", ".join(f"{vm} v{rows[vm][1]}" for vm in AGENTS) + " in sync, connected"
+        return ", ".join(f"{vm} v{rows[vm][1]}" for vm in self.agents) + " in sync, connected"
 
     def enforcing(self, vm: str) -> str:
         self.c.ssh(vm, "systemctl is-active --quiet ztnet-daemon")
@@ -178,10 +181,10 @@ class E2E:
                       self.c.ssh(vm, f"{ZTNET} status").stdout.splitlines()
                       if ":" in line and not line.startswith(" "))
         expect(status.get("enforcing", "").strip() == "yes", f"{vm} not enforcing: {status}")
-        agents = self.c.ssh(vm, f"{ZTNET} agents").stdout
-        expect(AGENTS[vm] in agents, f"{AGENTS[vm]} not among the agents on {vm}:\n{agents}")
+        agent, agents = self.agents[vm], self.c.ssh(vm, f"{ZTNET} agents").stdout
+        expect(agent in agents, f"{agent} not among the agents on {vm}:\n{agents}")
         return (f"ztnet-daemon active, enforcing, {status['grants'].strip()} grants; "
-                f"agent {AGENTS[vm]} registered")
+                f"agent {agent} registered")
 
     def start_sniffer(self) -> str:
         iface = self.lab_iface("services", self.lab["API_V4"])
@@ -212,16 +215,17 @@ class E2E:
 
     def judge(self, packets: list[str]) -> list[tuple[str, bool, str]]:
         """vmcheck.py judges the evidence; the daemons upload flows in batches, so the
-        verdicts are judged again until the flow store has them all (or a minute passed)."""
+        verdicts are judged again until the flow store has them all (for up to 90 s)."""
         deadline = time.monotonic() + 90
         while True:
             flows = self.operator("flows --json --limit 10000 --since 2h").splitlines()
             evidence = {"results": self.results, "raw": self.raw, "packets": packets,
                         "flows": flows}
             out = self.c.ssh("controller", VMCHECK + " judge", stdin=json.dumps(evidence)).stdout
-            rows = [tuple(json.loads(line)) for line in out.splitlines() if line.startswith("[")]
+            rows = [(str(name), bool(ok), str(detail)) for name, ok, detail in
+                    (json.loads(line) for line in out.splitlines() if line.startswith("["))]
             if all(ok for _, ok, _ in rows) or time.monotonic() > deadline:
-                return rows  # type: ignore[return-value]
+                return rows
             time.sleep(5)
 
     def stop_sniffer(self) -> list[str]:
@@ -245,21 +249,23 @@ class E2E:
         text = self.c.ssh("services", f"journalctl -u {unit} -o cat --no-pager").stdout
         return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
-    def revoke_cuts(self) -> str:
-        api4 = self.lab["API_V4"]
-        hold = (f"{ZTNET} run --agent research-bot --user nobody -- {PY} -m ztnet.lab.probe "
+    def revoke_cuts(self, vm: str) -> str:
+        """`ztnet revoke` of every grant of ``vm``'s agent cuts its established flow to the
+        api; new connections get EPERM; `--restore` gives the access back."""
+        api4, agent = self.lab["API_V4"], self.agents[vm]
+        hold = (f"{ZTNET} run --agent {agent} --user nobody -- {PY} -m ztnet.lab.probe "
                 f"hold {api4} {self.api_port} --interval 0.5 --limit 300 --timeout 5")
-        self.c.ssh("host-a", f"rm -f /tmp/ztnet-e2e-hold.log; nohup {hold} "
+        self.c.ssh(vm, f"rm -f /tmp/ztnet-e2e-hold.log; nohup {hold} "
                              "> /tmp/ztnet-e2e-hold.log 2>&1 &")
 
         def hold_log() -> str:
-            return self.c.ssh("host-a", "cat /tmp/ztnet-e2e-hold.log").stdout
+            return self.c.ssh(vm, "cat /tmp/ztnet-e2e-hold.log").stdout
 
         deadline = time.monotonic() + 120
         while '"connected"' not in hold_log():
             expect(time.monotonic() < deadline, f"the held flow did not connect: {hold_log()}")
             time.sleep(1)
-        self.operator("revoke --agent research-bot")
+        self.operator(f"revoke --agent {agent}")
         try:
             deadline = time.monotonic() + 60
             while '"broken"' not in hold_log():
@@ -267,12 +273,12 @@ class E2E:
                                                     f"{hold_log()}")
                 time.sleep(1)
             broken = json.loads(hold_log().strip().splitlines()[-1])
-            after = self.probe("host-a", "research-bot", [
+            after = self.probe(vm, agent, [
                 {"kind": "tcp", "host": api4, "port": self.api_port}])[0]
             expect(after["result"] == "EPERM", f"new connection after revoke: {after}")
         finally:
-            self.operator("revoke --agent research-bot --restore")
-        again = self.probe("host-a", "research-bot", [
+            self.operator(f"revoke --agent {agent} --restore")
+        again = self.probe(vm, agent, [
             {"kind": "tcp", "host": api4, "port": self.api_port}])[0]
         expect(again["result"] == "OK", f"connection after --restore: {again}")
         return (f"held flow cut ({broken['result']}), new connect EPERM; after --restore OK")
@@ -284,7 +290,7 @@ def run(vagrant_dir: Path) -> int:
     report = Report()
     try:
         e = E2E(cluster)
-        agents = {e.host_ip(vm) for vm in AGENTS}
+        agents = {e.host_ip(vm) for vm in e.agents}
         report.check("VM addresses = ztnet.lab topology", e.topology)
         report.check("controller up", e.controller_up)
         report.check("hosts enrolled, policy applied", e.enrolled)
@@ -310,7 +316,7 @@ def run(vagrant_dir: Path) -> int:
             return "exfil server saw nothing from the agents; api received host-a's payload"
 
         report.check("server logs: exfil silent, api received", servers)
-        report.check("revoke cuts research-bot's live flow", e.revoke_cuts)
+        report.check("revoke cuts research-bot's live flow", lambda: e.revoke_cuts("host-a"))
     except CheckFailed as exc:
         report.add("(aborted)", False, str(exc))
     finally:

@@ -53,6 +53,7 @@ def lab_env(topology: Topology) -> dict[str, str]:
     for host in topology.agent_hosts_list:
         key = host.name.upper().replace("-", "_")
         env[f"{key}_V4"], env[f"{key}_V6"] = host.ipv4, host.ipv6
+        env[f"{key}_AGENT"] = host.agent
     return env
 
 
