@@ -656,7 +656,8 @@ def add_node_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         identity = run_enroll(args.controller, args.token, args.ca_fingerprint, args.state,
                               host=args.host)
         print(f"enrolled {identity.host} as {identity.spiffe_id}; credentials in {args.state}")
-        print(f"next: ztnet daemon --controller {args.controller} --state {args.state}")
+        print("next: ztnet daemon --controller HOST:PORT --state "
+              f"{args.state}  (the controller's mutual-TLS --listen port, not the enrollment port)")
         return 0
 
     p.set_defaults(handler=enroll)
