@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from ztnet.controller import ca
 from ztnet.controller.store import SqliteStore
 from ztnet.errors import ConfigError
+from ztnet.fsutil import create_new, replace_atomic
 from ztnet.grants.keys import generate_keypair
 from ztnet.grants.model import is_dns_name
 
@@ -189,32 +190,21 @@ def _issue_server_certificate(paths: StatePaths, authority: ca.Authority, store:
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` (never replacing one) with ``mode`` from the start, so a
-    private key is never readable by others, not even for a moment."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    """Create ``path`` (never replacing one) with ``mode`` from the start."""
     try:
-        fd = os.open(path, flags, mode)
+        create_new(path, data, mode)
     except FileExistsError:
         raise ConfigError(f"controller: {path} already exists; refusing to overwrite it") from None
     except OSError as exc:
-        raise ConfigError(f"controller: cannot create {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # the umask may have removed bits
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        path.unlink(missing_ok=True)
         raise ConfigError(f"controller: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def replace_file(path: Path, data: bytes, mode: int) -> None:
-    """Write aside, then rename over ``path``: readers see the old or the new file."""
-    staged = path.with_name(f".{path.name}.new")
-    staged.unlink(missing_ok=True)
-    write_file(staged, data, mode)
-    os.replace(staged, path)
+    """Readers see the old or the new file."""
+    try:
+        replace_atomic(path, data, mode)
+    except OSError as exc:
+        raise ConfigError(f"controller: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def read_file(path: Path) -> bytes:

@@ -6,11 +6,11 @@ re-apply, never skip or roll back."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ztnet.errors import ConfigError
+from ztnet.fsutil import replace_atomic
 
 BUNDLE_FILE = "applied-bundle.json"
 VERSION_FILE = "applied.json"
@@ -22,25 +22,7 @@ class Applied:
     payload_sha256: str
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` (0600) so that a crash or power loss leaves the old content or the
-    new, never a mixture: a temporary file (``.NAME.tmp``), fsync, rename, fsync of the
-    directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+write_atomic = replace_atomic  # the spool and the state files share it
 
 
 class StateDir:

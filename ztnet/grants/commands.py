@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from ztnet.errors import ConfigError
+from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import (
     VerifiedBundle,
     format_time,
@@ -180,21 +180,10 @@ def _read_bundle(path: PathLike) -> bytes:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Readers (a daemon polling the file) see the old bundle or the new one,
-    never half of one."""
-    directory = path.parent
+    never half of one. Bundles are signed, not secret: 0644."""
     try:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        replace_atomic(path, data, 0o644)
     except OSError as exc:
-        raise ConfigError(f"bundle: cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # bundles are signed, not secret
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except OSError as exc:
-        Path(temp).unlink(missing_ok=True)
         raise ConfigError(f"bundle: cannot write {path}: {exc.strerror or exc}") from None
 
 

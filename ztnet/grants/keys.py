@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from ztnet.errors import ConfigError
+from ztnet.fsutil import create_new
 
 PRIVATE_KEY_NAME = "signing.key"
 PUBLIC_KEY_NAME = "signing.pub"
@@ -67,24 +68,12 @@ def generate_keypair(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    # O_EXCL: never truncate a file that appeared since the check above, and
-    # O_NOFOLLOW: never write a key through a planted symlink. The mode is set
-    # at creation so the private key is never readable by others, not even
-    # for the moment between create and chmod.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    # Never truncate a file that appeared since the check above, never write a
+    # key through a planted symlink: create_new is O_EXCL | O_NOFOLLOW.
     try:
-        fd = os.open(path, flags, mode)
+        create_new(path, data, mode)
     except OSError as exc:
         raise ConfigError(f"keys: cannot create {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # the umask may have removed bits
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise ConfigError(f"keys: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ztnet.errors import ConfigError
+from ztnet.fsutil import replace_atomic
 from ztnet.observe.jsonfields import format_time
 from ztnet.observe.records import FlowRecord, Verdict
 
@@ -155,19 +156,7 @@ class AuditLog:
 
 
 def _write_head(path: Path, head: Head) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, canonical({"seq": head.seq, "hash": head.hash}) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomic(path, canonical({"seq": head.seq, "hash": head.hash}) + b"\n")
 
 
 def _read_head(path: Path) -> Head | None:
