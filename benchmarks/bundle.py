@@ -26,10 +26,11 @@ from pathlib import Path
 import psutil
 
 from ztnet.datapath.datapath import teardown
-from ztnet.grants.bundle import issue_bundle, sign_bundle
+from ztnet.grants.bundle import sign_bundle
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.policy.document import parse_policy
+from ztnet.policy.issue import issue_bundle
 
 AGENTS = 10
 

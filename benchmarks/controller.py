@@ -69,10 +69,10 @@ from tests.controller.support import (
 )
 from tests.kernel.daemon_support import DaemonProcess
 from tests.kernel.support import agent_argv
-from ztnet.daemon.credentials import fingerprint
 from ztnet.daemon.enroll import enroll as enroll_daemon
 from ztnet.datapath.datapath import teardown
 from ztnet.instance import Instance
+from ztnet.pki import fingerprint
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ import psutil
 
 from ztnet.datapath import abi
 from ztnet.datapath.bpfsys import prog_info
-from ztnet.datapath.compile import BootClock, compile_grants
+from ztnet.datapath.compile import BootClock, compile_desired_state
 from ztnet.datapath.datapath import ApplyResult, Datapath, teardown
 from ztnet.grants.model import Grant, PortRange, Proto
 from ztnet.identity import cgroups
@@ -332,7 +332,7 @@ def measure_loading(datapath: Datapath, port: int, count: int) -> dict[str, Any]
     indices = datapath.ensure_agents([AGENT])
     grants = large_grants(port, count, now)
     started = time.perf_counter()
-    compile_grants(grants, indices, now=now, clock=BootClock.now())
+    compile_desired_state(grants, indices, now=now, clock=BootClock.now())
     compile_seconds = time.perf_counter() - started
     loads = []
     for version in (0, 1, 2):

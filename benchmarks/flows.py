@@ -67,13 +67,13 @@ from tests.controller.support import ControllerProcess, create_token, init_contr
 from tests.kernel.daemon_support import DaemonProcess, make_bundle
 from tests.kernel.support import agent_argv
 from tests.kernel.test_controller_e2e import free_port
-from ztnet.daemon.credentials import fingerprint
 from ztnet.daemon.enroll import enroll
 from ztnet.daemon.flows import FLOWS_FILE
 from ztnet.datapath.datapath import teardown
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.observe.tail import LineTail
+from ztnet.pki import fingerprint
 
 HERE = Path(__file__).resolve().parent
 AGENT = "bot"  # the agent of tests.kernel.daemon_support.make_bundle

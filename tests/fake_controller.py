@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ztnet.daemon.credentials import fingerprint
+from ztnet.pki import fingerprint
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
 TRUST_DOMAIN = "test.example"

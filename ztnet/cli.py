@@ -409,10 +409,10 @@ def add_controller_commands(sub: argparse._SubParsersAction) -> None:  # type: i
 
     def serve(args: argparse.Namespace) -> int:
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
+        from ztnet import logs
         from ztnet.controller.flows import Retention
         from ztnet.controller.server import ServeConfig
         from ztnet.controller.server import serve as run_server
-        from ztnet.daemon import logs
 
         if args.flow_max_rows < 0:
             p_serve.error("--flow-max-rows: must be 0 (no limit) or more")
@@ -711,7 +711,7 @@ def _spool_size(text: str) -> int:
 def _cmd_daemon(args: argparse.Namespace) -> int:
     import socket
 
-    from ztnet.daemon import logs
+    from ztnet import logs
     from ztnet.daemon.service import Daemon, DaemonConfig
 
     logs.setup(args.log_format)

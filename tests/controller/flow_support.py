@@ -13,7 +13,6 @@ from typing import Any
 import grpc
 
 from tests.controller.support import ControllerProcess, HostIdentity
-from ztnet.grants.payload import spiffe_agent_id
 from ztnet.observe.records import (
     AgentRef,
     EventType,
@@ -26,6 +25,7 @@ from ztnet.observe.records import (
     record_uuid,
     to_json,
 )
+from ztnet.pki import spiffe_agent_id
 from ztnet.v1 import admin_pb2, node_pb2, node_pb2_grpc
 
 NS = 1_000_000_000

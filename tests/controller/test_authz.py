@@ -28,6 +28,7 @@ from tests.controller.support import (
     make_csr,
     private_pem,
 )
+from ztnet import pki
 from ztnet.controller import ca
 from ztnet.controller.commands import revoke_host
 from ztnet.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
@@ -197,8 +198,8 @@ def test_the_mutual_tls_listener_refuses_a_client_without_certificate(
 
 def test_a_certificate_from_another_ca_is_refused(controller: ControllerProcess) -> None:
     foreign = ca.create_authority(TRUST_DOMAIN, now=_now())
-    key = ca.new_tls_key()
-    cert = ca.issue(foreign, key.public_key(), ca.spiffe_id(TRUST_DOMAIN, "admin", "mallory"),
+    key = pki.new_tls_key()
+    cert = ca.issue(foreign, key.public_key(), pki.spiffe_id(TRUST_DOMAIN, "admin", "mallory"),
                     now=_now(), lifetime=3600)
     with controller.channel(key_pem=private_pem(key),
                             cert_pem=cert.public_bytes(serialization.Encoding.PEM)) as channel:
@@ -277,7 +278,7 @@ def test_both_listeners_present_the_ca_for_pinning(controller: ControllerProcess
                         for cert in chain]
         except ssl.SSLError:
             pytest.fail("TLS handshake failed before the chain could be read")
-    expected = ca.fingerprint(x509.load_pem_x509_certificate(state.ca_pem))
+    expected = pki.fingerprint(x509.load_pem_x509_certificate(state.ca_pem))
     assert [hashlib.sha256(der).hexdigest() for der in ders][-1] == expected
     assert len(ders) == 2
 

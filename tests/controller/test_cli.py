@@ -21,8 +21,7 @@ from tests.controller.support import (
     enroll,
     write_policy,
 )
-from ztnet import cli
-from ztnet.controller import ca
+from ztnet import cli, pki
 
 
 def ztnet(*args: str | Path, env: dict[str, str] | None = None,
@@ -53,7 +52,7 @@ def test_init_creates_a_private_state_directory(tmp_path: Path) -> None:
     for name in ("ca.pem", "signing.pub", "server.pem"):
         assert mode(state / name) == 0o644, name
     ca_cert = x509.load_pem_x509_certificate((state / "ca.pem").read_bytes())
-    assert f"CA fingerprint (SHA-256): {ca.fingerprint(ca_cert)}" in result.stdout
+    assert f"CA fingerprint (SHA-256): {pki.fingerprint(ca_cert)}" in result.stdout
     server = x509.load_pem_x509_certificate((state / "server.pem").read_bytes())
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "ctl.example.org"}
@@ -89,7 +88,7 @@ def test_token_create_json(state: ControllerState) -> None:
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert set(printed) == {"token", "ca_fingerprint"}
-    assert printed["ca_fingerprint"] == ca.fingerprint(
+    assert printed["ca_fingerprint"] == pki.fingerprint(
         x509.load_pem_x509_certificate(state.ca_pem))
     bad = ztnet("controller", "token", "create", "--state", state.root, "--host", "x",
                 "--ttl", "0s")
@@ -105,7 +104,7 @@ def test_admin_cert_writes_a_credential_directory(state: ControllerState,
     assert mode(out) == 0o700 and mode(out / "admin.key") == 0o600
     assert (out / "ca.pem").read_bytes() == state.ca_pem
     cert = x509.load_pem_x509_certificate((out / "admin.pem").read_bytes())
-    assert ca.certificate_identity(cert).uri == "spiffe://test.example/admin/alice"
+    assert pki.certificate_identity(cert).uri == "spiffe://test.example/admin/alice"
     again = ztnet("controller", "admin-cert", "--state", state.root, "--out", out)
     assert again.returncode == 2 and "already exists" in again.stderr
 

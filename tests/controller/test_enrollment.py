@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.controller.support import make_csr
+from ztnet import pki
 from ztnet.controller import ca
 from ztnet.controller.enrollment import Enrollment, create_token, token_digest
 from ztnet.controller.status import RpcFailure
@@ -89,12 +90,12 @@ def test_host_certificates_are_short_lived_client_certificates(
     enrollment = Enrollment(store, authority, host_cert_ttl=3600, clock=Clock(T0))
     issued = enrollment.enroll(create_token(store, "web-1", ttl=60, now=T0), "web-1", csr())
     cert = issued.cert
-    assert ca.not_after(cert) == T0 + 3600
+    assert pki.not_after(cert) == T0 + 3600
     assert ca.signed_by(cert, authority)
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    assert ca.certificate_identity(cert) == ca.spiffe_id("test.example", "host", "web-1")
+    assert pki.certificate_identity(cert) == pki.spiffe_id("test.example", "host", "web-1")
 
 
 def test_weak_or_odd_keys_are_refused() -> None:
@@ -105,20 +106,20 @@ def test_weak_or_odd_keys_are_refused() -> None:
     with pytest.raises(ValueError, match="P-256"):
         ca.csr_public_key(make_csr(odd, "x"))
     with pytest.raises(ValueError, match="larger than"):
-        ca.csr_public_key(b"x" * (ca.MAX_PEM_BYTES + 1))
+        ca.csr_public_key(b"x" * (pki.MAX_PEM_BYTES + 1))
 
 
 def test_a_certificate_never_outlives_its_ca(authority: ca.Authority) -> None:
-    key = ca.new_tls_key()
-    cert = ca.issue(authority, key.public_key(), ca.spiffe_id("test.example", "admin", "a"),
+    key = pki.new_tls_key()
+    cert = ca.issue(authority, key.public_key(), pki.spiffe_id("test.example", "admin", "a"),
                     now=T0, lifetime=100 * 365 * 86400.0)
-    assert ca.not_after(cert) == ca.not_after(authority.cert)
+    assert pki.not_after(cert) == pki.not_after(authority.cert)
 
 
 def test_another_ca_did_not_sign(authority: ca.Authority) -> None:
     other = ca.create_authority("test.example", now=T0)
-    cert = ca.issue(other, ca.new_tls_key().public_key(),
-                    ca.spiffe_id("test.example", "admin", "a"), now=T0, lifetime=60)
+    cert = ca.issue(other, pki.new_tls_key().public_key(),
+                    pki.spiffe_id("test.example", "admin", "a"), now=T0, lifetime=60)
     assert not ca.signed_by(cert, authority) and ca.signed_by(cert, other)
 
 
@@ -129,11 +130,11 @@ def test_another_ca_did_not_sign(authority: ca.Authority) -> None:
 ])
 def test_only_ztnet_spiffe_ids_parse(uri: str) -> None:
     with pytest.raises(ValueError):
-        ca.parse_spiffe_id(uri)
+        pki.parse_spiffe_id(uri)
 
 
 def test_spiffe_ids_round_trip() -> None:
-    for identity in (ca.spiffe_id("a.example", "controller"),
-                     ca.spiffe_id("a.example", "host", "web-1"),
-                     ca.spiffe_id("a.example", "admin", "alice")):
-        assert ca.parse_spiffe_id(identity.uri) == identity
+    for identity in (pki.spiffe_id("a.example", "controller"),
+                     pki.spiffe_id("a.example", "host", "web-1"),
+                     pki.spiffe_id("a.example", "admin", "alice")):
+        assert pki.parse_spiffe_id(identity.uri) == identity

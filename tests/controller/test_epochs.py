@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.controller.support import policy_toml
-from ztnet.controller import ca
+from ztnet import pki
 from ztnet.controller.authz import Peer
 from ztnet.controller.epochs import MIN_RENEW_INTERVAL, Issuer, effective_policy
 from ztnet.controller.hub import Answer, Hub, Session, new_push
@@ -74,7 +74,7 @@ def test_a_policy_that_cannot_be_issued_is_caught_by_check() -> None:
 
 
 def session(host: str) -> Session:
-    identity = ca.spiffe_id("test.example", "host", host)
+    identity = pki.spiffe_id("test.example", "host", host)
     return Session(host, Peer(identity, serial=1, not_after=T0 + 3600))
 
 

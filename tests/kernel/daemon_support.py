@@ -19,9 +19,10 @@ from typing import Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ztnet.grants.bundle import issue_bundle, sign_bundle
+from ztnet.grants.bundle import sign_bundle
 from ztnet.instance import Instance
 from ztnet.policy.document import parse_policy
+from ztnet.policy.issue import issue_bundle
 
 HOST = "testhost"
 POLICY = """trust_domain = "test.example"

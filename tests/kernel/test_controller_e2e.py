@@ -33,11 +33,12 @@ from tests.fake_controller import FakeController
 from tests.kernel.daemon_support import HOST, DaemonProcess, make_bundle
 from tests.kernel.support import LineProcess, agent_argv, probe_argv, run_probe
 from ztnet.daemon.channel import controller_channel
-from ztnet.daemon.credentials import HostCredentials, fingerprint
+from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.enroll import enroll
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
+from ztnet.pki import fingerprint
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
 A, B, NEVER = 8080, 7070, 9090

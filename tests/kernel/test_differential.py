@@ -1,5 +1,5 @@
 """Randomized differential test: the kernel's verdicts against the reference
-evaluator (ztnet.policy.evaluate), on random grant sets and random attempts.
+evaluator (ztnet.grants.evaluate), on random grant sets and random attempts.
 
 Attempts are non-blocking connect()/sendto() calls made by real agent
 processes in a namespace whose routes lead into a discarding interface. The
@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from tests.kernel.support import LineProcess, agent_argv, allow_ping_sockets, probe_argv
 from ztnet.datapath.datapath import Datapath
+from ztnet.grants.evaluate import allowed_by
 from ztnet.grants.model import Grant, IPAddress, PortRange, Proto
 from ztnet.instance import Instance
 from ztnet.lab.netns import BlackholeNetns
-from ztnet.policy.evaluate import allowed_by
 
 AGENTS = ("alpha", "beta")
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}

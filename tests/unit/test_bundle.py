@@ -18,7 +18,6 @@ from ztnet.grants.bundle import (
     GrantRecord,
     decode_payload,
     encode_payload,
-    issue_bundle,
     sign_bundle,
     verify_bundle,
 )
@@ -26,6 +25,7 @@ from ztnet.grants.envelope import sign_envelope
 from ztnet.grants.keys import key_id
 from ztnet.grants.model import PortRange, Proto
 from ztnet.policy.document import parse_policy
+from ztnet.policy.issue import issue_bundle
 
 PUB = KEY.public_key()
 

@@ -14,13 +14,13 @@ from ztnet.errors import BundleRejected, SignatureInvalid, UnknownKey
 from ztnet.grants.bundle import (
     decode_payload,
     encode_payload,
-    issue_bundle,
     sign_bundle,
     verify_bundle,
 )
 from ztnet.grants.payload import floor_ms
 from ztnet.policy.compile import compile_grants
 from ztnet.policy.document import Policy, parse_policy
+from ztnet.policy.issue import issue_bundle
 
 PUB = KEY.public_key()
 # What a tampered envelope may raise: named rejections, nothing generic.

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztnet.datapath.abi import PROTO_CLASS, EntryKey, ZtProto
-from ztnet.datapath.compile import BootClock, DesiredState, compile_grants, port_blocks
+from ztnet.datapath.compile import BootClock, DesiredState, compile_desired_state, port_blocks
+from ztnet.grants.evaluate import allowed_by
 from ztnet.grants.model import Grant, IPAddress, PortRange, Proto
-from ztnet.policy.evaluate import allowed_by
 
 NOW = 1_800_000_000.0
 CLOCK = BootClock(offset_ns=int(1_700_000_000 * 1e9))
@@ -61,7 +61,7 @@ def test_more_specific_prefix_inherits_covering_grant_window() -> None:
                  NOW - 10, NOW + 100)
     narrow_expired = Grant(2, "a", Proto.TCP, ipaddress.ip_network("10.1.0.0/16"),
                            PortRange(80, 80), NOW - 100, NOW - 50)
-    state = compile_grants([wide, narrow_expired], {"a": 1}, now=NOW, clock=CLOCK)
+    state = compile_desired_state([wide, narrow_expired], {"a": 1}, now=NOW, clock=CLOCK)
     narrow_key = EntryKey(1, 6, 4, 16, 80, bytes([10, 1, 0, 0]), 16)
     assert state.entries[narrow_key].grant_id == 1
     assert simulate_kernel(state, 1, 6, ipaddress.ip_address("10.1.2.3"), 80, NOW) == 1
@@ -69,13 +69,13 @@ def test_more_specific_prefix_inherits_covering_grant_window() -> None:
 
 def test_expired_only_entries_are_not_installed() -> None:
     old = Grant(3, "a", Proto.UDP, ipaddress.ip_network("fd00::/64"), None, NOW - 20, NOW - 10)
-    state = compile_grants([old], {"a": 1}, now=NOW, clock=CLOCK)
+    state = compile_desired_state([old], {"a": 1}, now=NOW, clock=CLOCK)
     assert state.entries == {}
 
 
 def test_icmp_grant_uses_level_zero_only() -> None:
     grant = Grant(4, "a", Proto.ICMP, ipaddress.ip_network("10.0.0.1/32"), None, NOW, NOW + 5)
-    state = compile_grants([grant], {"a": 3}, now=NOW, clock=CLOCK)
+    state = compile_desired_state([grant], {"a": 3}, now=NOW, clock=CLOCK)
     assert state.levels[3] == (0, 1, 0, 0)
 
 
@@ -121,7 +121,7 @@ def test_compiled_state_agrees_with_reference_evaluator(
     grant_list: list[Grant], probe_list: list[tuple[str, int, IPAddress, int | None]]
 ) -> None:
     index = {"a": 1, "b": 2}
-    state = compile_grants(grant_list, index, now=NOW, clock=CLOCK)
+    state = compile_desired_state(grant_list, index, now=NOW, clock=CLOCK)
     for agent, proto, address, port in probe_list:
         expected = allowed_by(grant_list, agent, proto, address, port, NOW) is not None
         got = simulate_kernel(state, index[agent], proto, address, port, NOW) is not None

@@ -18,16 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ztnet import logs
 from ztnet.controller import flows, status
 from ztnet.controller.authz import Authorizer
 from ztnet.controller.hub import HostResult, Hub
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.publisher import Publication, Publisher
 from ztnet.controller.store import Store
-from ztnet.daemon import logs
 from ztnet.errors import ConfigError
 from ztnet.grants.model import AGENT_NAME_RE, format_grant_id, parse_grant_id
-from ztnet.grants.payload import spiffe_agent_id
+from ztnet.pki import spiffe_agent_id
 from ztnet.policy.compile import grant_id_for
 from ztnet.v1 import admin_pb2
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ztnet import pki
 from ztnet.controller import ca, status
 from ztnet.controller.store import Store
 from ztnet.grants.bundle import format_time
@@ -34,7 +35,7 @@ _HOW_TO_GET = {
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    identity: ca.SpiffeId
+    identity: pki.SpiffeId
     serial: int
     not_after: float
 
@@ -56,7 +57,7 @@ class Authorizer:
         self.trust_domain = store.trust_domain()
         self.clock = clock
 
-    def require(self, context: Any, kind: ca.Kind) -> Peer:
+    def require(self, context: Any, kind: pki.Kind) -> Peer:
         """The caller, if it holds a valid certificate of ``kind``."""
         pems = context.auth_context().get("x509_pem_cert") or []
         if not pems:
@@ -83,11 +84,11 @@ class Authorizer:
             raise status.unauthenticated("the client certificate was not issued by this "
                                          "controller's CA")
         try:
-            identity = ca.certificate_identity(cert)
+            identity = pki.certificate_identity(cert)
         except ValueError as exc:
             raise status.denied(f"the client certificate is not a ztnet identity: {exc}") \
                 from None
-        return Peer(identity, cert.serial_number, ca.not_after(cert))
+        return Peer(identity, cert.serial_number, pki.not_after(cert))
 
     def check_valid(self, peer: Peer) -> None:
         """Expiry and revocation; also re-checked during long streams."""

@@ -1,11 +1,9 @@
 """The controller's certificate authority for mutual TLS (X.509, ECDSA P-256).
 
-Every certificate names exactly one SPIFFE id in its URI SAN, and that id is
-the only thing authorization looks at (``ztnet.controller.authz``):
-
-    spiffe://<trust-domain>/controller        the controller's server certificate
-    spiffe://<trust-domain>/host/<name>       an enrolled host (short-lived, renewed)
-    spiffe://<trust-domain>/admin/<name>      an operator's admin credential
+Every certificate names exactly one SPIFFE id in its URI SAN (``controller``,
+``host/<name>`` or ``admin/<name>``; the shapes and the parsing live in
+``ztnet.pki``), and that id is the only thing authorization looks at
+(``ztnet.controller.authz``).
 
 Grant signing (Ed25519) is a different key and a different concern: it lives
 in ``ztnet.grants``. A CSR contributes only its public key: the subject and
@@ -17,10 +15,8 @@ Node.js client.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -29,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztnet.errors import ConfigError
+from ztnet.pki import MAX_PEM_BYTES, SpiffeId, fingerprint, issued_by, new_tls_key, not_after
 
 CA_LIFETIME = 10 * 365 * 86400.0
 SERVER_LIFETIME = 365 * 86400.0
@@ -36,10 +33,7 @@ SERVER_LIFETIME = 365 * 86400.0
 # certificate is not "not yet valid" on a host whose clock is a little behind.
 BACKDATE = 300.0
 MIN_RSA_BITS = 2048
-MAX_PEM_BYTES = 64 * 1024
-Kind = Literal["controller", "host", "admin"]
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-KINDS: tuple[Kind, ...] = ("controller", "host", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,60 +50,6 @@ class Authority:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.cert)
-
-
-@dataclass(frozen=True, slots=True)
-class SpiffeId:
-    """A parsed ``spiffe://<trust_domain>/<kind>[/<name>]``."""
-
-    trust_domain: str
-    kind: Kind
-    name: str
-
-    @property
-    def uri(self) -> str:
-        suffix = f"/{self.name}" if self.name else ""
-        return f"spiffe://{self.trust_domain}/{self.kind}{suffix}"
-
-
-def spiffe_id(trust_domain: str, kind: Kind, name: str = "") -> SpiffeId:
-    return SpiffeId(trust_domain, kind, name)
-
-
-def parse_spiffe_id(uri: str) -> SpiffeId:
-    """ValueError unless ``uri`` is one of the three shapes this CA issues."""
-    rest = uri.removeprefix("spiffe://")
-    if rest == uri:
-        raise ValueError(f"{uri!r} is not a spiffe:// URI")
-    domain, _, path = rest.partition("/")
-    kind, _, name = path.partition("/")
-    if not domain or kind not in KINDS or "/" in name:
-        raise ValueError(f"{uri!r} is not a ztnet SPIFFE id")
-    if (kind == "controller") != (name == ""):
-        raise ValueError(f"{uri!r}: only the controller id has no name")
-    return SpiffeId(domain, kind, name)
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    """Hex SHA-256 of the DER encoding: what hosts pin at enrollment."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def not_after(cert: x509.Certificate) -> float:
-    """Unix time the certificate expires (cryptography 38 returns naive UTC)."""
-    return cert.not_valid_after.replace(tzinfo=datetime.UTC).timestamp()
-
-
-def new_tls_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 def create_authority(trust_domain: str, *, now: float) -> Authority:
@@ -203,28 +143,7 @@ def signed_by(cert: x509.Certificate, authority: Authority) -> bool:
     """True if the CA's key signed ``cert``: checked on top of the TLS
     handshake's own verification, so a listener configured without client
     verification could never let an unsigned certificate through."""
-    algorithm = cert.signature_hash_algorithm
-    if cert.issuer != authority.cert.subject or algorithm is None:
-        return False
-    try:
-        authority.key.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
-                                          ec.ECDSA(algorithm))
-    except InvalidSignature:
-        return False
-    return True
-
-
-def certificate_identity(cert: x509.Certificate) -> SpiffeId:
-    """The one SPIFFE id a certificate names; ValueError otherwise."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise ValueError("the certificate has no subject alternative name") from None
-    uris = [uri for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if uri.startswith("spiffe://")]
-    if len(uris) != 1:
-        raise ValueError(f"the certificate names {len(uris)} SPIFFE ids; exactly one is needed")
-    return parse_spiffe_id(uris[0])
+    return issued_by(cert, authority.cert)
 
 
 def split_sans(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from ztnet.controller import ca, statedir
+from ztnet import pki
+from ztnet.controller import statedir
 from ztnet.controller.enrollment import create_token
 from ztnet.controller.status import RpcFailure
 from ztnet.controller.store import SqliteStore
@@ -68,7 +69,7 @@ def revoke_host(state: Path, host: str, *, out: TextIO | None = None) -> int:
     paths = statedir.open_state(state)
     store = SqliteStore.open(paths.database)
     try:
-        identity = ca.spiffe_id(store.trust_domain(), "host", host)
+        identity = pki.spiffe_id(store.trust_domain(), "host", host)
         count = store.revoke_certificates(identity.uri, time.time())
     finally:
         store.close()

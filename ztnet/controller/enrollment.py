@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from ztnet import pki
 from ztnet.controller import ca, status
 from ztnet.controller.store import Store, TokenStatus
 from ztnet.grants.payload import normalize_host
@@ -58,7 +59,7 @@ def check_host(host: str, field: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Issued:
     cert: x509.Certificate
-    identity: ca.SpiffeId
+    identity: pki.SpiffeId
 
 
 class Enrollment:
@@ -83,21 +84,21 @@ class Enrollment:
             raise status.denied(f"the enrollment token is not for host {name}")
         if outcome is not TokenStatus.ACCEPTED:
             raise status.unauthenticated(_REFUSALS[outcome])
-        identity = ca.spiffe_id(self.trust_domain, "host", name)
+        identity = pki.spiffe_id(self.trust_domain, "host", name)
         issued = self._issue(public_key, identity, now, replace_older=True)
         self.store.enroll_host(name, identity.uri, now)
         return issued
 
-    def renew(self, identity: ca.SpiffeId, csr_pem: bytes) -> Issued:
+    def renew(self, identity: pki.SpiffeId, csr_pem: bytes) -> Issued:
         """A fresh certificate for an authenticated host; the identity comes
         from the certificate it called with, never from the CSR."""
         return self._issue(_csr_key(csr_pem), identity, self.clock(), replace_older=False)
 
-    def _issue(self, public_key: ca.PublicKey, identity: ca.SpiffeId, now: float, *,
+    def _issue(self, public_key: ca.PublicKey, identity: pki.SpiffeId, now: float, *,
                replace_older: bool) -> Issued:
         cert = ca.issue(self.authority, public_key, identity, now=now,
                         lifetime=self.host_cert_ttl)
-        self.store.record_certificate(cert.serial_number, identity.uri, now, ca.not_after(cert),
+        self.store.record_certificate(cert.serial_number, identity.uri, now, pki.not_after(cert),
                                       replace_older=replace_older)
         return Issued(cert, identity)
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, replace
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ztnet.controller.store import Revocation
-from ztnet.grants.bundle import issue_bundle, sign_bundle
+from ztnet.grants.bundle import sign_bundle
 from ztnet.policy.compile import grant_id_for
 from ztnet.policy.document import Policy
+from ztnet.policy.issue import issue_bundle
 
 ISSUER = "ztnet-controller"
 RENEW_FRACTION = 0.5

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ztnet import logs
 from ztnet.controller import status
 from ztnet.controller.flowstore import FlowQuery, FlowRow, FlowStore
 from ztnet.controller.metrics import ControllerMetrics
-from ztnet.daemon import logs
 from ztnet.observe.query import parse_kind, parse_verdict
 from ztnet.observe.records import FlowRecord, from_json, record_uuid
 from ztnet.v1 import admin_pb2

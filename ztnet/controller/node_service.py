@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from ztnet import logs
 from ztnet.controller import flows, status
 from ztnet.controller.authz import Authorizer, Peer
 from ztnet.controller.enrollment import Enrollment, check_host
@@ -22,7 +23,6 @@ from ztnet.controller.hub import Answer, Hub, Session
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.publisher import Publisher
 from ztnet.controller.store import Store
-from ztnet.daemon import logs
 from ztnet.v1 import node_pb2
 
 # How often an idle stream re-checks its certificate (revoked, expired).

@@ -16,11 +16,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ztnet import logs
 from ztnet.controller import status
 from ztnet.controller.epochs import Epoch, Issuer
 from ztnet.controller.hub import Answer, Hub, Session, new_push
 from ztnet.controller.store import Store
-from ztnet.daemon import logs
 from ztnet.errors import PolicyError
 from ztnet.policy.document import Policy, parse_policy
 

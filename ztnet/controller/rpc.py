@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from ztnet import logs
 from ztnet.controller.status import RpcFailure
-from ztnet.daemon import logs
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)

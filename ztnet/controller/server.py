@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ztnet import logs
 from ztnet.controller import rpc, statedir
 from ztnet.controller.admin_service import AdminService
 from ztnet.controller.authz import Authorizer
@@ -49,7 +50,6 @@ from ztnet.controller.node_service import NodeService
 from ztnet.controller.publisher import Publisher
 from ztnet.controller.status import RpcFailure
 from ztnet.controller.store import SqliteStore
-from ztnet.daemon import logs
 from ztnet.errors import ConfigError, PolicyError
 from ztnet.grants.keys import load_private_key
 from ztnet.observe.metrics import MetricsServer, start_http_server

@@ -21,8 +21,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from ztnet import logs
 from ztnet.controller.flowstore import FLOW_SCHEMA
-from ztnet.daemon import logs
 from ztnet.errors import ConfigError
 
 SCHEMA_VERSION = 2  # 2: flow records

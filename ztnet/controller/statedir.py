@@ -24,6 +24,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ztnet import pki
 from ztnet.controller import ca
 from ztnet.controller.store import SqliteStore
 from ztnet.errors import ConfigError
@@ -106,7 +107,7 @@ def init_state(root: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
     try:
         paths = StatePaths(staging)
         authority = ca.create_authority(trust_domain, now=now)
-        write_file(paths.ca_key, ca.private_key_pem(authority.key), 0o600)
+        write_file(paths.ca_key, pki.private_key_pem(authority.key), 0o600)
         write_file(paths.ca_cert, authority.cert_pem, 0o644)
         generate_keypair(staging)
         store = SqliteStore.create(paths.database, trust_domain)
@@ -142,7 +143,7 @@ def ensure_server_certificate(paths: StatePaths, authority: ca.Authority, store:
     True if it did. The controller is its own CA, so it never needs a person
     to renew this."""
     cert = x509.load_pem_x509_certificate(read_file(paths.server_cert))
-    if ca.not_after(cert) - now > SERVER_RENEW_BEFORE:
+    if pki.not_after(cert) - now > SERVER_RENEW_BEFORE:
         return False
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     dns = tuple(san.get_values_for_type(x509.DNSName))
@@ -164,13 +165,13 @@ def issue_admin_credentials(paths: StatePaths, out: Path, name: str, *, lifetime
     authority = load_authority(paths)
     store = SqliteStore.open(paths.database)
     try:
-        identity = ca.spiffe_id(store.trust_domain(), "admin", name)
-        key = ca.new_tls_key()
+        identity = pki.spiffe_id(store.trust_domain(), "admin", name)
+        key = pki.new_tls_key()
         cert = ca.issue(authority, key.public_key(), identity, now=now, lifetime=lifetime)
-        write_file(admin.key, ca.private_key_pem(key), 0o600)
+        write_file(admin.key, pki.private_key_pem(key), 0o600)
         write_file(admin.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         write_file(admin.ca_cert, authority.cert_pem, 0o644)
-        store.record_certificate(cert.serial_number, identity.uri, now, ca.not_after(cert))
+        store.record_certificate(cert.serial_number, identity.uri, now, pki.not_after(cert))
     finally:
         store.close()
     return admin
@@ -179,14 +180,14 @@ def issue_admin_credentials(paths: StatePaths, out: Path, name: str, *, lifetime
 def _issue_server_certificate(paths: StatePaths, authority: ca.Authority, store: SqliteStore,
                               dns: tuple[str, ...], ips: tuple[str, ...], now: float, *,
                               replace: bool = False) -> None:
-    key = ca.new_tls_key()
-    identity = ca.spiffe_id(store.trust_domain(), "controller")
+    key = pki.new_tls_key()
+    identity = pki.spiffe_id(store.trust_domain(), "controller")
     cert = ca.issue(authority, key.public_key(), identity, now=now, lifetime=ca.SERVER_LIFETIME,
                     dns_names=dns, ip_addresses=ips)
     write = replace_file if replace else write_file
-    write(paths.server_key, ca.private_key_pem(key), 0o600)
+    write(paths.server_key, pki.private_key_pem(key), 0o600)
     write(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    store.record_certificate(cert.serial_number, identity.uri, now, ca.not_after(cert))
+    store.record_certificate(cert.serial_number, identity.uri, now, pki.not_after(cert))
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:

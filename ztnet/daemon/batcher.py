@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 
-from ztnet.daemon import logs
+from ztnet import logs
 from ztnet.daemon.spool import Spool
 from ztnet.errors import ConfigError
 from ztnet.observe.records import FlowRecord, to_json

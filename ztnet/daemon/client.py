@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ztnet.daemon import logs
+from ztnet import logs
 from ztnet.daemon.backoff import Backoff
 from ztnet.daemon.channel import CallScope, controller_channel, describe, wait_ready
 from ztnet.daemon.credentials import HostCredentials

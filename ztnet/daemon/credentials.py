@@ -15,21 +15,27 @@ and a certificate that do not belong together.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ztnet.errors import ConfigError, ControllerError
+from ztnet.fsutil import FileTooLarge, read_bounded, replace_atomic
+from ztnet.pki import (
+    MAX_PEM_BYTES,
+    issued_by,
+    not_after,
+    not_before,
+    private_key_pem,
+    same_public_key,
+    uri_sans,
+)
 
 KEY_FILE = "host.key"
 CERT_FILE = "host.pem"
@@ -39,7 +45,6 @@ IDENTITY_FILE = "identity.json"
 # Renew once this fraction of the certificate's lifetime has passed: leaves the other half
 # for retries while the controller is away.
 RENEW_FRACTION = 0.5
-MAX_PEM = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,33 +62,11 @@ class Identity:
     server_name: str = ""
 
 
-def fingerprint(cert: x509.Certificate) -> str:
-    """Hex SHA-256 of the DER encoding: what `controller token create` prints."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def normalize_fingerprint(text: str) -> str:
-    """Accept ``ab:cd:…``, upper case and a ``sha256:`` prefix; return 64 hex digits."""
-    cleaned = text.strip().lower().removeprefix("sha256:").replace(":", "")
-    if len(cleaned) != 64 or any(c not in "0123456789abcdef" for c in cleaned):
-        raise ConfigError("enroll: --ca-fingerprint must be a SHA-256 (64 hex digits)")
-    return cleaned
-
-
 def load_certificate(data: bytes, what: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise ControllerError(f"enroll: {what} is not a PEM certificate: {exc}") from None
-
-
-def generate_host_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, host: str) -> bytes:
@@ -94,98 +77,40 @@ def build_csr(key: ec.EllipticCurvePrivateKey, host: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """True if ``issuer``'s key signed ``cert`` (cryptography 38 has no helper for this)."""
-    if cert.issuer != issuer.subject:
-        return False
-    public = issuer.public_key()
-    algorithm = cert.signature_hash_algorithm
-    try:
-        if isinstance(public, ec.EllipticCurvePublicKey) and algorithm is not None:
-            public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
-        elif isinstance(public, rsa.RSAPublicKey) and algorithm is not None:
-            public.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
-                          algorithm)
-        elif isinstance(public, ed25519.Ed25519PublicKey):
-            public.verify(cert.signature, cert.tbs_certificate_bytes)
-        else:
-            return False
-    except InvalidSignature:
-        return False
-    return True
-
-
-def is_ca(cert: x509.Certificate) -> bool:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    return constraints.ca
-
-
-def uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
-
-
 def check_host_certificate(cert: x509.Certificate, ca: x509.Certificate,
                            key: ec.EllipticCurvePrivateKey, spiffe_id: str) -> None:
     """Refuse a host certificate we must not present: not from our CA, not for our key,
     not naming our SPIFFE id, or not valid now."""
     if not issued_by(cert, ca):
         raise ControllerError("enroll: the host certificate was not issued by the pinned CA")
-    if not _same_key(cert, key):
+    if not same_public_key(cert, key):
         raise ControllerError("enroll: the host certificate is not for this host's key")
     if spiffe_id not in uri_sans(cert):
         raise ControllerError(f"enroll: the host certificate does not name {spiffe_id} "
                               f"(it names {uri_sans(cert) or 'nothing'})")
     now = time.time()
-    if not _not_before(cert) <= now + 300 or _not_after(cert) <= now:
+    if not not_before(cert) <= now + 300 or not_after(cert) <= now:
         raise ControllerError("enroll: the host certificate is not valid now (clock skew?)")
 
 
-def _not_before(cert: x509.Certificate) -> float:
-    return cert.not_valid_before.replace(tzinfo=UTC).timestamp()
-
-
-def _not_after(cert: x509.Certificate) -> float:
-    return cert.not_valid_after.replace(tzinfo=UTC).timestamp()
-
-
 def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomic replace with the final mode from creation on (a key is never world-readable,
-    not even between create and chmod)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    """Crash-safe replace with the final mode from creation on (a key is never
+    world-readable, not even between create and chmod)."""
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        replace_atomic(path, data, mode)
+    except OSError as exc:
+        raise ConfigError(f"daemon: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _read(path: Path) -> bytes:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_PEM + 1)
+        return read_bounded(path, MAX_PEM_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"daemon: {path} is missing; enroll first (`ztnet enroll`)") from None
     except OSError as exc:
         raise ConfigError(f"daemon: cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_PEM:
-        raise ConfigError(f"daemon: {path} is too large")
-    return data
+    except FileTooLarge:
+        raise ConfigError(f"daemon: {path} is too large") from None
 
 
 class HostCredentials:
@@ -214,12 +139,8 @@ class HostCredentials:
         self.received_at = (state / CERT_FILE).stat().st_mtime
 
     @property
-    def signing_key_path(self) -> Path:
-        return self.state / SIGNING_KEY_FILE
-
-    @property
     def not_after(self) -> float:
-        return _not_after(self.cert)
+        return not_after(self.cert)
 
     def renew_at(self) -> float:
         """Unix time past which the daemon asks for a new certificate: half-way through its
@@ -227,8 +148,8 @@ class HostCredentials:
         (the controller backdates 5 minutes), so counting from not_before would make a
         certificate shorter-lived than its backdating due for renewal the moment it
         arrives, again and again."""
-        start = max(_not_before(self.cert), min(self.received_at, time.time()))
-        end = _not_after(self.cert)
+        start = max(not_before(self.cert), min(self.received_at, time.time()))
+        end = not_after(self.cert)
         return start + max(0.0, end - start) * RENEW_FRACTION
 
     def csr(self) -> bytes:

@@ -18,16 +18,14 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ztnet import pki
 from ztnet.daemon.channel import controller_channel, describe
 from ztnet.daemon.credentials import (
     Identity,
     build_csr,
     check_host_certificate,
-    fingerprint,
-    generate_host_key,
     is_enrolled,
     load_certificate,
-    normalize_fingerprint,
     store_enrollment,
 )
 from ztnet.daemon.pinning import pin_controller_ca
@@ -42,7 +40,10 @@ _REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 
 def enroll(controller: str, token: str, ca_fingerprint: str, state: Path,
            host: str | None = None, timeout: float = 15.0) -> Identity:
-    expected = normalize_fingerprint(ca_fingerprint)
+    try:
+        expected = pki.normalize_fingerprint(ca_fingerprint)
+    except ValueError as exc:
+        raise ConfigError(f"enroll: --ca-fingerprint {exc}") from None
     try:
         name = normalize_host(host or socket.gethostname())
     except ValueError as exc:
@@ -52,7 +53,7 @@ def enroll(controller: str, token: str, ca_fingerprint: str, state: Path,
     _prepare(state)
 
     pinned = pin_controller_ca(controller, expected, timeout=timeout)
-    key = generate_host_key()
+    key = pki.new_tls_key()
     request = node_pb2.EnrollRequest(token=token, host=name, csr_pem=build_csr(key, name))
     channel = controller_channel(controller, pinned.ca_pem, pinned.server_name)
     try:
@@ -63,9 +64,9 @@ def enroll(controller: str, token: str, ca_fingerprint: str, state: Path,
         channel.close()
 
     ca = load_certificate(response.ca_pem, "the CA returned by Enroll")
-    if fingerprint(ca) != expected:
+    if pki.fingerprint(ca) != expected:
         raise ControllerError("enroll: Enroll returned a CA other than the pinned one")
-    spiffe_id = f"spiffe://{response.trust_domain}/host/{name}"
+    spiffe_id = pki.spiffe_id(response.trust_domain, "host", name).uri
     if response.spiffe_id != spiffe_id:
         raise ControllerError(f"enroll: the controller named this host {response.spiffe_id!r}, "
                               f"expected {spiffe_id!r}")

@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from ztnet.daemon import logs
+from ztnet import logs
 from ztnet.daemon.uploader import FlowUpload, UploadSettings
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.events import KernelEvent

@@ -24,8 +24,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ztnet.daemon.credentials import fingerprint, is_ca, issued_by
 from ztnet.errors import ConfigError, ControllerError
+from ztnet.pki import fingerprint, is_ca, issued_by
 
 
 @dataclass(frozen=True, slots=True)

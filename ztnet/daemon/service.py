@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from ztnet.daemon import logs
+from ztnet import logs
 from ztnet.daemon.client import ControllerClient
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.flows import FlowPipeline

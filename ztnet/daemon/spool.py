@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ztnet.daemon import logs
+from ztnet import logs
 from ztnet.daemon.state import write_atomic
 from ztnet.errors import ConfigError
 

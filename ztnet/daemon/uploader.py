@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ztnet.daemon import logs
+from ztnet import logs
 from ztnet.daemon.backoff import Backoff
 from ztnet.daemon.batcher import SpoolSink
 from ztnet.daemon.channel import CallScope, controller_channel, describe, wait_ready

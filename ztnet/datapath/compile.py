@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ztnet.datapath.abi import PROTO_CLASS, EntryKey, EntryValue, ZtFamily, ZtProto
 from ztnet.errors import DatapathError
@@ -63,11 +63,12 @@ def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True, slots=True)
 class DesiredState:
-    """What one generation of the grant maps must contain."""
+    """What one generation of the grant maps must contain (built whole by
+    ``compile_desired_state``, never changed afterwards)."""
 
-    entries: dict[EntryKey, EntryValue] = field(default_factory=dict)
+    entries: Mapping[EntryKey, EntryValue]
     # agent index -> masks indexed by ZtClass
-    levels: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    levels: Mapping[int, tuple[int, int, int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ def _choose_window(windows: list[_Window], now: float) -> _Window | None:
     return None
 
 
-def compile_grants(
+def compile_desired_state(
     grants: Iterable[Grant],
     agent_index: Mapping[str, int],
     *,
@@ -127,7 +128,7 @@ def compile_grants(
         for port, bits in blocks:
             groups[(agent, int(grant.proto), family, bits, port)][grant.network].append(window)
 
-    state = DesiredState()
+    entries: dict[EntryKey, EntryValue] = {}
     levels: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for (agent, proto, family, bits, port), networks in groups.items():
         prefix_lengths = sorted({n.prefixlen for n in networks})
@@ -144,12 +145,11 @@ def compile_grants(
                 continue
             key = EntryKey(agent, proto, family, bits, port,
                            network.network_address.packed, network.prefixlen)
-            state.entries[key] = EntryValue(
+            entries[key] = EntryValue(
                 clock.to_boot_ns(chosen.not_before),
                 clock.to_boot_ns(chosen.not_after),
                 chosen.grant_id,
             )
             levels[agent][PROTO_CLASS[ZtProto(proto)]] |= 1 << bits
-    state.levels.update({agent: (m[0], m[1], m[2], m[3]) for agent, m in levels.items()})
-    return state
+    return DesiredState(entries, {agent: (m[0], m[1], m[2], m[3]) for agent, m in levels.items()})
 

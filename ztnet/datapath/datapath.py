@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ztnet.datapath import abi, events, loader, sockets
 from ztnet.datapath.bpfsys import PinnedMap
-from ztnet.datapath.compile import BootClock, DesiredState, compile_grants
+from ztnet.datapath.compile import BootClock, DesiredState, compile_desired_state
 from ztnet.datapath.probe import probe
 from ztnet.errors import DatapathError, MapUpdateError, NotAttached
 from ztnet.grants.model import Grant, PortRange, Proto
@@ -267,7 +267,7 @@ class Datapath:
         now = time.time() if now is None else now
         with instance_lock(self.instance):
             indices = self.ensure_agents({grant.agent for grant in grants})
-            desired = compile_grants(grants, indices, now=now, clock=self._boot_clock())
+            desired = compile_desired_state(grants, indices, now=now, clock=self._boot_clock())
             if len(desired.entries) > abi.MAX_ENTRIES // 2:
                 raise MapUpdateError(
                     f"datapath: grant set needs {len(desired.entries)} entries, "

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ztnet.grants.evaluate import allowed_by
 from ztnet.grants.model import Grant, IPAddress
 from ztnet.identity import cgroups
 from ztnet.instance import Instance
-from ztnet.policy.evaluate import allowed_by
 
 _TCP_ESTABLISHED, _TCP_SYN_SENT = 0x01, 0x02
 _TABLES = (("tcp", 6), ("tcp6", 6), ("udp", 17), ("udp6", 17))

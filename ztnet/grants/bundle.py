@@ -1,7 +1,9 @@
-"""Signed grant bundles: issue, sign, verify.
+"""Signed grant bundles: sign, verify.
 
     policy ──issue_bundle──▶ Bundle ──sign_bundle──▶ envelope bytes
     envelope bytes ──verify_bundle──▶ VerifiedBundle (the only thing to apply)
+
+Issuing (policy → Bundle) is the policy layer's: ``ztnet.policy.issue``.
 
 verify_bundle checks the signature *first* and decodes only the bytes the
 signature covers; then it checks, in this order, that the bundle is for this
@@ -15,7 +17,7 @@ its names are re-exported here.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,41 +26,28 @@ from ztnet.errors import BundleRejected, ConfigError, GrantExpired
 from ztnet.grants.envelope import TrustedKeys, sign_envelope, verify_envelope
 from ztnet.grants.model import Grant
 from ztnet.grants.payload import (
-    MAX_INT64,
     Bundle,
     GrantRecord,
     decode_payload,
     encode_payload,
-    floor_ms,
     normalize_host,
     parse_spiffe_agent_id,
-    spiffe_agent_id,
 )
-from ztnet.policy.compile import compile_grants
-from ztnet.policy.document import MAX_TTL, Policy
 
 __all__ = [
     "BUNDLE_PAYLOAD_TYPE",
-    "SERIALS_PER_VERSION",
     "Bundle",
     "GrantRecord",
     "VerifiedBundle",
     "decode_payload",
     "encode_payload",
-    "issue_bundle",
     "normalize_host",
     "parse_spiffe_agent_id",
     "sign_bundle",
-    "spiffe_agent_id",
     "verify_bundle",
 ]
 
 BUNDLE_PAYLOAD_TYPE = "application/vnd.ztnet.bundle.v1+json"
-# Serial of a bundle's i-th grant: version * SERIALS_PER_VERSION + i. Serials
-# are thus unique across versions as long as versions only grow, and a serial
-# says which policy version issued it.
-SERIALS_PER_VERSION = 1_000_000
-MAX_ISSUE_VERSION = (MAX_INT64 - SERIALS_PER_VERSION) // SERIALS_PER_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,58 +66,6 @@ class VerifiedBundle:
     def version(self) -> int:
         """The policy version: equal to the applied one means nothing to do."""
         return self.bundle.version
-
-
-def issue_bundle(
-    policy: Policy,
-    *,
-    host: str,
-    version: int,
-    now: float,
-    issuer: str,
-    default_ttl: float = 300.0,
-    bundle_ttl: float | None = None,
-) -> Bundle:
-    """Compile ``policy`` for ``host`` as policy version ``version``. Times are
-    rounded down to whole milliseconds (the payload's unit). The bundle expires
-    ``bundle_ttl`` seconds after ``now``; None means when its first grant
-    expires (at most ``default_ttl``), so a fresh bundle never holds an
-    expired grant. Grant serials are ``version * SERIALS_PER_VERSION + i``."""
-    try:
-        audience = normalize_host(host)
-    except ValueError as exc:
-        raise ConfigError(f"bundle: bad host: {exc}") from None
-    if not 1 <= version <= MAX_ISSUE_VERSION:
-        raise ConfigError(f"bundle: version must be between 1 and {MAX_ISSUE_VERSION}")
-    if bundle_ttl is not None and not 0 < bundle_ttl <= MAX_TTL:
-        raise ConfigError(f"bundle: bundle ttl must be between 1ms and 365d, got {bundle_ttl}s")
-    start = floor_ms(now)
-    grants = compile_grants(policy, now=start, default_ttl=default_ttl)
-    lifetime = bundle_ttl
-    if lifetime is None:
-        lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
-    if len(grants) >= SERIALS_PER_VERSION:
-        raise ConfigError(f"bundle: {len(grants)} grants is more than one bundle can carry")
-    records = tuple(
-        GrantRecord(
-            # start + ttl is a float sum; snap it back to the millisecond grid.
-            replace(grant, not_after=round(grant.not_after * 1000) / 1000),
-            serial=version * SERIALS_PER_VERSION + index,
-        )
-        for index, grant in enumerate(grants)
-    )
-    try:
-        return Bundle(
-            trust_domain=policy.trust_domain,
-            issuer=issuer,
-            audience=audience,
-            version=version,
-            issued_at=start,
-            expires=round((start + lifetime) * 1000) / 1000,
-            grants=records,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"bundle: cannot issue: {exc}") from None
 
 
 def sign_bundle(bundle: Bundle, private_key: Ed25519PrivateKey) -> bytes:

@@ -19,13 +19,13 @@ from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import (
     VerifiedBundle,
     format_time,
-    issue_bundle,
     sign_bundle,
     verify_bundle,
 )
 from ztnet.grants.envelope import MAX_ENVELOPE_BYTES
 from ztnet.grants.keys import generate_keypair, key_id, load_private_key, load_public_key
 from ztnet.policy.document import load_policy
+from ztnet.policy.issue import issue_bundle
 from ztnet.policy.summary import format_table, summarize
 
 DEFAULT_ISSUER = "ztnet-cli"

@@ -2,7 +2,7 @@
 
 This is the unit every layer speaks: policy compiles to grants, bundles carry
 them signed, the datapath installs them, and the reference evaluator in
-``ztnet.policy.evaluate`` defines what they mean.
+``ztnet.grants.evaluate`` defines what they mean.
 """
 
 from __future__ import annotations

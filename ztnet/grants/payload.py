@@ -37,6 +37,7 @@ from ztnet.grants.model import (
     normalize_network,
     parse_grant_id,
 )
+from ztnet.pki import spiffe_agent_id
 
 MAX_INT64 = 2**63 - 1
 # Year 2286. Keeps ms → float seconds → ms exact (float spacing stays far
@@ -68,7 +69,7 @@ _PROTOS = {str(proto): proto for proto in Proto}
 @dataclass(frozen=True, slots=True)
 class GrantRecord:
     """A grant as issued: the grant and its serial (a per-issuance number,
-    unique within the bundle; see ztnet.grants.bundle.issue_bundle)."""
+    unique within the bundle; see ztnet.policy.issue.issue_bundle)."""
 
     grant: Grant
     serial: int
@@ -151,10 +152,6 @@ def normalize_host(host: str) -> str:
     if len(name) > 253 or not _HOST_RE.match(name):
         raise ValueError(f"{host!r} is not a host name")
     return name
-
-
-def spiffe_agent_id(trust_domain: str, agent: str) -> str:
-    return f"spiffe://{trust_domain}/agent/{agent}"
 
 
 def parse_spiffe_agent_id(uri: str, trust_domain: str) -> str:

@@ -21,9 +21,9 @@ from typing import Any
 from ztnet.datapath.abi import ZtEventKind, ZtFamily, ZtReason, ZtVerdict
 from ztnet.datapath.events import KernelEvent
 from ztnet.grants.model import format_grant_id, parse_grant_id
-from ztnet.grants.payload import spiffe_agent_id
 from ztnet.observe.context import CachedExe, GrantInfo, RecordContext, grant_infos, proc_exe
 from ztnet.observe.jsonfields import JsonObject, format_time, parse_time
+from ztnet.pki import spiffe_agent_id
 
 __all__ = [
     "SCHEMA_VERSION", "AgentRef", "CachedExe", "EventType", "FlowCounters", "FlowRecord",

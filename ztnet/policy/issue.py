@@ -1,0 +1,73 @@
+"""Policy → an unsigned grant bundle for one host (the issuing half of
+``policy ──issue_bundle──▶ Bundle ──sign_bundle──▶ envelope``).
+
+Issuing needs the policy compiler, so it lives in the policy layer; signing
+and verifying the result are ``ztnet.grants.bundle``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ztnet.errors import ConfigError
+from ztnet.grants.payload import MAX_INT64, Bundle, GrantRecord, floor_ms, normalize_host
+from ztnet.policy.compile import compile_grants
+from ztnet.policy.document import MAX_TTL, Policy
+
+# Serial of a bundle's i-th grant: version * SERIALS_PER_VERSION + i. Serials
+# are thus unique across versions as long as versions only grow, and a serial
+# says which policy version issued it.
+SERIALS_PER_VERSION = 1_000_000
+MAX_ISSUE_VERSION = (MAX_INT64 - SERIALS_PER_VERSION) // SERIALS_PER_VERSION
+
+
+def issue_bundle(
+    policy: Policy,
+    *,
+    host: str,
+    version: int,
+    now: float,
+    issuer: str,
+    default_ttl: float = 300.0,
+    bundle_ttl: float | None = None,
+) -> Bundle:
+    """Compile ``policy`` for ``host`` as policy version ``version``. Times are
+    rounded down to whole milliseconds (the payload's unit). The bundle expires
+    ``bundle_ttl`` seconds after ``now``; None means when its first grant
+    expires (at most ``default_ttl``), so a fresh bundle never holds an
+    expired grant. Grant serials are ``version * SERIALS_PER_VERSION + i``."""
+    try:
+        audience = normalize_host(host)
+    except ValueError as exc:
+        raise ConfigError(f"bundle: bad host: {exc}") from None
+    if not 1 <= version <= MAX_ISSUE_VERSION:
+        raise ConfigError(f"bundle: version must be between 1 and {MAX_ISSUE_VERSION}")
+    if bundle_ttl is not None and not 0 < bundle_ttl <= MAX_TTL:
+        raise ConfigError(f"bundle: bundle ttl must be between 1ms and 365d, got {bundle_ttl}s")
+    start = floor_ms(now)
+    grants = compile_grants(policy, now=start, default_ttl=default_ttl)
+    lifetime = bundle_ttl
+    if lifetime is None:
+        lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
+    if len(grants) >= SERIALS_PER_VERSION:
+        raise ConfigError(f"bundle: {len(grants)} grants is more than one bundle can carry")
+    records = tuple(
+        GrantRecord(
+            # start + ttl is a float sum; snap it back to the millisecond grid.
+            replace(grant, not_after=round(grant.not_after * 1000) / 1000),
+            serial=version * SERIALS_PER_VERSION + index,
+        )
+        for index, grant in enumerate(grants)
+    )
+    try:
+        return Bundle(
+            trust_domain=policy.trust_domain,
+            issuer=issuer,
+            audience=audience,
+            version=version,
+            issued_at=start,
+            expires=round((start + lifetime) * 1000) / 1000,
+            grants=records,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bundle: cannot issue: {exc}") from None
