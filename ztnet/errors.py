@@ -20,10 +20,17 @@ EPERM"``) so a one-line log names where to look.
     │   ├── AttachError             carries the cgroup
     │   ├── MapUpdateError          carries the map and key
     │   └── NotAttached             enforcement is not in place
-    └── ControllerError             talking to the controller
+    ├── ControllerError             talking to the controller
+    │   └── RpcFailure              becomes the gRPC status a caller sees (carries the code)
+    └── LabError                    the lab could not build or drive a test topology
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only the type: the error tree imports nothing at run time
+    import grpc
 
 
 class ZtnetError(Exception):
@@ -97,3 +104,16 @@ class NotAttached(DatapathError):
 
 class ControllerError(ZtnetError):
     exit_code = 6
+
+
+class RpcFailure(ControllerError):
+    """Raised by the controller's logic; ``ztnet.controller.rpc`` turns it into the gRPC
+    status ``code`` with this message (``ztnet.controller.status`` builds the common ones)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LabError(ZtnetError):
+    """The lab could not build or drive a test topology (messages start with ``lab:``)."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ztnet.errors import ConfigError, UnsupportedKernel
 
+# ZT_ABI_VERSION of bpf/ztnet.h (the pins live under v<ABI_VERSION>/); mirrored by
+# ztnet.datapath.abi and checked against the header by tests/unit/test_abi.py.
 ABI_VERSION = 1
 BPFFS = Path("/sys/fs/bpf")
 INSTANCE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")

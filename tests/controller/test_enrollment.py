@@ -15,8 +15,8 @@ from tests.controller.support import make_csr
 from ztnet import pki
 from ztnet.controller import ca
 from ztnet.controller.enrollment import Enrollment, create_token, token_digest
-from ztnet.controller.status import RpcFailure
 from ztnet.controller.store import SqliteStore
+from ztnet.errors import RpcFailure
 
 T0 = 1_800_000_000.0
 

@@ -16,8 +16,8 @@ from tests.controller.flow_support import NS, make_record
 from ztnet.controller import flows
 from ztnet.controller.flowstore import FlowQuery, FlowRow, flow_sql, iter_explain
 from ztnet.controller.metrics import ControllerMetrics
-from ztnet.controller.status import RpcFailure
 from ztnet.controller.store import SCHEMA_VERSION, SqliteStore
+from ztnet.errors import RpcFailure
 from ztnet.observe.records import EventType, FlowRecord, Verdict, to_json
 
 BASE = 1_800_000_000 * NS

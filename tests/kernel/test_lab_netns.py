@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from tests.kernel.conftest import require, require_tools
+from ztnet.errors import LabError
 from ztnet.lab.netns import (
     IFNAMSIZ,
     BlackholeNetns,
-    LabError,
     NetnsPair,
     _pids_in_netns,
     check_prefix,

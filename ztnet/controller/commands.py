@@ -13,9 +13,8 @@ from typing import TextIO
 from ztnet import pki
 from ztnet.controller import statedir
 from ztnet.controller.enrollment import create_token
-from ztnet.controller.status import RpcFailure
 from ztnet.controller.store import SqliteStore
-from ztnet.errors import ConfigError
+from ztnet.errors import ConfigError, RpcFailure
 from ztnet.policy.document import format_duration
 
 DEFAULT_ADMIN_TTL = 30 * 86400.0

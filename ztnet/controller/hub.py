@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from ztnet.controller.authz import Peer
-from ztnet.controller.status import RpcFailure
+from ztnet.errors import RpcFailure
 
 # Nonces of the last few pushes per session: an answer to anything older is stale.
 _REMEMBERED_NONCES = 16

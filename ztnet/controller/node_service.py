@@ -23,6 +23,7 @@ from ztnet.controller.hub import Answer, Hub, Session
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.publisher import Publisher
 from ztnet.controller.store import Store
+from ztnet.errors import RpcFailure
 from ztnet.v1 import node_pb2
 
 # How often an idle stream re-checks its certificate (revoked, expired).
@@ -113,7 +114,7 @@ class NodeService:
                 else:
                     raise status.invalid(kind or "kind", "only the first message of the "
                                          "stream may be a Subscribe; then Ack or Nack")
-        except status.RpcFailure as failure:
+        except RpcFailure as failure:
             session.close(failure)
         except asyncio.CancelledError:
             raise
@@ -159,7 +160,7 @@ class NodeService:
                     rows = await asyncio.to_thread(flows.decode_batch, peer.name,
                                                    list(batch.records))
                     stored = self.store.store_flows(peer.name, batch.sequence, rows)
-            except status.RpcFailure:
+            except RpcFailure:
                 self.metrics.flow_batches.labels("refused").inc()
                 raise
             if stored is None or stored.duplicate:

@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from ztnet import logs
-from ztnet.controller.status import RpcFailure
+from ztnet.errors import RpcFailure
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)

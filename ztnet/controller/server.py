@@ -48,9 +48,9 @@ from ztnet.controller.hub import Hub
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.node_service import NodeService
 from ztnet.controller.publisher import Publisher
-from ztnet.controller.status import RpcFailure
 from ztnet.controller.store import SqliteStore
-from ztnet.errors import ConfigError, PolicyError
+from ztnet.errors import ConfigError, PolicyError, RpcFailure
+from ztnet.fsutil import FileTooLarge, read_bounded, replace_atomic
 from ztnet.grants.keys import load_private_key
 from ztnet.observe.metrics import MetricsServer, start_http_server
 from ztnet.policy.document import MAX_POLICY_BYTES
@@ -224,12 +224,12 @@ async def _initial_policy(path: Path, publisher: Publisher, store: SqliteStore) 
     """``--policy FILE`` wins only if it is newer than the stored policy: an
     apply made through the API since the file was written is kept."""
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_POLICY_BYTES)
         mtime = path.stat().st_mtime
     except OSError as exc:
         raise ConfigError(f"controller: cannot read --policy {path}: {exc.strerror}") from None
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy: {path}: larger than {MAX_POLICY_BYTES} bytes")
+    except FileTooLarge:
+        raise PolicyError(f"policy: {path}: larger than {MAX_POLICY_BYTES} bytes") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -245,9 +245,8 @@ async def _initial_policy(path: Path, publisher: Publisher, store: SqliteStore) 
 
 
 def _write_ready(path: Path, addresses: dict[str, str]) -> None:
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_text(json.dumps({"pid": os.getpid(), **addresses}) + "\n")
-    os.replace(staged, path)  # readers never see half a file
+    # readers never see half a file
+    replace_atomic(path, (json.dumps({"pid": os.getpid(), **addresses}) + "\n").encode(), 0o644)
 
 
 async def _wait_for_signal() -> None:

@@ -28,7 +28,7 @@ from ztnet import pki
 from ztnet.controller import ca
 from ztnet.controller.store import SqliteStore
 from ztnet.errors import ConfigError
-from ztnet.fsutil import create_new, replace_atomic
+from ztnet.fsutil import FileTooLarge, create_new, read_bounded, replace_atomic
 from ztnet.grants.keys import generate_keypair
 from ztnet.grants.model import is_dns_name
 
@@ -107,8 +107,8 @@ def init_state(root: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
     try:
         paths = StatePaths(staging)
         authority = ca.create_authority(trust_domain, now=now)
-        write_file(paths.ca_key, pki.private_key_pem(authority.key), 0o600)
-        write_file(paths.ca_cert, authority.cert_pem, 0o644)
+        create_file(paths.ca_key, pki.private_key_pem(authority.key), 0o600)
+        create_file(paths.ca_cert, authority.cert_pem, 0o644)
         generate_keypair(staging)
         store = SqliteStore.create(paths.database, trust_domain)
         try:
@@ -168,9 +168,9 @@ def issue_admin_credentials(paths: StatePaths, out: Path, name: str, *, lifetime
         identity = pki.spiffe_id(store.trust_domain(), "admin", name)
         key = pki.new_tls_key()
         cert = ca.issue(authority, key.public_key(), identity, now=now, lifetime=lifetime)
-        write_file(admin.key, pki.private_key_pem(key), 0o600)
-        write_file(admin.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        write_file(admin.ca_cert, authority.cert_pem, 0o644)
+        create_file(admin.key, pki.private_key_pem(key), 0o600)
+        create_file(admin.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        create_file(admin.ca_cert, authority.cert_pem, 0o644)
         store.record_certificate(cert.serial_number, identity.uri, now, pki.not_after(cert))
     finally:
         store.close()
@@ -184,13 +184,13 @@ def _issue_server_certificate(paths: StatePaths, authority: ca.Authority, store:
     identity = pki.spiffe_id(store.trust_domain(), "controller")
     cert = ca.issue(authority, key.public_key(), identity, now=now, lifetime=ca.SERVER_LIFETIME,
                     dns_names=dns, ip_addresses=ips)
-    write = replace_file if replace else write_file
+    write = replace_file if replace else create_file
     write(paths.server_key, pki.private_key_pem(key), 0o600)
     write(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     store.record_certificate(cert.serial_number, identity.uri, now, pki.not_after(cert))
 
 
-def write_file(path: Path, data: bytes, mode: int) -> None:
+def create_file(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` (never replacing one) with ``mode`` from the start."""
     try:
         create_new(path, data, mode)
@@ -210,10 +210,8 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
 
 def read_file(path: Path) -> bytes:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE + 1)
+        return read_bounded(path, MAX_FILE)
     except OSError as exc:
         raise ConfigError(f"controller: cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE:
-        raise ConfigError(f"controller: {path} is too large")
-    return data
+    except FileTooLarge:
+        raise ConfigError(f"controller: {path} is too large") from None

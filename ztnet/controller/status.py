@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import grpc
 
-from ztnet.errors import ControllerError
-
-
-class RpcFailure(ControllerError):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from ztnet.errors import RpcFailure
 
 
 def invalid(field: str, problem: str) -> RpcFailure:

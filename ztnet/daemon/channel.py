@@ -13,7 +13,11 @@ from typing import Literal
 
 import grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the largest bundle the daemon accepts
+from ztnet.grants.envelope import MAX_ENVELOPE_BYTES
+
+# A push carries one envelope (the largest bundle the daemon accepts) and a few short
+# fields; the headroom keeps the envelope's own limit the one that decides.
+MAX_MESSAGE_BYTES = MAX_ENVELOPE_BYTES + 64 * 1024
 # Keepalive pings notice a controller that vanished without closing the connection (power
 # loss, a partition); 20 s apart, 10 s to answer.
 _KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),

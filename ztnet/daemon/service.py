@@ -40,11 +40,11 @@ from ztnet.daemon.watch import FileWatch
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.probe import probe
 from ztnet.errors import ConfigError, DatapathError, GrantError
+from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.grants.bundle import VerifiedBundle, verify_bundle
+from ztnet.grants.envelope import MAX_ENVELOPE_BYTES
 from ztnet.grants.keys import key_id, load_public_key
 from ztnet.instance import Instance
-
-MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -169,8 +169,7 @@ class Daemon:
         if path is None:
             return None
         try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_BUNDLE_BYTES + 1)
+            return read_bounded(path, MAX_ENVELOPE_BYTES)
         except FileNotFoundError:
             logs.event("bundle file missing", logging.WARNING, path=str(path))
             return None
@@ -178,12 +177,11 @@ class Daemon:
             logs.event("bundle file unreadable", logging.WARNING, path=str(path),
                        reason=exc.strerror)
             return None
-        if len(data) > MAX_BUNDLE_BYTES:
+        except FileTooLarge:
             self.rejected += 1
             logs.event("bundle rejected", logging.WARNING, source=str(path),
-                       reason=f"bundle: larger than {MAX_BUNDLE_BYTES} bytes")
+                       reason=f"bundle: larger than {MAX_ENVELOPE_BYTES} bytes")
             return None
-        return data
 
     def reload(self) -> None:
         data = self._read_bundle_file()

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ztnet import logs
-from ztnet.daemon.state import write_atomic
 from ztnet.errors import ConfigError
+from ztnet.fsutil import replace_atomic
 
 SPOOL_DIR = "spool"
 SEQUENCE_FILE = "sequence"
@@ -166,12 +166,12 @@ class Spool:
             sequence = self._next
             if sequence >= self._reserved:
                 self._reserved = sequence + _RESERVE
-                write_atomic(self.directory / SEQUENCE_FILE, f"{self._reserved}\n".encode())
+                replace_atomic(self.directory / SEQUENCE_FILE, f"{self._reserved}\n".encode())
             self._next = sequence + 1  # even if the write fails: a sequence is never reused
             with self._lock:
                 evicted = self._evict(len(data))
             self._unlink(evicted)
-            write_atomic(self._path(sequence), data)
+            replace_atomic(self._path(sequence), data)
             with self._lock:
                 self._entries[sequence] = _Entry(len(data), len(records))
                 self._order.append(sequence)  # the highest so far: the order stays sorted

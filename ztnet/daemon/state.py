@@ -22,9 +22,6 @@ class Applied:
     payload_sha256: str
 
 
-write_atomic = replace_atomic  # the spool and the state files share it
-
-
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -50,6 +47,6 @@ class StateDir:
         return path.read_bytes() if path.exists() else None
 
     def save(self, envelope: bytes, applied: Applied) -> None:
-        write_atomic(self.path / BUNDLE_FILE, envelope)
-        write_atomic(self.path / VERSION_FILE, json.dumps(
+        replace_atomic(self.path / BUNDLE_FILE, envelope)
+        replace_atomic(self.path / VERSION_FILE, json.dumps(
             {"version": applied.version, "payload_sha256": applied.payload_sha256}).encode())

@@ -13,7 +13,10 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
-ABI_VERSION = 1
+# ZT_ABI_VERSION: defined once, in ztnet.instance, because the bpffs pin path carries it and
+# the instance layer sits below the datapath; tests/unit/test_abi.py checks it against the header.
+from ztnet.instance import ABI_VERSION as ABI_VERSION
+
 PORT_LEVELS = 17
 KEY_FIXED_BITS = 96
 MAX_AGENTS = 4096

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from ztnet.datapath.bpfsys import PinnedMap
 from ztnet.datapath.compile import BootClock, DesiredState, compile_desired_state
 from ztnet.datapath.probe import probe
 from ztnet.errors import DatapathError, MapUpdateError, NotAttached
+from ztnet.fsutil import replace_atomic
 from ztnet.grants.model import Grant, PortRange, Proto
 from ztnet.identity import cgroups
 from ztnet.instance import Instance
@@ -388,10 +388,7 @@ def _save_grants(instance: Instance, grants: tuple[Grant, ...]) -> None:
          "not_before": g.not_before, "not_after": g.not_after}
         for g in grants
     ]
-    path = _grants_file(instance)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records))
-    os.replace(tmp, path)
+    replace_atomic(_grants_file(instance), json.dumps(records).encode(), 0o644)
 
 
 def _load_grants(instance: Instance) -> tuple[Grant, ...]:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from ztnet.errors import ConfigError
-from ztnet.fsutil import create_new
+from ztnet.fsutil import FileTooLarge, create_new, read_bounded
 
 PRIVATE_KEY_NAME = "signing.key"
 PUBLIC_KEY_NAME = "signing.pub"
@@ -118,13 +118,11 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
 def _read(path: str | os.PathLike[str]) -> bytes:
     name = os.fspath(path)
     try:
-        with open(name, "rb") as handle:
-            data = handle.read(MAX_KEY_FILE + 1)
+        return read_bounded(name, MAX_KEY_FILE)
     except OSError as exc:
         raise ConfigError(f"keys: cannot read {name}: {exc.strerror or exc}") from None
-    if len(data) > MAX_KEY_FILE:
-        raise ConfigError(f"keys: {name} is too large to be a key file")
-    return data
+    except FileTooLarge:
+        raise ConfigError(f"keys: {name} is too large to be a key file") from None
 
 
 def _kind(key: object) -> str:

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ztnet.errors import LabError
+from ztnet.fsutil import replace_atomic
 from ztnet.instance import BPFFS, Instance, find_cgroup2_mount
 from ztnet.lab import procs
-from ztnet.lab.netns import LabError, list_netns, nsenter_argv, poll_until
+from ztnet.lab.netns import list_netns, nsenter_argv, poll_until
 from ztnet.lab.policy import lab_policy
 from ztnet.lab.procs import ProcRecord
 from ztnet.lab.topology import (
@@ -110,9 +112,8 @@ class Lab:
     def _write_state(self, complete: bool) -> None:
         state = {"name": self.topology.name, "agent_hosts": self.topology.agent_hosts,
                  "complete": complete, "processes": [r.to_json() for r in self._records]}
-        tmp = self.run_dir / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
-        os.replace(tmp, self.run_dir / STATE_FILE)
+        replace_atomic(self.run_dir / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode(),
+                       0o644)
 
     def read_state(self) -> dict[str, Any] | None:
         try:

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
+from ztnet.errors import LabError
 from ztnet.lab.cluster import Lab
 from ztnet.lab.commands import print_topology
-from ztnet.lab.netns import LabError, poll_until
+from ztnet.lab.netns import poll_until
 from ztnet.lab.policy import OPS_BOT, RESEARCH_BOT, lab_policy
 from ztnet.lab.procs import child_env
 from ztnet.lab.summary import summarize, table

@@ -14,12 +14,12 @@ import argparse
 import ipaddress
 import json
 import selectors
-import signal
 import socket
 import struct
 import sys
 from collections.abc import Mapping, Sequence
-from types import FrameType
+
+from ztnet.lab.procs import Terminated, raise_on_termination
 
 TYPE_A, TYPE_AAAA = 1, 28
 CLASS_IN = 1
@@ -111,16 +111,8 @@ def parse_answer(response: bytes, ident: int) -> tuple[int, list[str]]:
     return flags & 0xF, addresses
 
 
-class _Terminate(Exception):
-    pass
-
-
 def serve(bind: Sequence[str], port: int, zone: Mapping[str, Sequence[str]]) -> None:
-    def terminate(signum: int, frame: FrameType | None) -> None:
-        raise _Terminate
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)
+    raise_on_termination()
     sel = selectors.DefaultSelector()
     try:
         for addr in bind:
@@ -140,7 +132,7 @@ def serve(bind: Sequence[str], port: int, zone: Mapping[str, Sequence[str]]) -> 
                 sock.sendto(response, peer)
                 print(json.dumps({"event": "query", "peer": list(peer[:2]), "name": name,
                                   "type": qtype, "answers": count}), flush=True)
-    except _Terminate:
+    except Terminated:
         pass
     finally:
         for key in list(sel.get_map().values()):

@@ -34,7 +34,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ztnet.errors import ZtnetError
+from ztnet.errors import LabError
 
 NETNS_DIR = "/run/netns"
 IFNAMSIZ = 16  # includes the trailing NUL, so names have at most 15 characters
@@ -51,10 +51,6 @@ _IFA_F_TENTATIVE = 0x40
 
 _instances = count(1)
 T = TypeVar("T")
-
-
-class LabError(ZtnetError):
-    """The lab could not build or drive a test topology (messages start with ``lab:``)."""
 
 
 def netns_path(name: str) -> str:

@@ -20,9 +20,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from ztnet.lab.netns import LabError, nsenter_argv, poll_until
+from ztnet.errors import LabError
+from ztnet.lab.netns import nsenter_argv, poll_until
 
 ROOT = Path(__file__).resolve().parents[2]
 _LOG_TAIL = 2000  # characters of a log quoted in an error
@@ -193,3 +195,18 @@ def run_ok(argv: Sequence[str], what: str, **options: Any) -> str:
         raise LabError(f"lab: {what} failed (exit {done.returncode}): "
                        f"{(done.stderr or done.stdout).strip()}")
     return done.stdout
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGINT arrived in a lab child process (a server, the DNS responder):
+    raised in its main thread so the serve loop unwinds and closes its sockets."""
+
+
+def raise_on_termination() -> None:
+    """Make SIGTERM and SIGINT raise :class:`Terminated` in the calling (main) thread."""
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)

@@ -26,10 +26,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, Any, Self
 
-from ztnet.lab.netns import LabError, nsenter_argv
+from ztnet.errors import LabError
+from ztnet.lab.netns import nsenter_argv
+from ztnet.lab.procs import Terminated, raise_on_termination
 
 READY = "READY"
 _MAX_RECORDED = 4096  # bytes of payload per event kept in the event stream
@@ -246,10 +248,6 @@ class ServerProcess(NetnsProcess):
 # --- the server process itself -------------------------------------------------------------
 
 
-class _Terminate(Exception):
-    pass
-
-
 def _emit(kind: str, proto: str, local: Any, peer: Any = None, data: bytes = b"") -> None:
     event: dict[str, Any] = {"event": kind, "proto": proto, "local": list(local[:2])}
     if peer is not None:
@@ -275,12 +273,7 @@ def _listen(addr: str, port: int, kind: socket.SocketKind) -> socket.socket:
 
 def serve(bind: Sequence[str], tcp: Sequence[int], udp: Sequence[int]) -> None:
     """Run the echo server until SIGTERM/SIGINT (single-threaded, selector based)."""
-
-    def terminate(signum: int, frame: FrameType | None) -> None:
-        raise _Terminate
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)
+    raise_on_termination()
     sel = selectors.DefaultSelector()
     pending: dict[socket.socket, bytes] = {}  # unsent echo bytes per TCP connection
     try:
@@ -308,7 +301,7 @@ def serve(bind: Sequence[str], tcp: Sequence[int], udp: Sequence[int]) -> None:
                     sock.sendto(data, peer)
                 else:
                     _serve_conn(sel, sock, mask, pending)
-    except _Terminate:
+    except Terminated:
         pass
     finally:
         for key in list(sel.get_map().values()):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from ztnet.lab.netns import LabError
+from ztnet.errors import LabError
 from ztnet.observe.query import FlowReader
 from ztnet.observe.records import EventType, FlowRecord, Verdict
 from ztnet.observe.render import cells

@@ -13,8 +13,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ztnet.errors import LabError
 from ztnet.lab.cluster import Lab
-from ztnet.lab.netns import LabError
 from ztnet.lab.sniff import CapturedPacket, Sniffer
 from ztnet.lab.topology import CONTROL_PORT, HOST_IFACE, LabHost, Role
 

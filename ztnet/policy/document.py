@@ -26,10 +26,10 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from ztnet.errors import PolicyError
+from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.grants.model import (
     AGENT_NAME_RE,
     IPNetwork,
@@ -137,11 +137,11 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read and validate a policy file; PolicyError lists every problem."""
     name = os.fspath(path)
     try:
-        data = Path(name).read_bytes()
+        data = read_bounded(name, MAX_POLICY_BYTES)
     except OSError as exc:
         raise PolicyError(f"policy: {name}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy: {name}: larger than {MAX_POLICY_BYTES} bytes")
+    except FileTooLarge:
+        raise PolicyError(f"policy: {name}: larger than {MAX_POLICY_BYTES} bytes") from None
     try:
         text = data.decode("utf-8-sig")  # editors on some systems add a BOM
     except UnicodeDecodeError as exc:
