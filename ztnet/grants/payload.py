@@ -37,6 +37,7 @@ from ztnet.grants.model import (
     normalize_network,
     parse_grant_id,
 )
+from ztnet.pki import SCHEME as SPIFFE_SCHEME
 from ztnet.pki import spiffe_agent_id
 
 MAX_INT64 = 2**63 - 1
@@ -155,11 +156,11 @@ def normalize_host(host: str) -> str:
 
 
 def parse_spiffe_agent_id(uri: str, trust_domain: str) -> str:
-    """The agent name in ``spiffe://<trust_domain>/agent/<name>``."""
-    scheme = "spiffe://"
-    if not uri.startswith(scheme):
+    """The agent name in ``spiffe://<trust_domain>/agent/<name>`` (the inverse of
+    ``ztnet.pki.spiffe_agent_id``; the name rule is the grant model's)."""
+    if not uri.startswith(SPIFFE_SCHEME):
         raise ValueError(f"{uri!r} is not a SPIFFE id")
-    domain, _, path = uri[len(scheme) :].partition("/")
+    domain, _, path = uri[len(SPIFFE_SCHEME) :].partition("/")
     if domain != trust_domain:
         raise ValueError(f"{uri!r} is not under trust domain {trust_domain}")
     name = path.removeprefix("agent/")
