@@ -30,7 +30,9 @@ ISSUER = "ztnet-controller"
 RENEW_FRACTION = 0.5
 # Renewing more often than this buys nothing and would spin on 1 s ttls.
 MIN_RENEW_INTERVAL = 0.5
-_PROBE_HOST = "localhost"
+# A stand-in audience for bundles issued only to learn whether issuing works and when the
+# epoch's bundles expire (nothing issued for it is signed or sent).
+_PLACEHOLDER_HOST = "localhost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +78,17 @@ class Issuer:
 
     def check(self, policy: Policy, now: float) -> None:
         """Raise the ConfigError issuing would raise (too many grants, …)."""
-        issue_bundle(policy, host=_PROBE_HOST, version=1, now=now, issuer=ISSUER,
+        issue_bundle(policy, host=_PLACEHOLDER_HOST, version=1, now=now, issuer=ISSUER,
                      default_ttl=self.grant_ttl)
 
     def new_epoch(self, policy: Policy, *, policy_version: int,
                   revocations: tuple[Revocation, ...], version: int, now: float,
                   reason: str) -> Epoch:
         effective = effective_policy(policy, revocations)
-        probe = issue_bundle(effective, host=_PROBE_HOST, version=version, now=now,
-                             issuer=ISSUER, default_ttl=self.grant_ttl)
-        return Epoch(version, policy_version, effective, probe.issued_at, probe.expires, reason)
+        sample = issue_bundle(effective, host=_PLACEHOLDER_HOST, version=version, now=now,
+                              issuer=ISSUER, default_ttl=self.grant_ttl)
+        return Epoch(version, policy_version, effective, sample.issued_at, sample.expires,
+                     reason)
 
     def envelope(self, epoch: Epoch, host: str) -> bytes:
         if epoch.version != self._cached_version:

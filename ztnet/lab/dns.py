@@ -19,7 +19,7 @@ import struct
 import sys
 from collections.abc import Mapping, Sequence
 
-from ztnet.lab.procs import Terminated, raise_on_termination
+from ztnet.lab.procs import selector_until_terminated
 
 TYPE_A, TYPE_AAAA = 1, 28
 CLASS_IN = 1
@@ -112,9 +112,7 @@ def parse_answer(response: bytes, ident: int) -> tuple[int, list[str]]:
 
 
 def serve(bind: Sequence[str], port: int, zone: Mapping[str, Sequence[str]]) -> None:
-    raise_on_termination()
-    sel = selectors.DefaultSelector()
-    try:
+    with selector_until_terminated() as sel:
         for addr in bind:
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -132,12 +130,6 @@ def serve(bind: Sequence[str], port: int, zone: Mapping[str, Sequence[str]]) -> 
                 sock.sendto(response, peer)
                 print(json.dumps({"event": "query", "peer": list(peer[:2]), "name": name,
                                   "type": qtype, "answers": count}), flush=True)
-    except Terminated:
-        pass
-    finally:
-        for key in list(sel.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        sel.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

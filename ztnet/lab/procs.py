@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -198,15 +199,26 @@ def run_ok(argv: Sequence[str], what: str, **options: Any) -> str:
 
 
 class Terminated(Exception):
-    """SIGTERM or SIGINT arrived in a lab child process (a server, the DNS responder):
-    raised in its main thread so the serve loop unwinds and closes its sockets."""
+    """SIGTERM or SIGINT arrived in a lab child process (a server, the DNS responder)."""
 
 
-def raise_on_termination() -> None:
-    """Make SIGTERM and SIGINT raise :class:`Terminated` in the calling (main) thread."""
+@contextlib.contextmanager
+def selector_until_terminated() -> Iterator[selectors.BaseSelector]:
+    """The selector of a lab child's serve loop: SIGTERM and SIGINT raise
+    :class:`Terminated` in the main thread, which ends the loop quietly, and every socket
+    registered with the selector is closed on the way out."""
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         raise Terminated
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
+    sel = selectors.DefaultSelector()
+    try:
+        yield sel
+    except Terminated:
+        pass
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        sel.close()

@@ -31,7 +31,7 @@ from typing import IO, Any, Self
 
 from ztnet.errors import LabError
 from ztnet.lab.netns import nsenter_argv
-from ztnet.lab.procs import Terminated, raise_on_termination
+from ztnet.lab.procs import selector_until_terminated
 
 READY = "READY"
 _MAX_RECORDED = 4096  # bytes of payload per event kept in the event stream
@@ -273,10 +273,8 @@ def _listen(addr: str, port: int, kind: socket.SocketKind) -> socket.socket:
 
 def serve(bind: Sequence[str], tcp: Sequence[int], udp: Sequence[int]) -> None:
     """Run the echo server until SIGTERM/SIGINT (single-threaded, selector based)."""
-    raise_on_termination()
-    sel = selectors.DefaultSelector()
     pending: dict[socket.socket, bytes] = {}  # unsent echo bytes per TCP connection
-    try:
+    with selector_until_terminated() as sel:
         for addr in bind:
             for port in tcp:
                 sock = _listen(addr, port, socket.SOCK_STREAM)
@@ -301,12 +299,6 @@ def serve(bind: Sequence[str], tcp: Sequence[int], udp: Sequence[int]) -> None:
                     sock.sendto(data, peer)
                 else:
                     _serve_conn(sel, sock, mask, pending)
-    except Terminated:
-        pass
-    finally:
-        for key in list(sel.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        sel.close()
 
 
 def _serve_conn(
