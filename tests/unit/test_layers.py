@@ -86,8 +86,9 @@ def module_name(root: Path, path: Path) -> str:
 def imported_modules(tree: ast.AST, module: str, is_package: bool,
                      known: set[str]) -> list[tuple[int, str]]:
     """(line, module) for every import in ``tree``. ``from a import b`` names module
-    ``a.b`` when that is a module of the tree, else ``a``; relative imports are resolved
-    against ``module``."""
+    ``a.b`` when that is a module of the tree (or, from the package root ``ztnet``, a name
+    the layer table knows, such as a cli that does not exist yet), else ``a``; relative
+    imports are resolved against ``module``."""
     found: dict[tuple[int, str], None] = {}  # ordered, one entry per (line, module)
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(tree):
@@ -101,7 +102,8 @@ def imported_modules(tree: ast.AST, module: str, is_package: bool,
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
-                found[(node.lineno, candidate if candidate in known else base)] = None
+                named = candidate in known or (base == "ztnet" and layer_of(candidate) is not None)
+                found[(node.lineno, candidate if named else base)] = None
     return list(found)
 
 
@@ -235,6 +237,8 @@ def test_an_added_upward_import_is_reported(tmp_path: Path) -> None:
     ("ztnet/controller/x.py", "from ztnet.daemon.service import run\n",
      ("ztnet.controller.x", "ztnet.daemon.service")),
     ("ztnet/lab/x.py", "from ztnet import cli\n", ("ztnet.lab.x", "ztnet.cli")),
+    ("ztnet/observe/x.py", "from ztnet import testing, __version__\n",
+     ("ztnet.observe.x", "ztnet.testing")),
     ("ztnet/fsutil.py", "from ztnet.grants import model\n", ("ztnet.fsutil", "ztnet.grants.model")),
     ("ztnet/lab/x.py", "import tests.kernel.support\n", ("ztnet.lab.x", "tests.kernel.support")),
     ("ztnet/grants/x.py", "from ..policy import document\n",
