@@ -128,3 +128,13 @@ def test_the_controller_is_the_only_source_of_grants(
     code = main(["daemon", "--controller", controller.address, "--state", str(tmp_path),
                  "--host", "web-2"])
     assert code == 2 and "differs from the enrolled host web-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["abc", "zz" * 32, "ab" * 33])
+def test_a_fingerprint_that_is_not_a_sha256_stops_before_anything_is_written(
+        tmp_path: Path, bad: str) -> None:
+    state = tmp_path / "state"
+    with pytest.raises(ConfigError, match=r"^enroll: --ca-fingerprint must be a SHA-256 "
+                                          r"\(64 hex digits\)$"):
+        enroll("127.0.0.1:1", "token", bad, state, host="web-1")
+    assert not state.exists()
