@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 from ztnet.instance import Instance
 from ztnet.lab.netns import nsenter_argv
+from ztnet.lab.procs import ztnet_argv
 
 
 def agent_argv(instance: Instance, agent: str, argv: Sequence[str], *,
                netns: str | None = None, user: str | None = None) -> list[str]:
     """``argv`` run as ``agent`` through `ztnet run`, optionally in a namespace."""
-    run = [sys.executable, "-m", "ztnet.cli", "run", "--instance", instance.name,
-           "--agent", agent]
+    run = ztnet_argv("run", "--instance", instance.name, "--agent", agent)
     if user:
         run += ["--user", user]
     full = [*run, "--", *argv]
