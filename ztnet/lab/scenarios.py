@@ -94,7 +94,7 @@ def control_attempts(topology: Topology) -> list[dict[str, Any]]:
             for role in SNIFFED]
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Outcome:
     host: LabHost
     attempt: Attempt

@@ -15,7 +15,7 @@ from ztnet.testing.nodes import HostIdentity
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Reported:
     acks: list[int]
     error: grpc.RpcError | None
