@@ -1,1 +1,1 @@
-"""Benchmarks of ztnet (run with `make bench`); scripts, not tests."""
+"""Benchmarks of ztnet (run with `make bench`); scripts, not a test suite."""

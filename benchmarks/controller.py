@@ -60,19 +60,14 @@ import psutil
 from cryptography import x509
 
 from benchmarks.datapath import machine_facts, remove_stale_instances
-from tests.controller.support import (
-    ControllerProcess,
-    create_token,
-    enroll,
-    init_controller,
-    policy_toml,
-)
-from tests.kernel.daemon_support import DaemonProcess
-from tests.kernel.support import agent_argv
 from ztnet.daemon.enroll import enroll as enroll_daemon
 from ztnet.datapath.datapath import teardown
 from ztnet.instance import Instance
 from ztnet.pki import fingerprint
+from ztnet.testing.agents import agent_argv
+from ztnet.testing.controller import ControllerProcess, create_token, init_controller, policy_toml
+from ztnet.testing.daemon import DaemonProcess
+from ztnet.testing.nodes import enroll
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]

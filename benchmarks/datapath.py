@@ -55,6 +55,7 @@ from ztnet.datapath.datapath import ApplyResult, Datapath, teardown
 from ztnet.grants.model import Grant, PortRange, Proto
 from ztnet.identity import cgroups
 from ztnet.instance import BPFFS, Instance, find_cgroup2_mount
+from ztnet.testing.agents import agent_argv
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -375,8 +376,7 @@ def launch(setup: Setup, worker: Worker, condition: str, *args: object) -> tuple
     if condition == NONE:
         return argv, setup.agent_cgroup(NONE)
     instance = setup.instance(condition)
-    return [sys.executable, "-m", "ztnet.cli", "run", "--instance", instance.name,
-            "--agent", AGENT, "--", *argv], None
+    return agent_argv(instance, AGENT, argv), None
 
 
 def measure_once(setup: Setup, worker: Worker, settings: Settings, target: Target,

@@ -63,10 +63,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.controller import cpu_seconds, spread
 from benchmarks.datapath import build_worker, machine_facts, remove_stale_instances
-from tests.controller.support import ControllerProcess, create_token, init_controller, policy_toml
-from tests.kernel.daemon_support import DaemonProcess, make_bundle
-from tests.kernel.support import agent_argv
-from tests.kernel.test_controller_e2e import free_port
 from ztnet.daemon.enroll import enroll
 from ztnet.daemon.flows import FLOWS_FILE
 from ztnet.datapath.datapath import teardown
@@ -74,9 +70,13 @@ from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.observe.tail import LineTail
 from ztnet.pki import fingerprint
+from ztnet.testing.agents import agent_argv
+from ztnet.testing.controller import ControllerProcess, create_token, init_controller, policy_toml
+from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.ports import free_port
 
 HERE = Path(__file__).resolve().parent
-AGENT = "bot"  # the agent of tests.kernel.daemon_support.make_bundle
+AGENT = "bot"  # the agent of ztnet.testing.daemon.make_bundle
 LOOPBACK = "127.0.0.1"
 DEFAULT_RATES = "500,1000,1500,2000,2500,3000,4000,5000,6000,8000"
 

@@ -42,16 +42,12 @@ from typing import Any
 
 from benchmarks.datapath import machine_facts
 from benchmarks.flowstore_fleet import AGENTS, NS, SPAN_NS, Fleet, check_fleet, layout
-from tests.controller.flow_support import report
-from tests.controller.support import (
-    ControllerProcess,
-    ControllerState,
-    enroll,
-    init_controller,
-)
 from ztnet.controller.flows import Retention
 from ztnet.controller.flowstore import FlowQuery, FlowRow
 from ztnet.controller.store import SqliteStore
+from ztnet.testing.controller import ControllerProcess, ControllerState, init_controller
+from ztnet.testing.flows import report
+from ztnet.testing.nodes import enroll
 from ztnet.v1 import admin_pb2
 
 BATCH = 500

@@ -2,9 +2,10 @@
 """End-to-end checks across ztnet's Vagrant VMs; prints a pass/fail table, exits 1 on a failure.
 
 Runs on the machine that ran ``vagrant up`` (standard library only) and drives the VMs over
-SSH. The checks are the lab's: the traffic matrix, the three witnesses and their helpers come
-from tests/kernel/test_lab_e2e.py through vmcheck.py (run in the controller VM); agents are
-``ztnet run`` processes running ``ztnet.lab.probe many``, the capture is ``ztnet.lab.sniff``,
+SSH. The checks are the lab's (tests/kernel/test_lab_e2e.py): the traffic matrix and how its
+three witnesses are matched come from ztnet/lab/scenarios.py through vmcheck.py (run in the
+controller VM); agents are ``ztnet run`` processes running the traffic agent
+(``ztnet.lab.traffic many``), the capture is ``ztnet.lab.sniff``,
 the services are ``ztnet.lab.servers``/``ztnet.lab.dns``, addresses and policy come from
 ``ztnet.lab.topology``/``ztnet.lab.policy`` (labvm.py). On top: enrollment and the daemons'
 state, the servers' own logs, and a revocation that cuts a live flow.
@@ -31,7 +32,6 @@ ZTNET = "/ztnet/.venv/bin/ztnet"
 ADMIN = "ZTNET_CONTROLLER={ctl}:{port} ZTNET_CREDENTIALS=/root/ztnet-admin"
 VMCHECK = "cd /ztnet && /ztnet/.venv/bin/python -m vagrant.vmcheck"
 CAPTURE = "/tmp/ztnet-e2e-capture.jsonl"
-CONTROL_PORT = 9  # the lab's positive-control port: nothing listens there (topology.py)
 
 
 class CheckFailed(Exception):
@@ -132,13 +132,14 @@ class E2E:
     def operator(self, args: str) -> str:
         return self.c.ssh("controller", f"{self.admin} {ZTNET} {args}").stdout
 
-    def probe(self, vm: str, agent: str | None, attempts: list[dict[str, object]], *,
-              user: str | None = "nobody") -> list[dict[str, object]]:
-        """The lab's probe (`python -m ztnet.lab.probe many -`) as ``agent`` under `ztnet run`
-        (as ``user``; None: root), or unconfined when agent is None -- like Lab.probe."""
-        probe = f"{PY} -m ztnet.lab.probe many - --timeout 5"
+    def run_attempts(self, vm: str, agent: str | None, attempts: list[dict[str, object]], *,
+                     user: str | None = "nobody") -> list[dict[str, object]]:
+        """The lab's traffic agent (`python -m ztnet.lab.traffic many -`) as ``agent`` under
+        `ztnet run` (as ``user``; None: root), or unconfined when agent is None -- like
+        Lab.run_attempts."""
+        traffic = f"{PY} -m ztnet.lab.traffic many - --timeout 5"
         run = f"{ZTNET} run --agent {agent}" + (f" --user {user}" if user else "")
-        out = self.c.ssh(vm, f"{run} -- {probe}" if agent else probe,
+        out = self.c.ssh(vm, f"{run} -- {traffic}" if agent else traffic,
                          stdin=json.dumps(attempts)).stdout
         results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         expect(len(results) == len(attempts), f"{vm}: {len(results)} results for "
@@ -205,13 +206,13 @@ class E2E:
         inside the agent's cgroup), then the unconfined positive controls."""
         self.plan = json.loads(self.c.ssh("controller", VMCHECK + " plan").stdout)
         for vm, what in self.plan.items():
-            self.results[vm] = self.probe(vm, what["agent"], what["attempts"])
-            self.raw[vm] = self.probe(vm, what["agent"], what["raw"], user=None)
+            self.results[vm] = self.run_attempts(vm, what["agent"], what["attempts"])
+            self.raw[vm] = self.run_attempts(vm, what["agent"], what["raw"], user=None)
         for vm, what in self.plan.items():
-            self.probe(vm, None, what["controls"])
+            self.run_attempts(vm, None, what["controls"])
         sizes = ", ".join(f"{vm} {len(w['attempts']) + len(w['raw'])}"
                           for vm, w in self.plan.items())
-        return f"attempts from tests/kernel/test_lab_e2e.py: {sizes}"
+        return f"attempts from ztnet/lab/scenarios.py: {sizes}"
 
     def judge(self, packets: list[str]) -> list[tuple[str, bool, str]]:
         """vmcheck.py judges the evidence; the daemons upload flows in batches, so the
@@ -236,7 +237,7 @@ class E2E:
         while True:
             lines = self.c.ssh("services", f"cat {CAPTURE}").stdout.splitlines()
             seen = {s for s in sources for line in lines
-                    if s in line and f'"dport": {CONTROL_PORT},' in line}
+                    if s in line and f'"dport": {self.lab["CONTROL_PORT"]},' in line}
             if seen == sources or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -253,7 +254,7 @@ class E2E:
         """`ztnet revoke` of every grant of ``vm``'s agent cuts its established flow to the
         api; new connections get EPERM; `--restore` gives the access back."""
         api4, agent = self.lab["API_V4"], self.agents[vm]
-        hold = (f"{ZTNET} run --agent {agent} --user nobody -- {PY} -m ztnet.lab.probe "
+        hold = (f"{ZTNET} run --agent {agent} --user nobody -- {PY} -m ztnet.lab.traffic "
                 f"hold {api4} {self.api_port} --interval 0.5 --limit 300 --timeout 5")
         self.c.ssh(vm, f"rm -f /tmp/ztnet-e2e-hold.log; nohup {hold} "
                              "> /tmp/ztnet-e2e-hold.log 2>&1 &")
@@ -273,12 +274,12 @@ class E2E:
                                                     f"{hold_log()}")
                 time.sleep(1)
             broken = json.loads(hold_log().strip().splitlines()[-1])
-            after = self.probe(vm, agent, [
+            after = self.run_attempts(vm, agent, [
                 {"kind": "tcp", "host": api4, "port": self.api_port}])[0]
             expect(after["result"] == "EPERM", f"new connection after revoke: {after}")
         finally:
             self.operator(f"revoke --agent {agent} --restore")
-        again = self.probe(vm, agent, [
+        again = self.run_attempts(vm, agent, [
             {"kind": "tcp", "host": api4, "port": self.api_port}])[0]
         expect(again["result"] == "OK", f"connection after --restore: {again}")
         return (f"held flow cut ({broken['result']}), new connect EPERM; after --restore OK")

@@ -15,6 +15,7 @@ from ztnet.lab.policy import lab_policy
 from ztnet.lab.topology import (
     API_ALT_PORT,
     API_PORT,
+    CONTROL_PORT,
     CONTROLLER_PORT,
     DNS_PORT,
     ENROLL_PORT,
@@ -49,6 +50,7 @@ def lab_env(topology: Topology) -> dict[str, str]:
         "DNS_RECORDS": " ".join(f"{name}={address}" for name, addresses in
                                 topology.zone().items() for address in addresses),
         "PEER_PORT": str(PEER_PORT),
+        "CONTROL_PORT": str(CONTROL_PORT),  # the positive controls' port: nothing listens there
     }
     for host in topology.agent_hosts_list:
         key = host.name.upper().replace("-", "_")

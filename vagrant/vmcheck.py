@@ -2,12 +2,12 @@
 
 e2e.py (on the machine running Vagrant) gathers the evidence over SSH and this module, run
 in the controller VM with the project's virtualenv from /ztnet, plans and judges it with the
-lab test's own traffic matrix and helpers:
+lab test's own traffic matrix and matching (ztnet/lab/scenarios.py):
 
     python vagrant/vmcheck.py plan            → {host: {"agent", "attempts", "raw", "controls"}}
     python vagrant/vmcheck.py judge < EVIDENCE → one JSON row per check: [name, ok, detail]
 
-EVIDENCE is {"results": {host: [probe result…]}, "raw": {host: […]}, "packets": [capture
+EVIDENCE is {"results": {host: [traffic agent result…]}, "raw": {host: […]}, "packets": [capture
 line…], "flows": [`ztnet flows --json` line…]}. The VMs mirror the lab's roles and addresses
 (the api, exfil and dns hosts are addresses of one services VM, so one capture there sees all
 three; dns is judged like api and exfil).
@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import json
 import sys
-from types import SimpleNamespace
 from typing import Any
 
-from tests.kernel import test_lab_e2e as lab_e2e
+from ztnet.lab import scenarios
+from ztnet.lab.scenarios import Outcome
 from ztnet.lab.sniff import CapturedPacket
 from ztnet.lab.topology import CONTROL_PORT, LabHost, Topology
 from ztnet.observe.records import from_json
 
 SNIFFED = ("api", "exfil", "dns")  # all on the services VM
 TOPOLOGY = Topology()
-LAB: Any = SimpleNamespace(topology=TOPOLOGY)  # all the lab test's helpers use of a Lab
 
 
 def _hosts() -> tuple[LabHost, ...]:
@@ -37,33 +36,33 @@ def _hosts() -> tuple[LabHost, ...]:
 def plan() -> dict[str, Any]:
     return {host.name: {
         "agent": host.agent,
-        "attempts": [a.spec(LAB, host) for a in lab_e2e.MATRIX],
-        "raw": [a.spec(LAB, host) for a in lab_e2e.RAW],
-        "controls": [{"kind": "tcp", "host": TOPOLOGY.host(role).ipv4, "port": CONTROL_PORT}
-                     for role in lab_e2e.SNIFFED],
+        "attempts": [a.spec(TOPOLOGY, host) for a in scenarios.MATRIX],
+        "raw": [a.spec(TOPOLOGY, host) for a in scenarios.RAW],
+        "controls": scenarios.control_attempts(TOPOLOGY),
     } for host in _hosts()}
 
 
-def _target(outcome: Any) -> str | None:
+def _target(outcome: Outcome) -> str | None:
     role = "exfil" if outcome.attempt.role == "metadata" else outcome.attempt.role
     return role if role in SNIFFED else None
 
 
-def _describe(outcome: Any) -> str:
+def _describe(outcome: Outcome) -> str:
     a = outcome.attempt
-    return f"{outcome.agent}@{outcome.host.name} {a.kind} {a.address(LAB, outcome.host)}:{a.port}"
+    return (f"{outcome.agent}@{outcome.host.name} {a.kind} "
+            f"{a.address(TOPOLOGY, outcome.host)}:{a.port}")
 
 
 def judge(evidence: dict[str, Any]) -> list[tuple[str, bool, str]]:
     rows: list[tuple[str, bool, str]] = []
-    outcomes = []
+    outcomes: list[Outcome] = []
     for host in _hosts():
         results = evidence["results"][host.name] + evidence["raw"][host.name]
-        attempts = (*lab_e2e.MATRIX, *lab_e2e.RAW)
-        outcomes += [lab_e2e.Outcome(host, a, r) for a, r in zip(attempts, results, strict=True)]
+        attempts = (*scenarios.MATRIX, *scenarios.RAW)
+        outcomes += [Outcome(host, a, r) for a, r in zip(attempts, results, strict=True)]
     packets = [CapturedPacket.from_json(line) for line in evidence["packets"]]
 
-    # 1. the probes (as in the lab test): allowed works end to end, denied is EPERM at once
+    # 1. the traffic agent (as in the lab test): allowed works end to end, denied is EPERM at once
     for host in _hosts():
         wrong, allowed, denied = [], 0, 0
         for o in (o for o in outcomes if o.host == host and o.attempt.kind != "raw"):
@@ -71,7 +70,7 @@ def judge(evidence: dict[str, Any]) -> list[tuple[str, bool, str]]:
             if not o.allowed:
                 good = result["result"] == "EPERM"
             elif o.attempt.kind == "tcp":
-                good = (result["result"], result["received"]) == ("OK", len(lab_e2e.PAYLOAD))
+                good = (result["result"], result["received"]) == ("OK", len(scenarios.PAYLOAD))
             elif o.attempt.kind == "dns":
                 good = (result["result"], result.get("addresses")) == (
                     "OK", [TOPOLOGY.host("api").ipv4])
@@ -89,25 +88,26 @@ def judge(evidence: dict[str, Any]) -> list[tuple[str, bool, str]]:
     missing = [h.name for h in _hosts() if h.ipv4 not in controls]
     rows.append(("sniffer saw the positive controls", not missing,
                  f"missing from {missing}" if missing else f"{len(packets)} packets captured"))
-    wrong, explained = [], set()
+    wrong, explained = [], set[CapturedPacket]()
     for o in outcomes:
         if _target(o) is None:
             continue
-        arrived = lab_e2e._arrived(packets, LAB, o)
+        arrived = scenarios.arrived(packets, TOPOLOGY, o)
         if bool(arrived) != o.allowed:
             wrong.append(f"{_describe(o)} ({'allowed' if o.allowed else 'denied'}): "
                          f"{len(arrived)} packets arrived")
         explained |= set(arrived)
-    unexplained = [p.summary for p in lab_e2e._agent_packets(packets, LAB) if p not in explained]
+    unexplained = [p.summary for p in scenarios.agent_packets(packets, TOPOLOGY)
+                   if p not in explained]
     checked = sum(_target(o) is not None for o in outcomes)
     rows.append(("wire: allowed arrived, denied never did", not wrong and not unexplained,
                  "; ".join(wrong + [f"unexplained: {unexplained}"] * bool(unexplained))
                  or f"{checked} attempts to api/exfil/dns match the capture"))
 
-    # 3. the controller's flow store has every verdict the probes caused
+    # 3. the controller's flow store has every verdict the attempts caused
     records = [from_json(line) for line in evidence["flows"]]
-    stored = {lab_e2e._verdict_key(r) for r in records}
-    expected = {k for o in outcomes if (k := lab_e2e._expected_key(LAB, o)) is not None}
+    stored = {scenarios.verdict_key(r) for r in records}
+    expected = {k for o in outcomes if (k := scenarios.expected_key(TOPOLOGY, o)) is not None}
     absent = sorted(expected - stored)
     rows.append(("controller flow store: every verdict recorded", not absent,
                  f"missing {absent[:5]}" if absent else

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.controller.support import (
+from ztnet.testing.controller import (
     ControllerProcess,
     ControllerState,
     init_controller,

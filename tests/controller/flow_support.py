@@ -1,18 +1,13 @@
-"""Flow records for the controller tests, and a raw ReportFlows client (what
-the daemon's uploader does, minus the spool): send batches over a host's
-mutual-TLS channel, collect the acks and the status the stream ended with."""
+"""Flow records for the controller tests, and queries of the flow store. The raw
+ReportFlows client (report, Reported) is in ztnet.testing.flows."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
-from tests.controller.support import ControllerProcess, HostIdentity
 from ztnet.observe.records import (
     AgentRef,
     EventType,
@@ -26,7 +21,8 @@ from ztnet.observe.records import (
     to_json,
 )
 from ztnet.pki import spiffe_agent_id
-from ztnet.v1 import admin_pb2, node_pb2, node_pb2_grpc
+from ztnet.testing.controller import ControllerProcess
+from ztnet.v1 import admin_pb2
 
 NS = 1_000_000_000
 _cookies = itertools.count(1000)
@@ -54,41 +50,6 @@ def make_record(host: str, *, agent: str = "bot", verdict: Verdict = Verdict.ALL
 
 def encode(records: Sequence[FlowRecord]) -> list[bytes]:
     return [to_json(record).encode() for record in records]
-
-
-@dataclass
-class Reported:
-    acks: list[int]
-    error: grpc.RpcError | None
-
-    @property
-    def code(self) -> grpc.StatusCode | None:
-        error: Any = self.error
-        return None if error is None else error.code()
-
-    @property
-    def details(self) -> str:
-        error: Any = self.error
-        return "" if error is None else error.details() or ""
-
-
-def report(controller: ControllerProcess, identity: HostIdentity,
-           batches: Sequence[tuple[int, Sequence[FlowRecord] | Sequence[bytes]]],
-           timeout: float = 15.0) -> Reported:
-    """Send ``(sequence, records)`` batches on one ReportFlows stream."""
-    requests = [node_pb2.FlowBatch(sequence=sequence, records=[
-        r if isinstance(r, bytes) else to_json(r).encode() for r in records])
-        for sequence, records in batches]
-    acks: list[int] = []
-    with controller.channel(key_pem=identity.key_pem, cert_pem=identity.cert_pem) as channel:
-        call = node_pb2_grpc.NodeServiceStub(channel).ReportFlows(iter(requests),
-                                                                  timeout=timeout)
-        try:
-            for ack in call:
-                acks.append(ack.sequence)
-        except grpc.RpcError as exc:
-            return Reported(acks, exc)
-    return Reported(acks, None)
 
 
 def query(controller: ControllerProcess, **filters: Any) -> admin_pb2.QueryFlowsResponse:

@@ -18,19 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.controller.support import (
-    TRUST_DOMAIN,
-    ControllerProcess,
-    ControllerState,
-    FakeNode,
-    create_token,
-    enroll,
-    make_csr,
-    private_pem,
-)
 from ztnet import pki
 from ztnet.controller import ca
 from ztnet.controller.commands import revoke_host
+from ztnet.testing.controller import TRUST_DOMAIN, ControllerProcess, ControllerState, create_token
+from ztnet.testing.nodes import FakeNode, enroll, make_csr, private_pem
 from ztnet.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
 
 

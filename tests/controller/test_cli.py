@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.controller.support import (
-    ROOT,
-    ControllerProcess,
-    ControllerState,
-    FakeNode,
-    enroll,
-    write_policy,
-)
 from ztnet import cli, pki
+from ztnet.testing.controller import ROOT, ControllerProcess, ControllerState, write_policy
+from ztnet.testing.nodes import FakeNode, enroll
 
 
 def ztnet(*args: str | Path, env: dict[str, str] | None = None,

@@ -11,12 +11,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.controller.support import make_csr
 from ztnet import pki
 from ztnet.controller import ca
 from ztnet.controller.enrollment import Enrollment, create_token, token_digest
 from ztnet.controller.store import SqliteStore
 from ztnet.errors import RpcFailure
+from ztnet.testing.nodes import make_csr
 
 T0 = 1_800_000_000.0
 

@@ -8,7 +8,6 @@ import asyncio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.controller.support import policy_toml
 from ztnet import pki
 from ztnet.controller.authz import Peer
 from ztnet.controller.epochs import MIN_RENEW_INTERVAL, Issuer, effective_policy
@@ -18,6 +17,7 @@ from ztnet.errors import ConfigError
 from ztnet.grants.bundle import verify_bundle
 from ztnet.policy.compile import compile_grants
 from ztnet.policy.document import parse_policy
+from ztnet.testing.controller import policy_toml
 
 T0 = 1_800_000_000.0
 POLICY = parse_policy(policy_toml({"bot": [("10.0.0.1", "443"), ("10.0.0.2", "80")],

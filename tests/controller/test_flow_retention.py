@@ -14,15 +14,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.controller.flow_support import NS, make_record, query, report, uuids
-from tests.controller.support import (
-    ControllerProcess,
-    FakeNode,
-    enroll,
-    init_controller,
-    write_policy,
-)
+from tests.controller.flow_support import NS, make_record, query, uuids
 from ztnet.observe.records import Verdict
+from ztnet.testing.controller import ControllerProcess, init_controller, write_policy
+from ztnet.testing.flows import report
+from ztnet.testing.nodes import FakeNode, enroll
 
 REQUIRE_ENV = "ZTNET_REQUIRE_BPF"
 

@@ -12,18 +12,13 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.controller.flow_support import (
-    NS,
-    encode,
-    make_record,
-    query,
-    report,
-    uuids,
-)
-from tests.controller.support import ControllerProcess, enroll
+from tests.controller.flow_support import NS, encode, make_record, query, uuids
 from tests.controller.test_cli import ztnet
 from ztnet.errors import ControllerError
 from ztnet.observe.records import EventType, Verdict, from_json, to_dict
+from ztnet.testing.controller import ControllerProcess
+from ztnet.testing.flows import report
+from ztnet.testing.nodes import enroll
 from ztnet.v1 import admin_pb2, admin_pb2_grpc
 
 

@@ -11,14 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.controller.support import (
-    ControllerProcess,
-    FakeNode,
-    enroll,
-    init_controller,
-    policy_toml,
-    write_policy,
-)
+from ztnet.testing.controller import ControllerProcess, init_controller, policy_toml, write_policy
+from ztnet.testing.nodes import FakeNode, enroll
 
 POLICY = {"bot": [("10.0.0.1", "443")]}
 

@@ -13,17 +13,12 @@ import grpc
 import pytest
 
 from tests.controller.conftest import BASE_POLICY
-from tests.controller.support import (
-    ControllerProcess,
-    FakeNode,
-    HostIdentity,
-    enroll,
-    policy_toml,
-)
 from ztnet.controller.admin_client import AdminClient
 from ztnet.errors import ControllerError
 from ztnet.grants.bundle import VerifiedBundle
 from ztnet.grants.model import format_grant_id
+from ztnet.testing.controller import ControllerProcess, policy_toml
+from ztnet.testing.nodes import FakeNode, HostIdentity, enroll
 from ztnet.v1 import admin_pb2, admin_pb2_grpc, node_pb2
 
 T = TypeVar("T")

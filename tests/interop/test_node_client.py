@@ -16,13 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.controller.support import (
-    ControllerProcess,
-    enroll,
-    init_controller,
-    policy_toml,
-    write_policy,
-)
+from ztnet.testing.controller import ControllerProcess, init_controller, policy_toml, write_policy
+from ztnet.testing.nodes import enroll
 
 CLIENT_DIR = Path(__file__).resolve().parent / "node_client"
 REQUIRE_ENV = "ZTNET_REQUIRE_NODE"

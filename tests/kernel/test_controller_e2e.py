@@ -4,7 +4,7 @@ Part 1 drives a real `ztnet daemon --controller` with a scripted controller
 (tests/fake_controller.py), to push what a real controller never would: replayed, forged
 and foreign bundles must be NACKed with their reason and change nothing.
 
-Part 2 runs the real thing: `ztnet controller serve` (tests/controller/support.py), hosts
+Part 2 runs the real thing: `ztnet controller serve` (ztnet/testing/controller.py), hosts
 enrolled with the `ztnet enroll` command, a real daemon, agents in a network namespace.
 The controller's authorization rules are tested in tests/controller/; here only what an
 enrolled host's own credentials can do: subscribe for itself, not for another host (a host
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,10 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.controller.support import ControllerProcess, create_token, init_controller, policy_toml
 from tests.fake_controller import FakeController
-from tests.kernel.daemon_support import HOST, DaemonProcess, make_bundle
-from tests.kernel.support import LineProcess, agent_argv, probe_argv, run_probe
 from ztnet.daemon.channel import controller_channel
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.enroll import enroll
@@ -39,6 +35,10 @@ from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
 from ztnet.pki import fingerprint
+from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
+from ztnet.testing.controller import ControllerProcess, create_token, init_controller, policy_toml
+from ztnet.testing.daemon import HOST, DaemonProcess, make_bundle
+from ztnet.testing.ports import free_port
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
 A, B, NEVER = 8080, 7070, 9090
@@ -52,8 +52,8 @@ class Lab:
     state: Path
 
     def attempt(self, port: int) -> str:
-        return str(run_probe(self.instance, AGENT, ["tcp", self.pair.b.ipv4, str(port)],
-                             netns=self.pair.a.netns, user="nobody")["result"])
+        return str(run_traffic(self.instance, AGENT, ["tcp", self.pair.b.ipv4, str(port)],
+                               netns=self.pair.a.netns, user="nobody")["result"])
 
     @property
     def to(self) -> str:
@@ -159,13 +159,6 @@ def subscribe_as(host: str, controller: ControllerProcess, state: Path) -> grpc.
     return grpc.StatusCode.OK
 
 
-def free_port() -> int:
-    """A loopback port for a controller that must come back on the same address."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def unit_capabilities() -> list[str]:
     """CapabilityBoundingSet= of packaging/ztnet-daemon.service, without the CAP_ prefixes."""
     unit = Path(__file__).resolve().parents[2] / "packaging" / "ztnet-daemon.service"
@@ -219,7 +212,7 @@ def test_apply_enforce_change_and_revoke_cuts_the_established_flow(
             hosts = admin.list_hosts().hosts
             assert [(h.name, h.connected, h.in_sync) for h in hosts] == [(HOST, True, True)]
 
-            holder = LineProcess.start(agent_argv(lab.instance, AGENT, probe_argv(
+            holder = LineProcess.start(agent_argv(lab.instance, AGENT, traffic_argv(
                 "hold", lab.pair.b.ipv4, str(A), "--limit", "30"),
                 netns=lab.pair.a.netns, user="nobody"))
             try:

@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.kernel.daemon_support import DaemonProcess, make_bundle, write_atomic
-from tests.kernel.support import LineProcess, agent_argv, probe_argv, run_probe
 from ztnet.datapath.datapath import teardown
+from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import BUNDLE_PAYLOAD_TYPE
 from ztnet.grants.envelope import sign_envelope
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
+from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
+from ztnet.testing.daemon import DaemonProcess, make_bundle
 
 A, B, C, NEVER = 8080, 7070, 6060, 9090
 AGENT = "bot"
@@ -42,11 +43,11 @@ class Setup:
         return DaemonProcess(self.instance, self.pub, self.bundle, self.state)
 
     def attempt(self, port: int) -> str:
-        return str(run_probe(self.instance, AGENT, ["tcp", self.pair.b.ipv4, str(port)],
-                             netns=self.pair.a.netns, user="nobody")["result"])
+        return str(run_traffic(self.instance, AGENT, ["tcp", self.pair.b.ipv4, str(port)],
+                               netns=self.pair.a.netns, user="nobody")["result"])
 
     def publish(self, version: int, ports: list[int], **kwargs: object) -> None:
-        write_atomic(self.bundle, make_bundle(self.key, version, f"{self.pair.b.ipv4}/32",
+        replace_atomic(self.bundle, make_bundle(self.key, version, f"{self.pair.b.ipv4}/32",
                                               [str(p) for p in ports], **kwargs))  # type: ignore[arg-type]
 
 
@@ -97,19 +98,19 @@ def test_every_rejection_leaves_the_previous_grant_set_in_force(
                                          now=now - 600, bundle_ttl=3600),
         "not even JSON": b"\x00garbage",
     }
-    write_atomic(setup.bundle, good)
+    replace_atomic(setup.bundle, good)
     with setup.daemon() as daemon:
         daemon.wait_event(applied(10))
         for case, data in cases.items():
             mark = daemon.mark()
-            write_atomic(setup.bundle, data)
+            replace_atomic(setup.bundle, data)
             event = daemon.wait_event(lambda e: str(e.get("event")).startswith("bundle "),
                                       start=mark)
             assert event["event"] == "bundle rejected", (case, event)
             assert (setup.attempt(A), setup.attempt(NEVER)) == ("OK", "EPERM"), case
             assert json.loads((setup.state / "applied.json").read_text())["version"] == 10
         mark = daemon.mark()
-        write_atomic(setup.bundle, good)  # the same version again: a no-op
+        replace_atomic(setup.bundle, good)  # the same version again: a no-op
         event = daemon.wait_event(lambda e: str(e.get("event")).startswith("bundle "), start=mark)
         assert event["event"] == "bundle unchanged"
 
@@ -119,7 +120,7 @@ def test_sighup_switches_grant_sets_atomically_under_tight_loops(setup: Setup) -
     with setup.daemon() as daemon:
         daemon.wait_event(applied(1))
         loops = {port: LineProcess.start(agent_argv(
-            setup.instance, AGENT, probe_argv("loop", setup.pair.b.ipv4, str(port)),
+            setup.instance, AGENT, traffic_argv("loop", setup.pair.b.ipv4, str(port)),
             netns=setup.pair.a.netns, user="nobody")) for port in (A, NEVER)}
         try:
             for loop in loops.values():
@@ -158,7 +159,7 @@ def test_expiry_of_the_bundles_grants_cuts_flows_without_the_daemon(setup: Setup
         # issued once the daemon is up, so a slow start cannot eat the short window
         setup.publish(1, [A], ttl="10s")
         daemon.wait_event(applied(1))
-        holder = LineProcess.start(agent_argv(setup.instance, AGENT, probe_argv(
+        holder = LineProcess.start(agent_argv(setup.instance, AGENT, traffic_argv(
             "hold", setup.pair.b.ipv4, str(A), "--interval", "0.05", "--limit", "30"),
             netns=setup.pair.a.netns, user="nobody"))
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,21 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.conftest import require
-from tests.kernel.daemon_support import DaemonProcess, make_bundle
-from tests.kernel.support import LineProcess, agent_argv, probe_argv, run_probe
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair, poll_until
 from ztnet.lab.servers import ServerProcess
+from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
+from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.ports import free_port
 
 ALLOWED, DENIED = 8080, 9090
 AGENT = "bot"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Setup:
@@ -70,10 +64,10 @@ def setup(instance: Instance, tmp_path: Path) -> Iterator[Setup]:
 def test_allowed_and_denied_flows_are_recorded_with_process_agent_grant_and_bytes(
         setup: Setup) -> None:
     payload = "y" * 3000
-    allowed = run_probe(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(ALLOWED),
-                        "--payload", payload], netns=setup.pair.a.netns, user="nobody")
-    denied = run_probe(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(DENIED)],
-                       netns=setup.pair.a.netns, user="nobody")
+    allowed = run_traffic(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(ALLOWED),
+                          "--payload", payload], netns=setup.pair.a.netns, user="nobody")
+    denied = run_traffic(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(DENIED)],
+                         netns=setup.pair.a.netns, user="nobody")
     end = setup.wait_record(lambda r: r["event_type"] == "flow_end"
                             and r["process"]["pid"] == allowed["pid"], "the flow_end record")
     connect = setup.wait_record(lambda r: r["event_type"] == "connect"
@@ -95,7 +89,7 @@ def test_allowed_and_denied_flows_are_recorded_with_process_agent_grant_and_byte
 
 
 def test_a_flood_is_rate_limited_and_the_suppressed_count_reported(setup: Setup) -> None:
-    flood = LineProcess.start(agent_argv(setup.instance, AGENT, probe_argv(
+    flood = LineProcess.start(agent_argv(setup.instance, AGENT, traffic_argv(
         "loop", setup.pair.b.ipv4, str(DENIED), "--count", "5000"),
         netns=setup.pair.a.netns, user="nobody"))
     try:
@@ -108,8 +102,8 @@ def test_a_flood_is_rate_limited_and_the_suppressed_count_reported(setup: Setup)
         if any(int(str(r["suppressed"])) > 0 for r in setup.observe("--verdict", "denied")):
             return True
         # the count rides on the agent's next deny event the budget lets through
-        run_probe(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(DENIED)],
-                  netns=setup.pair.a.netns, user="nobody")
+        run_traffic(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(DENIED)],
+                    netns=setup.pair.a.netns, user="nobody")
         return None
 
     poll_until(suppressed_reported, 20.0, "a record reporting suppressed deny events")
@@ -120,8 +114,8 @@ def test_a_flood_is_rate_limited_and_the_suppressed_count_reported(setup: Setup)
 def test_metrics_are_valid_prometheus_text(setup: Setup) -> None:
     promtool = shutil.which("promtool")
     require(promtool is not None, "needs promtool (Debian package prometheus; make setup)")
-    run_probe(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(DENIED)],
-              netns=setup.pair.a.netns, user="nobody")
+    run_traffic(setup.instance, AGENT, ["tcp", setup.pair.b.ipv4, str(DENIED)],
+                netns=setup.pair.a.netns, user="nobody")
     url = f"http://127.0.0.1:{setup.metrics_port}/metrics"
 
     def scrape() -> str | None:

@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.kernel.support import LineProcess, agent_argv, allow_ping_sockets, probe_argv
 from ztnet.datapath.datapath import Datapath
 from ztnet.grants.evaluate import allowed_by
 from ztnet.grants.model import Grant, IPAddress, PortRange, Proto
 from ztnet.instance import Instance
 from ztnet.lab.netns import BlackholeNetns
+from ztnet.testing.agents import LineProcess, agent_argv, allow_ping_sockets, traffic_argv
 
 AGENTS = ("alpha", "beta")
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
@@ -78,7 +78,7 @@ def blackhole() -> Iterator[BlackholeNetns]:
 def agents(instance: Instance, blackhole: BlackholeNetns,
            datapath: Datapath) -> Iterator[dict[str, LineProcess]]:
     datapath.ensure_agents(AGENTS)
-    procs = {name: LineProcess.start(agent_argv(instance, name, probe_argv("batch"),
+    procs = {name: LineProcess.start(agent_argv(instance, name, traffic_argv("batch"),
                                                 netns=blackhole.netns))
              for name in AGENTS}
     try:

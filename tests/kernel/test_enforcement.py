@@ -10,13 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.support import allow_ping_sockets, grant, run_probe
+from tests.kernel.support import grant
 from ztnet.datapath.datapath import Datapath
 from ztnet.grants.model import Proto
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
 from ztnet.lab.sniff import Sniffer
+from ztnet.testing.agents import allow_ping_sockets, run_traffic
 
 ALLOWED, DENIED, CONTROL = 8080, 9090, 7070
 AGENT = "bot"
@@ -46,7 +47,7 @@ def control(pair: NetnsPair, proto: str = "tcp") -> None:
     """Positive control: the same path from a process outside any agent."""
     args = ["tcp", pair.b.ipv4, str(CONTROL)] if proto == "tcp" else \
         ["udp", pair.b.ipv4, str(CONTROL)]
-    out = subprocess.run(pair.a.argv([sys.executable, "-m", "ztnet.lab.probe", *args]),
+    out = subprocess.run(pair.a.argv([sys.executable, "-m", "ztnet.lab.traffic", *args]),
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["result"] == "OK"
 
@@ -59,10 +60,10 @@ def test_tcp_allowed_reaches_peer_denied_is_eperm_and_never_on_the_wire(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
     datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "tcp") as sniffer:
-        allowed = run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED),
-                            "--payload", "hello"], netns=pair.a.netns, user="nobody")
-        denied = run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)],
-                           netns=pair.a.netns, user="nobody")
+        allowed = run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED),
+                              "--payload", "hello"], netns=pair.a.netns, user="nobody")
+        denied = run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)],
+                             netns=pair.a.netns, user="nobody")
         control(pair)
         sniffer.wait_for(lambda p: p.dport == CONTROL and p.is_syn)
     packets = sniffer.stop()
@@ -79,9 +80,9 @@ def test_udp_allowed_and_denied_sendto_and_connected(
     datapath.replace([grant(2, AGENT, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "udp") as sniffer:
         results = {
-            (port, connect): run_probe(datapath.instance, AGENT,
-                                       ["udp", pair.b.ipv4, str(port), *connect],
-                                       netns=pair.a.netns, user="nobody")["result"]
+            (port, connect): run_traffic(datapath.instance, AGENT,
+                                         ["udp", pair.b.ipv4, str(port), *connect],
+                                         netns=pair.a.netns, user="nobody")["result"]
             for port in (ALLOWED, DENIED) for connect in ((), ("--connect",))
         }
         control(pair, "udp")
@@ -97,9 +98,9 @@ def test_icmp_denied_without_grant_and_allowed_with_one(
         datapath: Datapath, pair: NetnsPair) -> None:
     datapath.replace([grant(3, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "icmp") as sniffer:
-        denied = run_probe(datapath.instance, AGENT, ["icmp", pair.b.ipv4], netns=pair.a.netns)
+        denied = run_traffic(datapath.instance, AGENT, ["icmp", pair.b.ipv4], netns=pair.a.netns)
         datapath.add([grant(4, AGENT, Proto.ICMP, f"{pair.b.ipv4}/32")])
-        allowed = run_probe(datapath.instance, AGENT, ["icmp", pair.b.ipv4], netns=pair.a.netns)
+        allowed = run_traffic(datapath.instance, AGENT, ["icmp", pair.b.ipv4], netns=pair.a.netns)
         sniffer.wait_for(lambda p: p.icmp_type == 8)
     packets = sniffer.stop()
     assert denied["result"] == "EPERM"
@@ -113,9 +114,9 @@ def test_raw_socket_packet_from_agent_never_arrives(
     datapath.replace([grant(5, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "icmp or icmp6") as sniffer:
         for host in (pair.b.ipv4, pair.b.ipv6):
-            run_probe(datapath.instance, AGENT, ["raw", host], netns=pair.a.netns)
+            run_traffic(datapath.instance, AGENT, ["raw", host], netns=pair.a.netns)
         # positive control: the same raw packet from outside the agent arrives
-        subprocess.run(pair.a.argv([sys.executable, "-m", "ztnet.lab.probe", "raw",
+        subprocess.run(pair.a.argv([sys.executable, "-m", "ztnet.lab.traffic", "raw",
                                     pair.b.ipv4]), check=True, capture_output=True)
         sniffer.wait_for(lambda p: p.icmp_type == 8)
     packets = sniffer.stop()
@@ -131,8 +132,8 @@ def test_ipv6_and_ipv4_mapped_denied_unless_granted(
     datapath.replace([grant(6, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
 
     def attempt(host: str, port: int) -> object:
-        return run_probe(datapath.instance, AGENT, ["tcp", host, str(port)],
-                         netns=pair.a.netns, user="nobody")["result"]
+        return run_traffic(datapath.instance, AGENT, ["tcp", host, str(port)],
+                           netns=pair.a.netns, user="nobody")["result"]
 
     with Sniffer(pair.b.netns, pair.b.iface, "tcp") as sniffer:
         before = {"v6": attempt(pair.b.ipv6, ALLOWED), "mapped-allowed": attempt(mapped, ALLOWED),
@@ -152,8 +153,8 @@ def test_forked_setsid_grandchild_stays_confined(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
     datapath.replace([grant(8, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     for port, expected in ((DENIED, "EPERM"), (ALLOWED, "OK")):
-        result = run_probe(datapath.instance, AGENT, ["daemonize", pair.b.ipv4, str(port)],
-                           netns=pair.a.netns, user="nobody")
+        result = run_traffic(datapath.instance, AGENT, ["daemonize", pair.b.ipv4, str(port)],
+                             netns=pair.a.netns, user="nobody")
         assert result["result"] == expected
         assert str(result["cgroup"]).endswith(f"/agents/{AGENT}")
 
@@ -161,8 +162,8 @@ def test_forked_setsid_grandchild_stays_confined(
 def test_loopback_and_metadata_get_no_implicit_allow(datapath: Datapath) -> None:
     datapath.replace([grant(9, AGENT, Proto.TCP, "10.0.0.0/8", "443")])
     for host, port in (("127.0.0.1", 22), ("::1", 22), ("169.254.169.254", 80)):
-        assert run_probe(datapath.instance, AGENT, ["tcp", host, str(port)],
-                         user="nobody")["result"] == "EPERM", host
+        assert run_traffic(datapath.instance, AGENT, ["tcp", host, str(port)],
+                           user="nobody")["result"] == "EPERM", host
 
 
 def test_run_refuses_when_nothing_is_attached(instance: Instance) -> None:

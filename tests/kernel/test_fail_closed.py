@@ -10,15 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel.support import (
-    LineProcess,
-    agent_argv,
-    grant,
-    grant_to_json,
-    probe_argv,
-    run_probe,
-    start_driver,
-)
+from tests.kernel.support import grant, grant_to_json, start_driver
 from ztnet.datapath import loader
 from ztnet.datapath.datapath import Datapath
 from ztnet.grants.model import Proto
@@ -26,6 +18,7 @@ from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
 from ztnet.lab.sniff import Sniffer
+from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
 
 ALLOWED, DENIED = 8080, 9090
 AGENT = "bot"
@@ -54,10 +47,10 @@ def test_sigkill_of_the_loader_leaves_enforcement_in_place(
         driver.kill()
     assert driver.proc.returncode == -9
     assert loader.is_enforcing(instance)
-    assert run_probe(instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)], netns=pair.a.netns,
-                     user="nobody")["result"] == "OK"
-    assert run_probe(instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)], netns=pair.a.netns,
-                     user="nobody")["result"] == "EPERM"
+    assert run_traffic(instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)], netns=pair.a.netns,
+                       user="nobody")["result"] == "OK"
+    assert run_traffic(instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)], netns=pair.a.netns,
+                       user="nobody")["result"] == "EPERM"
 
 
 def test_expiry_stops_new_and_established_flows_with_the_loader_dead(
@@ -68,7 +61,7 @@ def test_expiry_stops_new_and_established_flows_with_the_loader_dead(
             grant(2, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED), ttl=4.0, start=-1))]})
     finally:
         driver.kill()
-    holder = LineProcess.start(agent_argv(instance, AGENT, probe_argv(
+    holder = LineProcess.start(agent_argv(instance, AGENT, traffic_argv(
         "hold", pair.b.ipv4, str(ALLOWED), "--interval", "0.05", "--limit", "30"),
         netns=pair.a.netns, user="nobody"))
     try:
@@ -79,15 +72,15 @@ def test_expiry_stops_new_and_established_flows_with_the_loader_dead(
         assert broken["result"] in ("TIMEOUT", "EPERM", "ECONNABORTED", "ECONNRESET")
     finally:
         holder.kill()
-    assert run_probe(instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)], netns=pair.a.netns,
-                     user="nobody")["result"] == "EPERM"
+    assert run_traffic(instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)], netns=pair.a.netns,
+                       user="nobody")["result"] == "EPERM"
 
 
 def test_removing_a_grant_cuts_its_established_flow(
         instance: Instance, pair: NetnsPair, server: ServerProcess) -> None:
     with Datapath.open(instance) as datapath:
         datapath.replace([grant(3, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
-        holder = LineProcess.start(agent_argv(instance, AGENT, probe_argv(
+        holder = LineProcess.start(agent_argv(instance, AGENT, traffic_argv(
             "hold", pair.b.ipv4, str(ALLOWED), "--interval", "0.05", "--limit", "30",
             "--timeout", "10"), netns=pair.a.netns, user="nobody"))
         try:
@@ -108,7 +101,7 @@ def test_adoption_under_a_tight_denied_connect_loop_lets_nothing_through(
     first.request({"op": "replace", "grants": [grant_to_json(
         grant(4, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED)))]})
     with Sniffer(pair.b.netns, pair.b.iface, "tcp") as sniffer:
-        looper = LineProcess.start(agent_argv(instance, AGENT, probe_argv(
+        looper = LineProcess.start(agent_argv(instance, AGENT, traffic_argv(
             "loop", pair.b.ipv4, str(DENIED)),
             netns=pair.a.netns, user="nobody"))
         try:
@@ -125,8 +118,8 @@ def test_adoption_under_a_tight_denied_connect_loop_lets_nothing_through(
         finally:
             looper.kill()
             previous.kill()
-        assert run_probe(instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)],
-                         netns=pair.a.netns, user="nobody")["result"] == "OK"
+        assert run_traffic(instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)],
+                           netns=pair.a.netns, user="nobody")["result"] == "OK"
         sniffer.wait_for(lambda p: p.dport == ALLOWED and p.is_syn)
     packets = sniffer.stop()
     outcomes = done["outcomes"]

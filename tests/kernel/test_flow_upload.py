@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.controller.support import ControllerProcess, init_controller, policy_toml
-from tests.kernel.daemon_support import HOST, DaemonProcess
-from tests.kernel.support import LineProcess, agent_argv, probe_argv
-from tests.kernel.test_controller_e2e import enroll_with_cli, event, free_port
+from tests.kernel.test_controller_e2e import enroll_with_cli, event
 from ztnet.daemon.flows import FLOWS_FILE
 from ztnet.daemon.spool import SPOOL_DIR
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair, poll_until
 from ztnet.lab.servers import ServerProcess
+from ztnet.testing.agents import LineProcess, agent_argv, traffic_argv
+from ztnet.testing.controller import ControllerProcess, init_controller, policy_toml
+from ztnet.testing.daemon import HOST, DaemonProcess
+from ztnet.testing.ports import free_port
 from ztnet.v1 import admin_pb2
 
 ALLOWED, DENIED = 8080, 9090
@@ -44,7 +45,7 @@ class Lab:
 
     def start_agent(self) -> None:
         """One long-lived agent process (`ztnet run` needs the datapath loaded)."""
-        self.agent = LineProcess.start(agent_argv(self.instance, AGENT, probe_argv("batch"),
+        self.agent = LineProcess.start(agent_argv(self.instance, AGENT, traffic_argv("batch"),
                                                   netns=self.pair.a.netns, user="nobody"))
 
     def attempts(self, allowed: int, denied: int) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.kernel.support import LineProcess, agent_argv, grant, probe_argv, run_probe
+from tests.kernel.support import grant
 from ztnet.datapath.abi import ZtEventKind, ZtReason, ZtVerdict
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.events import EventReader, KernelEvent
@@ -17,6 +17,7 @@ from ztnet.grants.model import Proto
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
+from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
 
 ALLOWED, DENIED = 8080, 9090
 AGENT = "bot"
@@ -55,8 +56,8 @@ def test_allowed_connection_record_carries_process_agent_grant_and_bytes(
     datapath.replace([grant(0xABC, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
     payload = "x" * 1000
-    result = run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED), "--payload",
-                       payload], netns=pair.a.netns, user="nobody")
+    result = run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED), "--payload",
+                         payload], netns=pair.a.netns, user="nobody")
     assert result["result"] == "OK"
     index = {name: i for i, name in datapath.agent_names().items()}[AGENT]
     connect = collector.wait_for(lambda e: e.kind == ZtEventKind.CONNECT
@@ -79,8 +80,8 @@ def test_denied_attempt_is_recorded_with_its_reason(setup: tuple[Datapath, Netns
     datapath, pair = setup
     datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
-    result = run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)],
-                       netns=pair.a.netns, user="nobody")
+    result = run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)],
+                         netns=pair.a.netns, user="nobody")
     assert result["result"] == "EPERM"
     event = collector.wait_for(lambda e: e.destination_port == DENIED, what="deny event")
     assert event.verdict == ZtVerdict.DENIED and event.reason == ZtReason.NO_GRANT
@@ -95,7 +96,7 @@ def test_a_flood_of_denied_attempts_is_rate_limited_and_fully_accounted(
     datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
     attempts = 20_000
-    flood = LineProcess.start(agent_argv(datapath.instance, AGENT, probe_argv(
+    flood = LineProcess.start(agent_argv(datapath.instance, AGENT, traffic_argv(
         "loop", pair.b.ipv4, str(DENIED), "--count", str(attempts)),
         netns=pair.a.netns, user="nobody"))
     try:
@@ -105,8 +106,8 @@ def test_a_flood_of_denied_attempts_is_rate_limited_and_fully_accounted(
         flood.kill()
     assert done["outcomes"] == {"EPERM": attempts}
     # an allowed connect afterwards is never suppressed and arrives behind the flood
-    run_probe(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)],
-              netns=pair.a.netns, user="nobody")
+    run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED)],
+                netns=pair.a.netns, user="nobody")
     collector.wait_for(lambda e: e.kind == ZtEventKind.CONNECT
                        and e.verdict == ZtVerdict.ALLOWED, what="the allowed connect")
     collector.drain()

@@ -7,7 +7,7 @@ the exfil sink (TCP and UDP, v4 and v6), the metadata address, the DNS resolver 
 the controller's two listeners, the other agent host — and, as root, raw packets. Three
 witnesses must agree:
 
-* the probe's errno (EPERM at once for what is denied);
+* the traffic agent's errno (EPERM at once for what is denied);
 * sniffers on the api and exfil hosts: every allowed attempt arrived, no denied packet did
   (proven after an unconfined positive control, see ztnet/lab/sniff.py);
 * the flow records in the controller's flow store (`ztnet flows --controller --json`, which
@@ -18,6 +18,9 @@ Also: `ztnet demo` exits 0 with the right summary, and `ztnet lab down` cleans u
 SIGKILLed `ztnet lab up`. Lab names carry this process's pid (zl…, zd…, zk…), so concurrent
 test runs and a developer's own `ztnet lab` never collide; leftovers of crashed runs are
 removed first.
+
+The traffic matrix, and how each witness is matched to an attempt, are in
+ztnet/lab/scenarios.py: vagrant/vmcheck.py applies the same checks across VMs.
 """
 
 from __future__ import annotations
@@ -29,10 +32,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -44,24 +45,27 @@ from ztnet.instance import Instance, find_cgroup2_mount
 from ztnet.lab.cluster import Lab, orphan_labs
 from ztnet.lab.netns import list_netns, poll_until
 from ztnet.lab.procs import alive
-from ztnet.lab.sniff import CapturedPacket, Sniffer
-from ztnet.lab.topology import (
-    CONTROL_PORT,
-    CONTROLLER_PORT,
-    ENROLL_PORT,
-    HOST_IFACE,
-    METADATA_IPV4,
-    PEER_PORT,
-    LabHost,
-    Topology,
+from ztnet.lab.scenarios import (
+    MATRIX,
+    OPS,
+    PAYLOAD,
+    RAW,
+    RESEARCH,
+    SNIFFED,
+    Outcome,
+    agent_packets,
+    arrived,
+    control_attempts,
+    expected_key,
+    sniffed_target,
+    verdict_key,
 )
+from ztnet.lab.sniff import CapturedPacket, Sniffer
+from ztnet.lab.topology import HOST_IFACE, LabHost, Topology
 from ztnet.lab.wire import control_from
-from ztnet.observe.records import EventType, FlowRecord, Verdict
+from ztnet.observe.records import EventType, FlowRecord
 
 PREFIXES = ("zl", "zd", "zk")  # e2e lab, demo lab, killed lab
-PAYLOAD = "ztnet-e2e-payload"
-RESEARCH, OPS = "research-bot", "ops-bot"
-ECHO_REQUESTS = (8, 128)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,112 +87,6 @@ def lab() -> Iterator[Lab]:
         the_lab.down()
 
 
-# --- the traffic matrix ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    kind: str  # tcp | udp | icmp | dns | raw
-    role: str  # the target host (or "peer": the other agent host, "metadata")
-    v6: bool
-    port: int
-    allowed: frozenset[str]  # the agents whose policy allows it
-
-    def address(self, lab: Lab, me: LabHost) -> str:
-        if self.role == "metadata":
-            return METADATA_IPV4
-        hosts = lab.topology.agent_hosts_list
-        host = next(h for h in hosts if h != me) if self.role == "peer" else \
-            lab.topology.host(self.role)
-        return host.ipv6 if self.v6 else host.ipv4
-
-    def spec(self, lab: Lab, me: LabHost) -> dict[str, Any]:
-        spec: dict[str, Any] = {"kind": self.kind, "host": self.address(lab, me),
-                                "port": self.port}
-        if self.kind == "tcp":
-            spec["payload"] = PAYLOAD
-        if self.kind == "dns":
-            spec["name"] = lab.topology.host("api").fqdn
-        return spec
-
-    @property
-    def proto(self) -> int:
-        return {"tcp": 6, "udp": 17, "dns": 17}.get(self.kind, 58 if self.v6 else 1)
-
-
-def _a(kind: str, role: str, port: int = 0, *allowed: str, v6: bool = False) -> Attempt:
-    return Attempt(kind, role, v6, port, frozenset(allowed))
-
-
-# what each agent's policy allows is written out here, not derived from ztnet/lab/policy.py
-MATRIX = (
-    _a("tcp", "api", 443, RESEARCH), _a("tcp", "api", 8443, OPS),
-    _a("tcp", "api", 443, v6=True), _a("tcp", "api", 8443, OPS, v6=True),
-    _a("icmp", "api", 0, OPS),
-    _a("tcp", "exfil", 4444), _a("tcp", "exfil", 4444, v6=True),
-    _a("udp", "exfil", 4444), _a("udp", "exfil", 4444, v6=True),
-    _a("tcp", "metadata", 80),
-    _a("dns", "dns", 53, RESEARCH, OPS), _a("dns", "dns", 53, v6=True),
-    _a("tcp", "ctl", CONTROLLER_PORT), _a("tcp", "ctl", ENROLL_PORT),
-    _a("tcp", "peer", PEER_PORT), _a("tcp", "peer", PEER_PORT, v6=True),
-)
-# as root, through a raw socket: only the egress backstop stands in the way
-RAW = (_a("raw", "api", 0, OPS), _a("raw", "exfil", 0))
-SNIFFED = ("api", "exfil")
-
-
-@dataclass
-class Outcome:
-    host: LabHost
-    attempt: Attempt
-    result: dict[str, Any]
-
-    @property
-    def agent(self) -> str:
-        return self.host.agent
-
-    @property
-    def allowed(self) -> bool:
-        return self.agent in self.attempt.allowed
-
-
-def _sniffed_target(lab: Lab, outcome: Outcome) -> str | None:
-    role = "exfil" if outcome.attempt.role == "metadata" else outcome.attempt.role
-    return role if role in SNIFFED else None
-
-
-def _arrived(packets: list[CapturedPacket], lab: Lab, outcome: Outcome) -> list[CapturedPacket]:
-    attempt, host = outcome.attempt, outcome.host
-    source = host.ipv6 if attempt.v6 else host.ipv4
-    destination = attempt.address(lab, host)
-    return [p for p in packets if p.src == source and p.dst == destination
-            and p.proto == attempt.proto
-            and (p.dport == attempt.port if attempt.proto in (6, 17)
-                 else p.icmp_type in ECHO_REQUESTS)]
-
-
-def _agent_packets(packets: list[CapturedPacket], lab: Lab) -> list[CapturedPacket]:
-    sources = {a for h in lab.topology.agent_hosts_list for a in (h.ipv4, h.ipv6)}
-    return [p for p in packets if p.src in sources and p.dport != CONTROL_PORT
-            and (p.proto in (6, 17) or p.icmp_type in ECHO_REQUESTS)]
-
-
-def _verdict_key(r: FlowRecord) -> tuple[str, str, str, str, str, int]:
-    return (r.host, r.agent.name, r.event_type.value, r.verdict.value, r.destination,
-            r.destination_port)
-
-
-def _expected_key(lab: Lab, o: Outcome) -> tuple[str, str, str, str, str, int] | None:
-    """The verdict record an attempt must leave; None for ping and raw sockets, which pass
-    no connect or sendmsg hook (their allowed packets show up as flow ends)."""
-    if o.attempt.kind in ("icmp", "raw"):
-        return None
-    kind = EventType.CONNECT if o.attempt.kind == "tcp" else EventType.SENDMSG
-    verdict = Verdict.ALLOWED if o.allowed else Verdict.DENIED
-    return (o.host.name, o.agent, kind.value, verdict.value, o.attempt.address(lab, o.host),
-            o.attempt.port)
-
-
 def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
     topo = lab.topology
     started = time.time()
@@ -198,14 +96,14 @@ def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
         for sniffer in sniffers.values():
             sniffer.start()
         for host in topo.agent_hosts_list:
-            results = lab.probe(host, host.agent, [a.spec(lab, host) for a in MATRIX])
-            results += lab.probe(host, host.agent, [a.spec(lab, host) for a in RAW], user=None)
+            results = lab.run_attempts(host, host.agent, [a.spec(topo, host) for a in MATRIX])
+            results += lab.run_attempts(host, host.agent, [a.spec(topo, host) for a in RAW],
+                                        user=None)
             outcomes += [Outcome(host, a, r) for a, r in zip((*MATRIX, *RAW), results,
                                                               strict=True)]
         # positive controls: unconfined, from each agent host, after all agent traffic
         for host in topo.agent_hosts_list:
-            lab.probe(host, None, [{"kind": "tcp", "host": topo.host(role).ipv4,
-                                    "port": CONTROL_PORT} for role in SNIFFED], timeout=1.0)
+            lab.run_attempts(host, None, control_attempts(topo), timeout=1.0)
         for sniffer in sniffers.values():
             for host in topo.agent_hosts_list:
                 sniffer.wait_for(control_from(host), 10.0,
@@ -213,7 +111,7 @@ def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
     finally:
         captured = {role: sniffer.stop() for role, sniffer in sniffers.items()}
 
-    # 1. the probes: allowed works end to end, denied fails at once with EPERM
+    # 1. the traffic agent: allowed works end to end, denied fails at once with EPERM
     for o in outcomes:
         what = f"{o.agent}@{o.host.name} {o.attempt}"
         if o.attempt.kind == "raw":
@@ -231,30 +129,30 @@ def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
     # 2. the wire: allowed arrived, denied did not, and nothing else from an agent host did
     explained: set[CapturedPacket] = set()
     for o in outcomes:
-        role = _sniffed_target(lab, o)
+        role = sniffed_target(o)
         if role is None:
             continue
-        arrived = _arrived(captured[role], lab, o)
-        assert bool(arrived) == o.allowed, (f"{o.agent}@{o.host.name} {o.attempt}", arrived)
-        explained |= set(arrived)
+        packets = arrived(captured[role], topo, o)
+        assert bool(packets) == o.allowed, (f"{o.agent}@{o.host.name} {o.attempt}", packets)
+        explained |= set(packets)
     for role in SNIFFED:
-        unexplained = [p.summary for p in _agent_packets(captured[role], lab)
+        unexplained = [p.summary for p in agent_packets(captured[role], topo)
                        if p not in explained]
         assert not unexplained, (role, unexplained)
 
     # 3. the controller's flow store: exactly these verdicts, and the sniffed source ports
-    expected = sorted(k for o in outcomes if (k := _expected_key(lab, o)) is not None)
+    expected = sorted(k for o in outcomes if (k := expected_key(topo, o)) is not None)
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started - 1))
 
     def stored() -> list[FlowRecord] | None:
         records = lab.controller_flows(since=since)
-        verdicts = sorted(_verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
+        verdicts = sorted(verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
         ends = [r for r in records if r.event_type == EventType.FLOW_END]
         tcp_allowed = sum(o.allowed for o in outcomes if o.attempt.kind == "tcp")
         return records if verdicts == expected and len(ends) >= tcp_allowed else None
 
     records = poll_until(stored, 20.0, "the controller's flow store to hold every attempt")
-    verdicts = sorted(_verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
+    verdicts = sorted(verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
     assert verdicts == expected
     ends = [r for r in records if r.event_type == EventType.FLOW_END]
     for o in outcomes:
@@ -266,9 +164,9 @@ def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
         assert len(end) == 1, (o, end)
         assert end[0].grant is not None and end[0].flow is not None
         assert end[0].flow.bytes_out > len(PAYLOAD) and end[0].flow.bytes_in > len(PAYLOAD)
-        role = _sniffed_target(lab, o)
+        role = sniffed_target(o)
         assert role is not None
-        syns = [p for p in _arrived(captured[role], lab, o) if p.is_syn]
+        syns = [p for p in arrived(captured[role], topo, o) if p.is_syn]
         assert [(p.src, p.sport) for p in syns] == [(end[0].source, sport)], (o, syns)
     pings = [r for r in ends if r.agent.name == OPS and r.proto == 1
              and r.destination == topo.host("api").ipv4]
@@ -296,7 +194,7 @@ def test_each_daemon_owns_its_programs_maps_and_agents(lab: Lab) -> None:
     agent_cgroups: dict[str, set[int]] = {}
     for host in lab.topology.agent_hosts_list:
         instance = lab.instance(host)
-        lab.probe(host, host.agent, [{"kind": "tcp", "host": lab.topology.host("api").ipv4,
+        lab.run_attempts(host, host.agent, [{"kind": "tcp", "host": lab.topology.host("api").ipv4,
                                       "port": 443}])
         fd = os.open(instance.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -340,11 +340,12 @@ class Lab:
             run += ["--user", user]
         return self.host_argv(host, [*run, "--", *argv])
 
-    def probe(self, host: LabHost | str, agent: str | None, attempts: Sequence[dict[str, Any]],
-              *, user: str | None = "nobody", timeout: float = 2.0) -> list[dict[str, Any]]:
-        """Run ``attempts`` (see ztnet.lab.probe.attempt) in one process on ``host``: as
+    def run_attempts(self, host: LabHost | str, agent: str | None,
+                     attempts: Sequence[dict[str, Any]], *, user: str | None = "nobody",
+                     timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Run ``attempts`` (see ztnet.lab.traffic.attempt) in one process on ``host``: as
         ``agent``, or unconfined if None. One result per attempt, in order."""
-        argv = [sys.executable, "-m", "ztnet.lab.probe", "many", "-",
+        argv = [sys.executable, "-m", "ztnet.lab.traffic", "many", "-",
                 "--timeout", str(timeout)]
         full = self.agent_argv(host, agent, argv, user=user) if agent else \
             self.host_argv(host, argv)
@@ -352,7 +353,7 @@ class Lab:
                          len(attempts))
         results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or len(results) != len(attempts):
-            raise LabError(f"lab: probe on {host} failed (exit {done.returncode}): "
+            raise LabError(f"lab: traffic agent on {host} failed (exit {done.returncode}): "
                            f"{done.stderr.strip()}")
         return results
 

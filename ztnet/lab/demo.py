@@ -5,9 +5,9 @@ lab policy through the controller, and a scripted agent on host-a does what a co
 agent would: it uses its API, then tries to exfiltrate over TCP and UDP, to sneak out through
 a raw socket and IPv6, and to reach the cloud metadata service. host-b's agent shows that
 another host enforces another policy. Finally the operator revokes the agent's grant and its
-established connection is cut. Every step is checked three ways — the probe's errno, the flow
-record the host's daemon wrote (printed live), and the sniffers on the api and exfil hosts —
-and the closing summary is computed from the flow records. Any deviation makes the command
+established connection is cut. Every step is checked three ways — the traffic agent's errno,
+the flow record the host's daemon wrote (printed live), and the sniffers on the api and exfil
+hosts — and the closing summary is computed from the flow records. Any deviation makes the command
 exit 1, so `make demo` doubles as a smoke test.
 """
 
@@ -111,7 +111,7 @@ class Demo:
     def attempt(self, host: LabHost, agent: str, kind: str, target: str, port: int = 0, *,
                 user: str | None = "nobody", **extra: str) -> dict[str, Any]:
         spec = {"kind": kind, "host": target, "port": port, **extra}
-        return self.lab.probe(host, agent, [spec], user=user)[0]
+        return self.lab.run_attempts(host, agent, [spec], user=user)[0]
 
     # --- the story -------------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ class Demo:
             {"kind": "tcp", "host": api.ipv4, "port": API_ALT_PORT, "payload": PAYLOAD},
             {"kind": "tcp", "host": api.ipv4, "port": API_PORT},
             {"kind": "icmp", "host": api.ipv4}]
-        got = [r["result"] for r in self.lab.probe(b, OPS_BOT, script)]
+        got = [r["result"] for r in self.lab.run_attempts(b, OPS_BOT, script)]
         found = [self.expect(since, what, match) for what, match in (
             ("api:8443", record(b, OPS_BOT, C, ALLOWED, api.ipv4, API_ALT_PORT)),
             ("api:443", record(b, OPS_BOT, C, DENIED, api.ipv4, API_PORT)),
@@ -226,7 +226,7 @@ class Demo:
             self.check(False, "no grant id was recorded for the API call; nothing to revoke")
             return
         argv = self.lab.agent_argv(a, RESEARCH_BOT, [
-            sys.executable, "-m", "ztnet.lab.probe", "hold", api.ipv4, str(API_PORT),
+            sys.executable, "-m", "ztnet.lab.traffic", "hold", api.ipv4, str(API_PORT),
             "--limit", "20"])
         hold = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, env=child_env())
@@ -247,7 +247,7 @@ class Demo:
                 self.say(f"    {line}")
             broken = lines.get(timeout=20)
         except queue.Empty:
-            first = broken = "(no answer from the probe)"
+            first = broken = "(no answer from the traffic agent)"
         finally:
             hold.kill()
             hold.wait()

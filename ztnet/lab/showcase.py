@@ -38,7 +38,7 @@ def _probe(instance: Instance, netns: str, step: Step) -> str:
            "--agent", AGENT]
     if step.user:
         run += ["--user", step.user]
-    argv = nsenter_argv(netns, [*run, "--", sys.executable, "-m", "ztnet.lab.probe",
+    argv = nsenter_argv(netns, [*run, "--", sys.executable, "-m", "ztnet.lab.traffic",
                                 *step.probe])
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

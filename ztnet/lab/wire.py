@@ -78,7 +78,7 @@ class Wire:
         targets = [{"kind": "tcp", "host": h.ipv4, "port": CONTROL_PORT}
                    for h in self.sniffed.values()]
         for host in hosts:
-            self.lab.probe(host, None, targets, timeout=1.0)
+            self.lab.run_attempts(host, None, targets, timeout=1.0)
         for sniffer in self.sniffers.values():
             for host in hosts:
                 sniffer.wait_for(control_from(host), 10.0,

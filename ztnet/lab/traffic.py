@@ -1,8 +1,10 @@
-"""Network probes an agent process runs, reporting each outcome as JSON.
+"""The traffic agent: network traffic an agent process makes (connects, sends, pings, DNS
+queries, raw packets, held flows), reporting each outcome as JSON.
 
-Used by the kernel tests, the benchmarks and the demo: they launch this
+Used by the kernel tests, the lab, the demo and the Vagrant checks: they launch this
 module under `ztnet run`, so every attempt comes from a real process in a
 real agent cgroup. Outcomes are errno names ("OK", "EPERM", "EINPROGRESS").
+(Not to be confused with ztnet.datapath.probe, the kernel feature check.)
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def hold(host: str, port: int, interval: float, limit: float, timeout: float) ->
             except OSError as exc:
                 _emit(event="broken", result=_errname(exc), sent=sent)
                 return
-            time.sleep(interval)  # pacing of the probe itself, not synchronisation
+            time.sleep(interval)  # pacing of the traffic itself, not synchronisation
         _emit(event="alive", sent=sent)
 
 
@@ -213,7 +215,7 @@ def daemonized(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ztnet.lab.probe")
+    parser = argparse.ArgumentParser(prog="python -m ztnet.lab.traffic")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("tcp")
     p.add_argument("host")

@@ -1,5 +1,6 @@
-"""A real `ztnet daemon` process for tests: readiness through a real
-NOTIFY_SOCKET, progress through its JSON log lines."""
+"""A real `ztnet daemon` process for tests and benchmarks: readiness through a real
+NOTIFY_SOCKET, progress through its JSON log lines; and signed bundles for its agent ``bot``
+on host ``HOST``, for a daemon run without a controller."""
 
 from __future__ import annotations
 
@@ -46,12 +47,6 @@ def make_bundle(key: Ed25519PrivateKey, version: int, to: str, ports: list[str],
                           now=time.time() if now is None else now, issuer="tests",
                           default_ttl=3600, bundle_ttl=bundle_ttl)
     return sign_bundle(bundle, key)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class DaemonProcess:
