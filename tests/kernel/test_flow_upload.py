@@ -22,7 +22,7 @@ from tests.controller.support import ControllerProcess, init_controller, policy_
 from tests.kernel.daemon_support import HOST, DaemonProcess
 from tests.kernel.support import LineProcess, agent_argv, probe_argv
 from tests.kernel.test_controller_e2e import enroll_with_cli, event, free_port
-from ztnet.daemon.flows import FLOWS_FILE
+from ztnet.instance import FLOWS_FILE
 from ztnet.daemon.spool import SPOOL_DIR
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair, poll_until

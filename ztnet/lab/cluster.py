@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ztnet.instance import BPFFS, Instance, find_cgroup2_mount
+from ztnet.instance import BPFFS, FLOWS_FILE, Instance, find_cgroup2_mount
 from ztnet.lab import procs
 from ztnet.lab.netns import LabError, list_netns, nsenter_argv, poll_until
 from ztnet.lab.policy import lab_policy
@@ -97,7 +97,7 @@ class Lab:
         return self.run_dir / (host if isinstance(host, str) else host.name)
 
     def flows_path(self, host: LabHost | str) -> Path:
-        return self.host_state(host) / "flows.jsonl"
+        return self.host_state(host) / FLOWS_FILE
 
     def instance(self, host: LabHost | str) -> Instance:
         return Instance.resolve(self.topology.instance_name(host))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ztnet.durations import parse_duration
 from ztnet.errors import PolicyError
 from ztnet.grants.model import (
     AGENT_NAME_RE,
@@ -40,9 +41,7 @@ from ztnet.grants.model import (
 )
 from ztnet.policy.fields import (
     MAX_TTL,
-    format_duration,
     parse_destination,
-    parse_duration,
     parse_ports,
     parse_proto,
 )
@@ -169,10 +168,8 @@ __all__ = [
     "AgentPolicy",
     "AllowRule",
     "Policy",
-    "format_duration",
     "load_policy",
     "parse_destination",
-    "parse_duration",
     "parse_policy",
     "parse_ports",
     "parse_proto",
