@@ -69,10 +69,9 @@ from tests.kernel.support import agent_argv
 from tests.kernel.test_controller_e2e import free_port
 from ztnet.daemon.credentials import fingerprint
 from ztnet.daemon.enroll import enroll
-from ztnet.instance import FLOWS_FILE
 from ztnet.datapath.datapath import teardown
 from ztnet.grants.keys import generate_keypair, load_private_key
-from ztnet.instance import Instance
+from ztnet.instance import FLOWS_FILE, Instance
 from ztnet.observe.tail import LineTail
 
 HERE = Path(__file__).resolve().parent

@@ -43,6 +43,10 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], *,
     ``right``), the header line first; no trailing spaces. Cells are escaped."""
     table = [[escape(cell) for cell in headers]]
     table += [[escape(cell) for cell in row] for row in rows]
+    for row in table:
+        if len(row) != len(headers):
+            raise ValueError(f"text: a table row has {len(row)} cells, its header "
+                             f"{len(headers)}")
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     lines = []
     for row in table:

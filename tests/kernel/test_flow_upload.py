@@ -22,12 +22,10 @@ from tests.controller.support import ControllerProcess, init_controller, policy_
 from tests.kernel.daemon_support import HOST, DaemonProcess
 from tests.kernel.support import LineProcess, agent_argv, probe_argv
 from tests.kernel.test_controller_e2e import enroll_with_cli, event, free_port
-from ztnet.instance import FLOWS_FILE
 from ztnet.daemon.spool import SPOOL_DIR
-from ztnet.instance import Instance
+from ztnet.instance import FLOWS_FILE, Instance
 from ztnet.lab.netns import NetnsPair, poll_until
 from ztnet.lab.servers import ServerProcess
-from ztnet.v1 import admin_pb2
 
 ALLOWED, DENIED = 8080, 9090
 AGENT = "bot"
@@ -81,7 +79,7 @@ class Lab:
 
     def stored(self) -> list[str]:
         with self.controller.admin() as admin:
-            response = admin.query_flows(admin_pb2.QueryFlowsRequest(host=HOST, limit=10_000))
+            response = admin.query_flows(host=HOST, limit=10_000)
         assert not response.truncated
         return [json.loads(record)["uuid"] for record in response.records]
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ztnet.observe.commands import ObserveOptions, default_state_dir, flows_path, observe
 
 from tests.unit.test_observe_records import (
     NOW,
@@ -23,7 +24,6 @@ from ztnet.cli import main
 from ztnet.datapath.abi import ZtEventKind, ZtReason
 from ztnet.errors import ConfigError
 from ztnet.observe import tail
-from ztnet.observe.commands import ObserveOptions, default_state_dir, flows_path, observe
 from ztnet.observe.query import (
     FlowFilter,
     FlowReader,
