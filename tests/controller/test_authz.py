@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from ztnet.controller.commands import revoke_host
 
 from tests.controller.support import (
     TRUST_DOMAIN,
@@ -29,6 +28,7 @@ from tests.controller.support import (
     make_csr,
     private_pem,
 )
+from ztnet.cli.controller import revoke_host
 from ztnet.controller import ca
 from ztnet.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
 

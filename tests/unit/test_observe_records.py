@@ -246,6 +246,6 @@ def test_replace_keeps_records_comparable() -> None:
 
 def test_observe_never_imports_bcc() -> None:
     code = ("import sys, ztnet.observe.records, ztnet.observe.sinks, ztnet.observe.audit, "
-            "ztnet.observe.metrics, ztnet.observe.commands, ztnet.cli; "
+            "ztnet.observe.metrics, ztnet.observe.query, ztnet.observe.render, ztnet.cli; "
             "sys.exit('bcc' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
