@@ -60,7 +60,8 @@ class Lab:
         """uuids of the records in the daemon's flow log, in order."""
         path = self.state / FLOWS_FILE
         text = path.read_text() if path.exists() else ""
-        return [json.loads(line)["uuid"] for line in text.splitlines() if line.strip()]
+        # the piece after the last newline is empty, or a line the daemon is still writing
+        return [json.loads(line)["uuid"] for line in text.split("\n")[:-1] if line.strip()]
 
     def logged(self, count: int) -> list[str]:
         return poll_until(lambda: uuids if len(uuids := self.local()) >= count else None,
