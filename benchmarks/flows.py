@@ -64,10 +64,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.controller import cpu_seconds, spread
 from benchmarks.datapath import build_worker, machine_facts, remove_stale_instances
 from ztnet.daemon.enroll import enroll
-from ztnet.daemon.flows import FLOWS_FILE
 from ztnet.datapath.datapath import teardown
 from ztnet.grants.keys import generate_keypair, load_private_key
-from ztnet.instance import Instance
+from ztnet.instance import FLOWS_FILE, Instance
 from ztnet.observe.tail import LineTail
 from ztnet.pki import fingerprint
 from ztnet.testing.agents import agent_argv

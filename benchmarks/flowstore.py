@@ -48,7 +48,6 @@ from ztnet.controller.store import SqliteStore
 from ztnet.testing.controller import ControllerProcess, ControllerState, init_controller
 from ztnet.testing.flows import report
 from ztnet.testing.nodes import enroll
-from ztnet.v1 import admin_pb2
 
 BATCH = 500
 
@@ -139,10 +138,9 @@ def rpc_part(state_root: Path, queries: dict[str, Callable[[], FlowQuery]], runs
     with ControllerProcess(state, extra_args=["--flow-retention", "0"]) as controller:
         with controller.admin() as admin:
             def run(query: FlowQuery) -> int:
-                request = admin_pb2.QueryFlowsRequest(
+                return len(admin.query_flows(
                     host=query.host, agent=query.agent, verdict=query.verdict,
-                    since_ns=query.since_ns, limit=query.limit)
-                return len(admin.query_flows(request).records)
+                    since_ns=query.since_ns, limit=query.limit).records)
 
             timings = time_queries(run, queries, runs)
         identity = enroll(controller, "bench-ingest")

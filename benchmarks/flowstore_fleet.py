@@ -26,7 +26,7 @@ from ztnet.observe.records import (
     GrantRef,
     Process,
     Verdict,
-    format_time,
+    format_rfc3339,
     from_json,
     to_json,
 )
@@ -90,8 +90,8 @@ class Fleet:
                          ('"destination_port":1}', f'"destination_port":{mark("port")}}}'),
                          ('"socket_cookie":2,', f'"socket_cookie":{mark("cookie")},'),
                          ('"pid":3,"tid":3,', f'"pid":{mark("pid")},"tid":{mark("pid")},'),
-                         ("g-00000000000000ff", mark("grant")), (format_time(t0), mark("time")),
-                         (format_time(t0 - duration), mark("first"))):
+                         ("g-00000000000000ff", mark("grant")), (format_rfc3339(t0), mark("time")),
+                         (format_rfc3339(t0 - duration), mark("first"))):
             text = text.replace(old, new)
         text = text.replace("{", "{{").replace("}", "}}")
         return re.sub("\x00(\\w+)\x00", r"{\1}", text)
@@ -111,8 +111,8 @@ class Fleet:
         grant = "" if denied else f"g-{rng.getrandbits(64):016x}"
         text = self.templates[kind, verdict, proto][index].format(
             uuid=uuid, host=host, dst=destination, agent=agent, port=port, cookie=cookie,
-            pid=1000 + cookie % 5000, grant=grant, time=format_time(time_ns),
-            first=format_time(time_ns - self.DURATIONS[index]))
+            pid=1000 + cookie % 5000, grant=grant, time=format_rfc3339(time_ns),
+            first=format_rfc3339(time_ns - self.DURATIONS[index]))
         return FlowRow(time_ns, host, agent, verdict.value, "NO_GRANT" if denied else "GRANTED",
                        kind.value, proto, destination, port, grant, uuid, text)
 

@@ -1,10 +1,14 @@
 """Where one ztnet instance keeps its state in the kernel and on disk.
 
 An instance owns a cgroup subtree, a bpffs directory and a state directory.
-The default instance uses ``<cg2>/ztnet`` and ``/sys/fs/bpf/ztnet``; a named
-one (``--instance host-a``: several daemons sharing a kernel, as in the lab)
-uses ``<cg2>/ztnet-host-a`` and ``/sys/fs/bpf/ztnet-host-a``, so two instances
-never touch each other's programs, maps or agents.
+The default instance uses ``<cg2>/ztnet``, ``/sys/fs/bpf/ztnet`` and
+``/var/lib/ztnet``; a named one (``--instance host-a``: several daemons sharing
+a kernel, as in the lab) uses ``<cg2>/ztnet-host-a``, ``/sys/fs/bpf/ztnet-host-a``
+and ``/var/lib/ztnet-host-a``, so two instances never touch each other's
+programs, maps, agents or records.
+
+The daemon's state directory (``--state``, default :attr:`Instance.state_dir`)
+holds its flow log (``FLOWS_FILE``) and audit trail (``AUDIT_FILE``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from ztnet.errors import ConfigError, UnsupportedKernel
 # ztnet.datapath.abi and checked against the header by tests/unit/test_abi.py.
 ABI_VERSION = 1
 BPFFS = Path("/sys/fs/bpf")
+STATE_ROOT = Path("/var/lib")
+FLOWS_FILE = "flows.jsonl"
+AUDIT_FILE = "audit.jsonl"
 INSTANCE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 
 
@@ -84,6 +91,11 @@ class Instance:
     @property
     def run_dir(self) -> Path:
         return Path("/run") / f"ztnet{self._suffix}"
+
+    @property
+    def state_dir(self) -> Path:
+        """The daemon's default ``--state``: credentials, flow log, audit trail, spool."""
+        return STATE_ROOT / f"ztnet{self._suffix}"
 
     @property
     def lock_path(self) -> Path:

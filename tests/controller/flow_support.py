@@ -54,7 +54,7 @@ def encode(records: Sequence[FlowRecord]) -> list[bytes]:
 
 def query(controller: ControllerProcess, **filters: Any) -> admin_pb2.QueryFlowsResponse:
     with controller.admin() as admin:
-        return admin.query_flows(admin_pb2.QueryFlowsRequest(**filters))
+        return admin.query_flows(**filters)
 
 
 def uuids(response: admin_pb2.QueryFlowsResponse) -> list[str]:

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ztnet import pki
+from ztnet.cli.controller import revoke_host
 from ztnet.controller import ca
-from ztnet.controller.commands import revoke_host
 from ztnet.testing.controller import TRUST_DOMAIN, ControllerProcess, ControllerState, create_token
 from ztnet.testing.nodes import FakeNode, enroll, make_csr, private_pem
 from ztnet.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc

@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 
 from ztnet import cli, pki
+from ztnet.cli import run
 from ztnet.testing.controller import ROOT, ControllerProcess, ControllerState, write_policy
 from ztnet.testing.nodes import FakeNode, enroll
 
@@ -105,23 +106,32 @@ def test_admin_cert_writes_a_credential_directory(state: ControllerState,
 
 def test_agents_stays_local_unless_controller_is_given() -> None:
     parser = cli.build_parser()
-    assert parser.parse_args(["agents"]).handler is cli._cmd_agents
+    local = parser.parse_args(["agents", "--credentials", "/x"])
+    assert local.handler is run.handle_agents and local.controller is None
     remote = parser.parse_args(["agents", "--controller", "ctl:7443"])
-    assert remote.handler is not cli._cmd_agents and remote.controller == "ctl:7443"
-    from_env = parser.parse_args(["agents", "--controller"])
-    assert from_env.handler is remote.handler and from_env.controller is None
+    assert remote.handler is run.handle_agents and remote.controller == "ctl:7443"
+    assert parser.parse_args(["agents", "--controller"]).controller == ""  # $ZTNET_CONTROLLER
     assert parser.parse_args(["policy", "check", "p.toml"]).policy == "p.toml"
     assert parser.parse_args(["policy", "apply", "p.toml"]).policy == Path("p.toml")
 
 
-def test_the_extensions_do_not_depend_on_the_parser_order() -> None:
+def test_agents_controller_without_address_uses_the_environment() -> None:
+    clean = {key: "" for key in ("ZTNET_CONTROLLER", "ZTNET_CREDENTIALS")}
+    bare = ztnet("agents", "--controller", env=clean)
+    assert bare.returncode == 2 and "no controller address" in bare.stderr
+    from_env = ztnet("agents", "--controller", env={**clean, "ZTNET_CONTROLLER": "127.0.0.1:1"})
+    assert from_env.returncode == 2 and "no admin credentials" in from_env.stderr
+
+
+def test_each_command_module_registers_on_its_own_in_any_order() -> None:
+    for module in cli.COMMANDS:
+        module.register(argparse.ArgumentParser().add_subparsers(dest="command"))
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    cli.add_datapath_commands(sub)
-    cli.add_policy_commands(sub)
-    cli.add_controller_commands(sub)  # after the groups it extends, this time
+    for module in reversed(cli.COMMANDS):
+        module.register(sub)
     assert parser.parse_args(["policy", "apply", "p.toml"]).policy == Path("p.toml")
-    assert parser.parse_args(["agents", "--controller", "x:1"]).handler is not cli._cmd_agents
+    assert parser.parse_args(["agents", "--controller", "x:1"]).controller == "x:1"
 
 
 def operator_env(controller: ControllerProcess) -> dict[str, str]:
@@ -157,14 +167,18 @@ def test_policy_apply_prints_each_hosts_answer(controller: ControllerProcess, wo
         if answer == "ack":
             node.ack(push)
         else:
-            node.nack(push, "bundle: refused in test")
+            # a host's reason is its own words: shown, but never as terminal controls
+            node.nack(push, "bundle: refused in test\x1b]0;owned\x07")
         stdout, stderr = apply.communicate(timeout=30)
     assert apply.returncode == code, stderr
     row = next(line.split() for line in stdout.splitlines() if line.startswith(f"cli-{answer}"))
     assert row[:3] == [f"cli-{answer}", answer, str(push.version)]
     if answer == "nack":
-        assert "refused in test" in stdout
+        assert "refused in test\\x1b]0;owned\\x07" in stdout and "\x1b" not in stdout
         assert "was not applied by 1 of" in stderr
+        hosts = ztnet("hosts", env=operator_env(controller))
+        assert "refused in test\\x1b]0;owned\\x07" in hosts.stdout
+        assert "\x1b" not in hosts.stdout
 
 
 @pytest.mark.parametrize("args, env, message", [

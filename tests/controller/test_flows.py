@@ -62,7 +62,7 @@ def test_records_of_another_host_are_refused(controller: ControllerProcess) -> N
     assert "records[1].host: host flows-honest may report only its own flows" in \
         result.details
     with controller.admin() as admin:
-        everything = admin.query_flows(admin_pb2.QueryFlowsRequest(limit=10_000))
+        everything = admin.query_flows(limit=10_000)
     assert not {mine.uuid, theirs.uuid} & set(uuids(everything))  # nothing of the batch
     # the refused batch did not take its sequence: sent again without the stray record
     assert report(controller, identity, [(1, [mine])]).acks == [1]
@@ -171,7 +171,7 @@ def test_query_filters_and_newest_first(controller: ControllerProcess) -> None:
 def test_bad_queries_are_refused(controller: ControllerProcess, request_fields: dict[str, Any],
                                  message: str) -> None:
     with controller.admin() as admin, pytest.raises(ControllerError) as excinfo:
-        admin.query_flows(admin_pb2.QueryFlowsRequest(**request_fields))
+        admin.query_flows(**request_fields)
     assert f"INVALID_ARGUMENT: {message}" in str(excinfo.value)
 
 

@@ -9,9 +9,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
+from ztnet.durations import format_duration
 from ztnet.grants.bundle import Bundle, GrantRecord
 from ztnet.grants.model import Grant, IPNetwork, PortRange, Proto, normalize_network
-from ztnet.policy.document import AgentPolicy, AllowRule, Policy, format_duration
+from ztnet.policy.document import AgentPolicy, AllowRule, Policy
 
 NOW = 1_800_000_000.0  # 2027-01-15, whole milliseconds
 # Fixed keys: deterministic and no key generation cost per example.

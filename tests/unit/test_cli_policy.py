@@ -10,7 +10,7 @@ import pytest
 
 from tests.unit.grant_factories import NOW, policy_text
 from ztnet.cli import main
-from ztnet.grants import commands
+from ztnet.cli import policy as commands
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "policy.toml"
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.unit.test_observe_records import make_record
 from ztnet.daemon.batcher import SpoolSink
-from ztnet.daemon.spool import SEQUENCE_FILE, Spool, parse_size
+from ztnet.daemon.spool import SEQUENCE_FILE, Spool
 from ztnet.errors import ConfigError
 from ztnet.observe.records import to_json
 
@@ -194,15 +194,6 @@ def test_empty_and_foreign_files_are_not_batches(tmp_path: Path) -> None:
     (tmp_path / "README").write_text("not a batch")
     spool = make_spool(tmp_path)
     assert spool.pending() == [] and (tmp_path / "README").exists()
-
-
-def test_sizes() -> None:
-    assert parse_size("65536") == 65536
-    assert parse_size("512K") == 512 << 10 and parse_size("64M") == 64 << 20
-    assert parse_size("1g") == 1 << 30 and parse_size("2MiB") == 2 << 20
-    for bad in ("", "M", "1T", "-1M", "1.5M"):
-        with pytest.raises(ValueError):
-            parse_size(bad)
 
 
 # --- the batcher ---------------------------------------------------------------------------

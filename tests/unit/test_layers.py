@@ -43,14 +43,6 @@ LAYERS: dict[str, tuple[int, tuple[str, ...]]] = {
     "testing": (8, ("ztnet.testing",)),
     "cli": (CLI_RANK, ("ztnet.cli",)),
 }
-# Modules allowed to break the table until another part of issue 9 lands, with the reason.
-# Strict both ways: an entry whose module is gone fails test_pending_entries_are_still_needed,
-# so the exception is removed with the module it excused.
-PENDING: dict[str, str] = {
-    "ztnet.grants.commands": "the `ztnet policy` commands move into ztnet/cli (issue 9, i9-cli)",
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Violation:
     path: str
@@ -150,15 +142,9 @@ def find_violations(root: Path) -> list[Violation]:
 
 
 def test_ztnet_imports_point_down() -> None:
-    violations = [v for v in find_violations(REPO) if v.importer not in PENDING]
+    violations = find_violations(REPO)
     assert not violations, "imports that break the layer table (docs/architecture.md):\n" + (
         "\n".join(str(v) for v in violations))
-
-
-def test_pending_entries_are_still_needed() -> None:
-    breaking = {v.importer for v in find_violations(REPO)}
-    stale = sorted(set(PENDING) - breaking)
-    assert not stale, f"remove {stale} from PENDING: they no longer break the table"
 
 
 # --- the checker itself: every rule must be able to fail --------------------------------

@@ -20,10 +20,12 @@ from tests.unit.test_observe_records import (
     make_event,
 )
 from ztnet.cli import main
+from ztnet.cli.args import daemon_state
+from ztnet.cli.observe import ObserveOptions, observe
 from ztnet.datapath.abi import ZtEventKind, ZtReason
 from ztnet.errors import ConfigError
+from ztnet.instance import FLOWS_FILE, Instance
 from ztnet.observe import tail
-from ztnet.observe.commands import ObserveOptions, default_state_dir, flows_path, observe
 from ztnet.observe.query import (
     FlowFilter,
     FlowReader,
@@ -162,12 +164,25 @@ def test_colour_only_when_asked() -> None:
     assert "\x1b[" not in format_row(record)
 
 
+def test_what_an_agent_names_its_process_cannot_drive_the_terminal(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hostile = "\x1b]0;pwned\x07\x1b[2J"  # retitle the terminal, clear the screen
+    record = from_event(make_event(comm=hostile), make_ctx())
+    assert "\x1b" not in format_row(record) and "\\x1b]0;pwned\\x07" in format_row(record)
+    path = tmp_path / "flows.jsonl"
+    write(path, [record])
+    code, out, _ = run_observe("--file", str(path), capsys=capsys)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert "/\\x1b]0;pwned\\x07\\x1b[2J" in out
+
+
 def test_observe_finds_the_state_dir_like_the_daemon(tmp_path: Path) -> None:
-    assert default_state_dir(None) == Path("/var/lib/ztnet")
-    assert default_state_dir("default") == Path("/var/lib/ztnet")
-    assert default_state_dir("lab-a") == Path("/var/lib/ztnet-lab-a")
-    assert flows_path(file=None, state=tmp_path, instance="x") == tmp_path / "flows.jsonl"
-    assert flows_path(file=tmp_path / "f", state=None, instance=None) == tmp_path / "f"
+    assert daemon_state(None, None) == Path("/var/lib/ztnet")
+    assert daemon_state(None, "default") == Path("/var/lib/ztnet")
+    assert daemon_state(None, "lab-a") == Path("/var/lib/ztnet-lab-a")
+    assert daemon_state(tmp_path, "x") == tmp_path
+    assert Instance.resolve("lab-a").state_dir / FLOWS_FILE == \
+        Path("/var/lib/ztnet-lab-a/flows.jsonl")
 
 
 def test_observe_reports_a_missing_log(tmp_path: Path,

@@ -21,7 +21,7 @@ from ztnet.observe.records import (
     GrantInfo,
     RecordContext,
     Verdict,
-    format_time,
+    format_rfc3339,
     from_event,
     from_json,
     grant_infos,
@@ -170,7 +170,7 @@ def test_the_uuid_is_a_deterministic_uuid5() -> None:
 
 
 def test_times_are_rfc3339_with_nanoseconds() -> None:
-    assert format_time(1_800_000_000_123_456_789) == "2027-01-15T08:00:00.123456789Z"
+    assert format_rfc3339(1_800_000_000_123_456_789) == "2027-01-15T08:00:00.123456789Z"
     assert parse_time("2027-01-15T08:00:00.123456789Z") == 1_800_000_000_123_456_789
     assert parse_time("2027-01-15T09:30:00.5+01:30") == 1_800_000_000_500_000_000
     assert parse_time("2027-01-15T08:00:00Z") == 1_800_000_000 * 10**9
@@ -246,6 +246,6 @@ def test_replace_keeps_records_comparable() -> None:
 
 def test_observe_never_imports_bcc() -> None:
     code = ("import sys, ztnet.observe.records, ztnet.observe.sinks, ztnet.observe.audit, "
-            "ztnet.observe.metrics, ztnet.observe.commands, ztnet.cli; "
+            "ztnet.observe.metrics, ztnet.observe.query, ztnet.observe.render, ztnet.cli; "
             "sys.exit('bcc' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0

@@ -15,9 +15,7 @@ from ztnet.grants.model import PortRange, Proto
 from ztnet.policy.document import (
     AllowRule,
     Policy,
-    format_duration,
     load_policy,
-    parse_duration,
     parse_policy,
 )
 
@@ -106,26 +104,6 @@ def test_byte_order_mark_is_tolerated(tmp_path: Path) -> None:
 @given(policies())
 def test_rendered_policy_parses_back(policy: Policy) -> None:
     assert parse_policy(render_toml(policy), SOURCE) == policy
-
-
-# --- durations --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("365d", 365 * 86400)],
-)
-def test_durations(text: str, seconds: int) -> None:
-    assert parse_duration(text) == seconds
-    assert parse_duration(format_duration(seconds)) == seconds
-
-
-@pytest.mark.parametrize(
-    "text", ["5", "m", "0s", "5 m", "1h30m", "-5m", "5M", "366d", "1.5h", "5m\n"]
-)
-def test_bad_durations(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
 
 
 # --- rejected: one case per validation rule ---------------------------------------

@@ -1,31 +1,30 @@
-"""The operator's side of the admin API: `ztnet policy apply|show`, `ztnet
-hosts`, `ztnet agents --controller`, `ztnet revoke`, `ztnet flows`.
+"""The operator's side of the admin API: a client for the controller's
+AdminService, used by `ztnet policy apply|show`, `ztnet hosts`, `ztnet agents
+--controller`, `ztnet revoke` and `ztnet flows` (ztnet.cli.operator prints
+what it returns).
 
-Every command takes the controller's mutual-TLS address and an admin
-credential directory (admin.key, admin.pem, ca.pem from `ztnet controller
-admin-cert`), from ``--controller``/``--credentials`` or the environment
-(``ZTNET_CONTROLLER``/``ZTNET_CREDENTIALS``). A failed call is a
-ControllerError naming the address and the gRPC status.
+The client speaks mutual TLS with an admin credential directory (admin.key,
+admin.pem, ca.pem from `ztnet controller admin-cert`); :func:`resolve` finds
+the address and directory from the options or the environment
+(``ZTNET_CONTROLLER``/``ZTNET_CREDENTIALS``). Methods take plain arguments and
+build the requests themselves; a failed call is a ControllerError naming the
+address and the gRPC status.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TextIO
+from typing import Any, Self
 
 import grpc
 from google.protobuf.message import Message
 
 from ztnet.controller.statedir import AdminPaths, read_file
 from ztnet.errors import ConfigError, ControllerError
-from ztnet.grants.bundle import format_time
-from ztnet.observe.records import from_json
-from ztnet.observe.render import Renderer
 from ztnet.v1 import admin_pb2, admin_pb2_grpc
 
 ENV_CONTROLLER = "ZTNET_CONTROLLER"
@@ -111,7 +110,15 @@ class AdminClient:
         response: admin_pb2.RevokeResponse = self._call(self._stub.Revoke, request)
         return response
 
-    def query_flows(self, request: admin_pb2.QueryFlowsRequest) -> admin_pb2.QueryFlowsResponse:
+    def query_flows(self, *, host: str = "", agent: str = "", verdict: str = "",
+                    event_type: str = "", since_ns: int = 0, until_ns: int = 0,
+                    limit: int = 0) -> admin_pb2.QueryFlowsResponse:
+        """The newest ``limit`` matching records (0: the controller's default), newest
+        first. Empty strings and zeros match everything; the controller checks the values
+        (``verdict``: allowed|denied, ``event_type``: connect|sendmsg|flow_end)."""
+        request = admin_pb2.QueryFlowsRequest(host=host, agent=agent, verdict=verdict,
+                                              event_type=event_type, since_ns=since_ns,
+                                              until_ns=until_ns, limit=limit)
         response: admin_pb2.QueryFlowsResponse = self._call(self._stub.QueryFlows, request)
         return response
 
@@ -132,116 +139,3 @@ def rpc_error(address: str, exc: grpc.RpcError) -> ControllerError:
                                "are from this controller and not expired")
     name = code.name if code is not None else "ERROR"
     return ControllerError(f"controller: {address}: {name}: {details}")
-
-
-# --- commands ----------------------------------------------------------------------
-
-
-def policy_apply(client: AdminClient, path: Path, *, wait: float = 0.0,
-                 out: TextIO | None = None) -> int:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"policy: cannot read {path}: {exc}") from None
-    response = client.apply_policy(text, wait)
-    return _report(f"policy version {response.version} stored", response.version,
-                   response.results, out)
-
-
-def policy_show(client: AdminClient, *, out: TextIO | None = None) -> int:
-    response = client.get_policy()
-    print(f"# version {response.version}, applied {format_time(response.applied_at)}",
-          file=sys.stderr)
-    _print(out, response.policy_toml.rstrip("\n"))
-    return 0
-
-
-def hosts(client: AdminClient, *, out: TextIO | None = None) -> int:
-    rows = [("HOST", "APPLIED", "IN SYNC", "CONNECTED", "LAST SEEN", "LAST NACK")]
-    for host in client.list_hosts().hosts:
-        nack = f"v{host.last_nack_version}: {host.last_nack_reason}" if \
-            host.last_nack_version else "-"
-        rows.append((host.name, str(host.applied_version or "-"), _yes(host.in_sync),
-                     _yes(host.connected),
-                     format_time(host.last_seen) if host.last_seen else "never", nack))
-    _table(rows, out)
-    return 0
-
-
-def agents(client: AdminClient, *, out: TextIO | None = None) -> int:
-    rows = [("AGENT", "RULES", "REVOKED", "SPIFFE ID")]
-    for agent in client.list_agents().agents:
-        rows.append((agent.name, str(agent.rules), ",".join(agent.revoked_grants) or "-",
-                     agent.spiffe_id))
-    _table(rows, out)
-    return 0
-
-
-def revoke(client: AdminClient, agent: str, grant_id: str = "", *, restore: bool = False,
-           out: TextIO | None = None) -> int:
-    response = client.revoke(agent, grant_id, restore=restore)
-    what = f"grant {grant_id} of agent {agent}" if grant_id else f"every grant of agent {agent}"
-    verb = "restored" if restore else "revoked"
-    return _report(f"{verb} {what}: version {response.version}", response.version,
-                   response.results, out)
-
-
-def flows(client: AdminClient, request: admin_pb2.QueryFlowsRequest, *, as_json: bool = False,
-          color: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """The newest matching flows, printed in time order (oldest first, like
-    `ztnet observe`) with the same table or JSON lines."""
-    response = client.query_flows(request)
-    err = err if err is not None else sys.stderr
-    renderer = Renderer(out if out is not None else sys.stdout, json=as_json, color=color)
-    skipped = 0
-    try:
-        for data in reversed(response.records):
-            try:
-                record = from_json(data)
-            except ValueError:  # a newer schema on the controller: say so, carry on
-                skipped += 1
-                continue
-            renderer.write(record)
-        renderer.flush()
-    except BrokenPipeError:  # `ztnet flows | head`
-        return 0
-    if skipped:
-        err.write(f"flows: skipped {skipped} records this ztnet cannot read\n")
-    if response.truncated:
-        err.write(f"flows: showing the newest {len(response.records)}; more match (narrow "
-                  "the filters or raise --limit)\n")
-    elif renderer.count == 0 and not as_json:
-        err.write("flows: no matching flows\n")
-    return 0
-
-
-def _report(headline: str, version: int, results: Sequence[admin_pb2.HostResult],
-            out: TextIO | None) -> int:
-    if not results:
-        _print(out, f"{headline}; no host is connected (hosts get it when they connect)")
-        return 0
-    _print(out, f"{headline}; pushed to {len(results)} connected host(s):")
-    rows = [("HOST", "OUTCOME", "VERSION", "REASON")]
-    rows += [(r.host, r.outcome, str(r.version), r.reason or "") for r in results]
-    _table(rows, out)
-    failed = [r for r in results if r.outcome != "ack"]
-    if failed:
-        names = ", ".join(f"{r.host} ({r.outcome})" for r in failed)
-        raise ControllerError(f"controller: version {version} was not applied by "
-                              f"{len(failed)} of {len(results)} host(s): {names}")
-    return 0
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def _table(rows: Sequence[tuple[str, ...]], out: TextIO | None) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        _print(out, "  ".join(cell.ljust(width) for cell, width in
-                              zip(row, widths, strict=True)).rstrip())
-
-
-def _print(out: TextIO | None, text: str) -> None:
-    print(text, file=out if out is not None else sys.stdout)

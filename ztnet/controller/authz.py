@@ -24,7 +24,7 @@ from cryptography import x509
 from ztnet import pki
 from ztnet.controller import ca, status
 from ztnet.controller.store import Store
-from ztnet.grants.bundle import format_time
+from ztnet.text import format_time
 
 _HOW_TO_GET = {
     "host": "a host certificate (`ztnet enroll`)",

@@ -20,10 +20,9 @@ from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.events import KernelEvent
 from ztnet.grants.bundle import VerifiedBundle
 from ztnet.grants.model import Grant, format_grant_id
+from ztnet.instance import AUDIT_FILE, FLOWS_FILE
 from ztnet.observe import audit, metrics, records, sinks
 
-FLOWS_FILE = "flows.jsonl"
-AUDIT_FILE = "audit.jsonl"
 _POLL_MS = 200
 _COUNTERS_EVERY = 5  # polls between kernel-counter snapshots for the metrics
 

@@ -52,17 +52,6 @@ _SUFFIX = ".jsonl"
 _NAME = re.compile(r"^(\d{1,20})\.jsonl$")
 _RESERVE = 4096  # sequences reserved per write of SEQUENCE_FILE
 _DROP_LOG_SECONDS = 10.0
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``65536``, ``512K``, ``64M``, ``1G`` (binary units; a trailing ``B``/``iB`` is
-    accepted) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"bad size {text!r}: expected a number of bytes with an optional "
-                         "K, M or G suffix (like 64M)")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -33,6 +32,7 @@ from ztnet.grants.payload import (
     normalize_host,
     parse_spiffe_agent_id,
 )
+from ztnet.text import format_time
 
 __all__ = [
     "BUNDLE_PAYLOAD_TYPE",
@@ -127,12 +127,3 @@ def verify_bundle(
         key_id=verified.key_id,
         payload_sha256=hashlib.sha256(verified.payload).hexdigest(),
     )
-
-
-def format_time(seconds: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.000Z."""
-    try:
-        moment = datetime.fromtimestamp(seconds, UTC)
-    except (OverflowError, ValueError, OSError):
-        return f"{seconds!r} (unix)"
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -34,7 +34,7 @@ from typing import Any
 
 from ztnet.errors import LabError
 from ztnet.fsutil import replace_atomic
-from ztnet.instance import BPFFS, Instance, find_cgroup2_mount
+from ztnet.instance import BPFFS, FLOWS_FILE, Instance, find_cgroup2_mount
 from ztnet.lab import procs
 from ztnet.lab.netns import list_netns, nsenter_argv, poll_until
 from ztnet.lab.policy import lab_policy
@@ -99,7 +99,7 @@ class Lab:
         return self.run_dir / (host if isinstance(host, str) else host.name)
 
     def flows_path(self, host: LabHost | str) -> Path:
-        return self.host_state(host) / "flows.jsonl"
+        return self.host_state(host) / FLOWS_FILE
 
     def instance(self, host: LabHost | str) -> Instance:
         return Instance.resolve(self.topology.instance_name(host))

@@ -23,7 +23,6 @@ from typing import Any, TextIO
 
 from ztnet.errors import LabError
 from ztnet.lab.cluster import Lab
-from ztnet.lab.commands import print_topology
 from ztnet.lab.netns import poll_until
 from ztnet.lab.policy import OPS_BOT, RESEARCH_BOT, lab_policy
 from ztnet.lab.procs import child_env
@@ -41,8 +40,8 @@ from ztnet.lab.topology import (
 )
 from ztnet.lab.trace import LiveTrace
 from ztnet.lab.wire import Wire
-from ztnet.observe.commands import use_color
 from ztnet.observe.records import EventType, FlowRecord, Verdict
+from ztnet.text import use_color
 
 PAYLOAD = "GET /v1/reports HTTP/1.1"
 # (attempts, allowed, denied, alerts) the story produces, per agent: the summary must agree
@@ -320,7 +319,7 @@ def run_demo(name: str = "ztlab", *, keep: bool = False, out: TextIO | None = No
             lab.down()
         lab.up()
         out.write(f"lab {name} up in {time.monotonic() - start:.1f}s\n")
-        print_topology(lab, out)
+        out.write(lab.topology.table() + "\n")
         demo = Demo(lab, out)
         demo.wire.start()
         demo.trace.start()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ztnet.lab.trace import is_metadata
 from ztnet.observe.records import EventType, FlowRecord, Verdict
 from ztnet.observe.render import human_bytes
+from ztnet.text import format_table
 
 COLUMNS = ("AGENT", "HOST", "ATTEMPTS", "ALLOWED", "DENIED", "ALERTS", "BYTES OUT", "BYTES IN")
 
@@ -73,15 +74,10 @@ def total(tallies: Iterable[Tally]) -> Tally:
 
 def table(tallies: list[Tally]) -> list[str]:
     """The table's lines; numbers are plain integers so a script can read them back."""
-    rows = [COLUMNS]
-    for tally in [*tallies, total(tallies)]:
-        rows.append((tally.agent, tally.host or "-", str(tally.attempts), str(tally.allowed),
-                     str(tally.denied), str(tally.alerts), str(tally.bytes_out),
-                     str(tally.bytes_in)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-             for row in rows]
+    rows = [(tally.agent, tally.host or "-", str(tally.attempts), str(tally.allowed),
+             str(tally.denied), str(tally.alerts), str(tally.bytes_out), str(tally.bytes_in))
+            for tally in [*tallies, total(tallies)]]
+    lines = format_table(COLUMNS, rows, right=range(2, len(COLUMNS))).splitlines()
     grand = total(tallies)
     lines.append(f"({human_bytes(grand.bytes_out)} out, {human_bytes(grand.bytes_in)} in, "
                  "over the flows the grants allowed)")

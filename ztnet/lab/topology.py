@@ -40,6 +40,7 @@ from ztnet.lab.netns import (
     netns_path,
     remove_netns,
 )
+from ztnet.text import format_table
 
 DEFAULT_NAME = "ztlab"
 RUN_ROOT = Path("/run/ztnet-lab")
@@ -189,6 +190,16 @@ class Topology:
 
     def namespaces(self) -> list[str]:
         return [self.switch_netns, *(self.netns(h) for h in self.hosts)]
+
+    def table(self) -> str:
+        """Every host, its namespace, addresses, role and services (`lab up`, the demo)."""
+        rows = []
+        for host in self.hosts:
+            ipv4 = ",".join((host.ipv4, *host.extra_ipv4))
+            role = f"{host.role.value} ({host.agent})" if host.agent else host.role.value
+            rows.append((host.name, self.netns(host), ipv4, host.ipv6, role,
+                         "; ".join(host.services)))
+        return format_table(("HOST", "NAMESPACE", "IPV4", "IPV6", "ROLE", "RUNS"), rows)
 
 
 # --- building and removing the network ------------------------------------------------------

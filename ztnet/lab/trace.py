@@ -4,8 +4,8 @@ One thread per agent host follows its daemon's ``flows.jsonl`` with
 :class:`ztnet.observe.query.FlowReader` (inotify, survives rotation) and queues the records.
 The caller prints them from its own thread (:meth:`LiveTrace.wait` prints every record as it
 arrives while waiting for the one a step expects), so trace rows and the story's own lines
-never interleave mid-line. Rows reuse :func:`ztnet.observe.render.cells` with a host column and
-a shorter clock; a record that touches the cloud metadata service gets an ALERT line.
+never interleave mid-line. Rows reuse :func:`ztnet.observe.render.cells` (escaped) with a host
+column and a shorter clock; a record that touches the cloud metadata service gets an ALERT line.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ztnet.errors import LabError
 from ztnet.observe.query import FlowReader
 from ztnet.observe.records import EventType, FlowRecord, Verdict
 from ztnet.observe.render import cells
+from ztnet.text import escape
 
 # The metadata endpoints of the big clouds (IPv4 and AWS's IPv6 one): reaching them is how a
 # compromised workload turns into stolen cloud credentials.
@@ -46,7 +47,7 @@ def header() -> str:
 
 def row(record: FlowRecord, *, color: bool = False) -> str:
     time_, agent, process, kind, verdict, proto, flow, why, size = cells(record)
-    values = [time_[7:], record.host, agent, process, kind, verdict, proto, flow, why, size]
+    values = [time_[7:], escape(record.host), agent, process, kind, verdict, proto, flow, why, size]
     parts = [value.ljust(width) for value, (_, width) in zip(values, _COLUMNS, strict=True)]
     if color:
         shade = _GREEN if record.verdict == Verdict.ALLOWED else _RED
@@ -56,10 +57,10 @@ def row(record: FlowRecord, *, color: bool = False) -> str:
 
 def alert_line(record: FlowRecord, *, color: bool = False) -> str:
     what = "denied, no packet left" if record.verdict == Verdict.DENIED else "ALLOWED"
-    text = (f"ALERT metadata-endpoint attempt: {record.agent.name}@{record.host} "
-            f"(pid {record.process.pid}, {record.process.comm}) -> "
-            f"{record.destination}:{record.destination_port}, the classic credential-theft "
-            f"move; {what}")
+    text = escape(f"ALERT metadata-endpoint attempt: {record.agent.name}@{record.host} "
+                  f"(pid {record.process.pid}, {record.process.comm}) -> "
+                  f"{record.destination}:{record.destination_port}, the classic "
+                  f"credential-theft move; {what}")
     return f"{_BOLD}{_YELLOW}{text}{_RESET}" if color else text
 
 

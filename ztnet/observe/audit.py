@@ -27,7 +27,7 @@ from typing import Any
 
 from ztnet.errors import ConfigError
 from ztnet.fsutil import replace_atomic
-from ztnet.observe.jsonfields import format_time
+from ztnet.observe.jsonfields import format_rfc3339
 from ztnet.observe.records import FlowRecord, Verdict
 
 logger = logging.getLogger("ztnet.observe")
@@ -122,7 +122,7 @@ class AuditLog:
         the head, when this returns. Batch writers pass ``sync=False`` and
         call ``sync()`` once per batch."""
         with self._lock:
-            entry: dict[str, Any] = {"seq": self._head.seq + 1, "time": format_time(
+            entry: dict[str, Any] = {"seq": self._head.seq + 1, "time": format_rfc3339(
                 time.time_ns()), "kind": kind, "fields": dict(fields), "prev": self._head.hash}
             entry["hash"] = record_hash(entry)
             os.write(self._fd, canonical(entry) + b"\n")
@@ -182,7 +182,7 @@ class AuditSink:
         if record.verdict != Verdict.DENIED:
             return
         self.log.append(FLOW_DENIED, {
-            "uuid": record.uuid, "time": format_time(record.time_ns),
+            "uuid": record.uuid, "time": format_rfc3339(record.time_ns),
             "agent": record.agent.name, "event_type": str(record.event_type),
             "reason": record.drop_reason, "pid": record.process.pid,
             "comm": record.process.comm, "exe": record.process.exe, "uid": record.process.uid,

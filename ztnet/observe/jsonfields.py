@@ -14,7 +14,7 @@ _TIME_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9})
                       r"(Z|[+-]\d\d:\d\d)\Z")
 
 
-def format_time(time_ns: int) -> str:
+def format_rfc3339(time_ns: int) -> str:
     """RFC 3339 in UTC with nanoseconds: ``2027-01-15T08:00:00.123456789Z``."""
     seconds, fraction = divmod(time_ns, _NS)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ztnet.durations import parse_duration
 from ztnet.observe.records import EventType, FlowRecord, Verdict, from_json, parse_time
 from ztnet.observe.tail import LineTail
-from ztnet.policy.document import parse_duration
 
 # Hubble's verdict words are accepted too
 _VERDICT_WORDS = {"allowed": Verdict.ALLOWED, "forwarded": Verdict.ALLOWED,

@@ -22,12 +22,12 @@ from ztnet.datapath.abi import ZtEventKind, ZtFamily, ZtReason, ZtVerdict
 from ztnet.datapath.events import KernelEvent
 from ztnet.grants.model import format_grant_id, parse_grant_id
 from ztnet.observe.context import CachedExe, GrantInfo, RecordContext, grant_infos, proc_exe
-from ztnet.observe.jsonfields import JsonObject, format_time, parse_time
+from ztnet.observe.jsonfields import JsonObject, format_rfc3339, parse_time
 from ztnet.pki import spiffe_agent_id
 
 __all__ = [
     "SCHEMA_VERSION", "AgentRef", "CachedExe", "EventType", "FlowCounters", "FlowRecord",
-    "GrantInfo", "GrantRef", "Process", "RecordContext", "Verdict", "format_time",
+    "GrantInfo", "GrantRef", "Process", "RecordContext", "Verdict", "format_rfc3339",
     "from_event", "from_json", "grant_infos", "parse_time", "proc_exe", "to_dict", "to_json",
 ]
 
@@ -213,7 +213,7 @@ def to_dict(record: FlowRecord) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "uuid": record.uuid,
-        "time": format_time(record.time_ns),
+        "time": format_rfc3339(record.time_ns),
         "host": record.host,
         "event_type": str(record.event_type),
         "verdict": str(record.verdict),
@@ -237,8 +237,8 @@ def to_dict(record: FlowRecord) -> dict[str, Any]:
         "flow": None if flow is None else {
             "packets_out": flow.packets_out, "bytes_out": flow.bytes_out,
             "packets_in": flow.packets_in, "bytes_in": flow.bytes_in,
-            "first_seen": format_time(flow.first_seen_ns),
-            "last_seen": format_time(flow.last_seen_ns), "duration_ns": flow.duration_ns},
+            "first_seen": format_rfc3339(flow.first_seen_ns),
+            "last_seen": format_rfc3339(flow.last_seen_ns), "duration_ns": flow.duration_ns},
         "suppressed": record.suppressed,
     }
 

@@ -1,9 +1,9 @@
 """Flow records for people: a table like ``hubble observe``, or JSON lines.
 
 Columns have fixed widths so that a followed stream stays aligned without
-knowing the rows to come. Verdicts are
-coloured only when asked (the CLI asks when stdout is a terminal and
-``NO_COLOR`` is unset).
+knowing the rows to come (which is why this is not ztnet.text.format_table);
+cells are escaped like that table's. Verdicts are coloured only when asked
+(the CLI asks when stdout is a terminal and ``NO_COLOR`` is unset).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from typing import TextIO
 
 from ztnet.observe.records import EventType, FlowRecord, Verdict, to_json
+from ztnet.text import escape
 
 _GREEN, _RED, _YELLOW, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[0m"
 _PROTOS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
@@ -66,7 +67,8 @@ def cells(record: FlowRecord) -> list[str]:
         size = f"out {human_bytes(record.flow.bytes_out)} in {human_bytes(record.flow.bytes_in)}"
     flow = (f"{_host_port(record.source, record.source_port, record.ip_version)} -> "
             f"{_host_port(record.destination, record.destination_port, record.ip_version)}")
-    return [
+    # Every cell may hold what an agent chose (its process name, above all): escaped.
+    return [escape(cell) for cell in (
         format_clock(record.time_ns),
         record.agent.name or "-",
         f"{process.pid}/{process.comm}" if process.pid else "-",
@@ -76,7 +78,7 @@ def cells(record: FlowRecord) -> list[str]:
         flow,
         why,
         size,
-    ]
+    )]
 
 
 def _colour(verdict: Verdict, text: str) -> str:

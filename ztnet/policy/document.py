@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ztnet.durations import parse_duration
 from ztnet.errors import PolicyError
 from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.grants.model import (
@@ -40,9 +41,7 @@ from ztnet.grants.model import (
 )
 from ztnet.policy.fields import (
     MAX_TTL,
-    format_duration,
     parse_destination,
-    parse_duration,
     parse_ports,
     parse_proto,
 )
@@ -169,10 +168,8 @@ __all__ = [
     "AgentPolicy",
     "AllowRule",
     "Policy",
-    "format_duration",
     "load_policy",
     "parse_destination",
-    "parse_duration",
     "parse_policy",
     "parse_ports",
     "parse_proto",

@@ -1,48 +1,20 @@
-"""Parsers for the values of a policy file: durations, destinations, ports
-and protocols. Each raises ValueError with the explanation a person needs;
-ztnet.policy.document adds the file, agent, rule and field."""
+"""Parsers for the values of a policy file: destinations, ports and protocols
+(durations are ztnet.durations'). Each raises ValueError with the explanation a
+person needs; ztnet.policy.document adds the file, agent, rule and field."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
 
+from ztnet.durations import MAX_DURATION
 from ztnet.grants.model import IPNetwork, PortRange, Proto, normalize_network
 
-# Grants end up as nanosecond deadlines in the kernel; a year is far beyond any
-# sane grant and keeps every deadline comfortably inside 64 bits.
-MAX_TTL = 365 * 86400
+MAX_TTL = MAX_DURATION  # a rule's ttl is any duration parse_duration accepts
 
-_DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])\Z")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PORTS_RE = re.compile(r"([0-9]{1,10})(?:-([0-9]{1,10}))?\Z")
 _PREFIX_RE = re.compile(r"[0-9]{1,3}\Z")
 _PROTO_NAMES = ("tcp", "udp", "icmp", "any")
-
-
-def parse_duration(text: str) -> int:
-    """``"30s"``, ``"5m"``, ``"2h"`` or ``"1d"`` → seconds (1s .. 365d)."""
-    match = _DURATION_RE.match(text)
-    if match is None:
-        raise ValueError(
-            f"bad duration {text!r}: expected a whole number and a unit, "
-            'like "30s", "5m", "2h" or "1d"'
-        )
-    seconds = int(match[1]) * _UNITS[match[2]]
-    if seconds == 0:
-        raise ValueError(f"duration {text!r} must be greater than zero")
-    if seconds > MAX_TTL:
-        raise ValueError(f"duration {text!r} is longer than the maximum of 365d")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest exact ``parse_duration`` spelling, else plain seconds."""
-    for unit in ("d", "h", "m"):
-        size = _UNITS[unit]
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds:g}s"
 
 
 def parse_destination(text: str) -> IPNetwork:

@@ -1,23 +1,10 @@
-"""Plain-text rendering of a policy for `ztnet policy check`, and the small
-table helper the other policy commands share."""
+"""Plain-text rendering of a policy for `ztnet policy check`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from ztnet.policy.document import Policy, format_duration
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart; no trailing spaces."""
-    widths = [len(header) for header in headers]
-    for row in rows:
-        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
-    lines = []
-    for row in (headers, *rows):
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+from ztnet.durations import format_duration
+from ztnet.policy.document import Policy
+from ztnet.text import format_table
 
 
 def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:

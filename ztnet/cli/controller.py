@@ -1,0 +1,246 @@
+"""`ztnet controller init|serve|token create|admin-cert|revoke-host`: run the controller
+and administer its state directory (docs/controller.md).
+
+The functions below the handlers are what the commands do, callable by tests: each
+returns an exit code, prints to ``out`` (default: stdout at call time) and raises a
+ZtnetError subclass on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from ztnet.cli.args import (
+    SubParsers,
+    UsageError,
+    add_command,
+    add_group,
+    controller_state_option,
+    duration,
+    duration_or_off,
+)
+from ztnet.durations import format_duration
+from ztnet.errors import ConfigError
+
+DEFAULT_ADMIN_TTL = 30 * 86400.0
+
+
+def register(sub: SubParsers) -> None:
+    controller = add_command(sub, "controller", "Run and administer the controller: the CA, "
+                             "enrollment tokens, admin credentials and the gRPC server.",
+                             "ztnet controller init --state /var/lib/ztnet-controller "
+                             "--trust-domain example.org")
+    group = add_group(controller, "controller_command")
+
+    p = add_command(group, "init", "Create a state directory: a CA for mutual TLS, a grant-"
+                    "signing key, the server certificate and the database. Never overwrites.",
+                    "ztnet controller init --state /var/lib/ztnet-controller "
+                    "--trust-domain example.org --san ctl.example.org", handle_init)
+    controller_state_option(p)
+    p.add_argument("--trust-domain", required=True, metavar="DOMAIN",
+                   help="SPIFFE trust domain (policies must name the same one)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="extra DNS name or IP address for the server certificate (repeat); "
+                   "localhost, 127.0.0.1 and ::1 are always included")
+
+    p = add_command(group, "serve", "Serve the node and admin APIs (gRPC, mutual TLS), push "
+                    "signed grants to every connected host, renew them before they expire.",
+                    "ztnet controller serve --state /var/lib/ztnet-controller "
+                    "--listen 0.0.0.0:7443 --enroll-listen 0.0.0.0:7444", handle_serve)
+    controller_state_option(p)
+    p.add_argument("--listen", required=True, metavar="ADDR",
+                   help="mutual-TLS HOST:PORT for daemons and operators (port 0: any)")
+    p.add_argument("--enroll-listen", metavar="ADDR", default=None,
+                   help="server-authenticated TLS HOST:PORT where hosts without a "
+                   "certificate can Enroll (default: enrollment off)")
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="apply this policy at start if it is newer than the stored one")
+    p.add_argument("--grant-ttl", type=duration, default=300, metavar="DURATION",
+                   help="lifetime of grants whose rule has no ttl; bundles are renewed at "
+                   "half their lifetime (default 5m)")
+    p.add_argument("--host-cert-ttl", type=duration, default=86400, metavar="DURATION",
+                   help="lifetime of host certificates (default 24h)")
+    p.add_argument("--apply-timeout", type=duration, default=10, metavar="DURATION",
+                   help="how long ApplyPolicy and Revoke wait for hosts by default (10s)")
+    p.add_argument("--ready-file", type=Path, metavar="FILE",
+                   help="write {pid, listen, enroll_listen} as JSON here once serving")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--flow-retention", type=duration_or_off, default=7 * 86400,
+                   metavar="DURATION", help="delete flow records older than this (default "
+                   "7d; 0: keep them)")
+    p.add_argument("--flow-max-rows", type=int, default=10_000_000, metavar="N",
+                   help="keep at most N flow records, deleting the oldest (default "
+                   "10000000, about 15 GB of disk; 0: no limit)")
+    p.add_argument("--flow-prune-interval", type=duration, default=60, metavar="DURATION",
+                   help="how often retention runs (default 1m)")
+    p.add_argument("--metrics", metavar="ADDR", default=None,
+                   help="serve Prometheus metrics at http://ADDR/metrics (e.g. "
+                   "127.0.0.1:9465; default: off)")
+
+    p = add_command(group, "token", "Enrollment tokens.",
+                    "ztnet controller token create --state DIR --host web-1")
+    tokens = add_group(p, "token_command")
+    p = add_command(tokens, "create", "Print a one-time enrollment token for HOST and the CA "
+                    "fingerprint, the two things `ztnet enroll` needs.",
+                    "ztnet controller token create --state DIR --host web-1 --ttl 15m --json",
+                    handle_token_create)
+    controller_state_option(p)
+    p.add_argument("--host", required=True, help="the host this token may enroll")
+    p.add_argument("--ttl", type=duration, default=900, metavar="DURATION",
+                   help="how long the token is valid (default 15m)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"token": …, "ca_fingerprint": …}')
+
+    p = add_command(group, "admin-cert", "Write an admin credential directory (admin.key, "
+                    "admin.pem, ca.pem) for the operator commands.",
+                    "ztnet controller admin-cert --state DIR --out ~/.ztnet/admin --name alice",
+                    handle_admin_cert)
+    controller_state_option(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="directory to write (created 0700)")
+    p.add_argument("--name", default="admin", help="who holds it (in the SPIFFE id)")
+    p.add_argument("--ttl", type=duration, default=int(DEFAULT_ADMIN_TTL), metavar="DURATION",
+                   help="lifetime (default 30d)")
+
+    p = add_command(group, "revoke-host", "Revoke every certificate of HOST (a lost or "
+                    "compromised host); it must enroll again with a new token.",
+                    "ztnet controller revoke-host --state DIR --host web-1", handle_revoke_host)
+    controller_state_option(p)
+    p.add_argument("--host", required=True)
+
+
+# --- handlers: the parsed command line -> the functions below ------------------------
+
+
+def handle_init(args: argparse.Namespace) -> int:
+    return controller_init(args.state, args.trust_domain, sans=tuple(args.san))
+
+
+def handle_serve(args: argparse.Namespace) -> int:
+    if args.flow_max_rows < 0:
+        raise UsageError("--flow-max-rows: must be 0 (no limit) or more")
+    return serve(state=args.state, listen=args.listen, enroll_listen=args.enroll_listen,
+                 policy=args.policy, grant_ttl=args.grant_ttl,
+                 host_cert_ttl=args.host_cert_ttl, apply_timeout=args.apply_timeout,
+                 ready_file=args.ready_file, log_format=args.log_format,
+                 flow_retention=args.flow_retention, flow_max_rows=args.flow_max_rows,
+                 flow_prune_interval=args.flow_prune_interval, metrics=args.metrics)
+
+
+def handle_token_create(args: argparse.Namespace) -> int:
+    return token_create(args.state, args.host, ttl=args.ttl, as_json=args.json)
+
+
+def handle_admin_cert(args: argparse.Namespace) -> int:
+    return admin_cert(args.state, args.out, name=args.name, ttl=args.ttl)
+
+
+def handle_revoke_host(args: argparse.Namespace) -> int:
+    return revoke_host(args.state, args.host)
+
+
+# --- what the commands do ------------------------------------------------------------
+
+
+def controller_init(state: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
+                    out: TextIO | None = None) -> int:
+    from ztnet.controller import statedir
+
+    paths = statedir.init_state(state, trust_domain, sans=sans, now=time.time())
+    authority = statedir.load_authority(paths)
+    _print(out, f"created controller state in {state} (trust domain {trust_domain})")
+    _print(out, f"CA fingerprint (SHA-256): {authority.fingerprint}")
+    _print(out, f"next: ztnet controller admin-cert --state {state} --out ADMIN_DIR")
+    _print(out, f"      ztnet controller serve --state {state} --listen 0.0.0.0:7443 "
+                "--enroll-listen 0.0.0.0:7444")
+    return 0
+
+
+def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
+          policy: Path | None = None, grant_ttl: float = 300.0,
+          host_cert_ttl: float = 86400.0, apply_timeout: float = 10.0,
+          ready_file: Path | None = None, log_format: str = "text",
+          flow_retention: float = 7 * 86400.0, flow_max_rows: int = 10_000_000,
+          flow_prune_interval: float = 60.0, metrics: str | None = None) -> int:
+    """Serve until stopped (SIGTERM/SIGINT)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
+    from ztnet import logs
+    from ztnet.controller.flows import Retention
+    from ztnet.controller.server import ServeConfig
+    from ztnet.controller.server import serve as run_server
+
+    logs.setup(log_format)
+    return run_server(ServeConfig(
+        state=state, listen=listen, enroll_listen=enroll_listen, policy=policy,
+        grant_ttl=grant_ttl, host_cert_ttl=host_cert_ttl, apply_timeout=apply_timeout,
+        ready_file=ready_file,
+        retention=Retention(max_age=flow_retention, max_rows=flow_max_rows,
+                            interval=flow_prune_interval),
+        metrics=metrics))
+
+
+def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
+                 out: TextIO | None = None) -> int:
+    from ztnet.controller import statedir
+    from ztnet.controller.enrollment import create_token
+    from ztnet.controller.store import SqliteStore
+    from ztnet.errors import RpcFailure
+
+    paths = statedir.open_state(state)
+    authority = statedir.load_authority(paths)
+    store = SqliteStore.open(paths.database)
+    try:
+        token = create_token(store, host, ttl=ttl, now=time.time())
+    except RpcFailure as exc:
+        raise ConfigError(f"controller: --{exc}") from None
+    finally:
+        store.close()
+    if as_json:
+        _print(out, json.dumps({"token": token, "ca_fingerprint": authority.fingerprint}))
+    else:
+        _print(out, f"token:          {token}")
+        _print(out, f"ca fingerprint: {authority.fingerprint}")
+        _print(out, f"host:           {host} (valid once, for {format_duration(ttl)})")
+    return 0
+
+
+def admin_cert(state: Path, out_dir: Path, *, name: str, ttl: float = DEFAULT_ADMIN_TTL,
+               out: TextIO | None = None) -> int:
+    from ztnet.controller import statedir
+
+    paths = statedir.open_state(state)
+    admin = statedir.issue_admin_credentials(paths, out_dir, name, lifetime=ttl,
+                                             now=time.time())
+    _print(out, f"wrote {admin.key} (private, mode 0600), {admin.cert} and {admin.ca_cert}")
+    _print(out, f"use: ztnet hosts --controller HOST:PORT --credentials {out_dir}")
+    return 0
+
+
+def revoke_host(state: Path, host: str, *, out: TextIO | None = None) -> int:
+    """Revoke every certificate of ``host``: refused from the next RPC on, and
+    its open grant stream ends at its next check."""
+    from ztnet import pki
+    from ztnet.controller import statedir
+    from ztnet.controller.store import SqliteStore
+
+    paths = statedir.open_state(state)
+    store = SqliteStore.open(paths.database)
+    try:
+        identity = pki.spiffe_id(store.trust_domain(), "host", host)
+        count = store.revoke_certificates(identity.uri, time.time())
+    finally:
+        store.close()
+    if count == 0:
+        raise ConfigError(f"controller: host {host} has no certificate to revoke")
+    _print(out, f"revoked {count} certificate(s) of {identity.uri}; it must enroll again")
+    return 0
+
+
+def _print(out: TextIO | None, text: str) -> None:
+    print(text, file=out if out is not None else sys.stdout)

@@ -1,0 +1,91 @@
+"""`ztnet daemon`: enforce signed grant bundles on this host (docs/daemon.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ztnet.cli.args import SubParsers, add_command, daemon_state, instance_option, size
+
+MIN_SPOOL_BYTES = 1 << 20
+
+
+def register(sub: SubParsers) -> None:
+    p = add_command(sub, "daemon", "Enforce signed grant bundles on this host: verify, apply "
+                    "atomically; follow the controller (after `ztnet enroll`), or a bundle file "
+                    "reloaded on SIGHUP or when it changes.",
+                    "ztnet daemon --controller ctl.example:7443 --state /var/lib/ztnet\n"
+                    "  ztnet daemon --trust /etc/ztnet/signing.pub --bundle "
+                    "/etc/ztnet/bundle.json", handle_daemon)
+    instance_option(p)
+    p.add_argument("--controller", metavar="ADDR", help="controller HOST:PORT to subscribe to "
+                   "(credentials, trust and host name come from the enrolled --state)")
+    p.add_argument("--trust", action="append", type=Path, metavar="PUBKEY", default=[],
+                   help="grant-signing public key to trust (repeat for key rotation; "
+                   "needed without --controller)")
+    p.add_argument("--bundle", type=Path, help="signed bundle file to enforce and watch")
+    p.add_argument("--state", type=Path, default=None,
+                   help="state directory (default /var/lib/ztnet[-INSTANCE])")
+    p.add_argument("--host", default=None, help="this host's name (default: hostname); must "
+                   "match the bundle's audience")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
+                   help="period of the level-triggered re-install (default 30)")
+    p.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS",
+                   help="longest wait between reconnects to the controller (default 30)")
+    p.add_argument("--metrics", metavar="ADDR", default=None,
+                   help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
+    p.add_argument("--no-flows", action="store_true",
+                   help="do not record flows (<state>/flows.jsonl) or the audit trail")
+    p.add_argument("--spool-max", type=spool_size, default="64M", metavar="SIZE",
+                   help="controller mode: bound of <state>/spool, the flow records not yet "
+                   "acknowledged by the controller; when full the oldest are dropped and "
+                   "counted (default 64M)")
+
+
+def spool_size(text: str) -> int:
+    value = size(text)
+    if value < MIN_SPOOL_BYTES:
+        raise argparse.ArgumentTypeError(f"the spool needs at least 1M, not {text}")
+    return value
+
+
+def handle_daemon(args: argparse.Namespace) -> int:
+    return run_daemon(
+        instance=args.instance, state=daemon_state(args.state, args.instance),
+        controller=args.controller, trust=args.trust, bundle=args.bundle, host=args.host,
+        log_format=args.log_format, resync=args.resync, backoff_max=args.backoff_max,
+        metrics=args.metrics, flows=not args.no_flows, spool_max=args.spool_max)
+
+
+def run_daemon(*, instance: str | None, state: Path, controller: str | None,
+               trust: list[Path], bundle: Path | None, host: str | None,
+               log_format: str = "text", resync: float = 30.0, backoff_max: float = 30.0,
+               metrics: str | None = None, flows: bool = True,
+               spool_max: int | None = None) -> int:
+    """Run the daemon until it is stopped: following ``controller`` with the credentials
+    enrolled in ``state``, else enforcing the ``bundle`` file signed by a ``trust`` key.
+    ``spool_max``: the bound of the upload spool (default: the daemon's)."""
+    import socket
+
+    from ztnet import logs
+    from ztnet.daemon.service import Daemon, DaemonConfig
+    from ztnet.daemon.spool import DEFAULT_MAX_BYTES
+
+    logs.setup(log_format)
+    if controller:
+        from ztnet.daemon.credentials import controller_settings
+
+        settings = controller_settings(state, host=host, bundle=bundle)
+        config = DaemonConfig(trust=[settings.signing_key, *trust], bundle=None,
+                              state=state, host=settings.host, instance=instance,
+                              resync_seconds=resync, controller=controller,
+                              trust_domain=settings.trust_domain,
+                              backoff_cap=backoff_max, flows=flows,
+                              metrics_listen=metrics,
+                              spool_max_bytes=DEFAULT_MAX_BYTES if spool_max is None else spool_max)
+    else:
+        config = DaemonConfig(trust=trust, bundle=bundle, state=state,
+                              host=host or socket.gethostname(), instance=instance,
+                              resync_seconds=resync, flows=flows, metrics_listen=metrics)
+    return Daemon(config).run()
