@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from ztnet.datapath import abi
+from ztnet.datapath.compile import BootClock
+from ztnet.datapath.events import decode
 from ztnet.datapath.loader import bpf_source_dir
 
 CC = shutil.which("cc") or shutil.which("gcc")
@@ -134,3 +136,29 @@ def test_entry_key_round_trips_through_c_layout() -> None:
 
 def test_sources_exist_for_installed_layout() -> None:
     assert Path(bpf_source_dir(), "ztnet.h").exists()
+
+
+def test_a_record_of_the_previous_event_layout_does_not_decode() -> None:
+    """docs/architecture.md: records an older build's programs left in the
+    pinned ring buffer are rejected (and counted) rather than misread.
+    `struct zt_event` before it embedded `struct zt_flow`, as it was in v1:"""
+
+    class OldEvent(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in (
+            "time_ns", "cookie", "cgroup_id", "grant_id", "packets_out", "bytes_out",
+            "packets_in", "bytes_in", "first_ns", "last_ns")] + [
+            (name, ctypes.c_uint32) for name in ("pid", "tgid", "uid", "agent", "suppressed")] + [
+            (name, ctypes.c_uint8) for name in ("kind", "verdict", "reason", "proto", "family",
+                                                "pad")] + [
+            ("sport_be", ctypes.c_uint16), ("dport_be", ctypes.c_uint16),
+            ("pad2", ctypes.c_uint16), ("saddr", ctypes.c_uint8 * 16),
+            ("daddr", ctypes.c_uint8 * 16), ("comm", ctypes.c_char * 16)]
+
+    assert ctypes.sizeof(OldEvent) == ctypes.sizeof(abi.ZtEvent)
+    for kind in abi.ZtEventKind:
+        old = OldEvent(time_ns=10**12, cookie=4097, cgroup_id=0xFFFF_FFFF, grant_id=7,
+                       kind=kind, verdict=abi.ZtVerdict.ALLOWED, family=abi.ZtFamily.V4,
+                       proto=abi.ZtProto.TCP, comm=b"curl")
+        raw = abi.ZtEvent.from_buffer_copy(bytes(old))
+        with pytest.raises(ValueError):
+            decode(raw, BootClock(offset_ns=0))
