@@ -43,7 +43,7 @@ static __always_inline void zt_load_port(struct __sk_buff *skb, __u32 l4_offset,
 	/* source and destination port: bytes 0..3 of both TCP and UDP headers */
 	if (bpf_skb_load_bytes(skb, l4_offset, ports, sizeof(ports)) < 0) {
 		/* truncated: no port, so only port-agnostic grants can match */
-		pkt->proto = 0xff;
+		pkt->proto = ZT_PROTO_PORT_UNKNOWN;
 		return;
 	}
 	pkt->sport = bpf_ntohs(ports[0]);
@@ -64,7 +64,7 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_packet *pkt
 		/* later fragments carry no L4 header: port unknown */
 		if (bpf_ntohs(iph.frag_off) & ZT_IP_OFFSET_MASK) {
 			if (pkt->proto == ZT_PROTO_TCP || pkt->proto == ZT_PROTO_UDP)
-				pkt->proto = 0xff;
+				pkt->proto = ZT_PROTO_PORT_UNKNOWN;
 			return 1;
 		}
 		zt_load_port(skb, iph.ihl * 4, pkt);
@@ -76,7 +76,7 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_packet *pkt
 			return 0;
 		__u32 *d = (__u32 *)&ip6h.daddr;
 		__u32 *src = (__u32 *)&ip6h.saddr;
-		if (d[0] == 0 && d[1] == 0 && d[2] == bpf_htonl(0x0000ffff)) {
+		if (zt_is_v4_mapped(d)) {
 			pkt->family = ZT_FAMILY_V4;
 			__builtin_memcpy(pkt->addr, &d[3], 4);
 			__builtin_memcpy(pkt->saddr, &src[3], 4);

@@ -56,6 +56,23 @@ struct zt_decision {
 	__u8 daddr[16];
 };
 
+/* The socket fields of a decision, as a flow entry and an event carry them. */
+static __always_inline void zt_describe_flow(struct zt_flow *flow, const struct zt_decision *d)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	flow->grant_id = d->grant_id;
+	flow->cgroup_id = d->cgroup_id;
+	flow->agent = d->agent;
+	flow->pid = (__u32)pid_tgid;
+	flow->tgid = pid_tgid >> 32;
+	flow->uid = (__u32)bpf_get_current_uid_gid();
+	flow->proto = d->proto;
+	flow->family = d->family;
+	flow->dport_be = bpf_htons(d->dport);
+	__builtin_memcpy(flow->daddr, d->daddr, 16);
+	bpf_get_current_comm(flow->comm, sizeof(flow->comm));
+}
+
 static __always_inline void zt_emit_decision(void *ctx, const struct zt_decision *d)
 {
 	__u32 suppressed = 0;
@@ -67,24 +84,13 @@ static __always_inline void zt_emit_decision(void *ctx, const struct zt_decision
 		return;
 	}
 	__builtin_memset(event, 0, sizeof(*event));
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	event->time_ns = bpf_ktime_get_boot_ns();
 	event->cookie = zt_socket_cookie(ctx);
-	event->cgroup_id = d->cgroup_id;
-	event->grant_id = d->grant_id;
-	event->pid = (__u32)pid_tgid;
-	event->tgid = pid_tgid >> 32;
-	event->uid = (__u32)bpf_get_current_uid_gid();
-	event->agent = d->agent;
 	event->suppressed = suppressed;
 	event->kind = d->kind;
 	event->verdict = d->allowed ? ZT_VERDICT_ALLOWED : ZT_VERDICT_DENIED;
 	event->reason = d->reason;
-	event->proto = d->proto;
-	event->family = d->family;
-	event->dport_be = bpf_htons(d->dport);
-	__builtin_memcpy(event->daddr, d->daddr, 16);
-	bpf_get_current_comm(event->comm, sizeof(event->comm));
+	zt_describe_flow(&event->flow, d);
 	zt_events_v1.ringbuf_submit(event, 0);
 }
 
@@ -93,20 +99,9 @@ static __always_inline void zt_track_flow(void *ctx, const struct zt_decision *d
 {
 	__u64 cookie = zt_socket_cookie(ctx);
 	struct zt_flow flow = {};
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	flow.grant_id = d->grant_id;
-	flow.cgroup_id = d->cgroup_id;
+	zt_describe_flow(&flow, d);
 	flow.first_ns = bpf_ktime_get_boot_ns();
 	flow.last_ns = flow.first_ns;
-	flow.agent = d->agent;
-	flow.pid = (__u32)pid_tgid;
-	flow.tgid = pid_tgid >> 32;
-	flow.uid = (__u32)bpf_get_current_uid_gid();
-	flow.proto = d->proto;
-	flow.family = d->family;
-	flow.dport_be = bpf_htons(d->dport);
-	__builtin_memcpy(flow.daddr, d->daddr, 16);
-	bpf_get_current_comm(flow.comm, sizeof(flow.comm));
 	zt_flows_v1.insert(&cookie, &flow);
 }
 

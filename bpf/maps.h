@@ -34,12 +34,13 @@ BPF_TABLE_PINNED("percpu_array", int, __u64, zt_counters_v1, ZT_CNT_COUNT,
 BPF_TABLE_PINNED("percpu_array", int, struct zt_agent_stats, zt_agent_stats_v1,
 		 ZT_MAX_AGENTS, ZT_PIN_DIR "/zt_agent_stats_v1");
 
+/* Egress drops per agent and reason (index: agent * ZT_DROP_SLOTS + reason). */
+BPF_TABLE_PINNED("percpu_array", int, __u64, zt_agent_drops_v1,
+		 ZT_MAX_AGENTS * ZT_DROP_SLOTS, ZT_PIN_DIR "/zt_agent_drops_v1");
 /* Socket accounting by cookie; LRU so a full table evicts the oldest flow
  * instead of refusing new ones (an eviction loses that flow's end record,
  * which zt_counters_v1[ZT_CNT_FLOWS_UNTRACKED] does not see: the table is
  * sized well above the sockets agents hold). */
-BPF_TABLE_PINNED("percpu_array", int, __u64, zt_agent_drops_v1,
-		 ZT_MAX_AGENTS * ZT_DROP_SLOTS, ZT_PIN_DIR "/zt_agent_drops_v1");
 BPF_TABLE_PINNED("lru_hash", __u64, struct zt_flow, zt_flows_v1, ZT_MAX_FLOWS,
 		 ZT_PIN_DIR "/zt_flows_v1");
 BPF_TABLE_PINNED("array", int, struct zt_deny_budget, zt_deny_budget_v1, ZT_MAX_AGENTS,

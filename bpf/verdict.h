@@ -13,6 +13,13 @@
  * truncate every cookie; the helper returns 64 bits. */
 static __u64 (*zt_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
+/* ::ffff:a.b.c.d (addr: 4 words, network order) is IPv4 on the wire, so it
+ * is judged by the IPv4 grants, as family 4 with addr[3]. */
+static __always_inline int zt_is_v4_mapped(const __u32 *addr)
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
+}
+
 struct zt_subject {
 	struct zt_agent agent;
 	__u32 generation;

@@ -46,6 +46,12 @@ enum zt_proto {
 	ZT_PROTO_UDP = 17,
 };
 
+/* The protocol a TCP or UDP packet is judged as when its port cannot be read
+ * (a truncated header, a later IPv4 fragment). No grant is stored with it,
+ * so only grants for any protocol and any port can admit such a packet.
+ * 255 is IANA's reserved protocol number: no real packet carries it. */
+#define ZT_PROTO_PORT_UNKNOWN 0xff
+
 /* Index into struct zt_levels.mask. */
 enum zt_proto_class {
 	ZT_CLASS_ANY = 0,
@@ -155,63 +161,57 @@ enum zt_reason {
 };
 
 /*
- * One record of the zt_events_v1 ring buffer. Connect and sendmsg verdicts
- * fill the socket fields; flow-end records (sock_release) also carry the
- * flow's counters. `suppressed` is how many deny events of this agent the
- * rate limit dropped since its previous deny event.
+ * Per-socket accounting (zt_flows_v1, keyed by socket cookie), and the flow
+ * part of every event (struct zt_event.flow): what a verdict or a flow end
+ * says about the socket is the same struct, copied whole. This is the value
+ * of a pinned map, so its layout is that of ABI version 1 byte for byte; a
+ * change here must bump ZT_ABI_VERSION.
  */
-struct zt_event {
-	__u64 time_ns;        /* CLOCK_BOOTTIME */
-	__u64 cookie;         /* socket cookie */
-	__u64 cgroup_id;
-	__u64 grant_id;
-	__u64 packets_out;
-	__u64 bytes_out;
-	__u64 packets_in;
-	__u64 bytes_in;
-	__u64 first_ns;
-	__u64 last_ns;
-	__u32 pid;            /* thread id */
-	__u32 tgid;           /* process id */
-	__u32 uid;
-	__u32 agent;
-	__u32 suppressed;
-	__u8 kind;            /* enum zt_event_kind */
-	__u8 verdict;         /* enum zt_verdict */
-	__u8 reason;          /* enum zt_reason */
-	__u8 proto;           /* IP protocol number */
-	__u8 family;          /* enum zt_family */
-	__u8 pad;
-	__be16 sport_be;
-	__be16 dport_be;
-	__u16 pad2;
-	__u8 saddr[16];
-	__u8 daddr[16];
-	char comm[16];
-};
-
-/* Per-socket accounting (zt_flows_v1, keyed by socket cookie). */
 struct zt_flow {
 	__u64 grant_id;
 	__u64 cgroup_id;
-	__u64 packets_out;
+	__u64 packets_out;    /* counters: flow-end records only */
 	__u64 bytes_out;
 	__u64 packets_in;
 	__u64 bytes_in;
-	__u64 first_ns;
+	__u64 first_ns;       /* CLOCK_BOOTTIME; flow-end records only */
 	__u64 last_ns;
-	__u32 agent;
-	__u32 pid;
-	__u32 tgid;
+	__u32 agent;          /* agent index */
+	__u32 pid;            /* thread id */
+	__u32 tgid;           /* process id */
 	__u32 uid;
-	__u8 proto;
-	__u8 family;
+	__u8 proto;           /* IP protocol number */
+	__u8 family;          /* enum zt_family */
 	__be16 dport_be;
 	__be16 sport_be;      /* learnt from the first egress packet */
 	__u16 pad;
 	__u8 saddr[16];
 	__u8 daddr[16];
 	char comm[16];
+};
+
+/*
+ * One record of the zt_events_v1 ring buffer. Connect and sendmsg verdicts
+ * fill the socket fields of `flow` (no counters, no source); flow-end records
+ * (sock_release) are the final zt_flows_v1 entry. `suppressed` is how many
+ * deny events of this agent the rate limit dropped since its previous deny
+ * event.
+ *
+ * Not a map value: a ring buffer has no value layout of its own, so a change
+ * here needs no new pin directory. Across an upgrade from a build with an
+ * older record layout, records the old programs wrote before the new ones
+ * replaced them are rejected by the reader (unknown kind, verdict or
+ * reason), counted as malformed; see docs/architecture.md.
+ */
+struct zt_event {
+	__u64 time_ns;        /* CLOCK_BOOTTIME */
+	__u64 cookie;         /* socket cookie */
+	__u32 suppressed;
+	__u8 kind;            /* enum zt_event_kind */
+	__u8 verdict;         /* enum zt_verdict */
+	__u8 reason;          /* enum zt_reason */
+	__u8 pad;
+	struct zt_flow flow;
 };
 
 /* zt_deny_budget_v1, indexed by agent index. */

@@ -2,7 +2,7 @@
 # Idempotent host set-up for ztnet, as root on Debian 12 / Ubuntu 24.04:
 # distribution packages (bcc from the distribution, never from PyPI), kernel
 # headers for bcc, a bpf filesystem, and .venv with the project and its test
-# extras. A second run with nothing to do takes seconds.
+# and lab extras. A second run with nothing to do takes seconds.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -91,11 +91,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/nu
 fi
 
 stamp="$VENV/.ztnet-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py | sha256sum | cut -d" " -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing ztnet and its test extras into $VENV"
+    say "installing ztnet and its test and lab extras into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    "$VENV/bin/python" -m pip install -q -e ".[test,lab]"
     echo "$want" > "$stamp"
 fi
 # The wire protocol lives only in proto/; its Python code is generated here.

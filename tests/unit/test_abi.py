@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from ztnet.datapath import abi
+from ztnet.datapath.compile import BootClock
+from ztnet.datapath.events import decode
 from ztnet.datapath.loader import bpf_source_dir
 
 CC = shutil.which("cc") or shutil.which("gcc")
@@ -32,7 +34,8 @@ def _probe_source() -> str:
         lines.append('  printf("}");')
     constants = {"ZT_ABI_VERSION": "abi_version", "ZT_PORT_LEVELS": "port_levels",
                  "ZT_KEY_FIXED_BITS": "key_fixed_bits", "ZT_CNT_COUNT": "counter_count",
-                 "ZT_AGENT_QUARANTINED": "quarantined", "ZT_DROP_SLOTS": "drop_slots"}
+                 "ZT_AGENT_QUARANTINED": "quarantined", "ZT_DROP_SLOTS": "drop_slots",
+                 "ZT_PROTO_PORT_UNKNOWN": "proto_port_unknown"}
     for macro, key in constants.items():
         lines.append(f'  printf(", \\"{key}\\": %d", (int)({macro}));')
     for counter in abi.ZtCounter:
@@ -83,6 +86,8 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
     assert layout["counter_count"] == abi.COUNTER_COUNT
     assert layout["quarantined"] == abi.AGENT_QUARANTINED
     assert layout["drop_slots"] == abi.DROP_SLOTS > max(abi.ZtReason)
+    assert layout["proto_port_unknown"] == abi.PROTO_PORT_UNKNOWN
+    assert abi.PROTO_PORT_UNKNOWN not in set(abi.ZtProto), "the sentinel must name no grant"
     for counter in abi.ZtCounter:
         assert layout[f"ZT_CNT_{counter.name}"] == counter
     for cls in abi.ZtClass:
@@ -95,6 +100,23 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
         assert layout[f"ZT_VERDICT_{verdict.name}"] == verdict
     for reason in abi.ZtReason:
         assert layout[f"ZT_REASON_{reason.name}"] == reason
+
+
+def test_event_carries_the_flow_struct_whole() -> None:
+    """sock_release copies a zt_flows_v1 entry into its event in one
+    assignment: the event's `flow` member is that struct, not a look-alike."""
+    flow_field = dict((name, kind) for name, kind, *_ in abi.ZtEvent._fields_)["flow"]
+    assert flow_field is abi.ZtFlow
+    assert abi.ZtEvent.flow.size == ctypes.sizeof(abi.ZtFlow)
+
+
+def test_pinned_flow_value_keeps_its_abi_v1_layout(layout: dict[str, dict[str, int]]) -> None:
+    """zt_flows_v1 is pinned under .../v<ZT_ABI_VERSION>/ and adopted by the
+    next daemon: its value layout may not change without a version bump."""
+    assert abi.ABI_VERSION == 1
+    flow = layout["zt_flow"]
+    assert (flow["size"], flow["agent"], flow["proto"], flow["sport_be"], flow["saddr"],
+            flow["comm"]) == (136, 64, 80, 84, 88, 120)
 
 
 def test_fixed_key_bits_cover_everything_before_the_address() -> None:
@@ -114,3 +136,29 @@ def test_entry_key_round_trips_through_c_layout() -> None:
 
 def test_sources_exist_for_installed_layout() -> None:
     assert Path(bpf_source_dir(), "ztnet.h").exists()
+
+
+def test_a_record_of_the_previous_event_layout_does_not_decode() -> None:
+    """docs/architecture.md: records an older build's programs left in the
+    pinned ring buffer are rejected (and counted) rather than misread.
+    `struct zt_event` before it embedded `struct zt_flow`, as it was in v1:"""
+
+    class OldEvent(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in (
+            "time_ns", "cookie", "cgroup_id", "grant_id", "packets_out", "bytes_out",
+            "packets_in", "bytes_in", "first_ns", "last_ns")] + [
+            (name, ctypes.c_uint32) for name in ("pid", "tgid", "uid", "agent", "suppressed")] + [
+            (name, ctypes.c_uint8) for name in ("kind", "verdict", "reason", "proto", "family",
+                                                "pad")] + [
+            ("sport_be", ctypes.c_uint16), ("dport_be", ctypes.c_uint16),
+            ("pad2", ctypes.c_uint16), ("saddr", ctypes.c_uint8 * 16),
+            ("daddr", ctypes.c_uint8 * 16), ("comm", ctypes.c_char * 16)]
+
+    assert ctypes.sizeof(OldEvent) == ctypes.sizeof(abi.ZtEvent)
+    for kind in abi.ZtEventKind:
+        old = OldEvent(time_ns=10**12, cookie=4097, cgroup_id=0xFFFF_FFFF, grant_id=7,
+                       kind=kind, verdict=abi.ZtVerdict.ALLOWED, family=abi.ZtFamily.V4,
+                       proto=abi.ZtProto.TCP, comm=b"curl")
+        raw = abi.ZtEvent.from_buffer_copy(bytes(old))
+        with pytest.raises(ValueError):
+            decode(raw, BootClock(offset_ns=0))

@@ -32,6 +32,10 @@ class ZtProto(enum.IntEnum):
     UDP = 17
 
 
+# ZT_PROTO_PORT_UNKNOWN: a TCP/UDP packet whose port could not be read is judged
+# as this protocol, which no grant names (only any-protocol, any-port grants match).
+PROTO_PORT_UNKNOWN = 0xFF
+
 class ZtClass(enum.IntEnum):
     """enum zt_proto_class: index into ZtLevels.mask"""
 
@@ -96,6 +100,8 @@ class ZtReason(enum.IntEnum):
     NOT_AGENT = 2
     QUARANTINED = 3
     UNPARSED = 4
+
+
 AGENT_QUARANTINED = 1
 
 
@@ -162,42 +168,8 @@ class ZtAgentStats(ctypes.Structure):
     ]
 
 
-class ZtEvent(ctypes.Structure):
-    """struct zt_event"""
-
-    _fields_ = [
-        ("time_ns", ctypes.c_uint64),
-        ("cookie", ctypes.c_uint64),
-        ("cgroup_id", ctypes.c_uint64),
-        ("grant_id", ctypes.c_uint64),
-        ("packets_out", ctypes.c_uint64),
-        ("bytes_out", ctypes.c_uint64),
-        ("packets_in", ctypes.c_uint64),
-        ("bytes_in", ctypes.c_uint64),
-        ("first_ns", ctypes.c_uint64),
-        ("last_ns", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("tgid", ctypes.c_uint32),
-        ("uid", ctypes.c_uint32),
-        ("agent", ctypes.c_uint32),
-        ("suppressed", ctypes.c_uint32),
-        ("kind", ctypes.c_uint8),
-        ("verdict", ctypes.c_uint8),
-        ("reason", ctypes.c_uint8),
-        ("proto", ctypes.c_uint8),
-        ("family", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("sport_be", ctypes.c_uint16),
-        ("dport_be", ctypes.c_uint16),
-        ("pad2", ctypes.c_uint16),
-        ("saddr", ctypes.c_uint8 * 16),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("comm", ctypes.c_char * 16),
-    ]
-
-
 class ZtFlow(ctypes.Structure):
-    """struct zt_flow"""
+    """struct zt_flow: a zt_flows_v1 value, and the flow part of every event"""
 
     _fields_ = [
         ("grant_id", ctypes.c_uint64),
@@ -220,6 +192,21 @@ class ZtFlow(ctypes.Structure):
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
+    ]
+
+
+class ZtEvent(ctypes.Structure):
+    """struct zt_event: one zt_events_v1 record, the socket's fields in ``flow``"""
+
+    _fields_ = [
+        ("time_ns", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("suppressed", ctypes.c_uint32),
+        ("kind", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("flow", ZtFlow),
     ]
 
 

@@ -207,7 +207,14 @@ class Datapath:
         return result
 
     def set_quarantined(self, agent: str, quarantined: bool) -> None:
-        """A quarantined agent is denied everything, whatever its grants."""
+        """A quarantined agent is denied everything, whatever its grants.
+
+        TODO(behavioural monitoring and response): nothing calls this yet, and a
+        daemon restart does not restore the flag. The response issue wires it
+        (detector -> controller -> daemon, an audited release) and documents it;
+        until then docs/ make no claim that quarantine works. The kernel side
+        (ZT_AGENT_QUARANTINED, ZT_REASON_QUARANTINED) stays as it is.
+        """
         path = cgroups.ensure_agent_cgroup(self.instance, agent)
         self.ensure_agents([agent])
         key = ctypes.c_uint64(cgroups.cgroup_id(path))

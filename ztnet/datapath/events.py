@@ -50,33 +50,34 @@ def decode(raw: abi.ZtEvent, clock: BootClock) -> KernelEvent:
     def unix(boot_ns: int) -> float:
         return (boot_ns + clock.offset_ns) / 1e9 if boot_ns else 0.0
 
-    family = raw.family or abi.ZtFamily.V4
+    flow = raw.flow
+    family = flow.family or abi.ZtFamily.V4
     return KernelEvent(
         kind=abi.ZtEventKind(raw.kind),
         verdict=abi.ZtVerdict(raw.verdict),
         reason=abi.ZtReason(raw.reason),
         time=unix(raw.time_ns),
         cookie=raw.cookie,
-        cgroup_id=raw.cgroup_id,
-        grant_id=raw.grant_id,
-        agent_index=raw.agent,
-        pid=raw.pid,
-        tgid=raw.tgid,
-        uid=raw.uid,
-        comm=raw.comm.decode(errors="replace"),
-        proto=raw.proto,
+        cgroup_id=flow.cgroup_id,
+        grant_id=flow.grant_id,
+        agent_index=flow.agent,
+        pid=flow.pid,
+        tgid=flow.tgid,
+        uid=flow.uid,
+        comm=flow.comm.decode(errors="replace"),
+        proto=flow.proto,
         family=family,
-        source=abi.address_from(bytes(raw.saddr), family) if any(raw.saddr) else "",
-        source_port=abi.port_from_be(raw.sport_be),
-        destination=abi.address_from(bytes(raw.daddr), family),
-        destination_port=abi.port_from_be(raw.dport_be),
+        source=abi.address_from(bytes(flow.saddr), family) if any(flow.saddr) else "",
+        source_port=abi.port_from_be(flow.sport_be),
+        destination=abi.address_from(bytes(flow.daddr), family),
+        destination_port=abi.port_from_be(flow.dport_be),
         suppressed=raw.suppressed,
-        packets_out=raw.packets_out,
-        bytes_out=raw.bytes_out,
-        packets_in=raw.packets_in,
-        bytes_in=raw.bytes_in,
-        first_seen=unix(raw.first_ns),
-        last_seen=unix(raw.last_ns),
+        packets_out=flow.packets_out,
+        bytes_out=flow.bytes_out,
+        packets_in=flow.packets_in,
+        bytes_in=flow.bytes_in,
+        first_seen=unix(flow.first_ns),
+        last_seen=unix(flow.last_ns),
     )
 
 
