@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PACKAGES=(python3 python3-venv python3-pip python3-bpfcc iproute2 util-linux procps gcc libpcap0.8
+PACKAGES=(python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute2 util-linux procps gcc libpcap0.8
           libbpf1)
 # promtool (the metrics tests) is left out where no test runs: the Vagrant VMs, which have no
 # network and find everything else already installed in their box.

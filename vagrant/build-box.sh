@@ -30,7 +30,7 @@ CMDLINE="root=/dev/vda rw rootfstype=ext4 console=ttyS0 net.ifnames=0 biosdevnam
 # What scripts/setup.sh installs (except prometheus: promtool is only for the metrics tests),
 # the matching kernel headers for bcc, and what Vagrant needs in a guest.
 PACKAGES=(linux-image-amd64 linux-headers-amd64 initramfs-tools systemd-sysv dbus
-          python3 python3-venv python3-pip python3-bpfcc iproute2 util-linux procps gcc
+          python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute2 util-linux procps gcc
           libpcap0.8 libbpf1 openssh-server sudo rsync kmod ca-certificates netbase
           iputils-ping less)
 

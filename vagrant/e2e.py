@@ -138,7 +138,7 @@ class E2E:
         `ztnet run` (as ``user``; None: root), or unconfined when agent is None -- like
         Lab.run_attempts."""
         traffic = f"{PY} -m ztnet.lab.traffic many - --timeout 5"
-        run = f"{ZTNET} run --agent {agent}" + (f" --user {user}" if user else "")
+        run = f"{ZTNET} run --agent {agent}" + (f" --user {user}" if user else " --allow-root")
         out = self.c.ssh(vm, f"{run} -- {traffic}" if agent else traffic,
                          stdin=json.dumps(attempts)).stdout
         results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

@@ -168,7 +168,8 @@ def test_loopback_and_metadata_get_no_implicit_allow(datapath: Datapath) -> None
 
 def test_run_refuses_when_nothing_is_attached(instance: Instance) -> None:
     proc = subprocess.run([sys.executable, "-m", "ztnet.cli", "run", "--instance", instance.name,
-                           "--agent", AGENT, "--", "true"], capture_output=True, text=True)
+                           "--agent", AGENT, "--dynamic-user", "--", "true"],
+                          capture_output=True, text=True)
     assert proc.returncode != 0
     assert "refusing to start agent" in proc.stderr
 

@@ -105,7 +105,7 @@ def lab_up(name: str, hosts: int, out: TextIO | None = None) -> int:
     out.write(
         "\nan agent on host-a (confined by host-a's daemon; the api echoes, exfil is denied):\n"
         f"  echo hello | nsenter --net=/run/netns/{topo.netns(host)} ztnet run --instance "
-        f"{topo.instance_name(host)} --agent {host.agent} --user nobody -- "
+        f"{topo.instance_name(host)} --agent {host.agent} --dynamic-user -- "
         f"curl -sS -m 1 telnet://{api.ipv4}:443\n"
         "its flows, live:\n"
         f"  ztnet observe --state {lab.host_state(host)} --follow\n"

@@ -21,11 +21,20 @@ from ztnet.text import format_table
 
 def register(sub: SubParsers) -> None:
     p = add_command(sub, "run", "Run a command as an agent, confined by the datapath.",
-                    "ztnet run --agent research-bot --user nobody -- curl https://10.0.2.7/",
+                    "ztnet run --agent research-bot --dynamic-user -- curl https://10.0.2.7/",
                     handle_run)
     instance_option(p)
     p.add_argument("--agent", required=True, help="agent name (a DNS label)")
-    p.add_argument("--user", help="drop to this user (and its groups) after joining the cgroup")
+    p.add_argument("--user", help="drop to this user (and its groups) after joining the "
+                   "cgroup; refused if a process outside this agent holds its uid")
+    p.add_argument("--dynamic-user", action="store_true",
+                   help="run as a uid of the agent's own, allocated on first use (no account)")
+    p.add_argument("--allow-root", action="store_true",
+                   help="allow the agent to run as root: it is then NOT confined (it can "
+                   "leave its cgroup)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="pass this variable of the caller's environment to the agent "
+                   "(repeatable; by default the agent gets only the documented minimal set)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS…]")
 
     p = add_command(sub, "agents", "List agents: cgroup, live processes, live grants.",
@@ -53,7 +62,8 @@ def register(sub: SubParsers) -> None:
 
 def handle_run(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    return run(Instance.resolve(args.instance), args.agent, argv, user=args.user)
+    return run(Instance.resolve(args.instance), args.agent, argv, user=args.user,
+               dynamic_user=args.dynamic_user, allow_root=args.allow_root, env_names=args.env)
 
 
 def handle_agents(args: argparse.Namespace) -> int:
@@ -74,13 +84,17 @@ def handle_teardown(args: argparse.Namespace) -> int:
 # --- what the commands do ------------------------------------------------------------
 
 
-def run(instance: Instance, agent: str, argv: Sequence[str], *, user: str | None = None) -> int:
-    """Exec ``argv`` as ``agent`` (never returns unless it fails, with a ZtnetError)."""
+def run(instance: Instance, agent: str, argv: Sequence[str], *, user: str | None = None,
+        dynamic_user: bool = False, allow_root: bool = False,
+        env_names: Sequence[str] = ()) -> int:
+    """Exec ``argv`` as ``agent`` (docs/agents.md); returns only when `ztnet run` has to
+    stay (the agent's pty relay or a shell job) with the agent's exit code, or fails with
+    a ZtnetError."""
     from ztnet.datapath.loader import is_enforcing
     from ztnet.identity.launch import run_agent
 
-    run_agent(instance, agent, argv, user=user, is_enforcing=is_enforcing)
-    return 0  # not reached: run_agent execs
+    return run_agent(instance, agent, argv, user=user, is_enforcing=is_enforcing,
+                     dynamic_user=dynamic_user, allow_root=allow_root, env_names=env_names)
 
 
 def agents(instance: Instance, *, out: TextIO | None = None) -> int:

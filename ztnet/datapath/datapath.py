@@ -27,7 +27,7 @@ from ztnet.datapath.probe import probe
 from ztnet.errors import DatapathError, MapUpdateError, NotAttached
 from ztnet.fsutil import replace_atomic
 from ztnet.grants.model import Grant, PortRange, Proto
-from ztnet.identity import cgroups
+from ztnet.identity import cgroups, uids
 from ztnet.instance import Instance
 
 _ZERO_LEVELS = (0, 0, 0, 0)
@@ -425,6 +425,7 @@ def teardown(instance: Instance) -> None:
         loader.detach_all(instance)
         loader.remove_pins(instance)
         cgroups.remove_tree(instance.cgroup_root)
+    uids.release_instance(instance)  # its agents are gone: their dynamic uids are free
     for leftover in (_grants_file(instance), instance.lock_path):
         leftover.unlink(missing_ok=True)
     try:

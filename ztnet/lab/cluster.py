@@ -34,6 +34,7 @@ from typing import Any
 
 from ztnet.errors import LabError
 from ztnet.fsutil import replace_atomic
+from ztnet.identity.launch import DYNAMIC_USER, run_user_flags
 from ztnet.instance import BPFFS, FLOWS_FILE, Instance, find_cgroup2_mount
 from ztnet.lab import procs
 from ztnet.lab.netns import list_netns, nsenter_argv, poll_until
@@ -332,17 +333,16 @@ class Lab:
         return nsenter_argv(self.topology.netns(host), argv)
 
     def agent_argv(self, host: LabHost | str, agent: str, argv: Sequence[str], *,
-                   user: str | None = "nobody") -> list[str]:
-        """``argv`` as ``agent`` on ``host``: `ztnet run` with the host's daemon instance."""
+                   user: str | None = DYNAMIC_USER) -> list[str]:
+        """``argv`` as ``agent`` on ``host``: `ztnet run` with the host's daemon instance
+        (``user``: see :func:`ztnet.identity.launch.run_user_flags`)."""
         run = procs.ztnet_argv("run", "--instance", self.topology.instance_name(host),
-                               "--agent", agent)
-        if user:
-            run += ["--user", user]
+                               "--agent", agent, *run_user_flags(user))
         return self.host_argv(host, [*run, "--", *argv])
 
     def run_attempts(self, host: LabHost | str, agent: str | None,
-                     attempts: Sequence[dict[str, Any]], *, user: str | None = "nobody",
-                     timeout: float = 2.0) -> list[dict[str, Any]]:
+                     attempts: Sequence[dict[str, Any]], *,
+                     user: str | None = DYNAMIC_USER, timeout: float = 2.0) -> list[dict[str, Any]]:
         """Run ``attempts`` (see ztnet.lab.traffic.attempt) in one process on ``host``: as
         ``agent``, or unconfined if None. One result per attempt, in order."""
         argv = [sys.executable, "-m", "ztnet.lab.traffic", "many", "-",

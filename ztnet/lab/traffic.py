@@ -132,18 +132,18 @@ def icmp_echo(host: str) -> str:
 
 
 def raw_send(host: str) -> str:
-    """An ICMP echo through a raw IP socket (scapy's L3RawSocket), the path
-    that bypasses every socket-level hook."""
-    from scapy.layers.inet import ICMP, IP
-    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
-    from scapy.sendrecv import send
-    from scapy.supersocket import L3RawSocket, L3RawSocket6
+    """An ICMP echo through a raw IP socket (SOCK_RAW), the path that bypasses every
+    socket-level hook. A plain socket rather than scapy's L3RawSocket, which also opens an
+    AF_PACKET socket to listen: agents may not create those (identity.seccomp)."""
+    from scapy.layers.inet import ICMP
+    from scapy.layers.inet6 import ICMPv6EchoRequest
 
+    v6 = ":" in host
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    message = bytes(ICMPv6EchoRequest()) if v6 else bytes(ICMP())  # v6: kernel checksums
     try:
-        if ":" in host:
-            send(IPv6(dst=host) / ICMPv6EchoRequest(), socket=L3RawSocket6(), verbose=False)
-        else:
-            send(IP(dst=host) / ICMP(), socket=L3RawSocket(), verbose=False)
+        with socket.socket(_family(host), socket.SOCK_RAW, proto) as sock:
+            sock.sendto(message, (host, 0))
     except OSError as exc:
         return _errname(exc)
     return "OK"

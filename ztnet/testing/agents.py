@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ztnet.identity.launch import DYNAMIC_USER, run_user_flags
 from ztnet.instance import Instance
 from ztnet.lab.netns import nsenter_argv
 from ztnet.lab.procs import ztnet_argv
@@ -17,10 +18,14 @@ from ztnet.lab.procs import ztnet_argv
 
 def agent_argv(instance: Instance, agent: str, argv: Sequence[str], *,
                netns: str | None = None, user: str | None = None) -> list[str]:
-    """``argv`` run as ``agent`` through `ztnet run`, optionally in a namespace."""
-    run = ztnet_argv("run", "--instance", instance.name, "--agent", agent)
-    if user:
-        run += ["--user", user]
+    """``argv`` run as ``agent`` through `ztnet run`, optionally in a namespace.
+
+    ``user``: None runs a root agent (``--allow-root``); ``"nobody"``, what the tests say
+    for "an unprivileged agent", runs it as a dynamic uid of its own (``--dynamic-user``),
+    since `ztnet run` refuses a uid that another agent holds and parallel test sessions
+    would otherwise all share nobody's; any other name is passed as ``--user NAME``."""
+    run = ztnet_argv("run", "--instance", instance.name, "--agent", agent,
+                     *run_user_flags(DYNAMIC_USER if user == "nobody" else user))
     full = [*run, "--", *argv]
     return nsenter_argv(netns, full) if netns else full
 
