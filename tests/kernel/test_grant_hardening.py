@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from ztnet.lab.servers import ServerProcess
 from ztnet.observe import audit
 from ztnet.testing.agents import run_traffic
 from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.ports import free_port
 
 A, NEVER = 8080, 9090
 AGENT = "bot"
@@ -229,9 +231,18 @@ def test_a_rogue_kernel_entry_is_found_repaired_and_counted(setup: Setup) -> Non
     assert audit.verify(setup.state / "audit.jsonl").ok
 
 
+def drift_metric(port: int, kind: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'ztnet_datapath_drift_total{{kind="{kind}"}} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_the_periodic_resync_repairs_drift_in_the_kernel(setup: Setup) -> None:
     setup.publish(1, [A])
-    with setup.daemon("--resync", "1") as daemon:
+    port = free_port()
+    with setup.daemon("--resync", "1", "--metrics", f"127.0.0.1:{port}") as daemon:
         daemon.wait_event(applied(1))
         genuine = setup.entries()
         mark = daemon.mark()
@@ -247,6 +258,7 @@ def test_the_periodic_resync_repairs_drift_in_the_kernel(setup: Setup) -> None:
         assert event["missing"] == 1
         assert rogue not in setup.entries() and key in setup.entries()
         assert setup.attempt(A) == "OK"
+        assert (drift_metric(port, "extra"), drift_metric(port, "missing")) == (1.0, 1.0)
     kinds = [(r["extra"], r["missing"]) for r in drift_records(setup.state)]
     assert kinds == [(1, 0), (0, 1)]
 
