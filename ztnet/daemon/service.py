@@ -103,6 +103,7 @@ class Daemon:
         self.flows: FlowPipeline | None = None
         self._stop = False
         self._reload = False
+        self._reported_step_ns = 0  # the wall-clock step last logged
 
     # --- applying ------------------------------------------------------------------------
 
@@ -208,7 +209,9 @@ class Daemon:
         if self.current is None or self.datapath is None:
             return
         step_ns = self.datapath.clock_step_ns()
-        if abs(step_ns) >= CLOCK_STEP_REPORT_NS:
+        if abs(step_ns - self._reported_step_ns) >= CLOCK_STEP_REPORT_NS:
+            # once per step, not at every resync after it
+            self._reported_step_ns = step_ns
             logs.event("wall clock stepped; kernel deadlines keep the pinned offset",
                        logging.WARNING, step_seconds=round(step_ns / 1e9, 3))
         synced = self.datapath.resync(self.current)
