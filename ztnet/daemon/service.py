@@ -214,7 +214,11 @@ class Daemon:
             self._reported_step_ns = step_ns
             logs.event("wall clock stepped; kernel deadlines keep the pinned offset",
                        logging.WARNING, step_seconds=round(step_ns / 1e9, 3))
-        synced = self.datapath.resync(self.current)
+        try:
+            synced = self.datapath.resync(self.current)
+        except DatapathError as exc:  # the kernel keeps what it has; try again next period
+            logs.event("resync failed", logging.ERROR, reason=str(exc))
+            return
         drift = synced.drift
         if drift.total:
             logs.event("datapath drift repaired", logging.WARNING, **drift.counts(),
