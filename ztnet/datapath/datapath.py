@@ -282,9 +282,10 @@ class Datapath:
         return self._replace(bundle.grants, bundle.bundle.expires, now)
 
     def resync(self, bundle: VerifiedBundle, *, now: float | None = None) -> SyncResult:
-        """Compare the active generation, read from the kernel, with what this
-        process installed there; then re-install ``bundle`` (later windows,
-        recreated cgroups), which also repairs any drift found."""
+        """Compare both generations, read from the kernel, with what this process
+        wrote there (and the active generation with the one it made active);
+        then re-install ``bundle`` (later windows, recreated cgroups), rewriting
+        both generations if anything drifted."""
         with instance_lock(self.instance):
             drift = Drift()
             contents = self._dump()
@@ -320,7 +321,7 @@ class Datapath:
         now = time.time() if now is None else now
         indices = self.ensure_agents({grant.agent for grant in grants})
         desired = compile_desired_state(grants, indices, now=now, clock=self._boot_clock(),
-                                 bundle_expires=bundle_expires)
+                                        bundle_expires=bundle_expires)
         if len(desired.entries) > abi.MAX_ENTRIES // 2:
             raise MapUpdateError(
                 f"datapath: grant set needs {len(desired.entries)} entries, "
