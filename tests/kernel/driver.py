@@ -19,9 +19,11 @@ def main() -> int:
         request = json.loads(line)
         op = request["op"]
         if op == "replace":
-            result = datapath.replace(grant_from_json(g) for g in request["grants"])
+            result = datapath.install_unverified(grant_from_json(g) for g in request["grants"])
         elif op == "remove":
-            result = datapath.remove(request["ids"])
+            drop = set(request["ids"])
+            result = datapath.install_unverified(
+                g for g in datapath.grants() if g.grant_id not in drop)
         else:
             print(json.dumps({"ok": False, "error": f"unknown op {op}"}), flush=True)
             continue

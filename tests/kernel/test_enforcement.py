@@ -58,7 +58,7 @@ def to_port(port: int) -> object:
 
 def test_tcp_allowed_reaches_peer_denied_is_eperm_and_never_on_the_wire(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
-    datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "tcp") as sniffer:
         allowed = run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED),
                               "--payload", "hello"], netns=pair.a.netns, user="nobody")
@@ -77,7 +77,7 @@ def test_tcp_allowed_reaches_peer_denied_is_eperm_and_never_on_the_wire(
 
 def test_udp_allowed_and_denied_sendto_and_connected(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
-    datapath.replace([grant(2, AGENT, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(2, AGENT, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "udp") as sniffer:
         results = {
             (port, connect): run_traffic(datapath.instance, AGENT,
@@ -96,10 +96,11 @@ def test_udp_allowed_and_denied_sendto_and_connected(
 
 def test_icmp_denied_without_grant_and_allowed_with_one(
         datapath: Datapath, pair: NetnsPair) -> None:
-    datapath.replace([grant(3, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(3, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "icmp") as sniffer:
         denied = run_traffic(datapath.instance, AGENT, ["icmp", pair.b.ipv4], netns=pair.a.netns)
-        datapath.add([grant(4, AGENT, Proto.ICMP, f"{pair.b.ipv4}/32")])
+        datapath.install_unverified(
+            [*datapath.grants(), grant(4, AGENT, Proto.ICMP, f"{pair.b.ipv4}/32")])
         allowed = run_traffic(datapath.instance, AGENT, ["icmp", pair.b.ipv4], netns=pair.a.netns)
         sniffer.wait_for(lambda p: p.icmp_type == 8)
     packets = sniffer.stop()
@@ -111,7 +112,7 @@ def test_icmp_denied_without_grant_and_allowed_with_one(
 def test_raw_socket_packet_from_agent_never_arrives(
         datapath: Datapath, pair: NetnsPair) -> None:
     # Root agent: it may open raw sockets, which no socket-level hook sees.
-    datapath.replace([grant(5, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(5, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "icmp or icmp6") as sniffer:
         for host in (pair.b.ipv4, pair.b.ipv6):
             run_traffic(datapath.instance, AGENT, ["raw", host], netns=pair.a.netns)
@@ -129,7 +130,7 @@ def test_raw_socket_packet_from_agent_never_arrives(
 def test_ipv6_and_ipv4_mapped_denied_unless_granted(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
     mapped = f"::ffff:{pair.b.ipv4}"
-    datapath.replace([grant(6, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(6, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
 
     def attempt(host: str, port: int) -> object:
         return run_traffic(datapath.instance, AGENT, ["tcp", host, str(port)],
@@ -138,7 +139,8 @@ def test_ipv6_and_ipv4_mapped_denied_unless_granted(
     with Sniffer(pair.b.netns, pair.b.iface, "tcp") as sniffer:
         before = {"v6": attempt(pair.b.ipv6, ALLOWED), "mapped-allowed": attempt(mapped, ALLOWED),
                   "mapped-denied": attempt(mapped, DENIED)}
-        datapath.add([grant(7, AGENT, Proto.TCP, f"{pair.b.ipv6}/128", str(ALLOWED))])
+        datapath.install_unverified(
+            [*datapath.grants(), grant(7, AGENT, Proto.TCP, f"{pair.b.ipv6}/128", str(ALLOWED))])
         after = {"v6": attempt(pair.b.ipv6, ALLOWED), "v6-other": attempt(pair.b.ipv6, DENIED)}
         control(pair)
         sniffer.wait_for(lambda p: p.dport == CONTROL)
@@ -151,7 +153,7 @@ def test_ipv6_and_ipv4_mapped_denied_unless_granted(
 
 def test_forked_setsid_grandchild_stays_confined(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
-    datapath.replace([grant(8, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(8, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     for port, expected in ((DENIED, "EPERM"), (ALLOWED, "OK")):
         result = run_traffic(datapath.instance, AGENT, ["daemonize", pair.b.ipv4, str(port)],
                              netns=pair.a.netns, user="nobody")
@@ -160,7 +162,7 @@ def test_forked_setsid_grandchild_stays_confined(
 
 
 def test_loopback_and_metadata_get_no_implicit_allow(datapath: Datapath) -> None:
-    datapath.replace([grant(9, AGENT, Proto.TCP, "10.0.0.0/8", "443")])
+    datapath.install_unverified([grant(9, AGENT, Proto.TCP, "10.0.0.0/8", "443")])
     for host, port in (("127.0.0.1", 22), ("::1", 22), ("169.254.169.254", 80)):
         assert run_traffic(datapath.instance, AGENT, ["tcp", host, str(port)],
                            user="nobody")["result"] == "EPERM", host

@@ -54,7 +54,7 @@ def setup(instance: Instance) -> Iterator[tuple[Datapath, NetnsPair]]:
 def test_allowed_connection_record_carries_process_agent_grant_and_bytes(
         setup: tuple[Datapath, NetnsPair]) -> None:
     datapath, pair = setup
-    datapath.replace([grant(0xABC, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(0xABC, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
     payload = "x" * 1000
     result = run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(ALLOWED), "--payload",
@@ -81,7 +81,7 @@ def test_allowed_connection_record_carries_process_agent_grant_and_bytes(
 
 def test_denied_attempt_is_recorded_with_its_reason(setup: tuple[Datapath, NetnsPair]) -> None:
     datapath, pair = setup
-    datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
     result = run_traffic(datapath.instance, AGENT, ["tcp", pair.b.ipv4, str(DENIED)],
                          netns=pair.a.netns, user="nobody")
@@ -96,7 +96,7 @@ def test_denied_attempt_is_recorded_with_its_reason(setup: tuple[Datapath, Netns
 def test_a_flood_of_denied_attempts_is_rate_limited_and_fully_accounted(
         setup: tuple[Datapath, NetnsPair]) -> None:
     datapath, pair = setup
-    datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
     attempts = 20_000
     flood = LineProcess.start(agent_argv(datapath.instance, AGENT, traffic_argv(

@@ -4,12 +4,20 @@ the kernel's lookup (longest-prefix match per port block) in Python."""
 from __future__ import annotations
 
 import ipaddress
+import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztnet.datapath.abi import PROTO_CLASS, EntryKey, ZtProto
-from ztnet.datapath.compile import BootClock, DesiredState, compile_desired_state, port_blocks
+from ztnet.datapath.compile import (
+    BUNDLE_GRACE_SECONDS,
+    BootClock,
+    DesiredState,
+    compile_desired_state,
+    kernel_not_after,
+    port_blocks,
+)
 from ztnet.grants.evaluate import allowed_by
 from ztnet.grants.model import Grant, IPAddress, PortRange, Proto
 
@@ -61,7 +69,8 @@ def test_more_specific_prefix_inherits_covering_grant_window() -> None:
                  NOW - 10, NOW + 100)
     narrow_expired = Grant(2, "a", Proto.TCP, ipaddress.ip_network("10.1.0.0/16"),
                            PortRange(80, 80), NOW - 100, NOW - 50)
-    state = compile_desired_state([wide, narrow_expired], {"a": 1}, now=NOW, clock=CLOCK)
+    state = compile_desired_state([wide, narrow_expired], {"a": 1}, now=NOW, clock=CLOCK,
+                           bundle_expires=math.inf)
     narrow_key = EntryKey(1, 6, 4, 16, 80, bytes([10, 1, 0, 0]), 16)
     assert state.entries[narrow_key].grant_id == 1
     assert simulate_kernel(state, 1, 6, ipaddress.ip_address("10.1.2.3"), 80, NOW) == 1
@@ -69,13 +78,13 @@ def test_more_specific_prefix_inherits_covering_grant_window() -> None:
 
 def test_expired_only_entries_are_not_installed() -> None:
     old = Grant(3, "a", Proto.UDP, ipaddress.ip_network("fd00::/64"), None, NOW - 20, NOW - 10)
-    state = compile_desired_state([old], {"a": 1}, now=NOW, clock=CLOCK)
+    state = compile_desired_state([old], {"a": 1}, now=NOW, clock=CLOCK, bundle_expires=math.inf)
     assert state.entries == {}
 
 
 def test_icmp_grant_uses_level_zero_only() -> None:
     grant = Grant(4, "a", Proto.ICMP, ipaddress.ip_network("10.0.0.1/32"), None, NOW, NOW + 5)
-    state = compile_desired_state([grant], {"a": 3}, now=NOW, clock=CLOCK)
+    state = compile_desired_state([grant], {"a": 3}, now=NOW, clock=CLOCK, bundle_expires=math.inf)
     assert state.levels[3] == (0, 1, 0, 0)
 
 
@@ -121,8 +130,28 @@ def test_compiled_state_agrees_with_reference_evaluator(
     grant_list: list[Grant], probe_list: list[tuple[str, int, IPAddress, int | None]]
 ) -> None:
     index = {"a": 1, "b": 2}
-    state = compile_desired_state(grant_list, index, now=NOW, clock=CLOCK)
+    state = compile_desired_state(grant_list, index, now=NOW, clock=CLOCK, bundle_expires=math.inf)
     for agent, proto, address, port in probe_list:
         expected = allowed_by(grant_list, agent, proto, address, port, NOW) is not None
         got = simulate_kernel(state, index[agent], proto, address, port, NOW) is not None
         assert got == expected, (agent, proto, address, port)
+
+
+def test_no_entry_outlives_its_bundle_by_more_than_the_grace() -> None:
+    month = Grant(1, "a", Proto.TCP, ipaddress.ip_network("10.0.0.0/8"), PortRange(443, 443),
+                  NOW - 1, NOW + 30 * 86400)
+    short = Grant(2, "a", Proto.TCP, ipaddress.ip_network("10.1.0.0/16"), PortRange(443, 443),
+                  NOW - 1, NOW + 10)
+    late = Grant(3, "a", Proto.UDP, ipaddress.ip_network("10.2.0.0/16"), None,
+                 NOW + 400, NOW + 900)
+    expires = NOW + 300
+    state = compile_desired_state([month, short, late], {"a": 1}, now=NOW, clock=CLOCK,
+                           bundle_expires=expires)
+    cap = CLOCK.to_boot_ns(kernel_not_after(math.inf, expires))
+    assert cap == CLOCK.to_boot_ns(expires + BUNDLE_GRACE_SECONDS)
+    windows = {value.grant_id: value.not_after_ns for value in state.entries.values()}
+    # the /16 entry folds in the /8's window: it too ends at the cap, not in 30 days
+    assert windows == {1: cap, 2: cap}
+    assert 3 not in windows  # starts after its bundle stops counting: never installed
+    assert simulate_kernel(state, 1, 6, ipaddress.ip_address("10.9.9.9"), 443,
+                           expires + BUNDLE_GRACE_SECONDS + 1) is None

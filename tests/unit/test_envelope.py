@@ -115,9 +115,17 @@ def test_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
         verify(envelope)
 
 
-def test_real_size_limit_is_64_mib() -> None:
-    with pytest.raises(BundleRejected, match="limit of 67108864"):
-        verify(b" " * (64 * 1024 * 1024 + 1))
+def test_lone_surrogate_payload_type_is_a_rejection_not_a_crash() -> None:
+    # JSON may spell a lone surrogate ("\ud800"): Python decodes it into a str
+    # that cannot be encoded as UTF-8, which used to escape as UnicodeEncodeError
+    # from the PAE, before any signature check, outside the error tree.
+    for spelling in ("\\ud800", "x\\udfff", "\\ud83d"):
+        data = sign_envelope(b"x", TYPE, KEY).replace(
+            json.dumps(TYPE).encode(), f'"{spelling}"'.encode())
+        with pytest.raises(BundleRejected, match="payloadType must be 1 to 256 printable ASCII"):
+            verify(data)
+    with pytest.raises(BundleRejected, match="printable ASCII"):
+        verify(mutate(lambda d: d.update(payloadType="t\u00e9\n")))
 
 
 def mutate(change: Any) -> bytes:
@@ -168,8 +176,10 @@ def test_arbitrary_bytes_raise_only_grant_errors(data: bytes) -> None:
         verify(data)
 
 
+# Any code point, lone surrogates included: JSON can spell them all.
+any_text = st.text(st.characters(blacklist_categories=()), max_size=10)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    st.none() | st.booleans() | st.integers() | any_text,
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3)
     ),

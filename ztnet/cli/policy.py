@@ -246,7 +246,7 @@ def render_bundle(verified: VerifiedBundle, *, source: str, host: str | None, no
 
 
 def _read_bundle(path: PathLike) -> bytes:
-    from ztnet.grants.envelope import MAX_ENVELOPE_BYTES
+    from ztnet.grants.limits import MAX_ENVELOPE_BYTES
 
     try:
         with open(path, "rb") as handle:

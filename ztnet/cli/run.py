@@ -128,7 +128,7 @@ def status(instance: Instance, *, out: TextIO | None = None) -> int:
     if enforcing:
         with Datapath.inspect(instance) as datapath:
             print(f"generation: {datapath.generation}", file=out)
-            print(f"grants:     {len(datapath.grants())}", file=out)
+            print(f"grants:     {sum(datapath.live_grant_counts().values())}", file=out)
             for name, value in datapath.counters().items():
                 print(f"  {name:<14} {value}", file=out)
     return 0 if enforcing else 1

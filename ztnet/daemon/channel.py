@@ -13,11 +13,10 @@ from typing import Literal
 
 import grpc
 
-from ztnet.grants.envelope import MAX_ENVELOPE_BYTES
+from ztnet.grants.limits import MAX_BUNDLE_MESSAGE_BYTES
 
-# A push carries one envelope (the largest bundle the daemon accepts) and a few short
-# fields; the headroom keeps the envelope's own limit the one that decides.
-MAX_MESSAGE_BYTES = MAX_ENVELOPE_BYTES + 64 * 1024
+# The largest message the daemon accepts: a pushed bundle of the largest size (limits.py).
+MAX_MESSAGE_BYTES = MAX_BUNDLE_MESSAGE_BYTES
 # Keepalive pings notice a controller that vanished without closing the connection (power
 # loss, a partition); 20 s apart, 10 s to answer.
 _KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),

@@ -17,6 +17,7 @@ from pathlib import Path
 from ztnet import logs
 from ztnet.daemon.uploader import FlowUpload, UploadSettings
 from ztnet.datapath.datapath import Datapath
+from ztnet.datapath.drift import Drift
 from ztnet.datapath.events import KernelEvent
 from ztnet.grants.bundle import VerifiedBundle
 from ztnet.grants.model import Grant, format_grant_id
@@ -94,6 +95,12 @@ class FlowPipeline:
         self._granted = new
         self.metrics.bundle_applied(verified.version)
         self.metrics.set_active_grants(self.datapath.live_grant_counts())
+
+    def datapath_drift(self, drift: Drift, version: int) -> None:
+        """Kernel entries someone else wrote (or removed), found and repaired by a resync."""
+        self.audit_log.append(audit.DATAPATH_DRIFT, {
+            "version": version, **drift.counts(), "samples": list(drift.samples)})
+        self.metrics.datapath_drift(drift.counts())
 
     def bundle_rejected(self, source: str, reason: str) -> None:
         self.audit_log.append(audit.BUNDLE_REJECTED, {"source": source, "reason": reason})

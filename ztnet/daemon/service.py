@@ -42,9 +42,12 @@ from ztnet.datapath.probe import probe
 from ztnet.errors import ConfigError, DatapathError, GrantError
 from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.grants.bundle import VerifiedBundle, verify_bundle
-from ztnet.grants.envelope import MAX_ENVELOPE_BYTES
 from ztnet.grants.keys import key_id, load_public_key
+from ztnet.grants.limits import MAX_ENVELOPE_BYTES
 from ztnet.instance import Instance
+
+# Wall-clock steps smaller than this are NTP slewing noise, not worth a log line.
+CLOCK_STEP_REPORT_NS = 1_000_000_000
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Daemon:
         self.flows: FlowPipeline | None = None
         self._stop = False
         self._reload = False
+        self._reported_step_ns = 0  # the wall-clock step last logged
 
     # --- applying ------------------------------------------------------------------------
 
@@ -119,18 +123,25 @@ class Daemon:
                 raise GrantError(f"bundle: version {verified.version} is already applied with "
                                  "different content; a new policy needs a new version")
         except GrantError as exc:
-            self.rejected += 1
-            logs.event("bundle rejected", logging.WARNING, source=source, reason=str(exc),
-                       applied_version=floor)
-            if self.flows is not None:
-                self.flows.bundle_rejected(source, str(exc))
-            return Outcome("rejected", str(exc))
+            return self._rejected(source, str(exc), floor)
+        except Exception as exc:  # noqa: BLE001 - hostile bytes: any failure is a rejection
+            # The verifier raises only GrantError by design; anything else is a verifier
+            # bug that hostile input found. It must not take the daemon down (in bundle-file
+            # mode that is a crash loop on one tampered file): reject, and say what broke.
+            return self._rejected(source, f"bundle: the verifier failed on this input "
+                                  f"({type(exc).__name__}); rejected", floor, logging.ERROR)
         if self.current is not None and self.applied is not None \
                 and verified.version == self.applied.version:
             logs.event("bundle unchanged", source=source, version=verified.version)
             return Outcome("unchanged")
         verify_seconds = time.monotonic() - started
-        result = self.datapath.replace(verified.grants, now=now)
+        try:
+            result = self.datapath.install(verified, now=now)
+        except DatapathError as exc:
+            # The swap is atomic: the kernel still enforces the previous set.
+            logs.event("bundle not applied", logging.ERROR, source=source,
+                       version=verified.version, reason=str(exc))
+            return Outcome("rejected", str(exc))
         self.current = verified
         self.applied = Applied(verified.version, verified.payload_sha256)
         self.state.save(envelope, self.applied)
@@ -144,6 +155,14 @@ class Daemon:
                    apply_ms=round(result.seconds * 1000, 1), flows_cut=len(cut))
         return Outcome("applied")
 
+    def _rejected(self, source: str, reason: str, floor: int,
+                  level: int = logging.WARNING) -> Outcome:
+        self.rejected += 1
+        logs.event("bundle rejected", level, source=source, reason=reason, applied_version=floor)
+        if self.flows is not None:
+            self.flows.bundle_rejected(source, reason)
+        return Outcome("rejected", reason)
+
     def version_held(self) -> int:
         """What Subscribe reports: the applied version while its bundle is still fresh, else
         0 (nothing usable held: the controller should send its current bundle)."""
@@ -155,13 +174,7 @@ class Daemon:
     def on_pushes(self, client: ControllerClient) -> None:
         """Apply what the controller pushed, in order, and answer each."""
         for push in client.pushes():
-            try:
-                outcome = self.apply(push.envelope, f"controller {self.config.controller}")
-            except DatapathError as exc:
-                # The swap is atomic: the kernel still enforces the previous set.
-                logs.event("bundle not applied", logging.ERROR, version=push.version,
-                           reason=str(exc))
-                outcome = Outcome("rejected", str(exc))
+            outcome = self.apply(push.envelope, f"controller {self.config.controller}")
             client.answer(push, outcome.ok, outcome.reason)
 
     def _read_bundle_file(self) -> bytes | None:
@@ -189,15 +202,32 @@ class Daemon:
             self.apply(data, str(self.config.bundle))
 
     def resync(self) -> None:
-        """Re-install the current set: later windows, recreated cgroups, clock steps."""
+        """Compare the kernel with what was installed and repair drift, then re-install the
+        current set: later windows, recreated cgroups. A stale bundle is re-installed too:
+        that renews nothing (its entries end by its expiry plus the grace, on the pinned
+        clock) but still removes whatever someone else wrote."""
         if self.current is None or self.datapath is None:
             return
-        if self.current.bundle.expires <= time.time():
-            return  # a frozen bundle is not renewed; its grants lapse in the kernel
-        result = self.datapath.replace(self.current.grants)
-        if result.written or result.deleted:
-            logs.event("resync changed the kernel", logging.WARNING, written=result.written,
-                       deleted=result.deleted)
+        step_ns = self.datapath.clock_step_ns()
+        if abs(step_ns - self._reported_step_ns) >= CLOCK_STEP_REPORT_NS:
+            # once per step, not at every resync after it
+            self._reported_step_ns = step_ns
+            logs.event("wall clock stepped; kernel deadlines keep the pinned offset",
+                       logging.WARNING, step_seconds=round(step_ns / 1e9, 3))
+        try:
+            synced = self.datapath.resync(self.current)
+        except DatapathError as exc:  # the kernel keeps what it has; try again next period
+            logs.event("resync failed", logging.ERROR, reason=str(exc))
+            return
+        drift = synced.drift
+        if drift.total:
+            logs.event("datapath drift repaired", logging.WARNING, **drift.counts(),
+                       samples=list(drift.samples), version=self.current.version)
+            if self.flows is not None:
+                self.flows.datapath_drift(drift, self.current.version)
+        elif synced.applied.written or synced.applied.deleted:
+            logs.event("resync changed the kernel", written=synced.applied.written,
+                       deleted=synced.applied.deleted)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -276,6 +306,7 @@ class Daemon:
                 if self._reload and not self._stop:
                     self._reload = False
                     self.reload()
+                    self.resync()  # SIGHUP also checks the kernel now, not at the next period
                     if client is not None:
                         client.reconnect()  # SIGHUP in controller mode: resubscribe now
                 if time.monotonic() >= next_resync:

@@ -28,6 +28,19 @@ from ztnet.errors import DatapathError
 from ztnet.grants.model import Grant, IPNetwork
 
 U64_MAX = 2**64 - 1
+# How long a kernel entry may outlive the bundle that carried it. Every entry
+# ends at min(grant not_after, bundle expires + BUNDLE_GRACE_SECONDS), so whoever
+# blocks the controller channel holds back a revocation for at most the
+# bundle's remaining freshness plus this, never for a grant's whole ttl. The
+# controller renews a bundle at half its lifetime, so in normal operation the
+# next bundle is in long before; the grace only absorbs a renewal that is late
+# by a few seconds (a controller restart, clock skew between controller and host).
+BUNDLE_GRACE_SECONDS = 60.0
+
+
+def kernel_not_after(grant_not_after: float, bundle_expires: float) -> float:
+    """When the kernel stops honouring a grant: the one place this is decided."""
+    return min(grant_not_after, bundle_expires + BUNDLE_GRACE_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +122,11 @@ def compile_desired_state(
     *,
     now: float,
     clock: BootClock,
+    bundle_expires: float,
 ) -> DesiredState:
+    """The entries for ``grants``, each window ending by ``kernel_not_after``
+    (``bundle_expires`` is the expiry of the bundle that carried them; inf for
+    grants that came in none, as in tests)."""
     # group key: (agent, proto, family, port_bits, port) -> network -> windows
     groups: dict[tuple[int, int, int, int, int], dict[IPNetwork, list[_Window]]] = (
         defaultdict(lambda: defaultdict(list))
@@ -123,8 +140,10 @@ def compile_desired_state(
         blocks = [(0, 0)] if grant.ports is None else port_blocks(
             grant.ports.first, grant.ports.last
         )
-        window = _Window(grant.not_before, grant.not_after, grant.grant_id,
-                         grant.network.prefixlen)
+        not_after = kernel_not_after(grant.not_after, bundle_expires)
+        if not_after <= grant.not_before:
+            continue  # starts after its bundle stops counting: never installed
+        window = _Window(grant.not_before, not_after, grant.grant_id, grant.network.prefixlen)
         for port, bits in blocks:
             groups[(agent, int(grant.proto), family, bits, port)][grant.network].append(window)
 

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from ztnet.datapath import abi, events, loader, sockets
 from ztnet.datapath.bpfsys import PinnedMap
 from ztnet.datapath.compile import BootClock, DesiredState, compile_desired_state
+from ztnet.datapath.drift import Drift, find_drift
 from ztnet.datapath.probe import probe
-from ztnet.errors import DatapathError, MapUpdateError, NotAttached
-from ztnet.fsutil import replace_atomic
-from ztnet.grants.model import Grant, PortRange, Proto
+from ztnet.errors import MapUpdateError, NotAttached
+from ztnet.grants.bundle import VerifiedBundle
+from ztnet.grants.model import Grant
 from ztnet.identity import cgroups, uids
 from ztnet.instance import Instance
 
@@ -40,6 +40,15 @@ class ApplyResult:
     written: int
     deleted: int
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What a resync found (``drift``: the kernel against what this process
+    installed there) and what re-installing then did."""
+
+    drift: Drift
+    applied: ApplyResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +83,12 @@ class Datapath:
         self.maps["zt_grants_v1"].check_layout(abi.ZtGrantKey, abi.ZtGrantValue)
         self.maps["zt_agents_v1"].check_layout(ctypes.c_uint64, abi.ZtAgent)
         self.maps["zt_config_v1"].check_layout(ctypes.c_int, abi.ZtConfig)
-        # What each generation holds, read once and then kept up to date by
-        # this process: there is one writer per instance (the daemon; the
-        # instance lock serializes the rest).
-        self._contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] = {}
-        self._levels: dict[int, dict[int, tuple[int, int, int, int]]] = {}
-        self._grants: tuple[Grant, ...] | None = None
+        # The grant set and desired state this process last made active. Never a
+        # stand-in for the kernel: every diff reads the maps themselves, and these
+        # only tell drift (someone else wrote) from change (new grants, windows).
+        self._grants: tuple[Grant, ...] = ()
+        self._written: dict[int, DesiredState] = {}  # by generation
+        self._active: int | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -135,19 +144,26 @@ class Datapath:
             self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
 
     def _boot_clock(self) -> BootClock:
-        """The Unix→boot-time offset the installed entries were written with.
-        Measuring it anew on every replace would move every window by a few
-        microseconds and turn each diff into a full rewrite, so it is kept
-        (in zt_config, for the next process too) until the wall clock really
-        steps."""
-        measured = BootClock.now()
+        """The Unix→boot-time offset, pinned at the first install after the maps
+        were created and kept in zt_config (a pinned map: it lives exactly as long
+        as boot time does, across daemon restarts, until teardown or reboot).
+        Every install and every process converts with it, so a wall-clock step,
+        either way (NTP, an operator, an attacker spoofing NTP), never moves a
+        kernel deadline: a grant lapses after the time it had left when it was
+        installed, as CLOCK_BOOTTIME counts it. ``clock_step_ns`` tells how far
+        the wall clock has moved away since."""
         config = self._config()
         stored = int(config.reserved[0])
-        if stored and abs(stored - measured.offset_ns) < 1_000_000:
+        if stored:
             return BootClock(stored)
+        measured = BootClock.now()
         config.reserved[0] = measured.offset_ns
         self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
         return measured
+
+    def clock_step_ns(self) -> int:
+        """Wall-clock steps since the offset was pinned (positive: stepped forward)."""
+        return BootClock.now().offset_ns - self._boot_clock().offset_ns
 
     @property
     def generation(self) -> int:
@@ -165,17 +181,15 @@ class Datapath:
         return result
 
     def _read_levels(self, generation: int) -> dict[int, tuple[int, int, int, int]]:
-        """Non-zero level masks of one generation, by agent index."""
-        if generation not in self._levels:
-            levels = self.maps["zt_levels_v1"]
-            found = {}
-            for index in range(abi.MAX_AGENTS):
-                value = abi.ZtLevels()
-                slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
-                if levels.lookup(slot, value) and any(value.mask):
-                    found[index] = (value.mask[0], value.mask[1], value.mask[2], value.mask[3])
-            self._levels[generation] = found
-        return self._levels[generation]
+        """Non-zero level masks of one generation, by agent index, from the kernel."""
+        levels = self.maps["zt_levels_v1"]
+        found = {}
+        for index in range(abi.MAX_AGENTS):
+            value = abi.ZtLevels()
+            slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
+            if levels.lookup(slot, value) and any(value.mask):
+                found[index] = (value.mask[0], value.mask[1], value.mask[2], value.mask[3])
+        return found
 
     def _indices_in_use(self) -> set[int]:
         return set(self._read_levels(0)) | set(self._read_levels(1))
@@ -228,25 +242,22 @@ class Datapath:
 
     # --- grants --------------------------------------------------------------------
 
-    def _dump(self, generation: int) -> dict[abi.EntryKey, abi.EntryValue]:
-        if generation in self._contents:
-            return self._contents[generation]
+    def _dump(self) -> dict[int, dict[abi.EntryKey, abi.EntryValue]]:
+        """Both generations of the grant trie as the kernel holds them now."""
         trie = self.maps["zt_grants_v1"]
-        contents = {}
+        contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] = {0: {}, 1: {}}
         for key in list(trie.keys(abi.ZtGrantKey)):
             key_generation, entry = abi.EntryKey.from_c(key)
-            if key_generation != generation:
-                continue
             value = abi.ZtGrantValue()
             if trie.lookup(key, value):
-                contents[entry] = abi.EntryValue.from_c(value)
-        self._contents[generation] = contents
+                contents.setdefault(key_generation, {})[entry] = abi.EntryValue.from_c(value)
         return contents
 
-    def _write_generation(self, generation: int, desired: DesiredState) -> tuple[int, int]:
+    def _write_generation(self, generation: int, current: dict[abi.EntryKey, abi.EntryValue],
+                          desired: DesiredState) -> tuple[int, int]:
+        """Make one generation hold ``desired``: a diff against ``current``, its
+        contents as just read from the kernel."""
         trie = self.maps["zt_grants_v1"]
-        current = self._dump(generation)
-        self._contents.pop(generation, None)  # unknown until fully written
         written = deleted = 0
         for key, value in desired.entries.items():
             if current.get(key) != value:
@@ -257,54 +268,98 @@ class Datapath:
             deleted += 1
         levels = self.maps["zt_levels_v1"]
         have = self._read_levels(generation)
-        self._levels.pop(generation, None)
         for index in have.keys() | desired.levels.keys():
             want = desired.levels.get(index, _ZERO_LEVELS)
             if have.get(index, _ZERO_LEVELS) != want:
                 slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
                 levels.update(slot, abi.ZtLevels((ctypes.c_uint32 * 4)(*want)))
-        self._levels[generation] = {i: m for i, m in desired.levels.items() if any(m)}
-        self._contents[generation] = dict(desired.entries)
         return written, deleted
 
-    def replace(self, grants: Iterable[Grant], *, now: float | None = None) -> ApplyResult:
-        """Make ``grants`` the whole grant set, atomically."""
-        started = time.monotonic()
-        grants = tuple(grants)
-        now = time.time() if now is None else now
+    def install(self, bundle: VerifiedBundle, *, now: float | None = None) -> ApplyResult:
+        """Make a verified bundle's grants the whole grant set, atomically. No
+        kernel entry outlives the bundle's expiry by more than the grace
+        (compile.kernel_not_after)."""
+        return self._replace(bundle.grants, bundle.bundle.expires, now)
+
+    def resync(self, bundle: VerifiedBundle, *, now: float | None = None) -> SyncResult:
+        """Compare both generations, read from the kernel, with what this process
+        wrote there (and the active generation with the one it made active);
+        then re-install ``bundle`` (later windows, recreated cgroups), rewriting
+        both generations if anything drifted."""
         with instance_lock(self.instance):
-            indices = self.ensure_agents({grant.agent for grant in grants})
-            desired = compile_desired_state(grants, indices, now=now, clock=self._boot_clock())
-            if len(desired.entries) > abi.MAX_ENTRIES // 2:
-                raise MapUpdateError(
-                    f"datapath: grant set needs {len(desired.entries)} entries, "
-                    f"more than the {abi.MAX_ENTRIES // 2} a generation holds",
-                    "zt_grants_v1",
-                )
-            config = self._config()
-            target = 1 - (int(config.generation) & 1)
-            written, deleted = self._write_generation(target, desired)
-            config.generation = target
-            self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
-            self._grants = grants
-            _save_grants(self.instance, grants)
+            drift = Drift()
+            contents = self._dump()
+            for generation, written in sorted(self._written.items()):
+                drift += find_drift(contents[generation], self._read_levels(generation),
+                                    written.entries, written.levels, f"gen {generation} ")
+            if self._active is not None and self.generation != self._active:
+                drift += Drift(generation=1, samples=(f"generation flipped to {self.generation}",))
+            applied = self._replace_locked(bundle.grants, bundle.bundle.expires, now,
+                                           repair=drift.total > 0, contents=contents)
+        return SyncResult(drift, applied)
+
+    def install_unverified(self, grants: Iterable[Grant], *,
+                           now: float | None = None) -> ApplyResult:
+        """Install grants that came in no bundle, uncapped: for tests, benchmarks
+        and the local lab only (tests/unit/test_verified_only.py keeps it so).
+        The daemon installs nothing but verified bundles (``install``)."""
+        return self._replace(tuple(grants), math.inf, now)
+
+    def _replace(self, grants: tuple[Grant, ...], bundle_expires: float,
+                 now: float | None) -> ApplyResult:
+        with instance_lock(self.instance):
+            return self._replace_locked(grants, bundle_expires, now, repair=False)
+
+    def _replace_locked(self, grants: tuple[Grant, ...], bundle_expires: float,
+                        now: float | None, *, repair: bool,
+                        contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] | None = None,
+                        ) -> ApplyResult:
+        """Write the inactive generation, then flip to it. With ``repair`` the
+        generation just left is rewritten too, so drift survives in neither.
+        ``contents``: the trie as just dumped under this lock (else dumped here)."""
+        started = time.monotonic()
+        now = time.time() if now is None else now
+        indices = self.ensure_agents({grant.agent for grant in grants})
+        desired = compile_desired_state(grants, indices, now=now, clock=self._boot_clock(),
+                                        bundle_expires=bundle_expires)
+        if len(desired.entries) > abi.MAX_ENTRIES // 2:
+            raise MapUpdateError(
+                f"datapath: grant set needs {len(desired.entries)} entries, "
+                f"more than the {abi.MAX_ENTRIES // 2} a generation holds",
+                "zt_grants_v1",
+            )
+        config = self._config()
+        target = 1 - (int(config.generation) & 1)
+        contents = self._dump() if contents is None else contents
+        written, deleted = self._write_generation(target, contents[target], desired)
+        config.generation = target
+        self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
+        self._grants, self._active = grants, target
+        self._written[target] = desired
+        if repair:
+            self._write_generation(1 - target, contents[1 - target], desired)
+            self._written[1 - target] = desired
         return ApplyResult(target, len(desired.entries), written, deleted,
                            time.monotonic() - started)
 
     def grants(self) -> tuple[Grant, ...]:
-        """The installed grant set (as last replaced by any process)."""
-        if self._grants is None:
-            self._grants = _load_grants(self.instance)
+        """The grant set this process installed (other processes: see live_grant_ids)."""
         return self._grants
 
-    def add(self, grants: Iterable[Grant], *, now: float | None = None) -> ApplyResult:
-        new = {grant.grant_id: grant for grant in self.grants()}
-        new.update({grant.grant_id: grant for grant in grants})
-        return self.replace(new.values(), now=now)
+    def kernel_entries(self, generation: int | None = None) -> dict[abi.EntryKey, abi.EntryValue]:
+        """One generation (default: the active one) of the grant trie, read from the kernel."""
+        return self._dump()[self.generation if generation is None else generation]
 
-    def remove(self, grant_ids: Iterable[int], *, now: float | None = None) -> ApplyResult:
-        drop = set(grant_ids)
-        return self.replace((g for g in self.grants() if g.grant_id not in drop), now=now)
+    def live_grant_ids(self) -> dict[str, set[int]]:
+        """Grant ids of the active entries live now, by agent: what the kernel
+        enforces, read from it (any process can ask)."""
+        boot_now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        names = self.agent_names()
+        result: dict[str, set[int]] = {}
+        for key, value in self.kernel_entries().items():
+            if value.not_before_ns <= boot_now < value.not_after_ns and key.agent in names:
+                result.setdefault(names[key.agent], set()).add(value.grant_id)
+        return result
 
     def event_reader(self, on_event: Callable[[events.KernelEvent], None]) -> events.EventReader:
         """Read verdict and flow-end events (only the loading process can)."""
@@ -351,13 +406,8 @@ class Datapath:
         return sockets.cut_unauthorized(self.instance, self.grants(),
                                         time.time() if now is None else now)
 
-    def live_grant_counts(self, *, now: float | None = None) -> dict[str, int]:
-        now = time.time() if now is None else now
-        counts: dict[str, int] = {}
-        for grant in self.grants():
-            if grant.live_at(now):
-                counts[grant.agent] = counts.get(grant.agent, 0) + 1
-        return counts
+    def live_grant_counts(self) -> dict[str, int]:
+        return {agent: len(ids) for agent, ids in self.live_grant_ids().items()}
 
     # --- counters ------------------------------------------------------------------
 
@@ -381,41 +431,6 @@ class Datapath:
         return result
 
 
-# --- the installed grant set, for add/remove across processes ------------------------
-
-
-def _grants_file(instance: Instance) -> Path:
-    return instance.run_dir / "grants.json"
-
-
-def _save_grants(instance: Instance, grants: tuple[Grant, ...]) -> None:
-    records = [
-        {"id": g.grant_id, "agent": g.agent, "proto": int(g.proto), "to": str(g.network),
-         "ports": None if g.ports is None else [g.ports.first, g.ports.last],
-         "not_before": g.not_before, "not_after": g.not_after}
-        for g in grants
-    ]
-    replace_atomic(_grants_file(instance), json.dumps(records).encode(), 0o644)
-
-
-def _load_grants(instance: Instance) -> tuple[Grant, ...]:
-    import ipaddress
-
-    path = _grants_file(instance)
-    if not path.exists():
-        return ()
-    try:
-        records = json.loads(path.read_text())
-        return tuple(
-            Grant(r["id"], r["agent"], Proto(r["proto"]), ipaddress.ip_network(r["to"]),
-                  None if r["ports"] is None else PortRange(*r["ports"]),
-                  r["not_before"], r["not_after"])
-            for r in records
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DatapathError(f"datapath: {path} is unreadable: {exc}") from exc
-
-
 def teardown(instance: Instance) -> None:
     """Remove everything the instance put in the kernel. Agents are killed
     first: taking enforcement away must never leave an agent unconfined."""
@@ -426,7 +441,8 @@ def teardown(instance: Instance) -> None:
         loader.remove_pins(instance)
         cgroups.remove_tree(instance.cgroup_root)
     uids.release_instance(instance)  # its agents are gone: their dynamic uids are free
-    for leftover in (_grants_file(instance), instance.lock_path):
+    # grants.json: written by earlier versions; never read, never a source of truth
+    for leftover in (instance.run_dir / "grants.json", instance.lock_path):
         leftover.unlink(missing_ok=True)
     try:
         instance.run_dir.rmdir()

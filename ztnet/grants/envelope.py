@@ -29,10 +29,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from ztnet.errors import BundleRejected, ConfigError, SignatureInvalid, UnknownKey
 from ztnet.grants import strictjson
 from ztnet.grants.keys import key_id
+from ztnet.grants.limits import (
+    MAX_ENVELOPE_BYTES,
+    MAX_ENVELOPE_STRUCTURE,
+    MAX_PAYLOAD_TYPE,
+    MAX_SIGNATURES,
+    structure_count,
+)
 
-MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
-MAX_SIGNATURES = 8
-MAX_PAYLOAD_TYPE = 256
 ED25519_SIGNATURE_BYTES = 64
 ENVELOPE_KEYS = frozenset({"payloadType", "payload", "signatures"})
 SIGNATURE_KEYS = frozenset({"keyid", "sig"})
@@ -94,6 +98,12 @@ def verify_envelope(data: bytes, *, trusted: TrustedKeys, payload_type: str) -> 
         raise BundleRejected(
             f"bundle: envelope is {len(data)} bytes, more than the limit of {MAX_ENVELOPE_BYTES}"
         )
+    # Count before parsing: a parser turns 3 bytes of "{}," into a 64-byte dict.
+    if structure_count(data) > MAX_ENVELOPE_STRUCTURE:
+        raise BundleRejected(
+            "bundle: envelope has more JSON structure than a signed envelope can have "
+            f"(more than {MAX_ENVELOPE_STRUCTURE} of {{ [ , :); refused before parsing"
+        )
     claimed_type, payload, signatures = _parse(data)
     message = pae(claimed_type, payload)
     signer = None
@@ -126,8 +136,14 @@ def _parse(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
         raise BundleRejected(f"bundle: envelope: {exc}") from None
     obj = _object(document, ENVELOPE_KEYS, "envelope")
     payload_type = obj["payloadType"]
-    if not isinstance(payload_type, str) or not 0 < len(payload_type) <= MAX_PAYLOAD_TYPE:
-        raise BundleRejected("bundle: envelope payloadType must be a short non-empty string")
+    # A media type: printable ASCII. Anything else (a lone surrogate cannot even
+    # be encoded for the PAE) is refused here, before it reaches the verifier.
+    if not isinstance(payload_type, str) or not 0 < len(payload_type) <= MAX_PAYLOAD_TYPE \
+            or not all(" " <= char <= "~" for char in payload_type):
+        raise BundleRejected(
+            f"bundle: envelope payloadType must be 1 to {MAX_PAYLOAD_TYPE} printable ASCII "
+            "characters"
+        )
     payload = _base64(obj["payload"], "envelope payload")
     raw_signatures = obj["signatures"]
     if not isinstance(raw_signatures, list) or not 1 <= len(raw_signatures) <= MAX_SIGNATURES:
@@ -160,12 +176,15 @@ def _base64(value: Any, where: str) -> bytes:
     if not isinstance(value, str):
         raise BundleRejected(f"bundle: {where} must be a base64 string")
     try:
-        raw = base64.b64decode(value, validate=True)
+        # strict: the standard alphabet, padding only at the end, nothing after it
+        raw = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError):
         raise BundleRejected(f"bundle: {where} is not valid base64") from None
-    # b64decode ignores the unused low bits of the last character, so several
+    # Decoding ignores the unused low bits of the last character, so several
     # spellings decode alike; insisting on the canonical one means no byte of
-    # an envelope can change without changing what it says.
-    if base64.b64encode(raw).decode("ascii") != value:
+    # an envelope can change without changing what it says. Only the last
+    # quantum can differ, so only it is re-encoded (not a second copy of it all).
+    tail = len(raw) % 3 or 3
+    if raw and base64.b64encode(raw[-tail:]).decode("ascii") != value[-4:]:
         raise BundleRejected(f"bundle: {where} is not canonical base64")
     return raw

@@ -26,6 +26,13 @@ from typing import Any
 
 from ztnet.errors import BundleRejected
 from ztnet.grants import strictjson
+from ztnet.grants.limits import (
+    MAX_BUNDLE_GRANTS,
+    MAX_ISSUER,
+    MAX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_LISTS,
+    MAX_PAYLOAD_OBJECTS,
+)
 from ztnet.grants.model import (
     AGENT_NAME_RE,
     Grant,
@@ -44,7 +51,6 @@ MAX_INT64 = 2**63 - 1
 # Year 2286. Keeps ms → float seconds → ms exact (float spacing stays far
 # below a millisecond) and nanosecond deadlines far inside 64 bits.
 MAX_TIME_MS = 10**13
-MAX_ISSUER = 256
 
 BUNDLE_KEYS = frozenset(
     {"trust_domain", "issuer", "audience", "version", "issued_at_ms", "expires_ms", "grants"}
@@ -200,7 +206,13 @@ def _encode_grant(bundle: Bundle, record: GrantRecord) -> dict[str, object]:
 
 
 def decode_payload(data: bytes) -> Bundle:
-    """The Bundle in ``data``; BundleRejected names what is wrong and where."""
+    """The Bundle in ``data``; BundleRejected names what is wrong and where.
+    Size and structure are bounded before any object is built (limits.py)."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise _malformed(f"{len(data)} bytes, more than the limit of {MAX_PAYLOAD_BYTES}")
+    if data.count(b"{") > MAX_PAYLOAD_OBJECTS or data.count(b"[") > MAX_PAYLOAD_LISTS:
+        raise _malformed(f"more objects or lists than {MAX_BUNDLE_GRANTS} grants need; "
+                         "refused before parsing")
     try:
         document = strictjson.loads(data)
     except strictjson.StrictJSONError as exc:
@@ -212,6 +224,9 @@ def decode_payload(data: bytes) -> Bundle:
     raw_grants = obj["grants"]
     if not isinstance(raw_grants, list):
         raise _malformed("grants: expected a list")
+    if len(raw_grants) > MAX_BUNDLE_GRANTS:
+        raise _malformed(f"grants: {len(raw_grants)} grants, more than the limit of "
+                         f"{MAX_BUNDLE_GRANTS}")
     records = tuple(
         _decode_grant(raw, f"grants[{index}]", trust_domain) for index, raw in enumerate(raw_grants)
     )

@@ -15,8 +15,10 @@ class StrictJSONError(ValueError):
 
 def loads(data: bytes) -> Any:
     try:
-        text = data.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        # str(data, "utf-8") and parse: the decoded text is dropped as soon as
+        # the parser is done with it
+        return json.loads(str(data, "utf-8"), object_pairs_hook=_no_duplicates,
+                          parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
         raise StrictJSONError(f"not UTF-8 (byte {exc.start})") from None
     except RecursionError:

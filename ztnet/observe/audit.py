@@ -39,6 +39,7 @@ BUNDLE_REJECTED = "bundle.rejected"
 GRANT_ADDED = "grant.added"
 GRANT_REMOVED = "grant.removed"
 FLOW_DENIED = "flow.denied"
+DATAPATH_DRIFT = "datapath.drift"
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:

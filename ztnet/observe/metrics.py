@@ -111,6 +111,9 @@ class FlowMetrics:
                                     "bundle.", registry=r)
         self.bundle_rejects = Counter("ztnet_bundle_rejects", "Bundles refused, by reason.",
                                       ["reason"], registry=r)
+        self.drift = Counter("ztnet_datapath_drift", "Grant-map entries found by a resync "
+                             "to differ from what the daemon installed, and repaired, by kind "
+                             "(extra, missing, changed, levels).", ["kind"], registry=r)
         self._snapshots = _Snapshots()
         r.register(self._snapshots)
         self._agents: set[str] = set()
@@ -155,6 +158,10 @@ class FlowMetrics:
     def bundle_rejected(self, reason: str) -> None:
         """``reason``: a short, bounded word (the error's class name), never free text."""
         self.bundle_rejects.labels(reason).inc()
+
+    def datapath_drift(self, counts: Mapping[str, int]) -> None:
+        for kind, count in counts.items():
+            self.drift.labels(kind).inc(count)
 
     def set_kernel_counters(self, counters: Mapping[str, int]) -> None:
         """``Datapath.counters()`` (events_lost, events_suppressed, …)."""

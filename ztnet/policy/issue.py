@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ztnet.errors import ConfigError
+from ztnet.grants.limits import MAX_BUNDLE_GRANTS
 from ztnet.grants.payload import MAX_INT64, Bundle, GrantRecord, floor_ms, normalize_host
 from ztnet.policy.compile import compile_grants
 from ztnet.policy.document import MAX_TTL, Policy
@@ -17,7 +18,7 @@ from ztnet.policy.document import MAX_TTL, Policy
 # Serial of a bundle's i-th grant: version * SERIALS_PER_VERSION + i. Serials
 # are thus unique across versions as long as versions only grow, and a serial
 # says which policy version issued it.
-SERIALS_PER_VERSION = 1_000_000
+SERIALS_PER_VERSION = 1_000_000  # > MAX_BUNDLE_GRANTS, so serials never collide
 MAX_ISSUE_VERSION = (MAX_INT64 - SERIALS_PER_VERSION) // SERIALS_PER_VERSION
 
 
@@ -49,8 +50,9 @@ def issue_bundle(
     lifetime = bundle_ttl
     if lifetime is None:
         lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
-    if len(grants) >= SERIALS_PER_VERSION:
-        raise ConfigError(f"bundle: {len(grants)} grants is more than one bundle can carry")
+    if len(grants) > MAX_BUNDLE_GRANTS:
+        raise ConfigError(f"bundle: {len(grants)} grants for host {audience}, more than the "
+                          f"{MAX_BUNDLE_GRANTS} one bundle can carry")
     records = tuple(
         GrantRecord(
             # start + ttl is a float sum; snap it back to the millisecond grid.

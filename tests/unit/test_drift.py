@@ -1,0 +1,36 @@
+"""Drift between the kernel's grant maps and what the daemon installed (pure)."""
+
+from __future__ import annotations
+
+from ztnet.datapath.abi import EntryKey, EntryValue
+from ztnet.datapath.drift import Drift, find_drift
+
+A = EntryKey(1, 6, 4, 16, 443, bytes([10, 0, 0, 0]), 8)
+B = EntryKey(1, 6, 4, 16, 8080, bytes([10, 0, 0, 1]), 32)
+C = EntryKey(2, 17, 6, 0, 0, bytes(16), 0)
+V = EntryValue(1, 2, 0x10)
+
+
+def test_no_drift() -> None:
+    drift = find_drift({A: V}, {1: (1, 0, 0, 0)}, {A: V}, {1: (1, 0, 0, 0)})
+    assert drift == Drift() and drift.total == 0
+
+
+def test_each_kind_is_counted_with_an_example() -> None:
+    kernel = {A: EntryValue(1, 99, 0x10), C: V}
+    installed = {A: V, B: V}
+    drift = find_drift(kernel, {1: (1, 0, 0, 0), 2: (4, 0, 0, 0)}, installed,
+                       {1: (1, 0, 0, 0)}, "gen 0 ")
+    assert drift.counts() == {"extra": 1, "missing": 1, "changed": 1, "levels": 1,
+                              "generation": 0}
+    assert drift.total == 4
+    assert drift.samples[0].startswith("extra gen 0 agent#2 proto 17 ::/0")
+    assert any(s.startswith("missing gen 0 agent#1 proto 6 10.0.0.1/32 port 8080/16")
+               for s in drift.samples)
+
+
+def test_drift_adds_up_and_keeps_few_samples() -> None:
+    many = {EntryKey(1, 6, 4, 16, port, bytes(4), 0): V for port in range(1, 20)}
+    drift = find_drift(many, {}, {}, {}) + Drift(generation=1, samples=("flipped",))
+    assert drift.extra == 19 and drift.generation == 1 and drift.total == 20
+    assert len(drift.samples) == 5

@@ -1,0 +1,127 @@
+"""The size limits of signed bundles: computed from a real worst-case bundle
+of MAX_BUNDLE_GRANTS grants, and enforced before anything is parsed."""
+
+from __future__ import annotations
+
+import ipaddress
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.unit.grant_factories import KEY, NOW, make_bundle, make_grant
+from ztnet.errors import BundleRejected, ConfigError
+from ztnet.grants import limits, payload
+from ztnet.grants.bundle import (
+    BUNDLE_PAYLOAD_TYPE,
+    Bundle,
+    GrantRecord,
+    decode_payload,
+    encode_payload,
+    sign_bundle,
+    verify_bundle,
+)
+from ztnet.grants.envelope import sign_envelope, verify_envelope
+from ztnet.grants.model import MAX_GRANT_ID, Grant, PortRange, Proto
+from ztnet.grants.payload import MAX_INT64, MAX_TIME_MS
+from ztnet.policy import issue as issue_module
+from ztnet.policy.document import parse_policy
+from ztnet.policy.issue import issue_bundle
+
+PUB = KEY.public_key()
+_LABEL = "a" * 63
+LONGEST_DNS_NAME = ".".join([_LABEL] * 3 + ["b" * 61])  # 253 characters
+LAST_MS = MAX_TIME_MS / 1000
+
+
+def worst_case_bundle(grants: int) -> Bundle:
+    """Every field at its longest: what the byte limits must admit."""
+    network = ipaddress.ip_network("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127")
+    records = tuple(
+        GrantRecord(Grant(MAX_GRANT_ID - i, _LABEL, Proto.TCP, network, PortRange(10000, 65535),
+                          LAST_MS - 0.001, LAST_MS), MAX_INT64 - i)
+        for i in range(grants))
+    return Bundle(LONGEST_DNS_NAME, "~" * limits.MAX_ISSUER, LONGEST_DNS_NAME, MAX_INT64,
+                  NOW, LAST_MS, records)
+
+
+def test_the_limits_are_the_size_of_the_largest_bundle_of_100000_grants() -> None:
+    one, two = (len(encode_payload(worst_case_bundle(n))) for n in (1, 2))
+    record = two - one
+    assert record <= limits.MAX_GRANT_RECORD_BYTES < record + 8
+    assert one - record <= limits.MAX_PAYLOAD_HEADER_BYTES
+    largest = worst_case_bundle(limits.MAX_BUNDLE_GRANTS)
+    data = encode_payload(largest)
+    envelope = sign_bundle(largest, KEY)
+    print(f"\nworst-case 100,000-grant bundle: payload {len(data):,} bytes "
+          f"(limit {limits.MAX_PAYLOAD_BYTES:,}), envelope {len(envelope):,} bytes "
+          f"(limit {limits.MAX_ENVELOPE_BYTES:,})")
+    assert len(data) <= limits.MAX_PAYLOAD_BYTES < len(data) * 1.01
+    assert len(envelope) <= limits.MAX_ENVELOPE_BYTES < len(envelope) * 1.01
+    assert len(envelope) <= limits.MAX_BUNDLE_MESSAGE_BYTES
+    # ... and it verifies, so no bundle the issuer can write is refused for its size
+    verified = verify_bundle(envelope, trusted=[PUB], host=LONGEST_DNS_NAME, min_version=1,
+                             now=NOW + 1)
+    assert len(verified.grants) == limits.MAX_BUNDLE_GRANTS
+
+
+def test_an_envelope_over_the_limit_is_refused_unread() -> None:
+    with pytest.raises(BundleRejected, match=f"limit of {limits.MAX_ENVELOPE_BYTES}"):
+        verify_envelope(b" " * (limits.MAX_ENVELOPE_BYTES + 1), trusted=[PUB],
+                        payload_type=BUNDLE_PAYLOAD_TYPE)
+
+
+def peak_bytes(call: Callable[[], Any]) -> int:
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleRejected):
+            call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+HOSTILE_SIZE = 4 * 1024 * 1024
+HOSTILE = b"[" + b"{}," * ((HOSTILE_SIZE - 2) // 3) + b"{}]"  # 1.4 million empty objects
+
+
+def test_structure_is_counted_before_an_envelope_is_parsed() -> None:
+    # Unfixed, json.loads built 1.4 million dicts first: 100.8 MiB peak for 4 MiB.
+    peak = peak_bytes(lambda: verify_bundle(HOSTILE, trusted=[PUB], host="web-1",
+                                            min_version=0, now=NOW))
+    print(f"\n4 MiB of [{{}},...]: peak {peak / 2**20:.2f} MiB allocated while refusing it")
+    assert peak < 64 * 1024
+    for hostile in (b'{"payload":[' + b'"",' * 100_000 + b'""]}',
+                    b'{"signatures":[' + b"0," * 100_000 + b"0]}"):
+        assert peak_bytes(lambda h=hostile: verify_envelope(  # type: ignore[misc]
+            h, trusted=[PUB], payload_type=BUNDLE_PAYLOAD_TYPE)) < 64 * 1024
+
+
+def test_a_signed_payload_is_bounded_before_it_is_parsed() -> None:
+    # A trusted signer (or its stolen key) is no reason to build a million objects.
+    envelope = sign_envelope(HOSTILE, BUNDLE_PAYLOAD_TYPE, KEY)
+    peak = peak_bytes(lambda: verify_bundle(envelope, trusted=[PUB], host="web-1",
+                                            min_version=0, now=NOW))
+    # the envelope text and the decoded payload (2.0x), not 1.4 million dicts (19x)
+    assert peak < 2.5 * len(envelope)
+    with pytest.raises(BundleRejected, match="refused before parsing"):
+        decode_payload(HOSTILE)
+    with pytest.raises(BundleRejected, match="more than the limit"):
+        decode_payload(b" " * (limits.MAX_PAYLOAD_BYTES + 1))
+
+
+def test_grant_count_limit_on_decode_and_issue(monkeypatch: pytest.MonkeyPatch) -> None:
+    three = make_bundle(*(make_grant(grant_id=i + 1) for i in range(3)))
+    data = encode_payload(three)
+    assert decode_payload(data) == three
+    monkeypatch.setattr(payload, "MAX_BUNDLE_GRANTS", 2)
+    with pytest.raises(BundleRejected, match="grants: 3 grants, more than the limit of 2"):
+        decode_payload(data)
+    policy = parse_policy(
+        'trust_domain = "example.org"\n[agents.bot]\n'
+        + "".join(f'[[agents.bot.allow]]\nto = "10.0.{i}.0/24"\nports = "443"\n'
+                  for i in range(3)), "p.toml")
+    monkeypatch.setattr(issue_module, "MAX_BUNDLE_GRANTS", 2)
+    with pytest.raises(ConfigError, match="3 grants for host web-1, more than the 2"):
+        issue_bundle(policy, host="web-1", version=1, now=NOW, issuer="t")
