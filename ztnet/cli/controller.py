@@ -78,11 +78,11 @@ def register(sub: SubParsers) -> None:
                    help="write {pid, listen, enroll_listen} as JSON here once serving")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--flow-retention", type=duration_or_off, default=7 * 86400,
-                   metavar="DURATION", help="delete flow records older than this (default "
-                   "7d; 0: keep them)")
+                   metavar="DURATION", help="delete flow records received longer ago than "
+                   "this (default 7d; 0: keep them)")
     p.add_argument("--flow-max-rows", type=int, default=10_000_000, metavar="N",
-                   help="keep at most N flow records, deleting the oldest (default "
-                   "10000000, about 15 GB of disk; 0: no limit)")
+                   help="keep at most N flow records, deleting the oldest of the host "
+                   "holding the most (default 10000000, about 16 GB of disk; 0: no limit)")
     p.add_argument("--flow-prune-interval", type=duration, default=60, metavar="DURATION",
                    help="how often retention runs (default 1m)")
     p.add_argument("--metrics", metavar="ADDR", default=None,
