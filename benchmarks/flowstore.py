@@ -135,7 +135,9 @@ def time_queries(run: Callable[[FlowQuery], int], queries: dict[str, Callable[[]
 def rpc_part(state_root: Path, queries: dict[str, Callable[[], FlowQuery]], runs: int,
              fleet: Fleet) -> dict[str, Any]:
     state = ControllerState(state_root, "bench.example")
-    with ControllerProcess(state, extra_args=["--flow-retention", "0"]) as controller:
+    # no per-host flow rate: this measures what the controller can ingest
+    with ControllerProcess(state, extra_args=["--flow-retention", "0", "--host-flow-rate", "off"]) \
+            as controller:
         with controller.admin() as admin:
             def run(query: FlowQuery) -> int:
                 return len(admin.query_flows(

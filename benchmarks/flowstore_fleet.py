@@ -114,7 +114,7 @@ class Fleet:
             pid=1000 + cookie % 5000, grant=grant, time=format_rfc3339(time_ns),
             first=format_rfc3339(time_ns - self.DURATIONS[index]))
         return FlowRow(time_ns, host, agent, verdict.value, "NO_GRANT" if denied else "GRANTED",
-                       kind.value, proto, destination, port, grant, uuid, text)
+                       kind.value, proto, destination, port, grant, uuid, text, time_ns)
 
 
 _NAMESPACE = FLOW_NAMESPACE.bytes
@@ -134,5 +134,5 @@ def check_fleet(fleet: Fleet) -> None:
     for cookie in range(200):
         row = fleet.row("host-00", "agent-000", 1_800_000_000_123_456_000 + cookie, cookie)
         record = from_json(row.record)
-        assert FlowRow.of(record) == row, (row, FlowRow.of(record))
-        assert decode_batch("host-00", [row.record.encode()]) == [row]
+        assert FlowRow.of(record, row.received_ns) == row, row
+        assert decode_batch("host-00", [row.record.encode()], row.received_ns) == [row]

@@ -1,5 +1,12 @@
 """Structured log lines: ``event key=value …`` for people, one JSON object
-per line with ``--log-format json`` for machines."""
+per line with ``--log-format json`` for machines.
+
+Field values are often what a host or an agent said (a NACK reason, a comm):
+in the text format every value and the event name pass through
+``ztnet.text.escape`` (no newline can forge a line, no escape sequence reaches
+the terminal), and a value with spaces, quotes, backslashes or ``=`` is
+written as a JSON string, so no value can forge another ``key=value`` field
+either. The JSON format escapes by itself."""
 
 from __future__ import annotations
 
@@ -8,15 +15,26 @@ import logging
 import sys
 import time
 
+from ztnet.text import escape
+
 LOGGER = logging.getLogger("ztnet")
 
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        extra = " ".join(f"{key}={value}" for key, value in fields.items())
+        extra = " ".join(f"{escape(str(key))}={_value(value)}" for key, value in fields.items())
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        return f"{stamp} {record.levelname.lower():<7} {record.getMessage()} {extra}".rstrip()
+        message = escape(record.getMessage())
+        return f"{stamp} {record.levelname.lower():<7} {message} {extra}".rstrip()
+
+
+def _value(value: object) -> str:
+    text = escape(str(value))
+    if text and not any(char in text for char in ' "=\\'):
+        return text
+    # a JSON string: quotes and backslashes escaped, so the value ends where it says
+    return json.dumps(text, ensure_ascii=False)
 
 
 class _JsonFormatter(logging.Formatter):

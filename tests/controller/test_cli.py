@@ -192,3 +192,32 @@ def test_operator_commands_explain_missing_settings(args: Sequence[str], env: di
     clean = {key: "" for key in ("ZTNET_CONTROLLER", "ZTNET_CREDENTIALS")}
     result = ztnet(*args, env={**clean, **env})
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_revoke_admin_and_raise_version(tmp_path: Path) -> None:
+    from ztnet.testing.controller import admin_credentials, init_controller
+
+    state = init_controller(tmp_path / "state")
+    admin_credentials(state, tmp_path / "alice", name="alice")
+    revoked = ztnet("controller", "revoke-admin", "--state", state.root, "--name", "alice")
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked 1 certificate(s) of spiffe://test.example/admin/alice" in revoked.stdout
+    again = ztnet("controller", "revoke-admin", "--state", state.root, "--name", "alice")
+    assert again.returncode == 2
+    assert again.stderr == "ztnet: controller: admin alice has no certificate to revoke\n"
+
+    raised = ztnet("controller", "raise-version", "--state", state.root, "--above", "41")
+    assert raised.returncode == 0, raised.stderr
+    assert "raised the version counter from 0 to 42" in raised.stdout
+    same = ztnet("controller", "raise-version", "--state", state.root, "--above", "10")
+    assert same.returncode == 0 and "already above 10" in same.stdout
+    bad = ztnet("controller", "raise-version", "--state", state.root, "--above", "-1")
+    assert bad.returncode == 2 and "--above must be between 0 and" in bad.stderr
+
+
+def test_serve_refuses_a_bad_rate(tmp_path: Path) -> None:
+    result = ztnet("controller", "serve", "--state", tmp_path, "--listen", "127.0.0.1:0",
+                   "--host-subscribe-rate", "fast")
+    assert result.returncode == 2
+    assert "--host-subscribe-rate: 'fast' is not a rate (want N/s, N/m, N/h or N/10s" \
+        in result.stderr

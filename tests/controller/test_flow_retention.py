@@ -30,17 +30,25 @@ def test_retention_deletes_old_flows_then_the_oldest_beyond_the_row_limit(
     with ControllerProcess(state, extra_args=options) as controller:
         identity = enroll(controller, "keeper")
         now = time.time_ns() // 1000 * 1000
-        expired = [make_record("keeper", time_ns=now - (7200 + i) * NS) for i in range(3)]
+        # dated two hours ago, received now: age counts from receipt (a host's
+        # clock decides nothing), so only the row limit removes them
+        dated_old = [make_record("keeper", time_ns=now - (7200 + i) * NS) for i in range(3)]
         recent = [make_record("keeper", time_ns=now - (60 - i) * NS) for i in range(6)]
-        assert report(controller, identity, [(1, recent[:3] + expired), (2, recent[3:])]).acks \
-            == [1, 2]
+        assert report(controller, identity, [(1, recent[:3] + dated_old), (2, recent[3:])]) \
+            .acks == [1, 2]
         deadline = time.monotonic() + 15
         while len(kept := uuids(query(controller, host="keeper"))) > 4:
             assert time.monotonic() < deadline, f"not pruned: {len(kept)} left"
             time.sleep(0.1)
-        # older than an hour went first, then the oldest two beyond the 4-row limit
+        # the oldest received went first (within a batch, the oldest dated)
         assert kept == [r.uuid for r in reversed(recent[2:])]
         controller.wait_for_log("flows pruned")
+    options[1] = "1s"  # the same database, a shorter retention: everything received is old
+    with ControllerProcess(state, extra_args=options) as controller:
+        deadline = time.monotonic() + 15
+        while uuids(query(controller, host="keeper")):
+            assert time.monotonic() < deadline, "not pruned by age"
+            time.sleep(0.1)
 
 
 def _scrape(address: str) -> str:

@@ -119,6 +119,7 @@ def test_a_reenrolled_host_starts_its_sequence_again(controller: ControllerProce
 
 
 def _query_host(controller: ControllerProcess, records: int) -> tuple[list[Any], int]:
+    """Records of host flows-query, newest first as queries answer, and their base time."""
     host = "flows-query"
     identity = enroll(controller, host)
     base = (time.time_ns() - 3600 * NS) // 1000 * 1000  # an hour ago
@@ -129,15 +130,18 @@ def _query_host(controller: ControllerProcess, records: int) -> tuple[list[Any],
     made = [make_record(host, agent=agent, verdict=verdict, event_type=kind,
                         time_ns=base + i * NS)
             for i, (agent, verdict, kind) in enumerate(kinds * (records // len(kinds)))]
-    # stored in another order than their times: queries order by time, not arrival
+    # stored in another order than their times: queries order by arrival (the
+    # controller's clock: a host cannot date its records above the others'),
+    # then by time within one batch
     shuffled = made[1::2] + made[0::2]
     assert report(controller, identity, [(1, shuffled[:5]), (2, shuffled[5:])]).acks == [1, 2]
-    return made, base
+    batch = {r.uuid: 1 if i < 5 else 2 for i, r in enumerate(shuffled)}
+    return sorted(made, key=lambda r: (batch[r.uuid], r.time_ns), reverse=True), base
 
 
 def test_query_filters_and_newest_first(controller: ControllerProcess) -> None:
-    made, base = _query_host(controller, 10)
-    newest = sorted(made, key=lambda r: r.time_ns, reverse=True)
+    newest, base = _query_host(controller, 10)
+    made = newest
 
     def q(**filters: Any) -> list[str]:
         return uuids(query(controller, host="flows-query", **filters))

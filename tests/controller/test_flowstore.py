@@ -32,8 +32,11 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
 
 def rows(host: str, count: int, *, start: int = 0, agent: str = "bot",
          verdict: Verdict = Verdict.ALLOWED) -> list[FlowRow]:
+    """Received when they were made (the tests of receive time vs record time
+    are in test_hostile_hosts.py)."""
     return [FlowRow.of(make_record(host, agent=agent, verdict=verdict,
-                                   time_ns=BASE + (start + i) * NS)) for i in range(count)]
+                                   time_ns=BASE + (start + i) * NS), BASE + (start + i) * NS)
+            for i in range(count)]
 
 
 def count_star(store: SqliteStore) -> int:
@@ -53,23 +56,40 @@ def test_sequences_and_uuids_keep_resends_out(store: SqliteStore) -> None:
     assert store.flow_sequence("h1") == 0  # re-enrolled: a new spool
 
 
+def _kept(store: SqliteStore, host: str) -> list[int]:
+    return [r[0] for r in store._db.execute(
+        "SELECT received_ns FROM flows WHERE host = ? ORDER BY received_ns", (host,))]
+
+
 def test_retention_deletes_the_oldest_in_chunks(store: SqliteStore) -> None:
     store.store_flows("h1", 1, rows("h1", 50, start=100))
-    store.store_flows("h2", 1, rows("h2", 50))  # older, though stored later
+    store.store_flows("h2", 1, rows("h2", 50))  # received earlier, though stored later
     deleted = store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20)
     assert deleted == 20 and store.flow_count() == count_star(store) == 80
     assert store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20) == 10
     assert store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20) == 0
-    assert store.prune_flows(before_ns=0, max_rows=60, chunk=1000) == 10  # the row limit
-    oldest = store._db.execute("SELECT min(time_ns) FROM flows").fetchone()[0]
-    assert oldest == BASE + 40 * NS and store.flow_count() == count_star(store) == 60
+    # the row limit takes from the host holding the most: h1's oldest, not h2's
+    assert store.prune_flows(before_ns=0, max_rows=60, chunk=1000) == 10
+    assert _kept(store, "h1")[0] == BASE + 110 * NS and _kept(store, "h2")[0] == BASE + 30 * NS
+    assert store.flow_count() == count_star(store) == 60
 
     pruner = flows.Pruner(store, flows.Retention(max_age=0, max_rows=5, chunk=7),
                           lambda: 0.0, ControllerMetrics())
     assert asyncio.run(pruner.prune()) == 55  # eight chunks, the loop free in between
     assert pruner.metrics.flow_rows._value.get() == 5 == count_star(store)
-    kept = [r[0] for r in store._db.execute("SELECT time_ns FROM flows ORDER BY time_ns")]
-    assert kept == [BASE + i * NS for i in range(145, 150)]  # the newest five
+    h1, h2 = _kept(store, "h1"), _kept(store, "h2")  # each host's newest kept
+    assert h1 == [BASE + i * NS for i in range(150 - len(h1), 150)]
+    assert h2 == [BASE + i * NS for i in range(50 - len(h2), 50)]
+
+
+def test_each_host_has_its_own_quota(store: SqliteStore) -> None:
+    store.store_flows("big", 1, rows("big", 30))
+    store.store_flows("small", 1, rows("small", 5, start=100))
+    assert store.prune_flows(before_ns=0, max_rows=0, max_rows_per_host=10, chunk=100) == 20
+    assert _kept(store, "big") == [BASE + i * NS for i in range(20, 30)]
+    assert len(_kept(store, "small")) == 5
+    counts = dict(store._db.execute("SELECT host, rows FROM flow_hosts").fetchall())
+    assert counts == {"big": 10, "small": 5} and store.flow_count() == 15
 
 
 def _populate(store: SqliteStore) -> None:
@@ -85,9 +105,9 @@ def _populate(store: SqliteStore) -> None:
 
 
 @pytest.mark.parametrize("query, index", [
-    (FlowQuery(), "flows_by_time"),
-    (FlowQuery(since_ns=BASE, until_ns=BASE + 10 * NS), "flows_by_time"),
-    (FlowQuery(event_type="flow_end", since_ns=BASE), "flows_by_time"),
+    (FlowQuery(), "flows_by_received"),
+    (FlowQuery(since_ns=BASE, until_ns=BASE + 10 * NS), "flows_by_received"),
+    (FlowQuery(event_type="flow_end", since_ns=BASE), "flows_by_received"),
     (FlowQuery(agent="a1", since_ns=BASE + 600 * NS), "flows_by_agent"),
     (FlowQuery(verdict="DENIED", since_ns=BASE), "flows_by_verdict"),
     (FlowQuery(host="h1", limit=100), "flows_by_host"),
@@ -104,7 +124,7 @@ def test_every_query_reads_an_index_in_order(store: SqliteStore, query: FlowQuer
     if query.since_ns or query.host or query.agent or query.verdict:
         assert plan[0].startswith("SEARCH"), plan  # a range of the index, not all of it
     sql, params = flow_sql(query)
-    assert "ORDER BY time_ns DESC LIMIT" in sql and params[-1] == query.limit + 1
+    assert "ORDER BY received_ns DESC, time_ns DESC LIMIT" in sql and params[-1] == query.limit + 1
 
 
 def test_queries_from_another_thread_see_committed_batches(store: SqliteStore) -> None:
@@ -139,6 +159,49 @@ def test_a_schema_1_database_is_upgraded(tmp_path: Path) -> None:
     SqliteStore.open(path).close()  # and opens again as it is
 
 
+_SCHEMA_2 = (
+    "CREATE TABLE flows (id INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, host TEXT NOT NULL, "
+    "agent TEXT NOT NULL, verdict TEXT NOT NULL, drop_reason TEXT NOT NULL, event_type TEXT "
+    "NOT NULL, proto INTEGER NOT NULL, destination TEXT NOT NULL, destination_port INTEGER NOT "
+    "NULL, grant_id TEXT NOT NULL, uuid TEXT NOT NULL, record TEXT NOT NULL)",
+    "CREATE UNIQUE INDEX flows_by_time ON flows (time_ns, uuid)",
+    "CREATE INDEX flows_by_agent ON flows (agent, time_ns)",
+    "CREATE INDEX flows_by_host ON flows (host, time_ns)",
+    "CREATE INDEX flows_by_verdict ON flows (verdict, time_ns)",
+    "CREATE TABLE flow_hosts (host TEXT PRIMARY KEY, sequence INTEGER NOT NULL)",
+)
+
+
+def test_a_schema_2_database_gets_receive_times_and_host_counts(tmp_path: Path) -> None:
+    path = tmp_path / "ztnet.db"
+    SqliteStore.create(path, "test.example").close()
+    far_future = 9_000_000_000 * NS  # 2255: stored before ingest bounded record times
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE flows")
+        db.execute("DROP TABLE flow_hosts")
+        for statement in _SCHEMA_2:
+            db.execute(statement)
+        for row in rows("h1", 3) + [FlowRow.of(make_record("h2", time_ns=far_future), 0)]:
+            db.execute("INSERT INTO flows (time_ns, host, agent, verdict, drop_reason, "
+                       "event_type, proto, destination, destination_port, grant_id, uuid, "
+                       "record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row.values()[:-1])
+        db.execute("INSERT INTO flow_hosts VALUES ('h1', 7)")
+        db.execute("UPDATE meta SET value = '4' WHERE key = 'flow_rows'")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    store = SqliteStore.open(path)
+    try:
+        counts = dict(store._db.execute("SELECT host, rows FROM flow_hosts").fetchall())
+        assert counts == {"h1": 3, "h2": 1} and store.flow_sequence("h1") == 7
+        received = dict(store._db.execute("SELECT host, max(received_ns) FROM flows "
+                                          "GROUP BY host").fetchall())
+        # the upgrade's time, or the record's own if earlier: never 2255
+        assert received["h2"] < far_future
+        assert received["h1"] == min(BASE + 2 * NS, received["h2"])
+        assert store.prune_flows(before_ns=0, max_rows=0, max_rows_per_host=1, chunk=10) == 2
+    finally:
+        store.close()
+
+
 def test_answers_are_cut_at_the_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flows, "MAX_RESPONSE_BYTES", 25)
     response = flows.response(["x" * 10] * 3, more=False)
@@ -148,11 +211,11 @@ def test_answers_are_cut_at_the_size_cap(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_decode_keeps_columns_and_refuses_bad_bounds() -> None:
     record = make_record("h1", event_type=EventType.FLOW_END, time_ns=BASE)
-    (row,) = flows.decode_batch("h1", [row_json(record)])
+    (row,) = flows.decode_batch("h1", [row_json(record)], BASE)
     assert (row.host, row.agent, row.verdict, row.event_type, row.grant_id) == \
         ("h1", "bot", "ALLOWED", "flow_end", "g-0000000000000abc")
     with pytest.raises(RpcFailure, match=r"records\[0\]: protocol or destination"):
-        flows.decode_batch("h1", [row_json(make_record("h1", port=70000))])
+        flows.decode_batch("h1", [row_json(make_record("h1", port=70000, time_ns=BASE))], BASE)
 
 
 def row_json(record: FlowRecord) -> bytes:

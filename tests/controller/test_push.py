@@ -4,6 +4,7 @@ report each host's answer, bad input gets the right status."""
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,6 +14,7 @@ import grpc
 import pytest
 
 from tests.controller.conftest import BASE_POLICY
+from ztnet.cli.controller import raise_version
 from ztnet.controller.admin_client import AdminClient
 from ztnet.errors import ControllerError
 from ztnet.grants.bundle import VerifiedBundle
@@ -75,11 +77,19 @@ def test_holding_the_current_version_means_no_push(controller: ControllerProcess
         assert behind.next_push().envelope == first.envelope
 
 
-def test_a_host_ahead_of_the_controller_gets_a_higher_version(
+def test_a_host_ahead_waits_for_the_operator_to_raise_the_version(
         controller: ControllerProcess) -> None:
     identity, node = subscribed(controller, "node-ahead")
     with node:
         current = node.next_push().version
+    # its word alone moves nothing (tests/controller/test_hostile_hosts.py has the attack)
+    with FakeNode(controller, identity, version_held=current + 50) as ahead:
+        error = ahead.ended()
+    assert error is not None and error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert f"raise-version --above {current + 50}" in (error.details() or "")
+    # after a restore from a backup, the operator raises the counter; the next
+    # epoch then passes what the host holds
+    assert raise_version(controller.state.root, current + 50, out=io.StringIO()) == 0
     with FakeNode(controller, identity, version_held=current + 50) as ahead:
         push = ahead.next_push()
         assert push.version > current + 50

@@ -148,6 +148,21 @@ def test_observe_table(flows: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "QUARANTINED" in quarantined and "NOT_AGENT" in stranger
 
 
+def test_observe_escapes_what_an_agent_chose(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """prctl(PR_SET_NAME) lets an agent pick its comm: "\x1b[8m" (conceal) used to
+    hide every later row of `ztnet observe`, denials included."""
+    ctx = make_ctx()
+    hostile = from_event(make_event(time=NOW, cookie=1, comm="\x1b[8m"), ctx)
+    path = tmp_path / "flows.jsonl"
+    write(path, [hostile, from_event(denied_event(time=NOW + 1, cookie=2), ctx)])
+    code, out, _ = run_observe("--file", str(path), capsys=capsys)
+    rows = out.splitlines()
+    assert code == 0 and len(rows) == 3
+    assert "1234/\\x1b[8m" in rows[1] and "\x1b[8m" not in out
+    assert "DENIED" in rows[2]
+
+
 def test_observe_last_and_since(flows: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run_observe("--file", str(flows), "--json", "--last", "2", capsys=capsys)
     assert [from_json(line) for line in out.splitlines()] == sample()[-2:]

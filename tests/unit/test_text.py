@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ztnet.text import escape, format_table, format_time, use_color
 
@@ -70,3 +72,9 @@ def test_colour_only_on_a_terminal_without_no_color(monkeypatch: pytest.MonkeyPa
     assert use_color(_Terminal()) and not use_color(io.StringIO())
     monkeypatch.setenv("NO_COLOR", "1")
     assert not use_color(_Terminal())
+
+
+@given(st.text())
+def test_escaped_text_is_printable(text: str) -> None:
+    shown = escape(text)
+    assert shown.isprintable() and escape(shown) == shown

@@ -57,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         command_parser: argparse.ArgumentParser = getattr(args, COMMAND_PARSER)
         command_parser.error(str(exc))  # exits 2, like argparse's own errors
     except ZtnetError as exc:
-        print(f"ztnet: {exc}", file=sys.stderr)
+        from ztnet.text import escape
+
+        # messages may quote what a host or the controller sent: escaped, line by line
+        message = "\n".join(escape(line) for line in str(exc).split("\n"))
+        print(f"ztnet: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

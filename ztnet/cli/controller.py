@@ -1,4 +1,5 @@
-"""`ztnet controller init|serve|token create|admin-cert|revoke-host`: run the controller
+"""`ztnet controller init|serve|token create|admin-cert|revoke-host|revoke-admin|raise-version`:
+run the controller
 and administer its state directory (docs/controller.md).
 
 The functions below the handlers are what the commands do, callable by tests: each
@@ -14,19 +15,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ztnet.cli.args import (
     SubParsers,
     UsageError,
     add_command,
     add_group,
+    checked,
     controller_state_option,
     duration,
     duration_or_off,
 )
+from ztnet.controller.limits import DEFAULT_LIMITS, HostLimits, parse_rate
 from ztnet.durations import format_duration
 from ztnet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ztnet.pki import Kind
 
 DEFAULT_ADMIN_TTL = 30 * 86400.0
 
@@ -72,16 +78,30 @@ def register(sub: SubParsers) -> None:
                    help="write {pid, listen, enroll_listen} as JSON here once serving")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--flow-retention", type=duration_or_off, default=7 * 86400,
-                   metavar="DURATION", help="delete flow records older than this (default "
-                   "7d; 0: keep them)")
+                   metavar="DURATION", help="delete flow records received longer ago than "
+                   "this (default 7d; 0: keep them)")
     p.add_argument("--flow-max-rows", type=int, default=10_000_000, metavar="N",
-                   help="keep at most N flow records, deleting the oldest (default "
-                   "10000000, about 15 GB of disk; 0: no limit)")
+                   help="keep at most N flow records, deleting the oldest of the host "
+                   "holding the most (default 10000000, about 16 GB of disk; 0: no limit)")
     p.add_argument("--flow-prune-interval", type=duration, default=60, metavar="DURATION",
                    help="how often retention runs (default 1m)")
     p.add_argument("--metrics", metavar="ADDR", default=None,
                    help="serve Prometheus metrics at http://ADDR/metrics (e.g. "
                    "127.0.0.1:9465; default: off)")
+    p.add_argument("--flow-max-rows-per-host", type=int, default=1_000_000, metavar="N",
+                   help="keep at most N flow records of any one host, deleting its oldest "
+                   "(default 1000000; 0: no limit)")
+    limits, rate = DEFAULT_LIMITS, checked(parse_rate)
+    p.add_argument("--host-subscribe-rate", type=rate, default=limits.subscribe, metavar="N/T",
+                   help=f"StreamGrants calls per host (default {limits.subscribe}; off: none)")
+    p.add_argument("--host-renew-rate", type=rate, default=limits.renew, metavar="N/T",
+                   help=f"RenewCertificate calls per host (default {limits.renew})")
+    p.add_argument("--host-flow-rate", type=rate, default=limits.flow_records, metavar="N/T",
+                   help=f"flow records per host; faster batches wait (default "
+                   f"{limits.flow_records})")
+    p.add_argument("--host-max-streams", type=int, default=limits.max_streams, metavar="N",
+                   help=f"open StreamGrants and ReportFlows streams per host, each (default "
+                   f"{limits.max_streams}; 0: no limit)")
 
     p = add_command(group, "token", "Enrollment tokens.",
                     "ztnet controller token create --state DIR --host web-1")
@@ -114,6 +134,21 @@ def register(sub: SubParsers) -> None:
     controller_state_option(p)
     p.add_argument("--host", required=True)
 
+    p = add_command(group, "revoke-admin", "Revoke every certificate of admin NAME (a lost "
+                    "credential directory or a departed operator); refused from its next call.",
+                    "ztnet controller revoke-admin --state DIR --name alice",
+                    handle_revoke_admin)
+    controller_state_option(p)
+    p.add_argument("--name", required=True, help="the admin's name (as in admin-cert --name)")
+
+    p = add_command(group, "raise-version", "Raise the bundle version counter above N (after "
+                    "restoring the database from a backup, hosts hold versions above it).",
+                    "ztnet controller raise-version --state DIR --above 1234",
+                    handle_raise_version)
+    controller_state_option(p)
+    p.add_argument("--above", required=True, type=int, metavar="N",
+                   help="the highest version any host holds (in its log and `ztnet hosts`)")
+
 
 # --- handlers: the parsed command line -> the functions below ------------------------
 
@@ -123,14 +158,20 @@ def handle_init(args: argparse.Namespace) -> int:
 
 
 def handle_serve(args: argparse.Namespace) -> int:
-    if args.flow_max_rows < 0:
-        raise UsageError("--flow-max-rows: must be 0 (no limit) or more")
+    for flag in ("flow_max_rows", "flow_max_rows_per_host", "host_max_streams"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be 0 (no limit) or more")
     return serve(state=args.state, listen=args.listen, enroll_listen=args.enroll_listen,
                  policy=args.policy, grant_ttl=args.grant_ttl,
                  host_cert_ttl=args.host_cert_ttl, apply_timeout=args.apply_timeout,
                  ready_file=args.ready_file, log_format=args.log_format,
                  flow_retention=args.flow_retention, flow_max_rows=args.flow_max_rows,
-                 flow_prune_interval=args.flow_prune_interval, metrics=args.metrics)
+                 flow_prune_interval=args.flow_prune_interval, metrics=args.metrics,
+                 flow_max_rows_per_host=args.flow_max_rows_per_host,
+                 host_limits=HostLimits(subscribe=args.host_subscribe_rate,
+                                        renew=args.host_renew_rate,
+                                        flow_records=args.host_flow_rate,
+                                        max_streams=args.host_max_streams))
 
 
 def handle_token_create(args: argparse.Namespace) -> int:
@@ -143,6 +184,14 @@ def handle_admin_cert(args: argparse.Namespace) -> int:
 
 def handle_revoke_host(args: argparse.Namespace) -> int:
     return revoke_host(args.state, args.host)
+
+
+def handle_revoke_admin(args: argparse.Namespace) -> int:
+    return revoke_admin(args.state, args.name)
+
+
+def handle_raise_version(args: argparse.Namespace) -> int:
+    return raise_version(args.state, args.above)
 
 
 # --- what the commands do ------------------------------------------------------------
@@ -167,7 +216,9 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
           host_cert_ttl: float = 86400.0, apply_timeout: float = 10.0,
           ready_file: Path | None = None, log_format: str = "text",
           flow_retention: float = 7 * 86400.0, flow_max_rows: int = 10_000_000,
-          flow_prune_interval: float = 60.0, metrics: str | None = None) -> int:
+          flow_prune_interval: float = 60.0, metrics: str | None = None,
+          flow_max_rows_per_host: int = 1_000_000,
+          host_limits: HostLimits = DEFAULT_LIMITS) -> int:
     """Serve until stopped (SIGTERM/SIGINT)."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
     from ztnet import logs
@@ -181,8 +232,9 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
         grant_ttl=grant_ttl, host_cert_ttl=host_cert_ttl, apply_timeout=apply_timeout,
         ready_file=ready_file,
         retention=Retention(max_age=flow_retention, max_rows=flow_max_rows,
+                            max_rows_per_host=flow_max_rows_per_host,
                             interval=flow_prune_interval),
-        metrics=metrics))
+        metrics=metrics, host_limits=host_limits))
 
 
 def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
@@ -225,6 +277,17 @@ def admin_cert(state: Path, out_dir: Path, *, name: str, ttl: float = DEFAULT_AD
 def revoke_host(state: Path, host: str, *, out: TextIO | None = None) -> int:
     """Revoke every certificate of ``host``: refused from the next RPC on, and
     its open grant stream ends at its next check."""
+    return _revoke(state, "host", host, "it must enroll again", out)
+
+
+def revoke_admin(state: Path, name: str, *, out: TextIO | None = None) -> int:
+    """Revoke every certificate of admin ``name``: every admin RPC checks
+    revocation, so the next call with it is UNAUTHENTICATED."""
+    return _revoke(state, "admin", name, "issue a new one with `ztnet controller admin-cert`",
+                   out)
+
+
+def _revoke(state: Path, kind: Kind, name: str, then: str, out: TextIO | None) -> int:
     from ztnet import pki
     from ztnet.controller import statedir
     from ztnet.controller.store import SqliteStore
@@ -232,13 +295,37 @@ def revoke_host(state: Path, host: str, *, out: TextIO | None = None) -> int:
     paths = statedir.open_state(state)
     store = SqliteStore.open(paths.database)
     try:
-        identity = pki.spiffe_id(store.trust_domain(), "host", host)
+        identity = pki.spiffe_id(store.trust_domain(), kind, name)
         count = store.revoke_certificates(identity.uri, time.time())
     finally:
         store.close()
     if count == 0:
-        raise ConfigError(f"controller: host {host} has no certificate to revoke")
-    _print(out, f"revoked {count} certificate(s) of {identity.uri}; it must enroll again")
+        raise ConfigError(f"controller: {kind} {name} has no certificate to revoke")
+    _print(out, f"revoked {count} certificate(s) of {identity.uri}; {then}")
+    return 0
+
+
+def raise_version(state: Path, above: int, *, out: TextIO | None = None) -> int:
+    """Make the next bundle version greater than ``above``: the one way a version
+    moves on something other than a change (hosts ahead after a restore)."""
+    from ztnet.controller import statedir
+    from ztnet.controller.store import SqliteStore
+    from ztnet.policy.issue import MAX_ISSUE_VERSION
+
+    if not 0 <= above < MAX_ISSUE_VERSION:
+        raise ConfigError(f"controller: --above must be between 0 and {MAX_ISSUE_VERSION - 1}")
+    paths = statedir.open_state(state)
+    store = SqliteStore.open(paths.database)
+    try:
+        before = store.current_version()
+        if before > above:
+            _print(out, f"the version counter is {before}, already above {above}")
+            return 0
+        version = store.next_version(at_least=above)
+    finally:
+        store.close()
+    _print(out, f"raised the version counter from {before} to {version}; hosts get a new "
+                "bundle when they next connect")
     return 0
 
 

@@ -4,19 +4,29 @@ reported batch, reading a query, and retention (the periodic prune).
 A batch is all or nothing: the first bad record (its index named) refuses the
 whole batch, so a daemon never has half a batch stored under a sequence it
 will not send again.
+
+Ingest checks what the schema leaves open, because records end up in the
+operator's terminal (`ztnet flows`) and decide what retention deletes: the
+destination (and a source, if given) must be an IP address of the record's
+family, an agent name must be an agent name, free text (comm, exe, key id,
+SPIFFE id) is bounded, and no record may be dated more than MAX_AHEAD_NS
+after the controller received it. Text is stored as the host sent it and
+escaped where it is printed (``ztnet.text.escape``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ztnet import logs
 from ztnet.controller import status
-from ztnet.controller.flowstore import FlowQuery, FlowRow, FlowStore
+from ztnet.controller.flowstore import MAX_AHEAD_NS, FlowQuery, FlowRow, FlowStore
 from ztnet.controller.metrics import ControllerMetrics
+from ztnet.grants.model import AGENT_NAME_RE
 from ztnet.observe.query import parse_kind, parse_verdict
 from ztnet.observe.records import FlowRecord, from_json, record_uuid
 from ztnet.v1 import admin_pb2
@@ -28,6 +38,10 @@ MAX_LIMIT = 10_000
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 _INT64 = 2**63  # SQLite integers are signed 64-bit
 _NS = 1_000_000_000
+# Free-text fields of a record: comm is 15 bytes in the kernel (each may decode
+# to U+FFFD), exe a path (PATH_MAX), key ids and SPIFFE ids short.
+_MAX_TEXT = {"process.comm": 64, "process.exe": 4096, "agent.spiffe_id": 2048,
+             "grant.key_id": 128}
 
 
 def check_sequence(sequence: int) -> None:
@@ -36,10 +50,11 @@ def check_sequence(sequence: int) -> None:
                              "the first batch of a host is 1)")
 
 
-def decode_batch(host: str, records: Sequence[bytes]) -> list[FlowRow]:
-    """The rows of a batch from ``host``: every record must be a valid schema-1
-    record of that host (else INVALID_ARGUMENT or PERMISSION_DENIED naming
-    ``records[i]``). Pure: may run in a worker thread."""
+def decode_batch(host: str, records: Sequence[bytes], received_ns: int) -> list[FlowRow]:
+    """The rows of a batch from ``host``, received at ``received_ns``: every
+    record must be a valid schema-1 record of that host (else INVALID_ARGUMENT
+    or PERMISSION_DENIED naming ``records[i]``). Pure: may run in a worker
+    thread."""
     rows = []
     for index, raw in enumerate(records):
         field = f"records[{index}]"
@@ -48,6 +63,7 @@ def decode_batch(host: str, records: Sequence[bytes]) -> list[FlowRow]:
             _check(record)
         except (ValueError, RecursionError) as exc:
             raise status.invalid(field, str(exc)) from None
+        _check_fields(record, field, received_ns)
         if record.host != host:
             raise status.denied(f"{field}.host: host {host} may report only its own flows, "
                                 f"not {record.host!r}'s")
@@ -60,7 +76,7 @@ def decode_batch(host: str, records: Sequence[bytes]) -> list[FlowRow]:
             raise status.invalid(f"{field}.uuid", f"{record.uuid!r} is not the record's uuid "
                                  "(UUIDv5 of host, socket cookie, event type, time, "
                                  "destination and port)")
-        rows.append(FlowRow.of(record))
+        rows.append(FlowRow.of(record, received_ns))
     return rows
 
 
@@ -70,6 +86,40 @@ def _check(record: FlowRecord) -> None:
         raise ValueError("time is after 2262")
     if record.proto > 255 or record.destination_port > 65535:
         raise ValueError("protocol or destination port out of range")
+
+
+def _check_fields(record: FlowRecord, field: str, received_ns: int) -> None:
+    """What a host could use against the operator or the other hosts."""
+    ahead = record.time_ns - received_ns
+    if ahead > MAX_AHEAD_NS:
+        raise status.invalid(f"{field}.time", f"{ahead / _NS:.0f}s ahead of the controller's "
+                             f"clock (at most {MAX_AHEAD_NS // _NS}s accepted; check the host's "
+                             "clock)")
+    for name, address, required in (("destination", record.destination, True),
+                                    ("source", record.source, False)):
+        if address or required:
+            _check_address(f"{field}.IP.{name}" if name == "source" else f"{field}.{name}",
+                           address, record.ip_version)
+    if record.agent.name and not AGENT_NAME_RE.match(record.agent.name):
+        raise status.invalid(f"{field}.agent.name", "not an agent name (lower-case letters, "
+                             "digits and '-', at most 63)")
+    values = {"process.comm": record.process.comm, "process.exe": record.process.exe,
+              "agent.spiffe_id": record.agent.spiffe_id,
+              "grant.key_id": record.grant.key_id if record.grant else ""}
+    for name, limit in _MAX_TEXT.items():
+        if len(values[name]) > limit:
+            raise status.invalid(f"{field}.{name}", f"longer than {limit} characters")
+
+
+def _check_address(field: str, address: str, ip_version: int) -> None:
+    try:
+        if "%" in address:  # a scope id is free text, and kernel events have none
+            raise ValueError(address)
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise status.invalid(field, "not an IP address") from None
+    if parsed.version != ip_version or str(parsed) != address:
+        raise status.invalid(field, f"not an IPv{ip_version} address in canonical form")
 
 
 def parse_query(request: admin_pb2.QueryFlowsRequest) -> FlowQuery:
@@ -111,12 +161,14 @@ def response(records: Sequence[str], more: bool) -> admin_pb2.QueryFlowsResponse
 
 @dataclass(frozen=True, slots=True)
 class Retention:
-    """``max_age`` seconds and ``max_rows``: 0 is no limit. Pruning deletes
+    """``max_age`` seconds (by receive time), ``max_rows`` in all and
+    ``max_rows_per_host`` for each host: 0 is no limit. Pruning deletes
     ``chunk`` rows per transaction and lets the event loop run in between,
     so RPCs wait at most one chunk."""
 
     max_age: float = 7 * 86400.0
     max_rows: int = 10_000_000
+    max_rows_per_host: int = 1_000_000
     interval: float = 60.0
     chunk: int = 500
 
@@ -145,6 +197,7 @@ class Pruner:
         before_ns = int((self.clock() - retention.max_age) * _NS) if retention.max_age else 0
         while True:
             deleted = self.store.prune_flows(before_ns=before_ns, max_rows=retention.max_rows,
+                                             max_rows_per_host=retention.max_rows_per_host,
                                              chunk=retention.chunk)
             total += deleted
             self.metrics.flows_pruned.inc(deleted)

@@ -45,7 +45,12 @@ class ControllerMetrics:
         self.query_seconds = Histogram("ztnet_controller_flow_query_seconds", "QueryFlows "
                                        "latency (database part).", buckets=QUERY_BUCKETS,
                                        registry=r)
+        self.host_limited = Counter("ztnet_controller_host_limited", "Calls refused by a "
+                                    "per-host limit (subscribe, renew, flow_records, "
+                                    "streams).", ["limit"], registry=r)
         # exported from the start, at 0, so rate() and alerts see them
+        for limit in ("subscribe", "renew", "flow_records", "streams"):
+            self.host_limited.labels(limit)
         for answer in ("ack", "nack"):
             self.answers.labels(answer)
         for outcome in ("stored", "duplicate", "refused"):

@@ -20,10 +20,12 @@ from ztnet.controller import flows, status
 from ztnet.controller.authz import Authorizer, Peer
 from ztnet.controller.enrollment import Enrollment, check_host
 from ztnet.controller.hub import Answer, Hub, Session
+from ztnet.controller.limiter import HostLimiter
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.publisher import Publisher
 from ztnet.controller.store import Store
 from ztnet.errors import RpcFailure
+from ztnet.text import escape
 from ztnet.v1 import node_pb2
 
 # How often an idle stream re-checks its certificate (revoked, expired).
@@ -34,7 +36,8 @@ MAX_REASON = 4096
 class NodeService:
     def __init__(self, store: Store, enrollment: Enrollment, authz: Authorizer, hub: Hub,
                  publisher: Publisher, signing_pub_pem: bytes,
-                 clock: Callable[[], float], metrics: ControllerMetrics | None = None) -> None:
+                 clock: Callable[[], float], metrics: ControllerMetrics | None = None,
+                 limiter: HostLimiter | None = None) -> None:
         self.store = store
         self.enrollment = enrollment
         self.authz = authz
@@ -43,6 +46,7 @@ class NodeService:
         self.signing_pub_pem = signing_pub_pem
         self.clock = clock
         self.metrics = metrics or ControllerMetrics()
+        self.limiter = limiter or HostLimiter()
 
     async def enroll(self, request: node_pb2.EnrollRequest,
                      context: Any) -> node_pb2.EnrollResponse:
@@ -59,6 +63,7 @@ class NodeService:
     async def renew_certificate(self, request: node_pb2.RenewCertificateRequest,
                                 context: Any) -> node_pb2.RenewCertificateResponse:
         peer = self.authz.require(context, "host")
+        self.limiter.admit(peer.name, "renew")
         issued = self.enrollment.renew(peer.identity, request.csr_pem)
         logs.event("host certificate renewed", host=peer.name,
                    serial=format(issued.cert.serial_number, "x"))
@@ -68,6 +73,14 @@ class NodeService:
     async def stream_grants(self, requests: AsyncIterator[node_pb2.GrantStreamRequest],
                             context: Any) -> AsyncIterator[node_pb2.GrantStreamResponse]:
         peer = self.authz.require(context, "host")
+        with self.limiter.stream(peer.name, "StreamGrants"):
+            self.limiter.admit(peer.name, "subscribe")
+            async for response in self._stream_grants(peer, requests):
+                yield response
+
+    async def _stream_grants(self, peer: Peer,
+                             requests: AsyncIterator[node_pb2.GrantStreamRequest],
+                             ) -> AsyncIterator[node_pb2.GrantStreamResponse]:
         first = await anext(requests, None)
         if first is None:
             return
@@ -109,7 +122,10 @@ class NodeService:
                 if kind == "ack":
                     self._answer(session, request.ack.nonce, request.ack.version, None)
                 elif kind == "nack":
-                    reason = request.nack.reason[:MAX_REASON] or "no reason given"
+                    # stored and handed to admins escaped: no client of the admin
+                    # API gets a host's control characters
+                    reason = escape(request.nack.reason[:MAX_REASON])[:MAX_REASON] or \
+                        "no reason given"
                     self._answer(session, request.nack.nonce, request.nack.version, reason)
                 else:
                     raise status.invalid(kind or "kind", "only the first message of the "
@@ -148,17 +164,25 @@ class NodeService:
         is acknowledged again and not stored. A bad record refuses the whole
         batch and ends the stream (nothing of it is stored)."""
         peer = self.authz.require(context, "host")
+        with self.limiter.stream(peer.name, "ReportFlows"):
+            async for ack in self._report_flows(peer, requests):
+                yield ack
+
+    async def _report_flows(self, peer: Peer, requests: AsyncIterator[node_pb2.FlowBatch],
+                            ) -> AsyncIterator[node_pb2.FlowAck]:
         async for batch in requests:
             try:
                 self.authz.check_valid(peer)  # revoked or expired since the stream began
                 flows.check_sequence(batch.sequence)
+                await self.limiter.throttle(peer.name, "flow_records", len(batch.records))
                 if batch.sequence <= self.store.flow_sequence(peer.name):
                     stored = None
                 else:
                     # decoding is pure Python, ~0.1 ms a record: off the event loop,
                     # so a large batch does not hold up grant pushes
                     rows = await asyncio.to_thread(flows.decode_batch, peer.name,
-                                                   list(batch.records))
+                                                   list(batch.records),
+                                                   int(self.clock() * 1e9))
                     stored = self.store.store_flows(peer.name, batch.sequence, rows)
             except RpcFailure:
                 self.metrics.flow_batches.labels("refused").inc()

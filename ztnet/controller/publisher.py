@@ -7,6 +7,11 @@ allocated. Renewal: while any host is connected, a new epoch starts at the
 current one's ``renew_at`` (half its lifetime); with nobody connected no
 versions are spent, and the next host to subscribe triggers the renewal
 itself if the current epoch is past due.
+
+Only the operator and the clock start epochs: what a host says (its
+``version_held``) never does. A host claiming a version above the counter is
+refused with FAILED_PRECONDITION (docs/threat-model.md, "A host's claim never
+moves the fleet's version").
 """
 
 from __future__ import annotations
@@ -23,10 +28,6 @@ from ztnet.controller.hub import Answer, Hub, Session, new_push
 from ztnet.controller.store import Store
 from ztnet.errors import PolicyError
 from ztnet.policy.document import Policy, parse_policy
-
-# A host may say it holds a version above ours (the database was restored
-# from a backup): we skip past it, but not arbitrarily far on a host's word.
-MAX_VERSION_AHEAD = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,17 +96,28 @@ class Publisher:
             self._changed.set()  # the renewal loop now has someone to renew for
             if epoch is None:
                 self.store.record_seen(host, now)
-            elif version_held > epoch.version:
-                ceiling = self.store.current_version() + MAX_VERSION_AHEAD
-                if version_held > ceiling:
-                    raise status.precondition(
-                        f"subscribe.version_held: {version_held} is far ahead of this "
-                        f"controller's version {epoch.version}; reset the host's state")
-                logs.event("host ahead of controller", logging.WARNING, host=host,
-                           version_held=version_held, version=epoch.version)
+            elif version_held > self.store.current_version():
+                # A host's word never moves shared state: starting a version
+                # above its claim would push to every host (and a claim near
+                # the top of the range would end all issuing). A host really
+                # ahead (the database was restored from a backup) waits for
+                # the operator to raise the counter.
                 self.store.record_seen(host, now)
-                self._publish(self.store.next_version(at_least=version_held), "skip ahead",
-                              wait=False)
+                logs.event("host claims a version ahead of the controller", logging.WARNING,
+                           host=host, version_held=version_held, version=epoch.version)
+                raise status.precondition(
+                    f"subscribe.version_held: host {host} says it holds version "
+                    f"{version_held}, but this controller's newest is {epoch.version}; if "
+                    "the controller's database was restored from a backup, the operator "
+                    f"runs `ztnet controller raise-version --above {version_held}`, else "
+                    "the host's state is not this controller's")
+            elif version_held > epoch.version:
+                # ahead of the epoch but not of the counter: the operator raised
+                # it (`controller raise-version`) since the epoch began. A new
+                # epoch from the counter passes every claim up to the raise, so
+                # this happens once per raise, whatever hosts say.
+                self.store.record_seen(host, now)
+                self._publish(self.store.next_version(), "raised version", wait=False)
             elif now >= epoch.renew_at:
                 self.store.record_seen(host, now)
                 self._publish(self.store.next_version(), "renewal", wait=False)

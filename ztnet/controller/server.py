@@ -45,6 +45,8 @@ from ztnet.controller.enrollment import Enrollment
 from ztnet.controller.epochs import Issuer
 from ztnet.controller.flows import Pruner, Retention
 from ztnet.controller.hub import Hub
+from ztnet.controller.limiter import HostLimiter
+from ztnet.controller.limits import HostLimits
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.node_service import NodeService
 from ztnet.controller.publisher import Publisher
@@ -88,6 +90,7 @@ class ServeConfig:
     ready_file: Path | None = None
     retention: Retention = Retention()
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
+    host_limits: HostLimits = HostLimits()
 
 
 def serve(config: ServeConfig) -> int:
@@ -120,8 +123,10 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
                    bundle_version=lambda: publisher.current.version if publisher.current else 0,
                    policy_version=lambda: publisher.policy_version)
     metrics.flow_rows.set(store.flow_count())
+    limiter = HostLimiter(config.host_limits,
+                          on_refuse=lambda limit: metrics.host_limited.labels(limit).inc())
     node = NodeService(store, enrollment, authz, hub, publisher,
-                       statedir.read_file(paths.signing_pub), clock, metrics)
+                       statedir.read_file(paths.signing_pub), clock, metrics, limiter)
     admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout,
                          metrics=metrics)
     pruner = Pruner(store, config.retention, clock, metrics)

@@ -22,10 +22,10 @@ import threading
 from pathlib import Path
 
 from ztnet import logs
-from ztnet.controller.flowstore import FLOW_SCHEMA
+from ztnet.controller.flowstore import FLOW_SCHEMA, FLOW_UPGRADE_3
 from ztnet.errors import ConfigError
 
-SCHEMA_VERSION = 2  # 2: flow records
+SCHEMA_VERSION = 3  # 2: flow records; 3: receive times, per-host row counts
 CHECKPOINT_INTERVAL = 0.5
 
 _SCHEMA = """
@@ -48,8 +48,8 @@ CREATE TABLE hosts (
     nack_version INTEGER NOT NULL DEFAULT 0, nack_reason TEXT NOT NULL DEFAULT '');
 """
 
-# schema N -> the statements that make it N + 1
-_UPGRADES: dict[int, tuple[str, ...]] = {1: FLOW_SCHEMA}
+# schema N -> (the schema it becomes, the statements that make it so)
+_UPGRADES: dict[int, tuple[int, tuple[str, ...]]] = {1: (3, FLOW_SCHEMA), 2: (3, FLOW_UPGRADE_3)}
 
 
 def create_schema(db: sqlite3.Connection) -> None:
@@ -65,9 +65,10 @@ def upgrade(db: sqlite3.Connection) -> str:
     the schema now. A newer schema than this ztnet knows is left alone."""
     schema = str(db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0])
     while schema.isdigit() and int(schema) in _UPGRADES:
-        for statement in _UPGRADES[int(schema)]:
+        target, statements = _UPGRADES[int(schema)]
+        for statement in statements:
             db.execute(statement)
-        schema = str(int(schema) + 1)
+        schema = str(target)
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (schema,))
     return schema
 
