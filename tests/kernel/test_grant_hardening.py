@@ -128,8 +128,9 @@ def test_a_wall_clock_step_moves_no_kernel_deadline(setup: Setup, boottime_offse
         before = setup.entries()
         assert daemon.stop() == 0
     stepped = setup.daemon("--resync", "0.5")
-    stepped.argv = ["unshare", "--time", "--fork", "--kill-child=SIGTERM", "--boottime", str(boottime_offset),
-                    *stepped.argv]
+    # --kill-child: the daemon must not outlive unshare when the harness stops or kills it
+    stepped.argv = ["unshare", "--time", "--fork", "--kill-child=SIGTERM",
+                    "--boottime", str(boottime_offset), *stepped.argv]
     with stepped as daemon:
         daemon.wait_event(applied(1))  # the persisted bundle, installed again
         event = daemon.wait_event(lambda e: e.get("event") in (STEP_EVENT, "resync changed "

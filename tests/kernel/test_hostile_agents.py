@@ -87,7 +87,7 @@ def test_sendmmsg_to_a_denied_peer_sends_nothing(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess,
         record_property: Record) -> None:
     ledger = Ledger()
-    datapath.replace([grant(1, AGENT, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(1, AGENT, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "udp") as sniffer:
         allowed = run_hostile(datapath.instance, AGENT, ["sendmmsg", pair.b.ipv4, str(ALLOWED)],
                               netns=pair.a.netns)["sendmmsg"]
@@ -109,7 +109,7 @@ def test_tcp_fast_open_to_a_denied_peer_sends_no_syn(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess,
         record_property: Record) -> None:
     ledger = Ledger()
-    datapath.replace([grant(2, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(2, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     with Sniffer(pair.b.netns, pair.b.iface, "tcp") as sniffer:
         allowed = run_hostile(datapath.instance, AGENT, ["fastopen", pair.b.ipv4, str(ALLOWED)],
                               netns=pair.a.netns)["tcp fast open"]
@@ -139,7 +139,7 @@ def test_unshare_into_user_and_network_namespaces_is_refused(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess,
         record_property: Record) -> None:
     ledger = Ledger()
-    datapath.replace([])
+    datapath.install_unverified([])
     with Sniffer(pair.b.netns, pair.b.iface, "udp") as sniffer:
         tried = run_hostile(datapath.instance, AGENT, ["unshare", pair.b.ipv4, str(DENIED)],
                             netns=pair.a.netns)

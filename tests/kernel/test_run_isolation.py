@@ -113,7 +113,7 @@ def test_socket_inherited_from_outside_the_agent_is_closed(
     """A UDP socket made outside any agent cgroup (so no hook judges it), left open
     across `ztnet run`: before the fix the agent sent through it to a denied peer."""
     with NetnsPair() as pair:
-        datapath.replace([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", "8080")])
+        datapath.install_unverified([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", "8080")])
         wrapper = ("import os, socket, sys\n"
                    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                    "s.connect((sys.argv[1], int(sys.argv[2])))\n"
