@@ -65,12 +65,19 @@ def filler_addresses(server: str, count: int) -> list[str]:
         return []
     base, avoid = int(ipaddress.IPv4Address("10.0.0.0")), int(ipaddress.IPv4Address(server))
     step = (2**24 - 2) // (count + 1)
-    out = []
+    out: list[str] = []
     for i in range(1, count + 2):
         value = base + i * step
         if value != avoid and len(out) < count:
             out.append(str(ipaddress.IPv4Address(value)))
     return out
+
+
+def _remove_empty_cgroups(*paths: Path) -> None:
+    """rmdir each cgroup that has no child cgroups left (its processes have all exited)."""
+    for path in paths:
+        if path.exists() and not any(child.is_dir() for child in path.iterdir()):
+            path.rmdir()
 
 
 def run_in(netns: str, argv: Sequence[str], stdin: str | None = None) -> str:
@@ -135,8 +142,7 @@ class Scenario:
         root = find_cgroup2_mount() / f"{PLAIN_CGROUP_ROOT}-{os.getpid()}"
         path = root / self.name
         path.mkdir(parents=True, exist_ok=True)
-        stack.callback(lambda: [p.rmdir() for p in (path, root)
-                                if p.exists() and not any(c.is_dir() for c in p.iterdir())])
+        stack.callback(_remove_empty_cgroups, path, root)
         self._cgroup = path
         return path
 
@@ -180,22 +186,24 @@ class Nftables(Scenario):
         elements += [f"{a} . tcp . {TCP_PORT}" for a in filler_addresses(self.server,
                                                                          self.size - 1)]
         self.entries = len(elements)
+        capacity = max(65536, 2 * len(elements))
         text = (
             "table inet ztbench {\n"
-            "  set allowed { type ipv4_addr . inet_proto . inet_service; size %d; }\n"
+            "  set allowed { type ipv4_addr . inet_proto . inet_service; "
+            f"size {capacity}; }}\n"
             "  chain output {\n"
             "    type filter hook output priority 0; policy accept;\n"
             "    ct state established,related accept\n"
             f"    {match} ip daddr . meta l4proto . th dport @allowed accept\n"
             f"    {match} meta l4proto tcp reject with tcp reset\n"
             f"    {match} drop\n"
-            "  }\n}\n" % max(65536, 2 * len(elements))
+            "  }\n}\n"
         )
         rules = work / f"{self.name}.nft"
         # elements in chunks: one huge element list makes nft parse slowly
         chunks = [elements[i:i + 10_000] for i in range(0, len(elements), 10_000)]
         rules.write_text(text + "".join(
-            "add element inet ztbench allowed { %s }\n" % ", ".join(chunk) for chunk in chunks))
+            f"add element inet ztbench allowed {{ {', '.join(chunk)} }}\n" for chunk in chunks))
         run_in(self.pair.a.netns, ["nft", "-f", str(rules)])
 
 
@@ -301,10 +309,11 @@ class Ztnet(Scenario):
 def make_scenarios(ztnet_sizes: Sequence[int], nft_sizes: Sequence[int],
                    iptables_sizes: Sequence[int]) -> list[Scenario]:
     scenarios: list[Scenario] = [NoFilter("none", "none", 0, 1)]
-    for kind, cls, sizes in (("ztnet", Ztnet, ztnet_sizes), ("nftables", Nftables, nft_sizes),
-                             ("iptables", Iptables, iptables_sizes)):
+    for kind, short, cls, sizes in (("ztnet", "zt", Ztnet, ztnet_sizes),
+                                     ("nftables", "nft", Nftables, nft_sizes),
+                                     ("iptables", "ipt", Iptables, iptables_sizes)):
         for size in sizes:
-            scenarios.append(cls(f"{kind[:3]}{size}", kind, size, len(scenarios) + 1))
+            scenarios.append(cls(f"{short}{size}", kind, size, len(scenarios) + 1))
     return scenarios
 
 
