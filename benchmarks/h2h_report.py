@@ -80,6 +80,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         for workload in ("tcp", "udp", "bulk"):
             row[f"daemon_cpu_{workload}"] = _median(
                 [s[workload].get("daemon_cpu_share") for s in samples])
+        row["daemon_settle_udp"] = _median([s["udp"].get("daemon_settle_s") for s in samples])
         if name in results.get("program_cost", {}):
             row["kernel"] = _program_cost(results["program_cost"][name])
         row["daemon"] = results.get("daemons", {}).get(name)
@@ -147,8 +148,9 @@ def _markdown_tables(summary: dict[str, Any]) -> list[str]:
             "all ztnet programs' run time per call, `kernel.bpf_stats_enabled`, median of "
             "the repeats; nftables and iptables run no BPF)", "",
             "| scenario | TCP connect: added | TCP connect: BPF | UDP datagram: added "
-            "| UDP datagram: BPF | denied connect: BPF | daemon CPU during UDP / TCP |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "| UDP datagram: BPF | denied connect: BPF | daemon CPU during UDP / TCP "
+            "| daemon busy after UDP |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row["kind"] == "none":
             continue
@@ -156,8 +158,9 @@ def _markdown_tables(summary: dict[str, Any]) -> list[str]:
         bpf = [_f(kernel.get(w, {}).get("ns_per_call")) for w in ("tcp", "udp", "deny")]
         cpu = ("–" if row.get("daemon_cpu_udp") is None else
                f"{row['daemon_cpu_udp']:.0%} / {row['daemon_cpu_tcp']:.0%}")
+        settle = _f(row.get("daemon_settle_udp"), "{:.1f} s")
         out.append(f"| {row['label']} | {_f(row.get('tcp_added_ns'))} | {bpf[0]} | "
-                   f"{_f(row.get('udp_added_ns'))} | {bpf[1]} | {bpf[2]} | {cpu} |")
+                   f"{_f(row.get('udp_added_ns'))} | {bpf[1]} | {bpf[2]} | {cpu} | {settle} |")
     ztnets = [row for row in rows if row.get("kernel")]
     if ztnets:
         out += ["", "**ztnet's programs, ns per run** (in brackets: runs per call)", "",
@@ -176,17 +179,22 @@ def _markdown_tables(summary: dict[str, Any]) -> list[str]:
                     cells.append(f"{entry['ns_per_run']:,.0f}"
                                  + ("" if per_call is None else f" ({per_call:.2f})"))
             out.append(f"| `{name}`, {workload} | " + " | ".join(cells) + " |")
-        out += ["", "| daemon | bundle verify + apply | RSS | flow records written | "
-                "kernel events lost |", "|---|---:|---:|---:|---:|"]
+        out += ["", "**The daemons** (over the whole run; an event the kernel could not queue "
+                "for the daemon is lost and counted, `events_lost`)", "",
+                "| daemon | bundle verify + apply | RSS | flow records written | "
+                "kernel events lost | share lost |", "|---|---:|---:|---:|---:|---:|"]
         for r in ztnets:
             d = r.get("daemon") or {}
             b = d.get("bundle_seconds") or {}
             rss = d.get("rss_bytes")
+            lost, written = d.get("counters", {}).get("events_lost"), d.get("flow_records_written")
+            share = (lost / (lost + written) if lost is not None and written is not None
+                     and lost + written else None)
             out.append(f"| {r['label']} | {_f(b.get('verify'), '{:.2f}')}"
                        f" + {_f(b.get('apply'), '{:.2f}')} s | "
                        f"{_f(None if rss is None else rss / 2**20)} MiB | "
                        f"{_f(d.get('flow_records_written'))} | "
-                       f"{_f(d.get('counters', {}).get('events_lost'))} |")
+                       f"{_f(lost)} | {_f(share, '{:.0%}')} |")
     return out
 
 

@@ -112,11 +112,13 @@ class Scenario:
     def server(self) -> str:
         return self.pair.b.ipv4
 
-    def start(self, stack: ExitStack, work: Path, loadgen: Path) -> None:
+    def start(self, stack: ExitStack, work: Path, loadgen: Path, cpu: int | None) -> None:
+        """Namespaces, the servers (pinned to ``cpu``, away from the client), the filter."""
         stack.enter_context(self.pair)
         serve = subprocess.Popen(self.pair.b.argv([str(loadgen), "serve", self.server,
                                                    str(TCP_PORT), str(UDP_PORT)]),
-                                 stdout=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=child_setup(None, cpu))
         stack.callback(serve.wait)
         stack.callback(serve.kill)
         assert serve.stdout is not None
@@ -124,7 +126,8 @@ class Scenario:
             raise ScenarioError(f"{self.name}: loadgen serve exited")
         iperf = subprocess.Popen(self.pair.b.argv(["iperf3", "-s", "-B", self.server,
                                                    "-p", str(IPERF_PORT)]),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 preexec_fn=child_setup(None, cpu))
         stack.callback(iperf.wait)
         stack.callback(iperf.kill)
         started = time.monotonic()

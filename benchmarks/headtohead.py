@@ -60,6 +60,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUN_TIMEOUT = 300.0
 WORKLOADS = ("tcp", "udp", "deny", "bulk")
+# A daemon is settled when it used less than this share of one CPU over SETTLE_WINDOW, twice
+# in a row; it gets at most SETTLE_TIMEOUT to get there.
+SETTLE_SHARE, SETTLE_WINDOW, SETTLE_TIMEOUT = 0.10, 0.25, 60.0
 
 
 class BenchError(RuntimeError):
@@ -144,10 +147,23 @@ def run_workload(scenario: Scenario, workload: str, settings: Settings, loadgen:
     return result
 
 
+def settle(daemon: int) -> float:
+    """Wait until the daemon has worked off what the last workload left it (records queued in
+    the ring buffer and the dispatcher); the seconds it took. Without this its backlog would
+    run during the next workload, or during the next no-filter sample."""
+    started = time.monotonic()
+    quiet = 0
+    while quiet < 2 and time.monotonic() - started < SETTLE_TIMEOUT:
+        before = cpu_seconds(daemon)
+        time.sleep(SETTLE_WINDOW)
+        quiet = quiet + 1 if cpu_seconds(daemon) - before < SETTLE_SHARE * SETTLE_WINDOW else 0
+    return time.monotonic() - started
+
+
 def sample(scenario: Scenario, settings: Settings, loadgen: Path,
            cpu: int | None) -> dict[str, Any]:
     """Every workload once. For ztnet also the daemon's CPU while each ran (launch to exit),
-    as a share of one CPU."""
+    as a share of one CPU, and how long it then took to settle."""
     out: dict[str, Any] = {}
     daemon = scenario.daemon_pid()
     for workload in WORKLOADS:
@@ -157,6 +173,7 @@ def sample(scenario: Scenario, settings: Settings, loadgen: Path,
         if daemon:
             result["daemon_cpu_share"] = (cpu_seconds(daemon) - before) / (time.monotonic()
                                                                           - started)
+            result["daemon_settle_s"] = settle(daemon)
         out[workload] = result
     return out
 
@@ -167,8 +184,9 @@ def measure_pairs(scenarios: Sequence[Scenario], settings: Settings, loadgen: Pa
     pairs = []
     for round_number in range(settings.pairs):
         shift = round_number % len(filtered)
-        for position, scenario in enumerate(filtered[shift:] + filtered[:shift]):
-            baseline_first = (round_number + position) % 2 == 0
+        for scenario in filtered[shift:] + filtered[:shift]:
+            # each scenario alternates between going first and second from round to round
+            baseline_first = (round_number + scenario.index) % 2 == 0
             order = (base, scenario) if baseline_first else (scenario, base)
             got = {s.name: sample(s, settings, loadgen, cpu) for s in order}
             pairs.append({"round": round_number, "scenario": scenario.name,
@@ -215,12 +233,12 @@ def daemon_facts(scenario: Ztnet, state: Path) -> dict[str, Any]:
 
 def run(settings: Settings, work: Path, stack: ExitStack) -> dict[str, Any]:
     loadgen = build_loadgen(work)
-    client_cpu, _ = cpu_plan()
+    client_cpu, server_cpu = cpu_plan()
     scenarios = make_scenarios(settings.ztnet_sizes, settings.nft_sizes, settings.iptables_sizes)
     load_before = os.getloadavg()
     print(f"setting up {len(scenarios)} scenarios …", file=sys.stderr)
     for scenario in scenarios:
-        scenario.start(stack, work, loadgen)
+        scenario.start(stack, work, loadgen, server_cpu)
         print(f"  {scenario.label}: {scenario.entries:,} entries, {scenario.load_seconds:.1f} s",
               file=sys.stderr)
     print(f"measuring {settings.pairs} interleaved rounds …", file=sys.stderr)
@@ -235,6 +253,7 @@ def run(settings: Settings, work: Path, stack: ExitStack) -> dict[str, Any]:
                                       "tools": tool_versions()},
         "settings": asdict(settings),
         "client_cpu": client_cpu,
+        "server_cpu": server_cpu,
         "bpf_stats_enabled_before": previous,
         "scenarios": [{"name": s.name, "kind": s.kind, "size": s.size, "label": s.label,
                        "entries": s.entries, "load_seconds": s.load_seconds} for s in scenarios],
