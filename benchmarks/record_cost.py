@@ -6,7 +6,8 @@ Builds synthetic kernel events (allowed connects and flow ends of one agent, as 
 sees them) and times, per record: ``records.from_event`` (of which ``record_uuid``),
 ``records.to_json``, the flow log's ``JsonlSink.on_flow`` + flush (to a file in a temporary
 directory), the metrics sink's ``on_flow``, and the controller's ``records.from_json``. The
-median of ``--repeats`` runs is printed in µs per record. benchmarks/flows.py measures the
+median of ``--repeats`` runs is printed in µs of CPU time per record (CPU time, not wall
+time: a loaded machine moves it less). benchmarks/flows.py measures the
 whole pipeline with a real daemon; this one says where its time goes.
 """
 
@@ -41,9 +42,9 @@ def events(count: int) -> list[KernelEvent]:
 def per_record(fn: Callable[[], object], count: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = time.process_time()
         fn()
-        times.append((time.perf_counter() - started) / count * 1e6)
+        times.append((time.process_time() - started) / count * 1e6)
     return float(statistics.median(times))
 
 
