@@ -266,6 +266,7 @@ class Ztnet(Scenario):
         self.metrics_port = free_port()
         self.daemon = DaemonProcess(self.instance, pub, path, work / f"state-{self.name}",
                                     extra_args=["--metrics", f"127.0.0.1:{self.metrics_port}"])
+        stack.callback(self.daemon.kill)  # also if start-up is interrupted half-way
         stack.enter_context(self.daemon)
         applied = self.daemon.wait_event(lambda e: e.get("event") == "bundle applied",
                                          timeout=LOAD_TIMEOUT)
