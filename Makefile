@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-kernel bench lint typecheck clean
+.PHONY: setup demo test test-unit test-kernel bench bench-datapath lint typecheck clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,7 +21,13 @@ test-unit: setup
 test-kernel: setup
 	$(PY) -m pytest tests/kernel -q $(PYTEST_ARGS)
 
+# The head-to-head benchmark users read (10-20 min): writes every sample, the plot and the
+# generated section of docs/performance.md. `make test` runs its --smoke mode.
 bench: setup
+	$(PY) -m benchmarks.headtohead --out docs/perf/headtohead.json \
+		--plot docs/perf/headtohead.png --doc docs/performance.md
+
+bench-datapath: setup
 	$(PY) -m benchmarks.datapath
 
 lint: setup

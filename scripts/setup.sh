@@ -18,6 +18,11 @@ fi
 
 PACKAGES=(python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute2 util-linux procps gcc libpcap0.8
           libbpf1)
+# The head-to-head benchmark (benchmarks/headtohead.py) compares ztnet with nftables and
+# iptables and runs iperf3; it only ever loads rules inside the namespaces it creates.
+# None of these packages loads a rule or starts a service when installed (iperf3 asks
+# whether to start its daemon; the non-interactive default is no).
+[ "${ZTNET_SETUP_NO_BENCH:-0}" = 1 ] || PACKAGES+=(iperf3 nftables iptables)
 # promtool (the metrics tests) is left out where no test runs: the Vagrant VMs, which have no
 # network and find everything else already installed in their box.
 [ "${ZTNET_SETUP_NO_PROMTOOL:-0}" = 1 ] || PACKAGES+=(prometheus)
@@ -93,9 +98,9 @@ fi
 stamp="$VENV/.ztnet-installed"
 want=$(cat pyproject.toml setup.py | sha256sum | cut -d" " -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing ztnet and its test and lab extras into $VENV"
+    say "installing ztnet and its test, lab and bench extras into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[test,lab]"
+    "$VENV/bin/python" -m pip install -q -e ".[test,lab,bench]"
     echo "$want" > "$stamp"
 fi
 # The wire protocol lives only in proto/; its Python code is generated here.

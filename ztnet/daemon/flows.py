@@ -25,6 +25,7 @@ from ztnet.instance import AUDIT_FILE, FLOWS_FILE
 from ztnet.observe import audit, metrics, records, sinks
 
 _POLL_MS = 200
+_SUBMIT_BATCH = 256  # records handed to the dispatcher at once (also after every poll)
 _COUNTERS_EVERY = 5  # polls between kernel-counter snapshots for the metrics
 
 
@@ -53,19 +54,30 @@ class FlowPipeline:
         self.server = (metrics.start_http_server(metrics_listen, self.metrics.registry)
                        if metrics_listen else None)
         self._granted: dict[int, Grant] = {}
+        self._batch: list[records.FlowRecord] = []
         self._reader = datapath.event_reader(self._on_event)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ztnet-flows", daemon=True)
         self._thread.start()
 
     def _on_event(self, event: KernelEvent) -> None:
-        self.dispatcher.submit(records.from_event(event, self.context))
+        # records go to the dispatcher in batches: one lock and one wake-up per batch, not
+        # per record; a full batch goes at once, so a long poll never holds many back
+        self._batch.append(records.from_event(event, self.context))
+        if len(self._batch) >= _SUBMIT_BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self.dispatcher.submit_many(batch)
 
     def _run(self) -> None:
         polls = 0
         while not self._stop.is_set():
             try:
                 self._reader.poll(_POLL_MS)
+                self._submit()
                 polls += 1
                 if polls % _COUNTERS_EVERY == 0:
                     self.metrics.set_kernel_counters(self.datapath.counters())

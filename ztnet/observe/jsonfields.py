@@ -4,6 +4,7 @@ nanoseconds, and typed access to decoded objects."""
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 import time
 from typing import Any
@@ -17,7 +18,13 @@ _TIME_RE = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9})
 def format_rfc3339(time_ns: int) -> str:
     """RFC 3339 in UTC with nanoseconds: ``2027-01-15T08:00:00.123456789Z``."""
     seconds, fraction = divmod(time_ns, _NS)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
+    return f"{_utc_second(seconds)}.{fraction:09d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_second(seconds: int) -> str:
+    # records come in bursts within the same second: format each second once
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def parse_time(text: str) -> int:

@@ -117,6 +117,7 @@ class FlowMetrics:
         self._snapshots = _Snapshots()
         r.register(self._snapshots)
         self._agents: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
 
     # --- sink ---------------------------------------------------------------------------
@@ -126,17 +127,28 @@ class FlowMetrics:
 
     def on_flow(self, record: FlowRecord) -> None:
         agent = record.agent.name or NO_AGENT
+        inc = self._inc
         if record.event_type == EventType.FLOW_END:
-            self.flow_ends.labels(agent).inc()
+            inc(self.flow_ends, (agent,))
             if record.flow is not None:
-                self.bytes.labels(agent, "out").inc(record.flow.bytes_out)
-                self.bytes.labels(agent, "in").inc(record.flow.bytes_in)
-                self.packets.labels(agent, "out").inc(record.flow.packets_out)
-                self.packets.labels(agent, "in").inc(record.flow.packets_in)
+                inc(self.bytes, (agent, "out"), record.flow.bytes_out)
+                inc(self.bytes, (agent, "in"), record.flow.bytes_in)
+                inc(self.packets, (agent, "out"), record.flow.packets_out)
+                inc(self.packets, (agent, "in"), record.flow.packets_in)
         else:
-            self.flows.labels(agent, record.verdict.value.lower(), record.drop_reason).inc()
+            inc(self.flows, (agent, record.verdict.value.lower(), record.drop_reason))
         if record.suppressed:
-            self.suppressed_reported.labels(agent).inc(record.suppressed)
+            inc(self.suppressed_reported, (agent,), record.suppressed)
+
+    def _inc(self, counter: Counter, labels: tuple[str, ...], amount: float = 1) -> None:
+        """``counter.labels(*labels).inc(amount)`` with the child looked up once: labels()
+        validates and locks on every call, a few µs per record. The flow counters' label
+        sets are never removed, so a cached child stays the registered one."""
+        key = (id(counter), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc(amount)
 
     def close(self) -> None:
         pass

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -132,18 +132,27 @@ class Dispatcher:
 
     def submit(self, record: FlowRecord) -> bool:
         """Queue ``record``; False (and counted) if it was dropped."""
+        return self.submit_many((record,)) == 1
+
+    def submit_many(self, records: Sequence[FlowRecord]) -> int:
+        """Queue ``records`` in order under one lock; how many were accepted (the rest are
+        dropped and counted). A producer that hands over a batch instead of one record at a
+        time takes the lock once and wakes the worker once per batch."""
         with self._lock:
             if self._closed:
-                self._dropped[DROP_CLOSED] += 1
-                return False
-            try:
-                self._queue.put_nowait(record)
-            except queue.Full:
-                self._dropped[DROP_QUEUE_FULL] += 1
-                return False
-            self._submitted += 1
-            self._pending += 1
-            return True
+                self._dropped[DROP_CLOSED] += len(records)
+                return 0
+            accepted = 0
+            for record in records:
+                try:
+                    self._queue.put_nowait(record)
+                except queue.Full:
+                    self._dropped[DROP_QUEUE_FULL] += len(records) - accepted
+                    break
+                accepted += 1
+            self._submitted += accepted
+            self._pending += accepted
+            return accepted
 
     def stats(self) -> DispatcherStats:
         with self._lock:

@@ -1,0 +1,95 @@
+"""Userspace cost of one flow record in the daemon, stage by stage (no root, no kernel).
+
+    .venv/bin/python -m benchmarks.record_cost [--records 20000] [--repeats 5]
+
+Builds synthetic kernel events (allowed connects and flow ends of one agent, as the daemon
+sees them) and times, per record: ``records.from_event`` (of which ``record_uuid``),
+``records.to_json``, the flow log's ``JsonlSink.on_flow`` + flush (to a file in a temporary
+directory), the metrics sink's ``on_flow``, and the controller's ``records.from_json``. The
+median of ``--repeats`` runs is printed in µs of CPU time per record (CPU time, not wall
+time: a loaded machine moves it less). benchmarks/flows.py measures the
+whole pipeline with a real daemon; this one says where its time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ztnet.datapath import abi
+from ztnet.datapath.events import KernelEvent
+from ztnet.observe import metrics, records, sinks
+
+
+def events(count: int) -> list[KernelEvent]:
+    now = time.time()
+    out = []
+    for i in range(count):
+        end = i % 2 == 1
+        out.append(KernelEvent(
+            abi.ZtEventKind.FLOW_END if end else abi.ZtEventKind.CONNECT,
+            abi.ZtVerdict.ALLOWED, abi.ZtReason(0), now + i * 1e-5, 10_000 + i // 2, 4242,
+            77, 1, 1000 + i % 7, 1000 + i % 7, 0, "agent-worker", 6, 4, "10.199.1.1",
+            40_000 + i % 20_000, "10.199.1.2", 5200, 0, 3 if end else 0, 180 if end else 0,
+            2 if end else 0, 120 if end else 0, now if end else 0.0, now + 1e-4 if end else 0.0))
+    return out
+
+
+def per_record(fn: Callable[[], object], count: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.process_time()
+        fn()
+        times.append((time.process_time() - started) / count * 1e6)
+    return float(statistics.median(times))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.record_cost",
+                                     description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    evs = events(args.records)
+    ctx = records.RecordContext(host="bench-host", trust_domain="bench.example",
+                                agent_names={1: "bot"}, exe=lambda _tgid: "/usr/bin/agent")
+    recs = [records.from_event(e, ctx) for e in evs]
+    lines = [records.to_json(r) for r in recs]
+    flow_metrics = metrics.FlowMetrics()
+    names = [(e.cookie, str(records.EventType.CONNECT), e.destination, e.destination_port)
+             for e in evs]
+    results = {
+        "from_event": per_record(lambda: [records.from_event(e, ctx) for e in evs],
+                                 args.records, args.repeats),
+        "  of which record_uuid": per_record(
+            lambda: [records.record_uuid("bench-host", c, t, 1_800_000_000_000_000_000 + c, d, p)
+                     for c, t, d, p in names], args.records, args.repeats),
+        "to_json": per_record(lambda: [records.to_json(r) for r in recs[::-1]],
+                              args.records, args.repeats),
+        "metrics on_flow": per_record(lambda: [flow_metrics.on_flow(r) for r in recs],
+                                      args.records, args.repeats),
+        "from_json (controller)": per_record(lambda: [records.from_json(line) for line in lines],
+                                             args.records, args.repeats),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = sinks.JsonlSink(Path(tmp) / "flows.jsonl", max_bytes=1 << 30)
+
+        def write() -> None:
+            for i, record in enumerate(recs[::-1]):
+                sink.on_flow(record)
+                if i % 256 == 255:
+                    sink.flush()
+            sink.flush()
+        results["flow log on_flow + flush"] = per_record(write, args.records, args.repeats)
+        sink.close()
+    for name, value in results.items():
+        print(f"{name:28} {value:7.2f} µs per record")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The head-to-head benchmark's smoke mode: every scenario runs every workload and yields
+numbers. It asserts nothing about speed (the counts are far too small to mean anything);
+it proves that `make bench` works on this machine and that its JSON, plot and generated doc
+section come out."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.kernel.conftest import require_tools
+
+REPO = Path(__file__).resolve().parents[2]
+WORKLOADS = {"tcp": ("per_s", "p50_ns", "p99_ns"), "udp": ("per_s",),
+             "bulk": ("bits_per_s",), "deny": ("p50_ns", "p99_ns")}
+KINDS = {"none", "ztnet", "nftables", "iptables"}
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
+    require_tools("cc", "nft", "iptables-restore", "iperf3", "nsenter")
+    out, png, doc = tmp_path / "h2h.json", tmp_path / "h2h.png", tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nhand-written text stays\n")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.headtohead", "--smoke",
+                           "--out", str(out), "--plot", str(png), "--doc", str(doc)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    scenarios = {s["name"]: s for s in results["scenarios"]}
+    assert {s["kind"] for s in scenarios.values()} == KINDS
+    filtered = set(scenarios) - {"none"}
+    assert {p["scenario"] for p in results["pairs"]} == filtered
+    for pair in results["pairs"]:
+        for side in ("baseline", "filtered"):
+            for workload, keys in WORKLOADS.items():
+                for key in keys:
+                    value = pair[side][workload][key]
+                    assert _number(value), (pair["scenario"], side, workload, key, value)
+    ztnets = [name for name, s in scenarios.items() if s["kind"] == "ztnet"]
+    assert sorted(results["program_cost"]) == sorted(ztnets)
+    for name in ztnets:
+        for workload in ("tcp", "udp", "deny"):
+            programs = results["program_cost"][name][0][workload]["programs"]
+            assert any(p["run_cnt"] > 0 and p["run_time_ns"] > 0 for p in programs.values()), \
+                (name, workload, programs)
+        assert results["daemons"][name]["flow_records_written"] > 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+    text = doc.read_text()
+    assert "hand-written text stays" in text
+    assert text.count("<!-- headtohead:begin") == 1 and text.count("<!-- headtohead:end -->") == 1
+    for scenario in scenarios.values():
+        assert f"| {scenario['label']} |" in text
