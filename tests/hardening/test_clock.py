@@ -9,6 +9,7 @@ Skips without libfaketime (Debian: libfaketime).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,13 +65,18 @@ def lab(instance: Instance, tmp_path: Path) -> Iterator[ClockLab]:
 def _run(lab: ClockLab, step: int) -> tuple[list[tuple[float, str]], float]:
     """Apply a TTL-second grant, step the daemon's clock, then probe until past the
     grant's real expiry. Returns (real time, outcome) pairs and the real expiry."""
-    issued = time.time()
-    replace_atomic(lab.bundle, make_bundle(lab.key, 1, f"{lab.pair.b.ipv4}/32", [str(ALLOWED)],
-                                         ttl=f"{int(TTL)}s", now=issued))
-    expiry = issued + TTL
+    to = f"{lab.pair.b.ipv4}/32"
+    replace_atomic(lab.bundle, make_bundle(lab.key, 1, to, [str(ALLOWED + 1)]))
     outcomes = []
     with lab.daemon() as daemon:
         daemon.wait_event(lambda e: e.get("event") == "bundle applied")
+        # the short grant is issued once the daemon runs (starting it can take seconds)
+        issued = time.time()
+        expiry = issued + TTL
+        replace_atomic(lab.bundle, make_bundle(lab.key, 2, to, [str(ALLOWED)],
+                                               ttl=f"{int(TTL)}s", now=issued))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event(lambda e: e.get("event") == "bundle applied" and e.get("version") == 2)
         assert lab.attempt() == "OK"
         mark = daemon.mark()
         lab.step(step)
