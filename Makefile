@@ -24,7 +24,7 @@ test-kernel: setup
 # The hardening suite with its figures (faults survived, escape attempts, inputs fuzzed,
 # packets leaked, records lost): >= 100,000 generated inputs, every fault, the 200-stream
 # soak. `make test` runs the same tests with a small example count and no soak.
-HARDENING_EXAMPLES ?= 15000
+HARDENING_EXAMPLES ?= 16000
 HARDENING_TESTS := tests/hardening tests/kernel/test_enforcement.py tests/kernel/test_flows.py tests/kernel/test_flow_upload.py \
 	tests/kernel/test_controller_e2e.py $(wildcard tests/kernel/test_hostile_agents.py)
 test-hardening: setup
