@@ -1,9 +1,15 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * Flow tracing: verdict events into the zt_events_v1 ring buffer, per-socket
- * accounting in zt_flows_v1. Losses are never silent: a full ring buffer is
- * counted (ZT_CNT_EVENTS_LOST), and deny events beyond an agent's budget are
- * counted and reported with that agent's next deny event.
+ * accounting in zt_flows_v1. Losses are never silent, and no agent can push
+ * another agent's events out:
+ *  - each agent has two budgets per second, one for deny events and one for
+ *    allowed-side events (allowed verdicts and flow ends); what a budget
+ *    drops is counted and carried by that agent's next event of the same side;
+ *  - deny events go to a ring buffer of their own (zt_denials_v1), so a
+ *    flood of allowed events left unread cannot crowd them out;
+ *  - an event that finds no room is counted for its agent and side
+ *    (zt_agent_events_v1) as well as globally (ZT_CNT_EVENTS_LOST).
  */
 #ifndef ZT_EVENTS_H
 #define ZT_EVENTS_H
@@ -12,35 +18,90 @@
 
 #define ZT_SECOND_NS 1000000000ULL
 
-/* May this agent's deny event be emitted? Sets *suppressed to the number of
- * deny events dropped since its last emitted one. The budget is per agent
- * and per second; concurrent CPUs may overshoot it slightly, never hide a
- * drop (the suppressed count is updated atomically). */
-static __always_inline int zt_deny_budget(__u32 agent_index, __u32 *suppressed)
+/* Take one event from a per-second budget. Returns 1 and sets *reported to
+ * the number of events the budget dropped since its last emitted one, or
+ * returns 0 and counts this one as dropped. Concurrent CPUs may overshoot the
+ * budget slightly, never hide a drop (the dropped count moves atomically). */
+static __always_inline int zt_take_budget(struct zt_deny_budget *budget, __u32 per_second,
+					  __u32 *reported)
 {
-	int index = agent_index;
-	struct zt_deny_budget *budget = zt_deny_budget_v1.lookup(&index);
-	if (!budget)
-		return 1;
 	__u64 now = bpf_ktime_get_boot_ns();
 	if (now - budget->window_start_ns >= ZT_SECOND_NS) {
 		budget->window_start_ns = now;
 		budget->sent = 0;
 	}
-	if (budget->sent >= ZT_DENY_EVENTS_PER_SEC) {
+	if (budget->sent >= per_second) {
 		__sync_fetch_and_add(&budget->suppressed, 1);
-		zt_count(ZT_CNT_EVENTS_SUPPRESSED);
-		struct zt_agent_stats *stats = zt_stats(agent_index);
-		if (stats)
-			stats->events_suppressed += 1;
 		return 0;
 	}
 	budget->sent += 1;
 	__u32 pending = budget->suppressed;
 	if (pending)
 		__sync_fetch_and_add(&budget->suppressed, -pending);
-	*suppressed = pending;
+	*reported = pending;
 	return 1;
+}
+
+static __always_inline struct zt_agent_events *zt_agent_events(__u32 agent_index)
+{
+	int index = agent_index;
+	return zt_agent_events_v1.lookup(&index);
+}
+
+/* The budget of the agent's side (deny or allowed), or NULL. */
+static __always_inline struct zt_deny_budget *zt_budget(__u32 agent_index, int deny)
+{
+	int index = agent_index;
+	if (deny)
+		return zt_deny_budget_v1.lookup(&index);
+	return zt_allow_budget_v1.lookup(&index);
+}
+
+/* May the agent's next event of this side be emitted? (see zt_take_budget) */
+static __always_inline int zt_event_budget(__u32 agent_index, int deny, __u32 *reported)
+{
+	struct zt_deny_budget *budget = zt_budget(agent_index, deny);
+	if (!budget || zt_take_budget(budget, deny ? ZT_DENY_EVENTS_PER_SEC
+					      : ZT_ALLOW_EVENTS_PER_SEC, reported))
+		return 1;
+	if (deny) {
+		zt_count(ZT_CNT_EVENTS_SUPPRESSED);
+		struct zt_agent_stats *stats = zt_stats(agent_index);
+		if (stats)
+			stats->events_suppressed += 1;
+	} else {
+		struct zt_agent_events *lost = zt_agent_events(agent_index);
+		if (lost)
+			lost->allow_suppressed += 1;
+	}
+	return 0;
+}
+
+/* A ring-buffer slot for an event of this agent and side that passed its
+ * budget, or NULL: then the event is counted as lost, and the drops it was
+ * to report go back to the budget, for the next event to report. */
+static __always_inline struct zt_event *zt_reserve_event(__u32 agent_index, int deny,
+							 __u32 reported)
+{
+	struct zt_event *event;
+	if (deny)
+		event = zt_denials_v1.ringbuf_reserve(sizeof(struct zt_event));
+	else
+		event = zt_events_v1.ringbuf_reserve(sizeof(struct zt_event));
+	if (event)
+		return event;
+	zt_count(ZT_CNT_EVENTS_LOST);
+	struct zt_agent_events *lost = zt_agent_events(agent_index);
+	if (lost) {
+		if (deny)
+			lost->deny_lost += 1;
+		else
+			lost->allow_lost += 1;
+	}
+	struct zt_deny_budget *budget = zt_budget(agent_index, deny);
+	if (budget && reported)
+		__sync_fetch_and_add(&budget->suppressed, reported);
+	return 0;
 }
 
 struct zt_decision {
@@ -76,13 +137,12 @@ static __always_inline void zt_describe_flow(struct zt_flow *flow, const struct 
 static __always_inline void zt_emit_decision(void *ctx, const struct zt_decision *d)
 {
 	__u32 suppressed = 0;
-	if (!d->allowed && !zt_deny_budget(d->agent, &suppressed))
+	int deny = !d->allowed;
+	if (!zt_event_budget(d->agent, deny, &suppressed))
 		return;
-	struct zt_event *event = zt_events_v1.ringbuf_reserve(sizeof(struct zt_event));
-	if (!event) {
-		zt_count(ZT_CNT_EVENTS_LOST);
+	struct zt_event *event = zt_reserve_event(d->agent, deny, suppressed);
+	if (!event)
 		return;
-	}
 	__builtin_memset(event, 0, sizeof(*event));
 	event->time_ns = bpf_ktime_get_boot_ns();
 	event->cookie = zt_socket_cookie(ctx);
@@ -91,7 +151,10 @@ static __always_inline void zt_emit_decision(void *ctx, const struct zt_decision
 	event->verdict = d->allowed ? ZT_VERDICT_ALLOWED : ZT_VERDICT_DENIED;
 	event->reason = d->reason;
 	zt_describe_flow(&event->flow, d);
-	zt_events_v1.ringbuf_submit(event, 0);
+	if (deny)
+		zt_denials_v1.ringbuf_submit(event, 0);
+	else
+		zt_events_v1.ringbuf_submit(event, 0);
 }
 
 /* Start accounting for an allowed socket (first allowed decision wins). */

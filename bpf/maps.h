@@ -45,6 +45,10 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct zt_flow, zt_flows_v1, ZT_MAX_FLOWS,
 		 ZT_PIN_DIR "/zt_flows_v1");
 BPF_TABLE_PINNED("array", int, struct zt_deny_budget, zt_deny_budget_v1, ZT_MAX_AGENTS,
 		 ZT_PIN_DIR "/zt_deny_budget_v1");
+BPF_TABLE_PINNED("array", int, struct zt_deny_budget, zt_allow_budget_v1, ZT_MAX_AGENTS,
+		 ZT_PIN_DIR "/zt_allow_budget_v1");
+BPF_TABLE_PINNED("percpu_array", int, struct zt_agent_events, zt_agent_events_v1,
+		 ZT_MAX_AGENTS, ZT_PIN_DIR "/zt_agent_events_v1");
 
 /* The event ring buffer, pinned like every map so an adopting daemon reads
  * the same buffer (bcc's BPF_RINGBUF_OUTPUT has no pinned form). */
@@ -59,5 +63,20 @@ struct zt_events_v1_table_t {
 };
 __attribute__((section("maps/ringbuf:" ZT_PIN_DIR "/zt_events_v1")))
 struct zt_events_v1_table_t zt_events_v1 = { .max_entries = ZT_EVENTS_BYTES };
+
+/* Deny events have a ring of their own: however many allowed-side events
+ * wait unread in zt_events_v1, no agent's budgeted deny events are pushed out
+ * by them. (Same layout as zt_events_v1; bcc wants one type per table.) */
+struct zt_denials_v1_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, __u64, __u64);
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_discard)(void *, __u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" ZT_PIN_DIR "/zt_denials_v1")))
+struct zt_denials_v1_table_t zt_denials_v1 = { .max_entries = ZT_DENIALS_BYTES };
 
 #endif /* ZT_MAPS_H */

@@ -128,13 +128,25 @@ struct zt_config {
 	__u64 reserved[3];
 };
 
-/* Per-agent token bucket for deny events: a hostile agent cannot drown the
- * trace. Allowed verdicts are never rate-limited. */
+/*
+ * Event budgets, per agent and per second, so that no agent can drown the
+ * trace of the others: deny events, and "allowed-side" events (allowed
+ * connect/sendmsg verdicts and flow ends) separately. What a budget drops is
+ * counted per agent and reported by that agent's next event of the same side.
+ */
 #ifndef ZT_DENY_EVENTS_PER_SEC
 #define ZT_DENY_EVENTS_PER_SEC 100
 #endif
+#ifndef ZT_ALLOW_EVENTS_PER_SEC
+#define ZT_ALLOW_EVENTS_PER_SEC 2000
+#endif
 #ifndef ZT_EVENTS_BYTES
 #define ZT_EVENTS_BYTES (4 * 1024 * 1024)
+#endif
+/* Deny events have their own ring buffer (zt_denials_v1): 1 MiB holds 6553
+ * events, over a minute of 100 agents' full deny budgets left unread. */
+#ifndef ZT_DENIALS_BYTES
+#define ZT_DENIALS_BYTES (1024 * 1024)
 #endif
 #ifndef ZT_MAX_FLOWS
 #define ZT_MAX_FLOWS 65536
@@ -194,8 +206,8 @@ struct zt_flow {
  * One record of the zt_events_v1 ring buffer. Connect and sendmsg verdicts
  * fill the socket fields of `flow` (no counters, no source); flow-end records
  * (sock_release) are the final zt_flows_v1 entry. `suppressed` is how many
- * deny events of this agent the rate limit dropped since its previous deny
- * event.
+ * events of this agent and side (deny; allowed verdicts and flow ends) its
+ * budget dropped since its previous event of that side.
  *
  * Not a map value: a ring buffer has no value layout of its own, so a change
  * here needs no new pin directory. Across an upgrade from a build with an
@@ -214,7 +226,8 @@ struct zt_event {
 	struct zt_flow flow;
 };
 
-/* zt_deny_budget_v1, indexed by agent index. */
+/* zt_deny_budget_v1 and zt_allow_budget_v1, indexed by agent index:
+ * the current one-second window and what it dropped, not yet reported. */
 struct zt_deny_budget {
 	__u64 window_start_ns;
 	__u32 sent;
@@ -253,6 +266,17 @@ struct zt_agent_stats {
 	__u64 events_suppressed;
 };
 
+/* zt_agent_events_v1 (percpu array indexed by agent index): each agent's
+ * events that never reached the ring buffer, by side. With the budgets'
+ * pending counts this makes every agent's event stream add up exactly:
+ * emitted + reported + pending + lost == what happened. */
+struct zt_agent_events {
+	__u64 deny_lost;        /* deny ring buffer (zt_denials_v1) full */
+	__u64 allow_lost;       /* ring buffer (zt_events_v1) full */
+	__u64 allow_suppressed; /* dropped by the allowed-side budget */
+	__u64 reserved;
+};
+
 _Static_assert(sizeof(struct zt_grant_key) == 32, "zt_grant_key layout");
 _Static_assert(sizeof(struct zt_grant_value) == 24, "zt_grant_value layout");
 _Static_assert(sizeof(struct zt_levels) == 16, "zt_levels layout");
@@ -262,5 +286,6 @@ _Static_assert(sizeof(struct zt_agent_stats) == 64, "zt_agent_stats layout");
 _Static_assert(sizeof(struct zt_event) == 160, "zt_event layout");
 _Static_assert(sizeof(struct zt_flow) == 136, "zt_flow layout");
 _Static_assert(sizeof(struct zt_deny_budget) == 16, "zt_deny_budget layout");
+_Static_assert(sizeof(struct zt_agent_events) == 32, "zt_agent_events layout");
 
 #endif /* ZTNET_H */

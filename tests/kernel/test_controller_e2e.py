@@ -227,6 +227,7 @@ def test_apply_enforce_change_and_revoke_cuts_the_established_flow(
                               and int(str(e.get("flows_cut"))) >= 1)
 
 
+@pytest.mark.fault  # issue 10: controller away longer than the grant ttl
 def test_without_the_controller_grants_hold_then_lapse_and_a_restart_resyncs(
         lab: Lab, tmp_path: Path) -> None:
     state = init_controller(tmp_path / "ctl")

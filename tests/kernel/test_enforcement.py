@@ -56,6 +56,7 @@ def to_port(port: int) -> object:
     return lambda p: p.dport == port
 
 
+@pytest.mark.escape
 def test_tcp_allowed_reaches_peer_denied_is_eperm_and_never_on_the_wire(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
     datapath.install_unverified([grant(1, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
@@ -75,6 +76,7 @@ def test_tcp_allowed_reaches_peer_denied_is_eperm_and_never_on_the_wire(
     assert stats.allowed >= 1 and stats.denied >= 1 and stats.egress_packets >= 3
 
 
+@pytest.mark.escape
 def test_udp_allowed_and_denied_sendto_and_connected(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
     datapath.install_unverified([grant(2, AGENT, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED))])
@@ -94,6 +96,7 @@ def test_udp_allowed_and_denied_sendto_and_connected(
     assert not [p for p in packets if p.dport == DENIED]
 
 
+@pytest.mark.escape
 def test_icmp_denied_without_grant_and_allowed_with_one(
         datapath: Datapath, pair: NetnsPair) -> None:
     datapath.install_unverified([grant(3, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
@@ -109,6 +112,7 @@ def test_icmp_denied_without_grant_and_allowed_with_one(
     assert len([p for p in packets if p.icmp_type == 8]) == 1
 
 
+@pytest.mark.escape
 def test_raw_socket_packet_from_agent_never_arrives(
         datapath: Datapath, pair: NetnsPair) -> None:
     # Root agent: it may open raw sockets, which no socket-level hook sees.
@@ -127,6 +131,7 @@ def test_raw_socket_packet_from_agent_never_arrives(
     assert datapath.agent_drops()[AGENT]["NO_GRANT"] >= 2  # per agent and reason
 
 
+@pytest.mark.escape
 def test_ipv6_and_ipv4_mapped_denied_unless_granted(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
     mapped = f"::ffff:{pair.b.ipv4}"
@@ -151,6 +156,7 @@ def test_ipv6_and_ipv4_mapped_denied_unless_granted(
     assert len([p for p in packets if p.family == 6 and p.is_syn and p.dport == ALLOWED]) == 1
 
 
+@pytest.mark.escape
 def test_forked_setsid_grandchild_stays_confined(
         datapath: Datapath, pair: NetnsPair, server: ServerProcess) -> None:
     datapath.install_unverified([grant(8, AGENT, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
@@ -161,6 +167,7 @@ def test_forked_setsid_grandchild_stays_confined(
         assert str(result["cgroup"]).endswith(f"/agents/{AGENT}")
 
 
+@pytest.mark.escape
 def test_loopback_and_metadata_get_no_implicit_allow(datapath: Datapath) -> None:
     datapath.install_unverified([grant(9, AGENT, Proto.TCP, "10.0.0.0/8", "443")])
     for host, port in (("127.0.0.1", 22), ("::1", 22), ("169.254.169.254", 80)):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hardening import figures
 from tests.kernel.test_controller_e2e import enroll_with_cli, event
 from ztnet.daemon.spool import SPOOL_DIR
 from ztnet.instance import FLOWS_FILE, Instance
@@ -113,6 +114,7 @@ def daemon(lab: Lab) -> DaemonProcess:
                          controller=lab.controller.address)
 
 
+@pytest.mark.fault  # issue 10: the controller away, flows spooled meanwhile arrive once
 def test_every_record_reaches_the_controller_once_through_outages_and_restarts(
         lab: Lab) -> None:
     enrolled = enroll_with_cli(lab.controller, lab.state)
@@ -149,4 +151,5 @@ def test_every_record_reaches_the_controller_once_through_outages_and_restarts(
         assert len(stored) == len(set(stored)), "a record was stored twice"
         assert len(lab.local()) == len(expected) == 40 + 30 + 30
         assert sorted(stored) == sorted(lab.local())
+        figures.records(lost=len(set(lab.local()) - set(stored)))
         poll_until(lambda: True if not lab.spooled() else None, DEADLINE, "an empty spool")

@@ -1,14 +1,19 @@
 """Kernel flow tracing: every verdict and every flow end reaches user space
-with the right process, agent, grant and byte counts, and a flood of denied
-attempts is rate-limited with every suppressed event accounted for."""
+with the right process, agent, grant and byte counts, a flood of denied
+attempts is rate-limited with every suppressed event accounted for, and one
+agent's flood cannot push another agent's events out."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.hardening import figures
 from tests.kernel.support import grant
 from ztnet.datapath.abi import ZtEventKind, ZtReason, ZtVerdict
 from ztnet.datapath.datapath import Datapath
@@ -123,3 +128,62 @@ def test_a_flood_of_denied_attempts_is_rate_limited_and_fully_accounted(
     assert datapath.counters()["events_suppressed"] == reported + pending
     assert datapath.agent_stats()[AGENT].events_suppressed == reported + pending
     assert datapath.counters()["events_lost"] == 0
+    assert datapath.event_accounting()[AGENT].lost == 0
+    figures.records(accounted=reported + pending)
+
+
+FLOOD_SCRIPT = """
+import json, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent = 0
+for _ in range(count):
+    sock.sendto(b"x", (host, port))
+    sent += 1
+sock.close()
+print(json.dumps({"sent": sent}))
+"""
+
+
+def test_one_agents_flood_of_allowed_events_cannot_push_out_anothers_denials(
+        setup: tuple[Datapath, NetnsPair]) -> None:
+    """Item 11 of issue 10: the flood is left unread (as by a stalled daemon) and is far
+    larger than the ring buffer; the other agent's deny events all arrive, and both
+    agents' event streams add up exactly, side by side."""
+    datapath, pair = setup
+    flooder, victim = "flooder", "victim"
+    datapath.replace([grant(7, flooder, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED)),
+                      grant(8, victim, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    collector = Collector(datapath)
+    flood = 60_000  # 9.6 MB of events: over twice the ring buffer
+    proc = subprocess.run(agent_argv(datapath.instance, flooder, [
+        sys.executable, "-c", FLOOD_SCRIPT, pair.b.ipv4, str(ALLOWED), str(flood)],
+        netns=pair.a.netns, user="nobody"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"sent": flood}, proc.stderr
+    denials = 50  # within the deny budget
+    result = run_traffic(datapath.instance, victim, ["loop", pair.b.ipv4, str(DENIED),
+                       "--count", str(denials)], netns=pair.a.netns, user="nobody")
+    assert result["outcomes"] == {"EPERM": denials}
+    collector.wait_for(lambda e: e.destination_port == DENIED and e.verdict == ZtVerdict.DENIED,
+                       what="the victim's deny events")
+    collector.drain()
+    collector.reader.poll(200)
+    index = {name: i for i, name in datapath.agent_names().items()}
+    accounting = datapath.event_accounting()
+
+    def of(agent: str, verdict: ZtVerdict) -> list[KernelEvent]:
+        return [e for e in collector.events if e.agent_index == index[agent]
+                and e.verdict == verdict]
+
+    victim_denies = of(victim, ZtVerdict.DENIED)
+    assert len(victim_denies) == denials, "deny events were pushed out by the other agent"
+    assert accounting[victim].lost == 0 and accounting[victim].deny_pending == 0
+    # the flooder: every allowed sendmsg and its one flow end, emitted or accounted
+    allowed = of(flooder, ZtVerdict.ALLOWED)
+    assert len(allowed) < flood / 4, "the allowed-side budget did not engage"
+    f = accounting[flooder]
+    reported = sum(e.suppressed for e in allowed)
+    assert reported + f.allow_pending == f.allow_suppressed
+    assert len(allowed) + f.allow_suppressed + f.allow_lost == flood + 1
+    assert not of(flooder, ZtVerdict.DENIED) and f.deny_lost == 0
+    figures.records(accounted=f.allow_suppressed + f.allow_lost)

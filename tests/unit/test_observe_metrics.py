@@ -119,3 +119,15 @@ def test_the_http_server_serves_the_registry() -> None:
     finally:
         server.close()
     assert b"ztnet_events_lost_total 2.0" in body
+
+
+def test_per_agent_event_losses_are_exported_by_side_and_cause() -> None:
+    from ztnet.observe.metrics import FlowMetrics
+
+    metrics = FlowMetrics()
+    metrics.set_agent_events({"bot": {("allowed", "budget"): 7, ("deny", "ring_full"): 2}})
+    text = metrics.render().decode()
+    assert 'ztnet_agent_events_dropped_total{agent="bot",cause="budget",side="allowed"} 7.0' \
+        in text
+    assert 'ztnet_agent_events_dropped_total{agent="bot",cause="ring_full",side="deny"} 2.0' \
+        in text

@@ -19,7 +19,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -122,12 +122,17 @@ def csr_public_key(csr_pem: bytes) -> PublicKey:
     except ValueError as exc:
         raise ValueError(f"is not a PEM certificate signing request: {exc}") from None
     try:
+        # the key first: an undecodable key makes is_signature_valid raise
+        # cryptography's InternalError (and leave OpenSSL's error queue dirty)
+        key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as exc:
+        raise ValueError(f"has a public key that cannot be decoded: {exc}") from None
+    try:
         valid = csr.is_signature_valid
-    except (InvalidSignature, ValueError, TypeError):
+    except (InvalidSignature, ValueError, TypeError, InternalError):
         valid = False
     if not valid:
         raise ValueError("has an invalid signature (it must be signed with its own key)")
-    key = csr.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
             raise ValueError(f"uses curve {key.curve.name}; use P-256 or P-384")

@@ -29,6 +29,22 @@ _SUBMIT_BATCH = 256  # records handed to the dispatcher at once (also after ever
 _COUNTERS_EVERY = 5  # polls between kernel-counter snapshots for the metrics
 
 
+def _event_losses(datapath: Datapath) -> dict[str, dict[tuple[str, str], int]]:
+    stats = datapath.agent_stats()
+    result = {}
+    for agent, a in datapath.event_accounting().items():
+        deny_budget = stats[agent].events_suppressed if agent in stats else 0
+        result[agent] = {("deny", "budget"): deny_budget, ("deny", "ring_full"): a.deny_lost,
+                         ("allowed", "budget"): a.allow_suppressed,
+                         ("allowed", "ring_full"): a.allow_lost}
+    return result
+
+
+def _audit_failed(what: str, exc: OSError) -> None:
+    logs.event("audit not recorded", logging.ERROR,
+               reason=f"daemon: audit trail: {what} not recorded: {exc.strerror or exc}")
+
+
 def _grant_fields(grant: Grant) -> dict[str, object]:
     return {"id": format_grant_id(grant.grant_id), "agent": grant.agent,
             "proto": str(grant.proto), "to": str(grant.network),
@@ -82,6 +98,7 @@ class FlowPipeline:
                 if polls % _COUNTERS_EVERY == 0:
                     self.metrics.set_kernel_counters(self.datapath.counters())
                     self.metrics.set_agent_drops(self.datapath.agent_drops())
+                    self.metrics.set_agent_events(_event_losses(self.datapath))
                     self.metrics.set_dispatcher_stats(self.dispatcher.stats())
             except Exception as exc:  # the trace must not take enforcement down with it
                 logs.event("flow pipeline error", logging.ERROR, reason=repr(exc))
@@ -95,15 +112,19 @@ class FlowPipeline:
             grants={**self.context.grants, **records.grant_infos(
                 (g.grant_id for g in verified.grants), verified.version, verified.key_id)})
         new = {g.grant_id: g for g in verified.grants}
-        self.audit_log.append(audit.BUNDLE_APPLIED, {
-            "version": verified.version, "key_id": verified.key_id,
-            "payload_sha256": verified.payload_sha256, "grants": len(new)})
-        for grant_id in sorted(new.keys() - self._granted.keys()):
-            self.audit_log.append(audit.GRANT_ADDED, _grant_fields(new[grant_id]), sync=False)
-        for grant_id in sorted(self._granted.keys() - new.keys()):
-            self.audit_log.append(audit.GRANT_REMOVED, _grant_fields(self._granted[grant_id]),
-                                  sync=False)
-        self.audit_log.sync()
+        try:
+            self.audit_log.append(audit.BUNDLE_APPLIED, {
+                "version": verified.version, "key_id": verified.key_id,
+                "payload_sha256": verified.payload_sha256, "grants": len(new)})
+            for grant_id in sorted(new.keys() - self._granted.keys()):
+                self.audit_log.append(audit.GRANT_ADDED, _grant_fields(new[grant_id]),
+                                      sync=False)
+            for grant_id in sorted(self._granted.keys() - new.keys()):
+                self.audit_log.append(audit.GRANT_REMOVED,
+                                      _grant_fields(self._granted[grant_id]), sync=False)
+            self.audit_log.sync()
+        except OSError as exc:  # e.g. ENOSPC: enforcement went ahead; say what is missing
+            _audit_failed(f"version {verified.version} applied", exc)
         self._granted = new
         self.metrics.bundle_applied(verified.version)
         self.metrics.set_active_grants(self.datapath.live_grant_counts())
@@ -115,7 +136,10 @@ class FlowPipeline:
         self.metrics.datapath_drift(drift.counts())
 
     def bundle_rejected(self, source: str, reason: str) -> None:
-        self.audit_log.append(audit.BUNDLE_REJECTED, {"source": source, "reason": reason})
+        try:
+            self.audit_log.append(audit.BUNDLE_REJECTED, {"source": source, "reason": reason})
+        except OSError as exc:
+            _audit_failed("bundle rejected", exc)
         self.metrics.bundle_rejected(reason.split(":")[0] or "bundle")
 
     def close(self) -> None:

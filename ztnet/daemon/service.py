@@ -144,7 +144,14 @@ class Daemon:
             return Outcome("rejected", str(exc))
         self.current = verified
         self.applied = Applied(verified.version, verified.payload_sha256)
-        self.state.save(envelope, self.applied)
+        try:
+            self.state.save(envelope, self.applied)
+        except OSError as exc:  # e.g. ENOSPC: the kernel holds the new set regardless
+            logs.event("state not recorded", logging.ERROR, version=verified.version,
+                       state=str(self.state.path),
+                       reason=f"daemon: cannot record the applied bundle in "
+                              f"{self.state.path}: {exc.strerror or exc}; a restart "
+                              "re-verifies the bundle it is given")
         cut = self.datapath.cut_unauthorized(now=now)
         if self.flows is not None:
             self.flows.bundle_applied(verified)

@@ -220,6 +220,17 @@ class ZtDenyBudget(ctypes.Structure):
     ]
 
 
+class ZtAgentEvents(ctypes.Structure):
+    """struct zt_agent_events"""
+
+    _fields_ = [
+        ("deny_lost", ctypes.c_uint64),
+        ("allow_lost", ctypes.c_uint64),
+        ("allow_suppressed", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64),
+    ]
+
+
 def port_from_be(value: int) -> int:
     """A __be16 read as a little-endian host integer, back to the port."""
     return int.from_bytes(int(value).to_bytes(2, "little"), "big")
@@ -241,6 +252,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_event": ZtEvent,
     "zt_flow": ZtFlow,
     "zt_deny_budget": ZtDenyBudget,
+    "zt_agent_events": ZtAgentEvents,
 }
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ztnet.datapath import abi, events, loader, sockets
+from ztnet.datapath import abi, eventloss, events, loader, sockets
 from ztnet.datapath.bpfsys import PinnedMap
 from ztnet.datapath.compile import BootClock, DesiredState, compile_desired_state
 from ztnet.datapath.drift import Drift, find_drift
@@ -390,6 +390,12 @@ class Datapath:
             if budget.lookup(ctypes.c_int(index), value) and value.suppressed:
                 pending[index] = int(value.suppressed)
         return pending
+
+    def event_accounting(self) -> dict[str, eventloss.EventAccounting]:
+        """What became of each agent's events that user space did not get."""
+        names = self.agent_names()
+        return {names[index]: value
+                for index, value in eventloss.read(self.maps, names).items()}
 
     def _registered_indices(self) -> list[int]:
         return [int(agent.index) for agent in self._registered().values()]

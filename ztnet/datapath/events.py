@@ -1,4 +1,5 @@
-"""Decoding the kernel's verdict and flow-end events (zt_events_v1).
+"""Decoding the kernel's verdict and flow-end events (zt_events_v1; deny events
+have their own ring, zt_denials_v1).
 
 The ring buffer is read by the process that loaded the programs (the
 daemon): bcc polls it and hands each raw record to ``EventReader``, which
@@ -92,8 +93,9 @@ class EventReader:
         self.malformed = 0
         # keep the table: bcc frees the ring buffer when it is collected,
         # and its poller would then read freed memory
-        self._table = bpf["zt_events_v1"]
-        self._table.open_ring_buffer(self._on_raw)
+        self._tables = [bpf["zt_events_v1"], bpf["zt_denials_v1"]]
+        for table in self._tables:  # one poll reads both rings
+            table.open_ring_buffer(self._on_raw)
 
     def _on_raw(self, _ctx: Any, data: Any, size: int) -> int:
         if size < ctypes.sizeof(abi.ZtEvent):

@@ -56,8 +56,8 @@ PROGRAMS = (
 
 MAP_NAMES = ("zt_agents_v1", "zt_grants_v1", "zt_levels_v1", "zt_config_v1",
              "zt_counters_v1", "zt_agent_stats_v1", "zt_agent_drops_v1", "zt_flows_v1",
-             "zt_deny_budget_v1",
-             "zt_events_v1")
+             "zt_deny_budget_v1", "zt_allow_budget_v1", "zt_agent_events_v1",
+             "zt_events_v1", "zt_denials_v1")
 
 
 def bpf_source_dir() -> Path:

@@ -304,7 +304,13 @@ def serve(bind: Sequence[str], tcp: Sequence[int], udp: Sequence[int]) -> None:
 def _serve_conn(
     sel: selectors.BaseSelector, conn: socket.socket, mask: int, pending: dict[socket.socket, bytes]
 ) -> None:
-    local, peer = conn.getsockname(), conn.getpeername()
+    try:
+        local, peer = conn.getsockname(), conn.getpeername()
+    except OSError:  # reset by the peer before we looked (ENOTCONN): it is gone
+        sel.unregister(conn)
+        pending.pop(conn, None)
+        conn.close()
+        return
     if mask & selectors.EVENT_READ:
         try:
             data = conn.recv(65536)

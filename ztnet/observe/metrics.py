@@ -37,11 +37,16 @@ class _Snapshots(Collector):
         self._lock = threading.Lock()
         self._kernel: dict[str, int] = {}
         self._drops: dict[str, dict[str, int]] = {}
+        self._events: dict[str, dict[tuple[str, str], int]] = {}
         self._dispatcher: DispatcherStats | None = None
 
     def set_drops(self, drops: Mapping[str, Mapping[str, int]]) -> None:
         with self._lock:
             self._drops = {agent: dict(reasons) for agent, reasons in drops.items()}
+
+    def set_events(self, events: Mapping[str, Mapping[tuple[str, str], int]]) -> None:
+        with self._lock:
+            self._events = {agent: dict(counts) for agent, counts in events.items()}
 
     def set_kernel(self, counters: Mapping[str, int]) -> None:
         with self._lock:
@@ -54,6 +59,7 @@ class _Snapshots(Collector):
     def collect(self) -> Iterator[Any]:
         with self._lock:
             kernel, dispatcher, drops = dict(self._kernel), self._dispatcher, self._drops
+            events = self._events
         lost = CounterMetricFamily("ztnet_events_lost", "Kernel events lost because the "
                                    "ring buffer was full (reservation failed).")
         lost.add_metric([], kernel.get("events_lost", 0))
@@ -70,7 +76,14 @@ class _Snapshots(Collector):
         for agent, reasons in sorted(drops.items()):
             for reason, count in sorted(reasons.items()):
                 egress_drops.add_metric([agent, reason], count)
-        yield from (lost, suppressed, datapath, egress_drops)
+        agent_events = CounterMetricFamily(
+            "ztnet_agent_events_dropped", "Kernel events of each agent that never reached "
+            "user space, by side (deny, allowed) and cause (budget: the per-agent rate limit, "
+            "reported by the agent's next event; ring_full).", labels=["agent", "side", "cause"])
+        for agent, counts in sorted(events.items()):
+            for (side, cause), count in sorted(counts.items()):
+                agent_events.add_metric([agent, side, cause], count)
+        yield from (lost, suppressed, datapath, egress_drops, agent_events)
         dropped = CounterMetricFamily("ztnet_flow_records_dropped", "Flow records that "
                                       "reached no sink, by reason.", labels=["reason"])
         errors = CounterMetricFamily("ztnet_flow_sink_errors", "Failed sink calls, by "
@@ -103,8 +116,9 @@ class FlowMetrics:
         self.packets = Counter("ztnet_flow_packets", "Packets of ended flows, by agent and "
                                "direction (out, in).", ["agent", "direction"], registry=r)
         self.suppressed_reported = Counter(
-            "ztnet_flow_suppressed_reported", "Suppressed deny events reported by the "
-            "next deny event of the same agent.", ["agent"], registry=r)
+            "ztnet_flow_suppressed_reported", "Events the kernel's per-agent budgets "
+            "dropped, as reported by the agent's next record of the same side (deny, "
+            "allowed).", ["agent"], registry=r)
         self.active_grants = Gauge("ztnet_active_grants", "Live grants installed, by agent.",
                                    ["agent"], registry=r)
         self.bundle_version = Gauge("ztnet_bundle_version", "Policy version of the applied "
@@ -182,6 +196,10 @@ class FlowMetrics:
     def set_agent_drops(self, drops: Mapping[str, Mapping[str, int]]) -> None:
         """The kernel's per-agent, per-reason egress drop counts (copied in)."""
         self._snapshots.set_drops(drops)
+
+    def set_agent_events(self, events: Mapping[str, Mapping[tuple[str, str], int]]) -> None:
+        """Per agent, (side, cause) -> events dropped in the kernel (copied in)."""
+        self._snapshots.set_events(events)
 
     def set_dispatcher_stats(self, stats: DispatcherStats) -> None:
         self._snapshots.set_dispatcher(stats)

@@ -156,6 +156,8 @@ def parse_policy(text: str, source_name: str) -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(_toml_error(source_name, text, exc)) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise PolicyError(f"policy: {source_name}: arrays or tables nested too deeply") from None
     errors = _Errors(source_name)
     policy = _parse_document(data, errors)
     if errors.lines or policy is None:
