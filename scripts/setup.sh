@@ -17,7 +17,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PACKAGES=(python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute2 util-linux procps gcc libpcap0.8
-          libbpf1)
+          libbpf1 libfaketime)
 # The head-to-head benchmark (benchmarks/headtohead.py) compares ztnet with nftables and
 # iptables and runs iperf3; it only ever loads rules inside the namespaces it creates.
 # None of these packages loads a rule or starts a service when installed (iperf3 asks
