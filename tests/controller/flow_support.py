@@ -41,7 +41,8 @@ def make_record(host: str, *, agent: str = "bot", verdict: Verdict = Verdict.ALL
     return FlowRecord(
         uuid=record_uuid(host, cookie, event_type, time_ns, destination, port),
         time_ns=time_ns, host=host, event_type=event_type, verdict=verdict,
-        drop_reason="GRANTED" if allowed else "NO_GRANT", ip_version=4, proto=6, source="",
+        drop_reason="GRANTED" if allowed else "NO_GRANT",
+        ip_version=6 if ":" in destination else 4, proto=6, source="",
         source_port=0, destination=destination, destination_port=port, socket_cookie=cookie,
         cgroup_id=77, process=Process(4242, 4242, "curl", "/usr/bin/curl", 1000),
         agent=AgentRef(agent, spiffe_agent_id("test.example", agent), 1),

@@ -58,7 +58,11 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     root: Path = tmp_path_factory.mktemp("fuzz-rpc")
     state = init_controller(root / "ctl")
     policy = write_policy(root, {"bot": [("10.0.0.1", "443")]})
-    with ControllerProcess(state, policy=policy) as controller:
+    # The per-host rate limits are tested on their own (tests/controller/test_hostile_hosts.py);
+    # here they would turn every call after the first few into RESOURCE_EXHAUSTED.
+    unlimited = ("--host-subscribe-rate", "off", "--host-renew-rate", "off",
+                 "--host-flow-rate", "off")
+    with ControllerProcess(state, policy=policy, extra_args=unlimited) as controller:
         target = Target(controller, enroll(controller, HOST))
         try:
             yield target

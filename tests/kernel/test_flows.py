@@ -152,7 +152,7 @@ def test_one_agents_flood_of_allowed_events_cannot_push_out_anothers_denials(
     agents' event streams add up exactly, side by side."""
     datapath, pair = setup
     flooder, victim = "flooder", "victim"
-    datapath.replace([grant(7, flooder, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED)),
+    datapath.install_unverified([grant(7, flooder, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED)),
                       grant(8, victim, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
     flood = 60_000  # 9.6 MB of events: over twice the ring buffer
