@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent host set-up for ztnet, as root on Debian 12 / Ubuntu 24.04:
-# distribution packages (bcc from the distribution, never from PyPI), kernel
+# distribution packages (bcc and the TPM bindings from the distribution, never from
+# PyPI; swtpm for the TPM tests), kernel
 # headers for bcc, a bpf filesystem, and .venv with the project and its test
 # and lab extras. A second run with nothing to do takes seconds.
 set -euo pipefail
@@ -18,6 +19,10 @@ fi
 
 PACKAGES=(python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute2 util-linux procps gcc libpcap0.8
           libbpf1)
+# TPM-bound host identity (`ztnet enroll --tpm`): the TSS bindings from the distribution
+# (like bcc, never from PyPI: they build against these tss2 libraries), and a software TPM
+# with its EK-certificate tooling for the tests.
+PACKAGES+=(python3-tpm2-pytss swtpm swtpm-tools tpm2-tools)
 # promtool (the metrics tests) is left out where no test runs: the Vagrant VMs, which have no
 # network and find everything else already installed in their box.
 [ "${ZTNET_SETUP_NO_PROMTOOL:-0}" = 1 ] || PACKAGES+=(prometheus)
