@@ -64,8 +64,15 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--grant-ttl", type=duration, default=300, metavar="DURATION",
                    help="lifetime of grants whose rule has no ttl; bundles are renewed at "
                    "half their lifetime (default 5m)")
-    p.add_argument("--host-cert-ttl", type=duration, default=86400, metavar="DURATION",
-                   help="lifetime of host certificates (default 24h)")
+    p.add_argument("--host-cert-ttl", type=duration, default=3600, metavar="DURATION",
+                   help="lifetime of host certificates; hosts renew at half of it "
+                   "(default 1h: what a copied state directory is worth)")
+    p.add_argument("--tpm-ek-ca", type=Path, action="append", default=[], metavar="PEM",
+                   help="EK CA certificates (PEM; repeatable): TPMs whose EK certificate "
+                   "they signed may enroll with `ztnet enroll --tpm`")
+    p.add_argument("--tpm-ek-allowlist", type=Path, default=None, metavar="FILE",
+                   help="EK hashes (sha256:HEX, one a line) of TPMs that may enroll, e.g. "
+                   "TPMs without an EK certificate")
     p.add_argument("--apply-timeout", type=duration, default=10, metavar="DURATION",
                    help="how long ApplyPolicy and Revoke wait for hosts by default (10s)")
     p.add_argument("--ready-file", type=Path, metavar="FILE",
@@ -96,6 +103,9 @@ def register(sub: SubParsers) -> None:
                    help="how long the token is valid (default 15m)")
     p.add_argument("--json", action="store_true",
                    help='print {"token": …, "ca_fingerprint": …}')
+    p.add_argument("--require-tpm", action="store_true",
+                   help="the token only enrolls a host proving a TPM-resident key "
+                   "(`ztnet enroll --tpm`); software enrollment is refused")
 
     p = add_command(group, "admin-cert", "Write an admin credential directory (admin.key, "
                     "admin.pem, ca.pem) for the operator commands.",
@@ -130,11 +140,13 @@ def handle_serve(args: argparse.Namespace) -> int:
                  host_cert_ttl=args.host_cert_ttl, apply_timeout=args.apply_timeout,
                  ready_file=args.ready_file, log_format=args.log_format,
                  flow_retention=args.flow_retention, flow_max_rows=args.flow_max_rows,
-                 flow_prune_interval=args.flow_prune_interval, metrics=args.metrics)
+                 flow_prune_interval=args.flow_prune_interval, metrics=args.metrics,
+                 tpm_ek_cas=tuple(args.tpm_ek_ca), tpm_ek_allowlist=args.tpm_ek_allowlist)
 
 
 def handle_token_create(args: argparse.Namespace) -> int:
-    return token_create(args.state, args.host, ttl=args.ttl, as_json=args.json)
+    return token_create(args.state, args.host, ttl=args.ttl, as_json=args.json,
+                        require_tpm=args.require_tpm)
 
 
 def handle_admin_cert(args: argparse.Namespace) -> int:
@@ -164,10 +176,11 @@ def controller_init(state: Path, trust_domain: str, *, sans: tuple[str, ...] = (
 
 def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
           policy: Path | None = None, grant_ttl: float = 300.0,
-          host_cert_ttl: float = 86400.0, apply_timeout: float = 10.0,
+          host_cert_ttl: float = 3600.0, apply_timeout: float = 10.0,
           ready_file: Path | None = None, log_format: str = "text",
           flow_retention: float = 7 * 86400.0, flow_max_rows: int = 10_000_000,
-          flow_prune_interval: float = 60.0, metrics: str | None = None) -> int:
+          flow_prune_interval: float = 60.0, metrics: str | None = None,
+          tpm_ek_cas: tuple[Path, ...] = (), tpm_ek_allowlist: Path | None = None) -> int:
     """Serve until stopped (SIGTERM/SIGINT)."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
     from ztnet import logs
@@ -182,11 +195,11 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
         ready_file=ready_file,
         retention=Retention(max_age=flow_retention, max_rows=flow_max_rows,
                             interval=flow_prune_interval),
-        metrics=metrics))
+        metrics=metrics, tpm_ek_cas=tpm_ek_cas, tpm_ek_allowlist=tpm_ek_allowlist))
 
 
 def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
-                 out: TextIO | None = None) -> int:
+                 out: TextIO | None = None, require_tpm: bool = False) -> int:
     from ztnet.controller import statedir
     from ztnet.controller.enrollment import create_token
     from ztnet.controller.store import SqliteStore
@@ -196,17 +209,21 @@ def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
     authority = statedir.load_authority(paths)
     store = SqliteStore.open(paths.database)
     try:
-        token = create_token(store, host, ttl=ttl, now=time.time())
+        token = create_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm)
     except RpcFailure as exc:
         raise ConfigError(f"controller: --{exc}") from None
     finally:
         store.close()
     if as_json:
-        _print(out, json.dumps({"token": token, "ca_fingerprint": authority.fingerprint}))
+        printed: dict[str, object] = {"token": token, "ca_fingerprint": authority.fingerprint}
+        if require_tpm:
+            printed["require_tpm"] = True
+        _print(out, json.dumps(printed))
     else:
         _print(out, f"token:          {token}")
         _print(out, f"ca fingerprint: {authority.fingerprint}")
-        _print(out, f"host:           {host} (valid once, for {format_duration(ttl)})")
+        _print(out, f"host:           {host} (valid once, for {format_duration(ttl)}"
+                    f"{'; TPM enrollment only: ztnet enroll --tpm' if require_tpm else ''})")
     return 0
 
 
@@ -234,6 +251,7 @@ def revoke_host(state: Path, host: str, *, out: TextIO | None = None) -> int:
     try:
         identity = pki.spiffe_id(store.trust_domain(), "host", host)
         count = store.revoke_certificates(identity.uri, time.time())
+        store.unbind_host(host)  # its TPM must attest again, with a new token
     finally:
         store.close()
     if count == 0:

@@ -27,3 +27,7 @@ def not_found(message: str) -> RpcFailure:
 
 def precondition(message: str) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def exhausted(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

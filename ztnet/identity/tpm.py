@@ -329,3 +329,24 @@ class Tpm:
                 key, t.TPM2B_DIGEST(digest), t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL),
                 t.TPMT_TK_HASHCHECK(tag=t.TPM2_ST.HASHCHECK, hierarchy=t.TPM2_RH.NULL))
         return bytes(signature.marshal())
+
+
+def ek_hash_of(ek_public: bytes) -> str:
+    """``tpmproof.ek_hash`` of an EK TPMT_PUBLIC (as ``ztnet hosts`` shows it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    tss = _tss()
+    try:
+        area, _ = tss.TPMT_PUBLIC.unmarshal(ek_public)
+        key = serialization.load_pem_public_key(bytes(area.to_pem()))
+    except (tss.TSS2_Exception, ValueError, TypeError) as exc:
+        raise TpmError(f"tpm: the EK public area is unusable: {exc}") from None
+    return tpmproof.ek_hash(key.public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def sign_renewal(ref: KeyRef, spiffe_id: str, nonce: bytes, spki_der: bytes) -> bytes:
+    """The enrollment key's signature a TPM-bound host's renewal carries."""
+    with Tpm(ref.tcti) as tpm:
+        return tpm.sign(ref, tpmproof.renewal_binding(spiffe_id, nonce, spki_der))
+
