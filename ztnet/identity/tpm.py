@@ -125,6 +125,7 @@ def _tss() -> Any:
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     try:
         import tpm2_pytss
+        import tpm2_pytss.utils  # noqa: F401  (a submodule: not imported by the package)
     except ImportError:
         raise TpmError("tpm: the TPM bindings are not installed (Debian/Ubuntu: "
                        "apt-get install python3-tpm2-pytss; scripts/setup.sh does)") from None
