@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
@@ -60,6 +60,12 @@ _TPM_GENERATED = 0xFF544347
 _ST_ATTEST_CERTIFY = 0x8017
 _ALG_RSA, _ALG_ECC, _ALG_SHA256, _ALG_ECDSA = 0x0001, 0x0023, 0x000B, 0x0018
 _ECC_NIST_P256 = 0x0003
+# What tpm2-pytss and cryptography raise on malformed input (and, where libtss2-mu
+# parses, TSS2_Exception): ValueError, TypeError, OverflowError, UnsupportedAlgorithm, and
+# lookups of unknown algorithm ids (KeyError, IndexError). Caught only around calls that
+# touch the peer's bytes, and always answered with the field's name.
+_MALFORMED: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError, KeyError,
+                                           IndexError, UnsupportedAlgorithm)
 _EK_ATTRIBUTES = (tpmproof.FIXED_TPM | tpmproof.FIXED_PARENT
                   | tpmproof.SENSITIVE_DATA_ORIGIN | tpmproof.RESTRICTED | tpmproof.DECRYPT)
 
@@ -179,7 +185,7 @@ class Attestation:
         secret = secrets.token_bytes(tpmproof.SECRET_BYTES)
         try:
             blob, encrypted = tss.utils.make_credential(ek, secret, ak.get_name())
-        except (ValueError, TypeError, tss.TSS2_Exception) as exc:
+        except (*_MALFORMED, tss.TSS2_Exception) as exc:
             raise status.invalid("ek_public", f"cannot make a credential for it: {exc}") from None
         challenge_id = secrets.token_bytes(16)
         self._challenges[challenge_id] = _Challenge(
@@ -202,11 +208,16 @@ class Attestation:
             cert = x509.load_der_x509_certificate(cert_der)
             cert_spki = cert.public_key().public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        except ValueError as exc:
+        except _MALFORMED as exc:
             raise status.invalid("ek_certificate", f"not a DER certificate: {exc}") from None
         if cert_spki != ek_spki:
             raise status.invalid("ek_certificate", "certifies another key than ek_public")
-        if not any(pki.issued_by(cert, ca) for ca in self.trust.cas):
+        try:
+            signed = any(pki.issued_by(cert, ca) for ca in self.trust.cas)
+        except _MALFORMED as exc:  # e.g. an unknown signature algorithm
+            raise status.invalid("ek_certificate", f"cannot check its signature: {exc}") \
+                from None
+        if not signed:
             raise status.denied(f"attestation: the EK certificate (issuer "
                                 f"{cert.issuer.rfc4514_string()[:200]!r}) is not signed by "
                                 f"a configured EK CA, and EK {digest} is not on the allowlist")
@@ -307,7 +318,7 @@ def _bounded(data: bytes, limit: int, name: str) -> bytes:
 def _unmarshal(tss: Any, kind: Any, data: bytes, name: str) -> Any:
     try:
         value, used = kind.unmarshal(data)
-    except (tss.TSS2_Exception, ValueError, TypeError, OverflowError) as exc:
+    except (*_MALFORMED, tss.TSS2_Exception) as exc:
         raise status.invalid(name, f"not a {kind.__name__}: {exc}") from None
     if used != len(data):
         raise status.invalid(name, f"{len(data) - used} bytes after the {kind.__name__}")
@@ -343,7 +354,7 @@ def _require_p256_signer(area: Any, wanted: int, name: str, what: str) -> None:
 def _spki(area: Any, name: str) -> bytes:
     try:
         key = serialization.load_pem_public_key(bytes(area.to_pem()))
-    except (ValueError, TypeError, OverflowError) as exc:
+    except _MALFORMED as exc:
         raise status.invalid(name, f"not a usable public key: {exc}") from None
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
         raise status.invalid(name, "RSA keys must have at least 2048 bits")
@@ -366,7 +377,7 @@ def _verify(tss: Any, signer: Any, signature: bytes, digest: bytes, name: str,
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ValueError("not an EC key")
         key.verify(encode_dss_signature(r, s), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-    except (InvalidSignature, ValueError, TypeError, OverflowError):
+    except (InvalidSignature, *_MALFORMED):
         raise status.denied(f"attestation: {name} is not a valid signature by {who}") from None
 
 
