@@ -66,6 +66,7 @@ _ECC_NIST_P256 = 0x0003
 # touch the peer's bytes, and always answered with the field's name.
 _MALFORMED: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError, KeyError,
                                            IndexError, UnsupportedAlgorithm)
+_UNVERIFIABLE: tuple[type[Exception], ...] = (InvalidSignature, *_MALFORMED)
 _EK_ATTRIBUTES = (tpmproof.FIXED_TPM | tpmproof.FIXED_PARENT
                   | tpmproof.SENSITIVE_DATA_ORIGIN | tpmproof.RESTRICTED | tpmproof.DECRYPT)
 
@@ -377,7 +378,7 @@ def _verify(tss: Any, signer: Any, signature: bytes, digest: bytes, name: str,
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ValueError("not an EC key")
         key.verify(encode_dss_signature(r, s), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-    except (InvalidSignature, *_MALFORMED):
+    except _UNVERIFIABLE:
         raise status.denied(f"attestation: {name} is not a valid signature by {who}") from None
 
 
