@@ -144,7 +144,8 @@ def _tpm_call(what: str) -> Iterator[None]:
 class Tpm:
     """One open TPM. A context manager: closing flushes every transient object made here.
     A TPM has few transient slots (swtpm: three), so each key is loaded only while it is
-    needed: the SRK only to create and load a child, the EK only to activate."""
+    needed: the SRK only to create and load a child, the EK from ``endorsement`` to
+    ``activate`` (creating it is an RSA key generation: the slowest step, done once)."""
 
     def __init__(self, tcti: str) -> None:
         self.tss = _tss()
@@ -152,6 +153,7 @@ class Tpm:
         with _tpm_call(f"opening {tcti}"):
             self.esys = self.tss.ESAPI(tcti)
         self._transient: list[Any] = []
+        self._ek: Any = None
 
     def __enter__(self) -> Tpm:
         return self
@@ -188,10 +190,12 @@ class Tpm:
         return handle, bytes(public.publicArea.marshal())
 
     def endorsement(self) -> tuple[bytes, bytes]:
-        """(EK TPMT_PUBLIC, EK certificate DER or b"")."""
+        """(EK TPMT_PUBLIC, EK certificate DER or b""); the EK stays loaded for
+        ``activate``."""
         cert, template = self._ek_template()
-        handle, public = self._primary(template, self.tss.ESYS_TR.ENDORSEMENT, "EK")
-        self.flush(handle)
+        if self._ek is not None:
+            self.flush(self._ek)
+        self._ek, public = self._primary(template, self.tss.ESYS_TR.ENDORSEMENT, "EK")
         return public, cert
 
     def _storage_root(self) -> Any:
@@ -285,11 +289,14 @@ class Tpm:
         """TPM2_ActivateCredential: the secret the controller encrypted to our EK for
         our AK's name; the TPM only releases it if both are loaded in it."""
         t = self.tss
-        ek, _ = self._primary(self._ek_template()[1], t.ESYS_TR.ENDORSEMENT, "EK")
+        ek = self._ek
+        if ek is None:
+            ek, _ = self._primary(self._ek_template()[1], t.ESYS_TR.ENDORSEMENT, "EK")
         try:
             return self._activate(ek, ak, credential_blob, encrypted_secret)
         finally:
             self.flush(ek)
+            self._ek = None
 
     def _activate(self, ek: Any, ak: Any, credential_blob: bytes,
                   encrypted_secret: bytes) -> bytes:
