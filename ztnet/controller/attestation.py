@@ -26,7 +26,6 @@ naming the field, and nothing is stored before the whole proof holds.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,9 +40,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 
 from ztnet import pki
 from ztnet.controller import status
-from ztnet.errors import ConfigError
+from ztnet.errors import ConfigError, TpmError
 from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.identity import tpmproof
+from ztnet.identity.tpm import bindings as tpm_bindings
 from ztnet.v1 import node_pb2
 
 CHALLENGE_TTL = 60.0
@@ -72,14 +72,11 @@ _EK_ATTRIBUTES = (tpmproof.FIXED_TPM | tpmproof.FIXED_PARENT
 
 
 def _tss() -> Any:
-    os.environ.setdefault("TSS2_LOG", "all+NONE")  # see ztnet.identity.tpm
     try:
-        import tpm2_pytss
-        import tpm2_pytss.utils
-    except ImportError:
+        return tpm_bindings()
+    except TpmError:
         raise status.precondition("attestation: this controller cannot verify TPM "
                                   "attestation (python3-tpm2-pytss is not installed)") from None
-    return tpm2_pytss
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,22 +120,30 @@ class Proof:
     csr_signature: bytes      # TPMT_SIGNATURE by the enrollment key (tpmproof.csr_binding)
 
 
-def _tss() -> Any:
+def bindings() -> Any:
+    """The tpm2_pytss package (also for ``ztnet.controller.attestation``)."""
     # The TSS logs every TPM error code to stderr; ours come back as exceptions with the
     # same code, so its own log stays quiet unless the operator asks (TSS2_LOG=all+debug).
     os.environ.setdefault("TSS2_LOG", "all+NONE")
+    # tpm2-pytss 1.2 builds every structure as an empty shell (its EK templates too, at
+    # import) when unittest.mock was imported before it: a hack for its documentation
+    # build. Hide the module while it is imported.
+    mock = sys.modules.pop("unittest.mock", None)
     try:
         import tpm2_pytss
         import tpm2_pytss.utils  # noqa: F401  (a submodule: not imported by the package)
     except ImportError:
         raise TpmError("tpm: the TPM bindings are not installed (Debian/Ubuntu: "
                        "apt-get install python3-tpm2-pytss; scripts/setup.sh does)") from None
+    finally:
+        if mock is not None:
+            sys.modules["unittest.mock"] = mock
     return tpm2_pytss
 
 
 @contextmanager
 def _tpm_call(what: str) -> Iterator[None]:
-    tss = _tss()
+    tss = bindings()
     try:
         yield
     except tss.TSS2_Exception as exc:
@@ -148,7 +157,7 @@ class Tpm:
     ``activate`` (creating it is an RSA key generation: the slowest step, done once)."""
 
     def __init__(self, tcti: str) -> None:
-        self.tss = _tss()
+        self.tss = bindings()
         self.tcti = tcti
         with _tpm_call(f"opening {tcti}"):
             self.esys = self.tss.ESAPI(tcti)
@@ -343,7 +352,7 @@ def ek_hash_of(ek_public: bytes) -> str:
     """``tpmproof.ek_hash`` of an EK TPMT_PUBLIC (as ``ztnet hosts`` shows it)."""
     from cryptography.hazmat.primitives import serialization
 
-    tss = _tss()
+    tss = bindings()
     try:
         area, _ = tss.TPMT_PUBLIC.unmarshal(ek_public)
         key = serialization.load_pem_public_key(bytes(area.to_pem()))

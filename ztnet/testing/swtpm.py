@@ -23,6 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from ztnet.errors import TpmError
+from ztnet.identity.tpm import bindings
+
 START_TIMEOUT = 10.0
 LOCALCA_OPTIONS = "/etc/swtpm-localca.options"
 
@@ -33,9 +36,9 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install swtpm swtpm-tools)"
     try:
-        import tpm2_pytss  # noqa: F401
-    except ImportError:
-        return "tpm2-pytss is not installed (apt-get install python3-tpm2-pytss)"
+        bindings()
+    except TpmError as exc:
+        return str(exc)
     return None
 
 
