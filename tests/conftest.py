@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def swtpm(tmp_path: Path, ek_authority: EkAuthority) -> Iterator[Callable[..., S
 
 
 def skip_without_swtpm() -> None:
+    """Skip with the reason, or fail under ZTNET_REQUIRE_TPM=1 (CI: .ci/run)."""
     reason = swtpm_available()
-    if reason is not None:
-        pytest.skip(reason)
+    if reason is None:
+        return
+    if os.environ.get("ZTNET_REQUIRE_TPM") == "1":
+        pytest.fail(f"ZTNET_REQUIRE_TPM=1 but {reason}")
+    pytest.skip(reason)
