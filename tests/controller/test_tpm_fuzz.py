@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from ztnet.controller.attestation import Attestation, EkTrust
 from ztnet.errors import RpcFailure
+from ztnet.identity.tpm import ek_hash_of
 from ztnet.testing.controller import ControllerProcess, create_token, init_controller
 from ztnet.testing.swtpm import EkAuthority, SoftwareTpm
 from ztnet.testing.tpmhost import TpmHost, spki
@@ -106,15 +107,21 @@ def test_the_untampered_proof_passes_in_process(attestation: Attestation,
 def test_tampered_evidence_is_refused_in_process(attestation: Attestation, host: TpmHost,
                                                  data: st.DataObject, name: str) -> None:
     request = host.begin_request("token")
-    setattr(request, name, data.draw(tampered(getattr(request, name))))
+    changed = data.draw(tampered(getattr(request, name)))
+    setattr(request, name, changed)
     try:
         attestation.begin(host.host, "digest", request)
     except RpcFailure as refused:
         assert refused.code in REFUSALS, str(refused)
-    else:
-        # an AK that still parses as a restricted P-256 signing key (say, another point)
-        # gets a challenge: no TPM holds it beside this EK, so activation fails later
-        assert name == "ak_public"
+        return
+    # What may still get a challenge: an AK that parses as a restricted P-256 signing key
+    # (another point, say: no TPM holds it beside this EK, so activation fails later), or
+    # an EK public area whose key is still the certified one (only that TPM can open the
+    # credential, whatever else the area says). Never another EK key, never another
+    # certificate.
+    assert name in ("ak_public", "ek_public"), name
+    if name == "ek_public":
+        assert ek_hash_of(changed) == host.ek_hash
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -134,3 +141,14 @@ def test_the_controller_still_enrolls_after_the_fuzzing(controller: ControllerPr
     token = create_token(controller.state, host.host, require_tpm=True)
     assert host.enroll(token, host.answer(host.begin(token))).attestation == "tpm"
     assert "Traceback" not in controller.log()
+
+
+def test_one_token_holds_at_most_four_pending_challenges(attestation: Attestation,
+                                                         host: TpmHost) -> None:
+    challenges = [_challenge(attestation, host) for _ in range(6)]
+    # the two oldest made room: refused as used up; the newest still answers
+    with pytest.raises(RpcFailure, match="unknown, expired or already used challenge"):
+        attestation.verify(host.host, "digest", host.answer(challenges[1]), spki(host.key))
+    attestation.verify(host.host, "digest", host.answer(challenges[5]), spki(host.key))
+    other = attestation.begin(host.host, "other token", host.begin_request("token"))
+    attestation.verify(host.host, "other token", host.answer(other), spki(host.key))

@@ -48,6 +48,9 @@ from ztnet.v1 import node_pb2
 
 CHALLENGE_TTL = 60.0
 MAX_PENDING = 1024
+# per token (attestation) or host (renewal): enough for retries, and one token holder
+# cannot take every pending slot
+MAX_PENDING_EACH = 4
 MAX_PUBLIC_BYTES = 1024      # a TPMT_PUBLIC: RSA 4096 is ~ 600 bytes
 MAX_ATTEST_BYTES = 1024      # TPMS_ATTEST (TPM2B_ATTEST is at most 1024 by definition)
 MAX_SIGNATURE_BYTES = 1024   # TPMT_SIGNATURE
@@ -66,6 +69,10 @@ _ECC_NIST_P256 = 0x0003
 # touch the peer's bytes, and always answered with the field's name.
 _MALFORMED: tuple[type[Exception], ...] = (ValueError, TypeError, OverflowError, KeyError,
                                            IndexError, UnsupportedAlgorithm)
+# TPMA_OBJECT bits TPM 2.0 defines (fixedTPM, stClear, fixedParent, sensitiveDataOrigin,
+# userWithAuth, adminWithPolicy, noDA, encryptedDuplication, restricted, decrypt, sign,
+# x509sign); a TPM never makes an object with any other bit set
+_DEFINED_ATTRIBUTES = 0x000F0CF6
 _UNVERIFIABLE: tuple[type[Exception], ...] = (InvalidSignature, *_MALFORMED)
 _EK_ATTRIBUTES = (tpmproof.FIXED_TPM | tpmproof.FIXED_PARENT
                   | tpmproof.SENSITIVE_DATA_ORIGIN | tpmproof.RESTRICTED | tpmproof.DECRYPT)
@@ -177,6 +184,9 @@ class Attestation:
         ak = _public(tss, request.ak_public, "ak_public")
         _require_p256_signer(ak, tpmproof.AK_ATTRIBUTES, "ak_public", "an attestation key")
         self._expire()
+        mine = [key for key, c in self._challenges.items() if c.token_digest == token_digest]
+        for old in mine[:max(0, len(mine) - MAX_PENDING_EACH + 1)]:  # the oldest make room
+            del self._challenges[old]
         if len(self._challenges) >= self.max_pending:
             raise status.exhausted("attestation: too many attestations in progress; try "
                                    "again shortly")
@@ -266,7 +276,7 @@ class Attestation:
     def renewal_nonce(self, spiffe_id: str) -> bytes:
         self._expire()
         mine = [n for n, v in self._nonces.items() if v.spiffe_id == spiffe_id]
-        for old in mine[:-3]:  # a host needs one; a few for retries, never unbounded
+        for old in mine[:max(0, len(mine) - MAX_PENDING_EACH + 1)]:  # the oldest make room
             del self._nonces[old]
         if len(self._nonces) >= self.max_pending:
             raise status.exhausted("attestation: too many renewals in progress; try again "
@@ -327,6 +337,9 @@ def _public(tss: Any, data: bytes, name: str) -> Any:
     area = _unmarshal(tss, tss.TPMT_PUBLIC, _bounded(data, MAX_PUBLIC_BYTES, name), name)
     if int(area.nameAlg) != _ALG_SHA256:
         raise status.invalid(name, "nameAlg must be SHA-256")
+    if int(area.objectAttributes) & ~_DEFINED_ATTRIBUTES:
+        raise status.invalid(name, f"reserved attribute bits are set "
+                             f"(0x{int(area.objectAttributes):08x})")
     return area
 
 
