@@ -162,6 +162,10 @@ def _prepare(state: Path) -> None:
 def _enroll_error(controller: str, exc: grpc.RpcError) -> ControllerError:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     if code in _REFUSED:
+        details = exc.details() if isinstance(exc, grpc.Call) else ""
+        if (details or "").startswith("attestation:") or "TPM attestation" in (details or ""):
+            return ControllerError(f"enroll: the controller refused this host's TPM "
+                                   f"attestation ({describe(exc)})")
         return ControllerError(f"enroll: the controller refused the token ({describe(exc)})")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ControllerError(f"enroll: cannot reach the controller at {controller} "
