@@ -18,8 +18,8 @@ import pytest
 from cryptography import x509
 
 from ztnet import pki
-from ztnet.controller.admin_client import hosts as print_hosts
-from ztnet.controller.commands import revoke_host
+from ztnet.cli.controller import revoke_host
+from ztnet.cli.operator import hosts as print_hosts
 from ztnet.daemon import renewal
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.enroll import TpmOptions, enroll
