@@ -76,6 +76,9 @@ def test_a_duplicable_enrollment_key_is_refused(controller: ControllerProcess,
         proof.enrollment_key_public = honest_public
         refused(lambda: host.enroll(secret, proof), grpc.StatusCode.INVALID_ARGUMENT,
                 "certify_info: certifies another key than enrollment_key_public")
+    # and `ztnet enroll --tpm` never reuses such a key as its enrollment key
+    with pytest.raises(TpmError, match="0x81017a02 is not an enrollment key"):
+        TpmHost(controller, "dup-1", tpm.tcti, handle=SPARE_HANDLE)
 
 
 def test_an_ak_from_another_tpm_fails_activation(controller: ControllerProcess,

@@ -1,10 +1,10 @@
 """The host's TPM (2.0): its endorsement key, the enrollment key that never leaves it,
 and the attestation that proves so to the controller.
 
-    EK              the TPM's endorsement key (RSA 2048, TCG default template, recreated
-                    from the template on every open: the same key each time), with the
+    EK              the TPM's endorsement key (RSA 2048, TCG default template, created
+                    from the template when needed: the same key each time), with the
                     manufacturer's EK certificate from NV index 0x01c00002 if there is one
-    SRK             the storage root (ECC P-256, TCG template), also recreated each time
+    SRK             the storage root (ECC P-256, TCG template), also created when needed
     enrollment key  ECDSA P-256 under the SRK: fixedTPM | fixedParent | sensitiveDataOrigin
                     | sign, made persistent at a handle (default 0x81017a01); it signs
                     each CSR and each renewal (``tpmproof``)
@@ -37,7 +37,7 @@ from ztnet.fsutil import FileTooLarge, read_bounded, replace_atomic
 from ztnet.identity import tpmproof
 
 KEY_REF_FILE = "tpm.json"
-EK_CERT_INDEX = 0x01C00002  # TCG EK Credential Profile: RSA 2048 EK certificate
+# TCG EK Credential Profile: the RSA 2048 EK, its certificate at NV index 0x01c00002
 EK_TYPE = "EK-RSA2048"
 _RC_HANDLE_UNKNOWN = 0x18B  # TPM_RC_HANDLE for handle 1: nothing at that persistent handle
 
@@ -98,26 +98,6 @@ def load_key_ref(state: Path) -> KeyRef | None:
         raise TpmError(f"tpm: cannot read {path}: {exc.strerror}") from None
     except (FileTooLarge, ValueError, KeyError, TypeError) as exc:
         raise TpmError(f"tpm: {path} is corrupt: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Evidence:
-    """What the host shows first (BeginAttestation): its EK and a fresh AK."""
-
-    ek_public: bytes        # TPMT_PUBLIC
-    ek_certificate: bytes   # DER; empty when the TPM has none (EK hash allowlist)
-    ak_public: bytes        # TPMT_PUBLIC
-
-
-@dataclass(frozen=True, slots=True)
-class Proof:
-    """The host's answer to the controller's credential challenge (Enroll)."""
-
-    secret: bytes             # the activated credential
-    certify_info: bytes       # TPMS_ATTEST, TPM2_Certify by the AK over the enrollment key
-    certify_signature: bytes  # TPMT_SIGNATURE by the AK
-    key_public: bytes         # the enrollment key's TPMT_PUBLIC
-    csr_signature: bytes      # TPMT_SIGNATURE by the enrollment key (tpmproof.csr_binding)
 
 
 def bindings() -> Any:
@@ -240,6 +220,11 @@ class Tpm:
         duplicable must be refused by the controller)."""
         existing = self._persistent_public(handle)
         if existing is not None:
+            found = int(self.tss.TPMT_PUBLIC.unmarshal(existing)[0].objectAttributes)
+            if found != attributes:
+                raise TpmError(f"tpm: the key at 0x{handle:08x} is not an enrollment key "
+                               f"(attributes {tpmproof.describe_attributes(found)}); evict it "
+                               "(tpm2_evictcontrol) or choose another handle")
             return existing
         transient, public = self._create_signing_key(attributes, "enrollment key")
         try:
@@ -248,15 +233,6 @@ class Tpm:
         finally:
             self.flush(transient)
         return public
-
-    def remove_persistent(self, handle: int = tpmproof.DEFAULT_HANDLE) -> bool:
-        """Evict the key at ``handle`` (re-enrollment with a new key); False if none."""
-        tr = self._persistent(handle)
-        if tr is None:
-            return False
-        with _tpm_call(f"evicting 0x{handle:08x}"):
-            self.esys.evict_control(self.tss.ESYS_TR.OWNER, tr, handle)
-        return True
 
     def _persistent(self, handle: int) -> Any:
         try:
