@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztnet import pki
 from ztnet.cli.controller import revoke_host
@@ -34,8 +36,10 @@ from ztnet.testing.controller import (
     init_controller,
 )
 from ztnet.testing.nodes import enroll as software_enroll
+from ztnet.testing.nodes import make_csr
 from ztnet.testing.swtpm import EkAuthority, SoftwareTpm
-from ztnet.v1 import node_pb2_grpc
+from ztnet.testing.tpmhost import TpmHost
+from ztnet.v1 import node_pb2, node_pb2_grpc
 
 HOST_CERT_TTL = 8.0
 
@@ -170,7 +174,6 @@ def test_a_state_directory_copied_to_another_tpm_cannot_renew(
     with pytest.raises(grpc.RpcError) as expired:
         with controller.channel(key_pem=(copy / "host.key").read_bytes(),
                                 cert_pem=(copy / "host.pem").read_bytes()) as channel:
-            from ztnet.v1 import node_pb2
             node_pb2_grpc.NodeServiceStub(channel).BeginRenewal(
                 node_pb2.BeginRenewalRequest(), timeout=5)
     assert expired.value.code() in (grpc.StatusCode.UNAVAILABLE,
@@ -208,3 +211,64 @@ def test_one_tpm_is_one_host_until_revoked(controller: ControllerProcess,
     revoke_host(controller.state.root, "tpm-first", out=io.StringIO())
     assert "revoked" in listed(controller, "tpm-first")
     tpm_enroll(controller, tpm, "tpm-second", tmp_path / "c")
+
+
+def test_a_renewal_signature_is_for_one_nonce_and_one_key(controller: ControllerProcess,
+                                                          swtpm: Callable[..., SoftwareTpm],
+                                                          tmp_path: Path) -> None:
+    tpm = swtpm()
+    state = tmp_path / "host"
+    tpm_enroll(controller, tpm, "tpm-renew", state)
+    credentials = HostCredentials(state)
+    ref = load_key_ref(state)
+    assert ref is not None
+    spki = credentials.key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    other = ec.generate_private_key(ec.SECP256R1())
+    with controller.channel(key_pem=credentials.key_pem,
+                            cert_pem=credentials.cert_pem) as channel:
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+
+        def renew_with(nonce: bytes, signature: bytes, csr: bytes) -> object:
+            return stub.RenewCertificate(node_pb2.RenewCertificateRequest(
+                csr_pem=csr, nonce=nonce, tpm_signature=signature), timeout=10)
+
+        nonce = stub.BeginRenewal(node_pb2.BeginRenewalRequest(), timeout=10).nonce
+        assert len(nonce) == 32
+        signature = tpm_device.sign_renewal(ref, credentials.identity.spiffe_id, nonce, spki)
+        # the signature binds the CSR's key: another key's CSR is refused (nonce used up)
+        with pytest.raises(grpc.RpcError) as wrong_key:
+            renew_with(nonce, signature, make_csr(other, "tpm-renew"))
+        assert wrong_key.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "tpm_signature is not a valid signature" in wrong_key.value.details()
+
+        nonce = stub.BeginRenewal(node_pb2.BeginRenewalRequest(), timeout=10).nonce
+        signature = tpm_device.sign_renewal(ref, credentials.identity.spiffe_id, nonce, spki)
+        renew_with(nonce, signature, credentials.csr())
+        # a nonce works once
+        with pytest.raises(grpc.RpcError) as replayed:
+            renew_with(nonce, signature, credentials.csr())
+        assert replayed.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "needs a fresh nonce" in replayed.value.details()
+
+
+def test_a_software_host_renews_without_a_nonce(controller: ControllerProcess) -> None:
+    identity = software_enroll(controller, "soft-renew")
+    with controller.channel(key_pem=identity.key_pem, cert_pem=identity.cert_pem) as channel:
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+        assert stub.BeginRenewal(node_pb2.BeginRenewalRequest(), timeout=10).nonce == b""
+        key = serialization.load_pem_private_key(identity.key_pem, None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        stub.RenewCertificate(node_pb2.RenewCertificateRequest(
+            csr_pem=make_csr(key, "soft-renew")), timeout=10)
+
+
+def test_a_controller_without_tpm_trust_refuses_tpm_enrollment(
+        swtpm: Callable[..., SoftwareTpm], tmp_path: Path) -> None:
+    with ControllerProcess(init_controller(tmp_path / "state")) as plain:
+        with TpmHost(plain, "tpm-plain", swtpm().tcti) as host:
+            with pytest.raises(grpc.RpcError) as refused:
+                host.begin(create_token(plain.state, "tpm-plain"))
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "trusts no TPM" in refused.value.details()
+        software_enroll(plain, "soft-plain")  # software enrollment still works
