@@ -62,3 +62,24 @@ def test_the_bindings_work_after_unittest_mock_was_imported() -> None:
                           timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(0x0023)
+
+
+def test_the_enroll_flags() -> None:
+    from ztnet.daemon.enroll import TpmOptions
+    from ztnet.errors import ConfigError
+
+    assert TpmOptions.from_flags(False, None, None) is None
+    assert TpmOptions.from_flags(True, None, None) == TpmOptions("device:/dev/tpmrm0")
+    assert TpmOptions.from_flags(True, None, "127.0.0.1:2321") == \
+        TpmOptions("swtpm:host=127.0.0.1,port=2321")
+    with pytest.raises(ConfigError, match="need --tpm"):
+        TpmOptions.from_flags(False, "/dev/tpm0", None)
+
+
+def test_opening_a_missing_device_names_it() -> None:
+    if available() is not None:
+        pytest.skip(str(available()))
+    from ztnet.identity.tpm import Tpm
+
+    with pytest.raises(TpmError, match="tpm: opening device:/nonexistent/tpm failed"):
+        Tpm("device:/nonexistent/tpm")
