@@ -272,3 +272,19 @@ def test_a_controller_without_tpm_trust_refuses_tpm_enrollment(
         assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert "trusts no TPM" in refused.value.details()
         software_enroll(plain, "soft-plain")  # software enrollment still works
+
+
+def test_without_a_persistent_ek_the_ek_is_made_from_its_template(
+        controller: ControllerProcess, swtpm: Callable[..., SoftwareTpm],
+        tmp_path: Path) -> None:
+    tpm = swtpm()  # swtpm_setup provisions the RSA EK at 0x81010001, as vendors may
+    with Tpm(tpm.tcti) as opened:
+        provisioned, _ = opened.endorsement()
+        persistent = opened.esys.tr_from_tpmpublic(tpm_device.EK_PERSISTENT_HANDLE)
+        opened.esys.evict_control(opened.tss.ESYS_TR.OWNER, persistent,
+                                  tpm_device.EK_PERSISTENT_HANDLE)
+    with Tpm(tpm.tcti) as opened:
+        created, _ = opened.endorsement()
+    assert created == provisioned  # the same key, from the endorsement seed
+    tpm_enroll(controller, tpm, "tpm-no-persistent-ek", tmp_path / "host")
+    renew(controller, tmp_path / "host")

@@ -39,6 +39,9 @@ from ztnet.identity import tpmproof
 KEY_REF_FILE = "tpm.json"
 # TCG EK Credential Profile: the RSA 2048 EK, its certificate at NV index 0x01c00002
 EK_TYPE = "EK-RSA2048"
+# TCG Provisioning Guidance: where a provisioned TPM keeps that EK (creating it from the
+# template is an RSA key generation, seconds on some hardware TPMs)
+EK_PERSISTENT_HANDLE = 0x81010001
 _RC_HANDLE_UNKNOWN = 0x18B  # TPM_RC_HANDLE for handle 1: nothing at that persistent handle
 
 
@@ -181,11 +184,25 @@ class Tpm:
     def endorsement(self) -> tuple[bytes, bytes]:
         """(EK TPMT_PUBLIC, EK certificate DER or b""); the EK stays loaded for
         ``activate``."""
-        cert, template = self._ek_template()
         if self._ek is not None:
             self.flush(self._ek)
-        self._ek, public = self._primary(template, self.tss.ESYS_TR.ENDORSEMENT, "EK")
+        self._ek, public, cert = self._load_ek()
         return public, cert
+
+    def _load_ek(self) -> tuple[Any, bytes, bytes]:
+        """(handle, TPMT_PUBLIC, certificate): the persistent EK if the TPM has one made
+        from the EK template, else the EK created from the template. (A persistent
+        object that is not the certified EK is refused by the controller anyway: its key
+        is not the certificate's.)"""
+        cert, template = self._ek_template()
+        tr = self._persistent(EK_PERSISTENT_HANDLE)
+        if tr is not None:
+            with _tpm_call(f"reading the EK at 0x{EK_PERSISTENT_HANDLE:08x}"):
+                public, _, _ = self.esys.read_public(tr)
+            if _same_template(self.tss, public.publicArea, template.publicArea):
+                return tr, bytes(public.publicArea.marshal()), cert
+        handle, area = self._primary(template, self.tss.ESYS_TR.ENDORSEMENT, "EK")
+        return handle, area, cert
 
     def _storage_root(self) -> Any:
         t = self.tss
@@ -273,14 +290,12 @@ class Tpm:
     def activate(self, ak: Any, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
         """TPM2_ActivateCredential: the secret the controller encrypted to our EK for
         our AK's name; the TPM only releases it if both are loaded in it."""
-        t = self.tss
-        ek = self._ek
-        if ek is None:
-            ek, _ = self._primary(self._ek_template()[1], t.ESYS_TR.ENDORSEMENT, "EK")
+        ek = self._ek if self._ek is not None else self._load_ek()[0]
         try:
             return self._activate(ek, ak, credential_blob, encrypted_secret)
         finally:
-            self.flush(ek)
+            if ek in self._transient:  # never a persistent EK
+                self.flush(ek)
             self._ek = None
 
     def _activate(self, ek: Any, ak: Any, credential_blob: bytes,
@@ -322,6 +337,19 @@ class Tpm:
                 key, t.TPM2B_DIGEST(digest), t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL),
                 t.TPMT_TK_HASHCHECK(tag=t.TPM2_ST.HASHCHECK, hierarchy=t.TPM2_RH.NULL))
         return bytes(signature.marshal())
+
+
+def _same_template(tss: Any, area: Any, template: Any) -> bool:
+    """``area`` is what ``template`` makes: equal in everything but the key (``unique``)."""
+    if int(area.type) != int(template.type):
+        return False
+    copy, _ = tss.TPMT_PUBLIC.unmarshal(bytes(area.marshal()))
+    if int(copy.type) == int(tss.TPM2_ALG.RSA):
+        copy.unique.rsa = bytes(template.unique.rsa)
+    else:
+        copy.unique.ecc.x, copy.unique.ecc.y = (bytes(template.unique.ecc.x),
+                                                bytes(template.unique.ecc.y))
+    return bool(copy.marshal() == template.marshal())
 
 
 def ek_hash_of(ek_public: bytes) -> str:
