@@ -1,9 +1,10 @@
 """The host's TPM (2.0): its endorsement key, the enrollment key that never leaves it,
 and the attestation that proves so to the controller.
 
-    EK              the TPM's endorsement key (RSA 2048, TCG default template, created
-                    from the template when needed: the same key each time), with the
-                    manufacturer's EK certificate from NV index 0x01c00002 if there is one
+    EK              the TPM's endorsement key (RSA 2048, TCG default template): the one
+                    provisioned at 0x81010001, or created from the template (the same key
+                    each time), with the manufacturer's EK certificate from NV index
+                    0x01c00002 if there is one
     SRK             the storage root (ECC P-256, TCG template), also created when needed
     enrollment key  ECDSA P-256 under the SRK: fixedTPM | fixedParent | sensitiveDataOrigin
                     | sign, made persistent at a handle (default 0x81017a01); it signs
