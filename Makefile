@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-kernel bench lint typecheck clean
+.PHONY: setup demo test test-unit test-kernel bench bench-tpm lint typecheck clean
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,10 @@ test-kernel: setup
 
 bench: setup
 	$(PY) -m benchmarks.datapath
+
+# TPM-bound enrollment and renewal against swtpm (docs/controller.md, "TPM-bound hosts")
+bench-tpm: setup
+	$(PY) -m benchmarks.tpm
 
 lint: setup
 	$(VENV)/bin/ruff check ztnet tests benchmarks
