@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-kernel test-hardening bench bench-datapath lint typecheck clean
+.PHONY: setup demo test test-unit test-kernel test-hardening bench bench-datapath bench-tpm lint typecheck clean
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,10 @@ bench: setup
 
 bench-datapath: setup
 	$(PY) -m benchmarks.datapath
+
+# TPM-bound enrollment and renewal against swtpm (docs/controller.md, "TPM-bound hosts")
+bench-tpm: setup
+	$(PY) -m benchmarks.tpm
 
 lint: setup
 	$(VENV)/bin/ruff check ztnet tests benchmarks

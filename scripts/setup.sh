@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent host set-up for ztnet, as root on Debian 12 / Ubuntu 24.04:
-# distribution packages (bcc from the distribution, never from PyPI), kernel
+# distribution packages (bcc and the TPM bindings from the distribution, never from
+# PyPI; swtpm for the TPM tests), kernel
 # headers for bcc, a bpf filesystem, and .venv with the project and its test
 # and lab extras. A second run with nothing to do takes seconds.
 set -euo pipefail
@@ -23,6 +24,11 @@ PACKAGES=(python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute
 # None of these packages loads a rule or starts a service when installed (iperf3 asks
 # whether to start its daemon; the non-interactive default is no).
 [ "${ZTNET_SETUP_NO_BENCH:-0}" = 1 ] || PACKAGES+=(iperf3 nftables iptables)
+# TPM-bound host identity (`ztnet enroll --tpm`): the TSS bindings from the distribution
+# (like bcc, never from PyPI: they build against these tss2 libraries), and a software TPM
+# with its EK-certificate tooling for the tests. ZTNET_SETUP_NO_TPM=1 leaves them out
+# (the Vagrant boxes, offline, enroll their hosts without a TPM).
+[ "${ZTNET_SETUP_NO_TPM:-0}" = 1 ] || PACKAGES+=(python3-tpm2-pytss swtpm swtpm-tools tpm2-tools)
 # promtool (the metrics tests) is left out where no test runs: the Vagrant VMs, which have no
 # network and find everything else already installed in their box.
 [ "${ZTNET_SETUP_NO_PROMTOOL:-0}" = 1 ] || PACKAGES+=(prometheus)

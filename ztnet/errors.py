@@ -14,6 +14,7 @@ EPERM"``) so a one-line log names where to look.
     │   ├── BundleRejected          wrong host, rollback, freeze, malformed …
     │   └── GrantExpired
     ├── IdentityError               cgroups, agents, launching processes
+    │   └── TpmError                the host's TPM (open, keys, attestation, signatures)
     ├── DatapathError               anything between us and the kernel
     │   ├── UnsupportedKernel
     │   ├── LoadError               carries the verifier log
@@ -69,6 +70,10 @@ class GrantExpired(GrantError):
 
 class IdentityError(ZtnetError):
     exit_code = 4
+
+
+class TpmError(IdentityError):
+    """The TPM could not be opened or refused a command (messages start with ``tpm:``)."""
 
 
 class DatapathError(ZtnetError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.controller.flow_support import NS, make_record
+from tests.controller.schema_support import drop_tpm_schema
 from ztnet.controller import flows
 from ztnet.controller.flowstore import FlowQuery, FlowRow, flow_sql, iter_explain
 from ztnet.controller.metrics import ControllerMetrics
@@ -143,6 +144,7 @@ def test_a_schema_1_database_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "ztnet.db"
     SqliteStore.create(path, "test.example").close()
     with sqlite3.connect(path) as db:  # back to what the first release made
+        drop_tpm_schema(db)
         for table in ("flows", "flow_hosts"):
             db.execute(f"DROP TABLE {table}")
         db.execute("DELETE FROM meta WHERE key = 'flow_rows'")

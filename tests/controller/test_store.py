@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ztnet.controller.store import SqliteStore, TokenStatus
+from tests.controller.schema_support import drop_tpm_schema
+from ztnet.controller.store import HostBinding, SqliteStore, TokenStatus
 from ztnet.errors import ConfigError
 
 
@@ -129,3 +130,44 @@ def test_opening_something_else_is_refused(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a database" * 100)
     with pytest.raises(ConfigError, match="not a (ztnet )?database"):
         SqliteStore.open(garbage)
+
+
+def test_a_require_tpm_token_is_left_unused_by_a_software_enrollment(
+        store: SqliteStore) -> None:
+    store.add_token("d", "web-1", now=0.0, expires_at=10.0, require_tpm=True)
+    assert store.check_token("d", "web-1", now=1.0) is TokenStatus.ACCEPTED
+    assert store.consume_token("d", "web-1", now=1.0) is TokenStatus.TPM_REQUIRED
+    assert store.consume_token("d", "web-1", now=1.0, attested=True) is TokenStatus.ACCEPTED
+    assert store.check_token("d", "web-1", now=1.0) is TokenStatus.USED
+
+
+def test_a_host_binding_is_recorded_shown_and_revoked(store: SqliteStore) -> None:
+    binding = HostBinding("tpm", "sha256:" + "ab" * 32, b"\x00\x23public")
+    store.enroll_host("web-1", "spiffe://test.example/host/web-1", 1.0, binding=binding)
+    store.enroll_host("web-2", "spiffe://test.example/host/web-2", 1.0)
+    assert store.host_binding("web-1") == binding
+    assert store.host_with_ek(binding.ek_hash) == "web-1"
+    assert [(h.name, h.attestation, h.ek_hash) for h in store.hosts()] == [
+        ("web-1", "tpm", binding.ek_hash), ("web-2", "software", "")]
+    store.unbind_host("web-1")
+    store.unbind_host("web-2")  # a software host has nothing to unbind
+    assert store.host_binding("web-1") == HostBinding("revoked", "", b"")
+    assert store.host_binding("web-2") == HostBinding("software", "", b"")
+    assert store.host_with_ek(binding.ek_hash) is None
+
+
+def test_a_schema_2_database_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "ztnet.db"
+    store = SqliteStore.create(path, "test.example")
+    store.add_token("d", "web-1", now=0.0, expires_at=10.0)
+    store.enroll_host("web-0", "spiffe://test.example/host/web-0", 1.0)
+    store.close()
+    with sqlite3.connect(path) as db:
+        drop_tpm_schema(db)
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    store = SqliteStore.open(path)
+    try:
+        assert store.consume_token("d", "web-1", now=1.0) is TokenStatus.ACCEPTED
+        assert store.host_binding("web-0") == HostBinding("software", "", b"")
+    finally:
+        store.close()

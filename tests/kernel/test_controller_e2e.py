@@ -39,6 +39,7 @@ from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_a
 from ztnet.testing.controller import ControllerProcess, create_token, init_controller, policy_toml
 from ztnet.testing.daemon import HOST, DaemonProcess, make_bundle
 from ztnet.testing.ports import free_port
+from ztnet.testing.swtpm import EkAuthority, SoftwareTpm
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
 A, B, NEVER = 8080, 7070, 9090
@@ -283,3 +284,39 @@ def test_the_host_certificate_is_renewed_over_mutual_tls(instance: Instance,
         current = x509.load_pem_x509_certificate((node / "host.pem").read_bytes())
         assert current.serial_number != enrolled.serial_number
         assert "host certificate renewed" in controller.log()
+
+
+def test_a_tpm_bound_host_enforces_renews_with_its_tpm_and_not_without(
+        lab: Lab, tmp_path: Path, swtpm: Callable[..., SoftwareTpm],
+        ek_authority: EkAuthority) -> None:
+    tpm = swtpm()
+    state = init_controller(tmp_path / "ctl")
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(policy(lab, A))
+    with ControllerProcess(state, policy=policy_file, extra_args=[
+            "--tpm-ek-ca", str(ek_authority.bundle), "--host-cert-ttl", "16s"]) as controller:
+        created = ztnet("controller", "token", "create", "--state", str(state.root), "--host",
+                        HOST, "--require-tpm", "--json")
+        assert created.returncode == 0, created.stderr
+        token = str(json.loads(created.stdout)["token"])
+        software = enroll_with_cli(controller, tmp_path / "soft", token=token)
+        assert software.returncode != 0 and "requires TPM attestation" in software.stderr
+        enrolled = ztnet("enroll", "--controller", controller.enroll_address, f"--token={token}",
+                         "--ca-fingerprint", fingerprint(x509.load_pem_x509_certificate(
+                             state.ca_pem)), "--state", str(lab.state), "--host", HOST,
+                         "--tpm", "--tpm-swtpm", tpm.address)
+        assert enrolled.returncode == 0, enrolled.stderr
+        with DaemonProcess(lab.instance, None, None, lab.state,
+                           controller=controller.address) as daemon:
+            daemon.wait_event(event("bundle applied"))
+            assert (lab.attempt(A), lab.attempt(NEVER)) == ("OK", "EPERM")
+            first = daemon.wait_event(event("certificate renewed"))
+            daemon.wait_event(lambda e: e.get("event") == "certificate renewed"
+                              and e.get("serial") != first["serial"])
+            tpm.stop()  # the TPM is gone (or the state directory is elsewhere)
+            failed = daemon.wait_event(event("certificate renewal failed"))
+            assert "tpm:" in str(failed["reason"]), failed
+            assert lab.attempt(A) == "OK"  # until the certificate and grants run out
+        with controller.admin() as admin:
+            (host,) = admin.list_hosts().hosts
+        assert host.attestation == "tpm" and host.ek_hash.startswith("sha256:")

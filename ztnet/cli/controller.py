@@ -70,8 +70,15 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--grant-ttl", type=duration, default=300, metavar="DURATION",
                    help="lifetime of grants whose rule has no ttl; bundles are renewed at "
                    "half their lifetime (default 5m)")
-    p.add_argument("--host-cert-ttl", type=duration, default=86400, metavar="DURATION",
-                   help="lifetime of host certificates (default 24h)")
+    p.add_argument("--host-cert-ttl", type=duration, default=3600, metavar="DURATION",
+                   help="lifetime of host certificates; hosts renew at half of it "
+                   "(default 1h: what a copied state directory is worth)")
+    p.add_argument("--tpm-ek-ca", type=Path, action="append", default=[], metavar="PEM",
+                   help="EK CA certificates (PEM; repeatable): TPMs whose EK certificate "
+                   "they signed may enroll with `ztnet enroll --tpm`")
+    p.add_argument("--tpm-ek-allowlist", type=Path, default=None, metavar="FILE",
+                   help="EK hashes (sha256:HEX, one a line) of TPMs that may enroll, e.g. "
+                   "TPMs without an EK certificate")
     p.add_argument("--apply-timeout", type=duration, default=10, metavar="DURATION",
                    help="how long ApplyPolicy and Revoke wait for hosts by default (10s)")
     p.add_argument("--ready-file", type=Path, metavar="FILE",
@@ -116,6 +123,9 @@ def register(sub: SubParsers) -> None:
                    help="how long the token is valid (default 15m)")
     p.add_argument("--json", action="store_true",
                    help='print {"token": …, "ca_fingerprint": …}')
+    p.add_argument("--require-tpm", action="store_true",
+                   help="the token only enrolls a host proving a TPM-resident key "
+                   "(`ztnet enroll --tpm`); software enrollment is refused")
 
     p = add_command(group, "admin-cert", "Write an admin credential directory (admin.key, "
                     "admin.pem, ca.pem) for the operator commands.",
@@ -171,11 +181,13 @@ def handle_serve(args: argparse.Namespace) -> int:
                  host_limits=HostLimits(subscribe=args.host_subscribe_rate,
                                         renew=args.host_renew_rate,
                                         flow_records=args.host_flow_rate,
-                                        max_streams=args.host_max_streams))
+                                        max_streams=args.host_max_streams),
+                 tpm_ek_cas=tuple(args.tpm_ek_ca), tpm_ek_allowlist=args.tpm_ek_allowlist)
 
 
 def handle_token_create(args: argparse.Namespace) -> int:
-    return token_create(args.state, args.host, ttl=args.ttl, as_json=args.json)
+    return token_create(args.state, args.host, ttl=args.ttl, as_json=args.json,
+                        require_tpm=args.require_tpm)
 
 
 def handle_admin_cert(args: argparse.Namespace) -> int:
@@ -213,12 +225,13 @@ def controller_init(state: Path, trust_domain: str, *, sans: tuple[str, ...] = (
 
 def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
           policy: Path | None = None, grant_ttl: float = 300.0,
-          host_cert_ttl: float = 86400.0, apply_timeout: float = 10.0,
+          host_cert_ttl: float = 3600.0, apply_timeout: float = 10.0,
           ready_file: Path | None = None, log_format: str = "text",
           flow_retention: float = 7 * 86400.0, flow_max_rows: int = 10_000_000,
           flow_prune_interval: float = 60.0, metrics: str | None = None,
           flow_max_rows_per_host: int = 1_000_000,
-          host_limits: HostLimits = DEFAULT_LIMITS) -> int:
+          host_limits: HostLimits = DEFAULT_LIMITS,
+          tpm_ek_cas: tuple[Path, ...] = (), tpm_ek_allowlist: Path | None = None) -> int:
     """Serve until stopped (SIGTERM/SIGINT)."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
     from ztnet import logs
@@ -234,11 +247,12 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
         retention=Retention(max_age=flow_retention, max_rows=flow_max_rows,
                             max_rows_per_host=flow_max_rows_per_host,
                             interval=flow_prune_interval),
-        metrics=metrics, host_limits=host_limits))
+        metrics=metrics, host_limits=host_limits, tpm_ek_cas=tpm_ek_cas,
+        tpm_ek_allowlist=tpm_ek_allowlist))
 
 
 def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
-                 out: TextIO | None = None) -> int:
+                 out: TextIO | None = None, require_tpm: bool = False) -> int:
     from ztnet.controller import statedir
     from ztnet.controller.enrollment import create_token
     from ztnet.controller.store import SqliteStore
@@ -248,17 +262,21 @@ def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
     authority = statedir.load_authority(paths)
     store = SqliteStore.open(paths.database)
     try:
-        token = create_token(store, host, ttl=ttl, now=time.time())
+        token = create_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm)
     except RpcFailure as exc:
         raise ConfigError(f"controller: --{exc}") from None
     finally:
         store.close()
     if as_json:
-        _print(out, json.dumps({"token": token, "ca_fingerprint": authority.fingerprint}))
+        printed: dict[str, object] = {"token": token, "ca_fingerprint": authority.fingerprint}
+        if require_tpm:
+            printed["require_tpm"] = True
+        _print(out, json.dumps(printed))
     else:
         _print(out, f"token:          {token}")
         _print(out, f"ca fingerprint: {authority.fingerprint}")
-        _print(out, f"host:           {host} (valid once, for {format_duration(ttl)})")
+        _print(out, f"host:           {host} (valid once, for {format_duration(ttl)}"
+                    f"{'; TPM enrollment only: ztnet enroll --tpm' if require_tpm else ''})")
     return 0
 
 
@@ -297,6 +315,8 @@ def _revoke(state: Path, kind: Kind, name: str, then: str, out: TextIO | None) -
     try:
         identity = pki.spiffe_id(store.trust_domain(), kind, name)
         count = store.revoke_certificates(identity.uri, time.time())
+        if kind == "host":
+            store.unbind_host(name)  # its TPM must attest again, with a new token
     finally:
         store.close()
     if count == 0:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ztnet.cli.args import SubParsers, add_command
+
+if TYPE_CHECKING:
+    from ztnet.daemon.enroll import TpmOptions
 
 
 def register(sub: SubParsers) -> None:
@@ -26,17 +29,27 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--state", required=True, type=Path, metavar="DIR",
                    help="state directory for the credentials (created 0700)")
     p.add_argument("--host", default=None, help="this host's name (default: hostname)")
+    p.add_argument("--tpm", action="store_true",
+                   help="bind this host's identity to its TPM 2.0 (docs/controller.md)")
+    p.add_argument("--tpm-device", metavar="PATH", default=None,
+                   help="with --tpm: the TPM device (default /dev/tpmrm0)")
+    p.add_argument("--tpm-swtpm", metavar="HOST:PORT", default=None,
+                   help="with --tpm: a software TPM's server socket (tests, labs)")
 
 
 def handle_enroll(args: argparse.Namespace) -> int:
-    return enroll(args.controller, args.token, args.ca_fingerprint, args.state, host=args.host)
+    from ztnet.daemon.enroll import TpmOptions
+
+    return enroll(args.controller, args.token, args.ca_fingerprint, args.state, host=args.host,
+                  tpm=TpmOptions.from_flags(args.tpm, args.tpm_device, args.tpm_swtpm))
 
 
 def enroll(controller: str, token: str, ca_fingerprint: str, state: Path, *,
-           host: str | None = None, out: TextIO | None = None) -> int:
+           host: str | None = None, out: TextIO | None = None,
+           tpm: TpmOptions | None = None) -> int:
     from ztnet.daemon.enroll import enroll as run_enroll
 
-    identity = run_enroll(controller, token, ca_fingerprint, state, host=host)
+    identity = run_enroll(controller, token, ca_fingerprint, state, host=host, tpm=tpm)
     out = out if out is not None else sys.stdout
     print(f"enrolled {identity.host} as {identity.spiffe_id}; credentials in {state}", file=out)
     print("next: ztnet daemon --controller HOST:PORT --state "

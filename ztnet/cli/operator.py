@@ -132,11 +132,16 @@ def hosts(client: AdminClient, *, out: TextIO | None = None) -> int:
     for host in client.list_hosts().hosts:
         nack = f"v{host.last_nack_version}: {host.last_nack_reason}" if \
             host.last_nack_version else "-"
+        # an older controller sends no attestation: every host it knows is software
+        identity = host.attestation or "software"
+        if host.ek_hash:
+            identity += f" {host.ek_hash}"
         rows.append((host.name, str(host.applied_version or "-"), _yes(host.in_sync),
                      _yes(host.connected),
-                     format_time(host.last_seen) if host.last_seen else "never", nack))
+                     format_time(host.last_seen) if host.last_seen else "never", identity,
+                     nack))
     _print(out, format_table(("HOST", "APPLIED", "IN SYNC", "CONNECTED", "LAST SEEN",
-                              "LAST NACK"), rows))
+                              "IDENTITY", "LAST NACK"), rows))
     return 0
 
 

@@ -83,7 +83,8 @@ class AdminService:
                 applied_version=record.applied_version, last_seen=record.last_seen,
                 connected=self.hub.is_connected(record.name),
                 in_sync=epoch is not None and record.applied_version == epoch.version,
-                last_nack_version=record.nack_version, last_nack_reason=record.nack_reason))
+                last_nack_version=record.nack_version, last_nack_reason=record.nack_reason,
+                attestation=record.attestation, ek_hash=record.ek_hash))
         return admin_pb2.ListHostsResponse(hosts=hosts)
 
     async def list_agents(self, request: admin_pb2.ListAgentsRequest,

@@ -50,21 +50,37 @@ class NodeService:
 
     async def enroll(self, request: node_pb2.EnrollRequest,
                      context: Any) -> node_pb2.EnrollResponse:
-        issued = self.enrollment.enroll(request.token, request.host, request.csr_pem)
+        tpm = request.tpm if request.HasField("tpm") else None
+        issued = self.enrollment.enroll(request.token, request.host, request.csr_pem, tpm)
         logs.event("host enrolled", host=issued.identity.name,
-                   serial=format(issued.cert.serial_number, "x"))
+                   serial=format(issued.cert.serial_number, "x"),
+                   attestation=issued.attestation)
         return node_pb2.EnrollResponse(
             certificate_pem=issued.cert.public_bytes(serialization.Encoding.PEM),
             ca_pem=self.enrollment.authority.cert_pem,
             signing_public_key_pem=self.signing_pub_pem,
             trust_domain=issued.identity.trust_domain,
-            spiffe_id=issued.identity.uri)
+            spiffe_id=issued.identity.uri,
+            attestation=issued.attestation)
+
+    async def begin_attestation(self, request: node_pb2.BeginAttestationRequest,
+                                context: Any) -> node_pb2.BeginAttestationResponse:
+        # make_credential is an RSA encryption: ~0.1 ms, fine on the event loop
+        return self.enrollment.begin_attestation(request)
+
+    async def begin_renewal(self, request: node_pb2.BeginRenewalRequest,
+                            context: Any) -> node_pb2.BeginRenewalResponse:
+        peer = self.authz.require(context, "host")
+        nonce = self.enrollment.renewal_nonce(peer.identity)
+        ttl = self.enrollment.attestation.ttl if nonce and self.enrollment.attestation else 0.0
+        return node_pb2.BeginRenewalResponse(nonce=nonce, expires_in_seconds=ttl)
 
     async def renew_certificate(self, request: node_pb2.RenewCertificateRequest,
                                 context: Any) -> node_pb2.RenewCertificateResponse:
         peer = self.authz.require(context, "host")
         self.limiter.admit(peer.name, "renew")
-        issued = self.enrollment.renew(peer.identity, request.csr_pem)
+        issued = self.enrollment.renew(peer.identity, request.csr_pem, request.nonce,
+                                       request.tpm_signature)
         logs.event("host certificate renewed", host=peer.name,
                    serial=format(issued.cert.serial_number, "x"))
         return node_pb2.RenewCertificateResponse(

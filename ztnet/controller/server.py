@@ -40,8 +40,9 @@ from grpc_reflection.v1alpha import reflection
 from ztnet import logs
 from ztnet.controller import rpc, statedir
 from ztnet.controller.admin_service import AdminService
+from ztnet.controller.attestation import Attestation, EkTrust
 from ztnet.controller.authz import Authorizer
-from ztnet.controller.enrollment import Enrollment
+from ztnet.controller.enrollment import DEFAULT_HOST_CERT_TTL, Enrollment
 from ztnet.controller.epochs import Issuer
 from ztnet.controller.flows import Pruner, Retention
 from ztnet.controller.hub import Hub
@@ -85,12 +86,15 @@ class ServeConfig:
     enroll_listen: str | None = None
     policy: Path | None = None
     grant_ttl: float = 300.0
-    host_cert_ttl: float = 24 * 3600.0
+    host_cert_ttl: float = DEFAULT_HOST_CERT_TTL
     apply_timeout: float = 10.0
     ready_file: Path | None = None
     retention: Retention = Retention()
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
     host_limits: HostLimits = HostLimits()
+    # TPM enrollment: EK CA certificates (PEM files) and an EK hash allowlist file
+    tpm_ek_cas: tuple[Path, ...] = ()
+    tpm_ek_allowlist: Path | None = None
 
 
 def serve(config: ServeConfig) -> int:
@@ -117,7 +121,9 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
     issuer = Issuer(load_private_key(paths.signing_key), grant_ttl=config.grant_ttl)
     publisher = Publisher(store, issuer, hub, clock)
     authz = Authorizer(store, authority, clock)
-    enrollment = Enrollment(store, authority, host_cert_ttl=config.host_cert_ttl, clock=clock)
+    trust = EkTrust.load(config.tpm_ek_cas, config.tpm_ek_allowlist)
+    enrollment = Enrollment(store, authority, host_cert_ttl=config.host_cert_ttl, clock=clock,
+                            attestation=Attestation(trust, clock))
     metrics = ControllerMetrics()
     metrics.follow(hosts=lambda: len(hub.sessions()),
                    bundle_version=lambda: publisher.current.version if publisher.current else 0,
@@ -167,6 +173,7 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
             _write_ready(config.ready_file, addresses)
         logs.event("controller serving", trust_domain=store.trust_domain(),
                    ca_fingerprint=authority.fingerprint, version=store.current_version(),
+                   tpm_ek_cas=len(trust.cas), tpm_ek_allowlist=len(trust.allowed),
                    listen=addresses["listen"], enroll_listen=addresses.get("enroll_listen", "off"),
                    metrics=addresses.get("metrics", "off"))
         await _wait_for_signal()
@@ -191,8 +198,12 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
 def node_handlers(node: NodeService) -> grpc.GenericRpcHandler:
     return rpc.service(NODE_SERVICE, {
         "Enroll": rpc.unary("Enroll", node.enroll, node_pb2.EnrollRequest),
+        "BeginAttestation": rpc.unary("BeginAttestation", node.begin_attestation,
+                                      node_pb2.BeginAttestationRequest),
         "RenewCertificate": rpc.unary("RenewCertificate", node.renew_certificate,
                                       node_pb2.RenewCertificateRequest),
+        "BeginRenewal": rpc.unary("BeginRenewal", node.begin_renewal,
+                                  node_pb2.BeginRenewalRequest),
         "StreamGrants": rpc.stream("StreamGrants", node.stream_grants,
                                    node_pb2.GrantStreamRequest),
         "ReportFlows": rpc.stream("ReportFlows", node.report_flows, node_pb2.FlowBatch),

@@ -25,7 +25,7 @@ from ztnet import logs
 from ztnet.controller.flowstore import FLOW_SCHEMA, FLOW_UPGRADE_3
 from ztnet.errors import ConfigError
 
-SCHEMA_VERSION = 3  # 2: flow records; 3: receive times, per-host row counts
+SCHEMA_VERSION = 4  # 2: flow records; 3: receive times, per-host row counts; 4: TPM
 CHECKPOINT_INTERVAL = 0.5
 
 _SCHEMA = """
@@ -48,14 +48,26 @@ CREATE TABLE hosts (
     nack_version INTEGER NOT NULL DEFAULT 0, nack_reason TEXT NOT NULL DEFAULT '');
 """
 
+# Schema 4: how each host proved its identity ("software" or "tpm"), its TPM's EK hash
+# and enrollment key (TPMT_PUBLIC, checked at each renewal), and tokens that refuse
+# software enrollment.
+TPM_SCHEMA = (
+    "ALTER TABLE hosts ADD COLUMN attestation TEXT NOT NULL DEFAULT 'software'",
+    "ALTER TABLE hosts ADD COLUMN ek_hash TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE hosts ADD COLUMN enrollment_key BLOB",
+    "CREATE INDEX hosts_by_ek ON hosts (ek_hash)",
+    "ALTER TABLE tokens ADD COLUMN require_tpm INTEGER NOT NULL DEFAULT 0",
+)
+
 # schema N -> (the schema it becomes, the statements that make it so)
-_UPGRADES: dict[int, tuple[int, tuple[str, ...]]] = {1: (3, FLOW_SCHEMA), 2: (3, FLOW_UPGRADE_3)}
+_UPGRADES: dict[int, tuple[int, tuple[str, ...]]] = {
+    1: (3, FLOW_SCHEMA), 2: (3, FLOW_UPGRADE_3), 3: (4, TPM_SCHEMA)}
 
 
 def create_schema(db: sqlite3.Connection) -> None:
     """Every table of the current schema (the caller adds the meta rows)."""
     db.executescript(_SCHEMA)  # commits on its own
-    for statement in FLOW_SCHEMA:
+    for statement in (*FLOW_SCHEMA, *TPM_SCHEMA):
         db.execute(statement)
 
 

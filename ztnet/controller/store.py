@@ -32,8 +32,8 @@ from ztnet.controller.flowstore import FlowStore, SqliteFlowStore
 from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, create_schema, upgrade
 from ztnet.errors import ConfigError
 
-__all__ = ["SCHEMA_VERSION", "HostRecord", "PolicyRecord", "Revocation", "SqliteStore", "Store",
-           "TokenStatus"]
+__all__ = ["SCHEMA_VERSION", "HostBinding", "HostRecord", "PolicyRecord", "Revocation",
+           "SqliteStore", "Store", "TokenStatus"]
 
 @dataclass(frozen=True, slots=True)
 class PolicyRecord:
@@ -61,6 +61,19 @@ class HostRecord:
     last_seen: float
     nack_version: int
     nack_reason: str
+    # "software" or "tpm" (schema 3); for "tpm", the EK hash ("sha256:…")
+    attestation: str = "software"
+    ek_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HostBinding:
+    """How an enrolled host proves itself at renewal: a TPM-bound host signs with the
+    enrollment key recorded here (``enrollment_key``: its TPMT_PUBLIC)."""
+
+    attestation: str
+    ek_hash: str
+    enrollment_key: bytes
 
 
 class TokenStatus(enum.Enum):
@@ -69,6 +82,7 @@ class TokenStatus(enum.Enum):
     USED = "used"
     EXPIRED = "expired"
     WRONG_HOST = "wrong host"
+    TPM_REQUIRED = "tpm required"
 
 
 class Store(FlowStore, Protocol):
@@ -91,10 +105,17 @@ class Store(FlowStore, Protocol):
 
     def revocations(self) -> tuple[Revocation, ...]: ...
 
-    def add_token(self, digest: str, host: str, now: float, expires_at: float) -> None: ...
+    def add_token(self, digest: str, host: str, now: float, expires_at: float, *,
+                  require_tpm: bool = False) -> None: ...
 
-    def consume_token(self, digest: str, host: str, now: float) -> TokenStatus:
-        """Atomically mark an unused, unexpired token for ``host`` used."""
+    def consume_token(self, digest: str, host: str, now: float, *,
+                      attested: bool = False) -> TokenStatus:
+        """Atomically mark an unused, unexpired token for ``host`` used; a token made with
+        ``require_tpm`` is left unused (TPM_REQUIRED) unless the enrollment is ``attested``."""
+        ...
+
+    def check_token(self, digest: str, host: str, now: float) -> TokenStatus:
+        """What ``consume_token(attested=True)`` would say, without using the token."""
         ...
 
     def record_certificate(self, serial: int, spiffe_id: str, now: float, not_after: float, *,
@@ -107,8 +128,20 @@ class Store(FlowStore, Protocol):
 
     def revoke_certificates(self, spiffe_id: str, now: float) -> int: ...
 
-    def enroll_host(self, name: str, spiffe_id: str, now: float) -> None:
-        """Also forgets the host's flow batch sequence (a new spool starts at 1)."""
+    def enroll_host(self, name: str, spiffe_id: str, now: float, *,
+                    binding: HostBinding | None = None) -> None:
+        """Also forgets the host's flow batch sequence (a new spool starts at 1).
+        ``binding`` None: a software enrollment."""
+        ...
+
+    def host_binding(self, name: str) -> HostBinding | None: ...
+
+    def host_with_ek(self, ek_hash: str) -> str | None:
+        """The enrolled, unrevoked host bound to this TPM, if any."""
+        ...
+
+    def unbind_host(self, name: str) -> None:
+        """Forget the host's TPM binding (revocation: it must attest again)."""
         ...
 
     def record_seen(self, host: str, now: float, applied_version: int | None = None) -> None: ...
@@ -251,26 +284,23 @@ class SqliteStore(SqliteFlowStore):
 
     # --- enrollment tokens -----------------------------------------------------------
 
-    def add_token(self, digest: str, host: str, now: float, expires_at: float) -> None:
+    def add_token(self, digest: str, host: str, now: float, expires_at: float, *,
+                  require_tpm: bool = False) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, NULL)",
-                       (digest, host, now, expires_at))
+            db.execute("INSERT INTO tokens (digest, host, created_at, expires_at, used_at, "
+                       "require_tpm) VALUES (?, ?, ?, ?, NULL, ?)",
+                       (digest, host, now, expires_at, int(require_tpm)))
 
-    def consume_token(self, digest: str, host: str, now: float) -> TokenStatus:
+    def consume_token(self, digest: str, host: str, now: float, *,
+                      attested: bool = False) -> TokenStatus:
         with self._tx() as db:
-            row = db.execute("SELECT host, expires_at, used_at FROM tokens WHERE digest = ?",
-                             (digest,)).fetchone()
-            if row is None:
-                return TokenStatus.UNKNOWN
-            token_host, expires_at, used_at = row
-            if used_at is not None:
-                return TokenStatus.USED
-            if now >= float(expires_at):
-                return TokenStatus.EXPIRED
-            if token_host != host:
-                return TokenStatus.WRONG_HOST
-            db.execute("UPDATE tokens SET used_at = ? WHERE digest = ?", (now, digest))
-        return TokenStatus.ACCEPTED
+            outcome = _token_status(db, digest, host, now, attested)
+            if outcome is TokenStatus.ACCEPTED:
+                db.execute("UPDATE tokens SET used_at = ? WHERE digest = ?", (now, digest))
+        return outcome
+
+    def check_token(self, digest: str, host: str, now: float) -> TokenStatus:
+        return _token_status(self._db, digest, host, now, True)
 
     # --- certificates and hosts ------------------------------------------------------
 
@@ -294,13 +324,37 @@ class SqliteStore(SqliteFlowStore):
                                 "WHERE spiffe_id = ? AND revoked_at IS NULL", (now, spiffe_id))
         return cursor.rowcount
 
-    def enroll_host(self, name: str, spiffe_id: str, now: float) -> None:
+    def enroll_host(self, name: str, spiffe_id: str, now: float, *,
+                    binding: HostBinding | None = None) -> None:
+        bound = binding or HostBinding("software", "", b"")
         with self._tx() as db:
-            db.execute("INSERT INTO hosts (name, spiffe_id, enrolled_at) VALUES (?, ?, ?) "
+            db.execute("INSERT INTO hosts (name, spiffe_id, enrolled_at, attestation, ek_hash, "
+                       "enrollment_key) VALUES (?, ?, ?, ?, ?, ?) "
                        "ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
-                       "enrolled_at = excluded.enrolled_at, applied_version = 0",
-                       (name, spiffe_id, now))
+                       "enrolled_at = excluded.enrolled_at, applied_version = 0, "
+                       "attestation = excluded.attestation, ek_hash = excluded.ek_hash, "
+                       "enrollment_key = excluded.enrollment_key",
+                       (name, spiffe_id, now, bound.attestation, bound.ek_hash,
+                        bound.enrollment_key or None))
             self.reset_flow_sequence(db, name)
+
+    def host_binding(self, name: str) -> HostBinding | None:
+        row = self._db.execute("SELECT attestation, ek_hash, enrollment_key FROM hosts "
+                               "WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        return HostBinding(str(row[0]), str(row[1]), bytes(row[2] or b""))
+
+    def host_with_ek(self, ek_hash: str) -> str | None:
+        row = self._db.execute("SELECT name FROM hosts WHERE ek_hash = ? AND attestation = "
+                               "'tpm' ORDER BY name LIMIT 1", (ek_hash,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def unbind_host(self, name: str) -> None:
+        with self._tx() as db:
+            # "revoked": a later renewal must not fall back to the software path
+            db.execute("UPDATE hosts SET attestation = 'revoked', ek_hash = '', "
+                       "enrollment_key = NULL WHERE name = ? AND attestation = 'tpm'", (name,))
 
     def record_seen(self, host: str, now: float, applied_version: int | None = None) -> None:
         with self._tx() as db:
@@ -321,9 +375,27 @@ class SqliteStore(SqliteFlowStore):
     def hosts(self) -> tuple[HostRecord, ...]:
         rows = self._db.execute(
             "SELECT name, spiffe_id, enrolled_at, applied_version, last_seen, nack_version, "
-            "nack_reason FROM hosts ORDER BY name").fetchall()
+            "nack_reason, attestation, ek_hash FROM hosts ORDER BY name").fetchall()
         return tuple(HostRecord(str(r[0]), str(r[1]), float(r[2]), int(r[3]), float(r[4]),
-                                int(r[5]), str(r[6])) for r in rows)
+                                int(r[5]), str(r[6]), str(r[7]), str(r[8])) for r in rows)
+
+
+def _token_status(db: sqlite3.Connection, digest: str, host: str, now: float,
+                  attested: bool) -> TokenStatus:
+    row = db.execute("SELECT host, expires_at, used_at, require_tpm FROM tokens "
+                     "WHERE digest = ?", (digest,)).fetchone()
+    if row is None:
+        return TokenStatus.UNKNOWN
+    token_host, expires_at, used_at, require_tpm = row
+    if used_at is not None:
+        return TokenStatus.USED
+    if now >= float(expires_at):
+        return TokenStatus.EXPIRED
+    if token_host != host:
+        return TokenStatus.WRONG_HOST
+    if require_tpm and not attested:
+        return TokenStatus.TPM_REQUIRED
+    return TokenStatus.ACCEPTED
 
 
 def _serial(serial: int) -> str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import grpc
 
 from ztnet import logs
+from ztnet.daemon import renewal
 from ztnet.daemon.backoff import Backoff
 from ztnet.daemon.channel import CallScope, controller_channel, describe, wait_ready
 from ztnet.daemon.credentials import HostCredentials
@@ -253,12 +254,11 @@ class ControllerClient:
                                      self.credentials.identity.server_name,
                                      key_pem=key_pem, cert_pem=cert_pem)
         try:
-            response = node_pb2_grpc.NodeServiceStub(channel).RenewCertificate(
-                node_pb2.RenewCertificateRequest(csr_pem=self.credentials.csr()),
-                timeout=RPC_TIMEOUT)
+            certificate_pem = renewal.renew(node_pb2_grpc.NodeServiceStub(channel),
+                                            self.credentials, RPC_TIMEOUT)
         finally:
             channel.close()
         with self._lock:
-            self.credentials.store_certificate(response.certificate_pem)
+            self.credentials.store_certificate(certificate_pem)
         logs.event("certificate renewed", not_after=round(self.credentials.not_after),
                    serial=format(self.credentials.cert.serial_number, "x"))

@@ -94,10 +94,11 @@ def admin_credentials(state: ControllerState, out: Path, name: str = "ops",
     return out
 
 
-def create_token(state: ControllerState, host: str, ttl: float = 900.0) -> str:
+def create_token(state: ControllerState, host: str, ttl: float = 900.0, *,
+                 require_tpm: bool = False) -> str:
     store = SqliteStore.open(state.paths.database)
     try:
-        return store_token(store, host, ttl=ttl, now=time.time())
+        return store_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm)
     finally:
         store.close()
 
