@@ -6,7 +6,7 @@ import sqlite3
 
 
 def drop_tpm_schema(db: sqlite3.Connection) -> None:
-    """Undo schema 3 (TPM attestation: ztnet.controller.sqlitedb.TPM_SCHEMA)."""
+    """Undo schema 4 (TPM attestation: ztnet.controller.sqlitedb.TPM_SCHEMA)."""
     db.execute("DROP INDEX hosts_by_ek")
     for column in ("attestation", "ek_hash", "enrollment_key"):
         db.execute(f"ALTER TABLE hosts DROP COLUMN {column}")

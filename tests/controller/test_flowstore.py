@@ -179,6 +179,7 @@ def test_a_schema_2_database_gets_receive_times_and_host_counts(tmp_path: Path) 
     SqliteStore.create(path, "test.example").close()
     far_future = 9_000_000_000 * NS  # 2255: stored before ingest bounded record times
     with sqlite3.connect(path) as db:
+        drop_tpm_schema(db)  # schema 2 had neither receive times nor TPM attestation
         db.execute("DROP TABLE flows")
         db.execute("DROP TABLE flow_hosts")
         for statement in _SCHEMA_2:

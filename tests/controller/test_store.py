@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.controller.schema_support import drop_tpm_schema
-from ztnet.controller.store import HostBinding, SqliteStore, TokenStatus
+from ztnet.controller.store import SCHEMA_VERSION, HostBinding, SqliteStore, TokenStatus
 from ztnet.errors import ConfigError
 
 
@@ -156,7 +156,7 @@ def test_a_host_binding_is_recorded_shown_and_revoked(store: SqliteStore) -> Non
     assert store.host_with_ek(binding.ek_hash) is None
 
 
-def test_a_schema_2_database_is_upgraded(tmp_path: Path) -> None:
+def test_a_schema_3_database_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "ztnet.db"
     store = SqliteStore.create(path, "test.example")
     store.add_token("d", "web-1", now=0.0, expires_at=10.0)
@@ -164,9 +164,11 @@ def test_a_schema_2_database_is_upgraded(tmp_path: Path) -> None:
     store.close()
     with sqlite3.connect(path) as db:
         drop_tpm_schema(db)
-        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
     store = SqliteStore.open(path)
     try:
+        assert store._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (
+            str(SCHEMA_VERSION),)
         assert store.consume_token("d", "web-1", now=1.0) is TokenStatus.ACCEPTED
         assert store.host_binding("web-0") == HostBinding("software", "", b"")
     finally:
