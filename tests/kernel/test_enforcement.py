@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
+from tests.kernel.pair_fixtures import AGENT, ALLOWED, CONTROL, DENIED
 from tests.kernel.support import grant
 from ztnet.datapath.datapath import Datapath
 from ztnet.grants.model import Proto
@@ -17,30 +17,7 @@ from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
 from ztnet.lab.sniff import Sniffer
-from ztnet.testing.agents import allow_ping_sockets, run_traffic
-
-ALLOWED, DENIED, CONTROL = 8080, 9090, 7070
-AGENT = "bot"
-
-
-@pytest.fixture
-def pair() -> Iterator[NetnsPair]:
-    with NetnsPair() as topology:
-        allow_ping_sockets(topology.a.netns)
-        yield topology
-
-
-@pytest.fixture
-def server(pair: NetnsPair) -> Iterator[ServerProcess]:
-    with ServerProcess(pair.b.netns, bind=[pair.b.ipv4, pair.b.ipv6],
-                       tcp=[ALLOWED, DENIED, CONTROL], udp=[ALLOWED, DENIED, CONTROL]) as srv:
-        yield srv
-
-
-@pytest.fixture
-def datapath(instance: Instance) -> Iterator[Datapath]:
-    with Datapath.open(instance) as dp:
-        yield dp
+from ztnet.testing.agents import run_traffic
 
 
 def control(pair: NetnsPair, proto: str = "tcp") -> None:

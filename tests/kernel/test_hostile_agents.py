@@ -23,38 +23,15 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.hostile_support import Ledger, attempts, hostile_argv, run_argv, run_hostile
+from tests.kernel.pair_fixtures import AGENT, ALLOWED, CONTROL, DENIED
 from tests.kernel.support import grant
 from ztnet.datapath.datapath import Datapath
 from ztnet.grants.model import Proto
-from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
 from ztnet.lab.sniff import CapturedPacket, Sniffer
-from ztnet.testing.agents import allow_ping_sockets
 
-ALLOWED, DENIED, CONTROL = 8080, 9090, 7070
-AGENT = "bot"
 Record = Callable[[str, object], None]
-
-
-@pytest.fixture
-def pair() -> Iterator[NetnsPair]:
-    with NetnsPair() as topology:
-        allow_ping_sockets(topology.a.netns)
-        yield topology
-
-
-@pytest.fixture
-def server(pair: NetnsPair) -> Iterator[ServerProcess]:
-    with ServerProcess(pair.b.netns, bind=[pair.b.ipv4, pair.b.ipv6],
-                       tcp=[ALLOWED, DENIED, CONTROL], udp=[ALLOWED, DENIED, CONTROL]) as srv:
-        yield srv
-
-
-@pytest.fixture
-def datapath(instance: Instance) -> Iterator[Datapath]:
-    with Datapath.open(instance) as dp:
-        yield dp
 
 
 @pytest.fixture
