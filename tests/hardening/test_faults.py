@@ -17,19 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.hardening import figures
 from ztnet.datapath import loader
-from ztnet.fsutil import replace_atomic
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.identity import cgroups
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
 from ztnet.lab.sniff import CapturedPacket, Sniffer
-from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
-from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.agents import LineProcess, agent_argv, traffic_argv
+from ztnet.testing.daemon import BundleFileHost, bundle_applied
 
 ALLOWED, DENIED = 8080, 9090
 AGENT = "bot"
@@ -37,25 +35,8 @@ pytestmark = pytest.mark.fault
 
 
 @dataclass
-class Setup:
-    instance: Instance
-    pair: NetnsPair
-    key: Ed25519PrivateKey
-    pub: Path
-    bundle: Path
-    state: Path
+class Setup(BundleFileHost):
     sniffer: Sniffer
-
-    def daemon(self, **kwargs: object) -> DaemonProcess:
-        return DaemonProcess(self.instance, self.pub, self.bundle, self.state, **kwargs)  # type: ignore[arg-type]
-
-    def publish(self, version: int, ports: list[int]) -> None:
-        replace_atomic(self.bundle, make_bundle(self.key, version, f"{self.pair.b.ipv4}/32",
-                                              [str(p) for p in ports]))
-
-    def attempt(self, port: int) -> str:
-        return str(run_traffic(self.instance, AGENT, ["tcp", self.pair.b.ipv4, str(port)],
-                             netns=self.pair.a.netns, user="nobody")["result"])
 
     def enforcing_v1(self) -> None:
         """Version 1 in force: the allowed port works, the other is refused."""
@@ -80,15 +61,11 @@ def setup(instance: Instance, tmp_path: Path) -> Iterator[Setup]:
         assert not leaked, f"{len(leaked)} packets to the ungranted port left the host"
 
 
-def applied(version: int) -> object:
-    return lambda e: e.get("event") == "bundle applied" and e.get("version") == version
-
-
 def test_daemon_sigkilled_under_connect_load_and_restarted(setup: Setup) -> None:
     setup.publish(1, [ALLOWED])
     looper = None
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         looper = LineProcess.start(agent_argv(setup.instance, AGENT, traffic_argv(
             "loop", setup.pair.b.ipv4, str(DENIED)), netns=setup.pair.a.netns, user="nobody"))
         assert looper.read()["event"] == "started"
@@ -127,7 +104,7 @@ def test_damaged_state_file_keeps_the_kernel_state_and_never_fails_open(
     name, corrupt = STATE_DAMAGE[damage]
     setup.publish(1, [ALLOWED])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
     path = setup.state / name
     path.write_bytes(corrupt(path.read_bytes()))
     setup.enforcing_v1()
@@ -173,7 +150,7 @@ def test_disk_full_in_the_state_dir(setup: Setup, small_state_dir: Path) -> None
     setup.state = small_state_dir
     setup.publish(1, [ALLOWED])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         _fill(small_state_dir)
         mark = daemon.mark()
         setup.publish(2, [ALLOWED, DENIED + 1])  # a new version that cannot be recorded
@@ -186,7 +163,7 @@ def test_disk_full_in_the_state_dir(setup: Setup, small_state_dir: Path) -> None
         assert setup.attempt(DENIED) == "EPERM" and setup.attempt(ALLOWED) == "OK"
         (small_state_dir / "filler").unlink()
         setup.publish(3, [ALLOWED])
-        daemon.wait_event(applied(3))
+        daemon.wait_event(bundle_applied(3))
     setup.enforcing_v1()
 
 
@@ -199,7 +176,7 @@ def test_bpffs_missing_at_start(setup: Setup) -> None:
                    'umount -l /sys/fs/bpf && ! grep -q " /sys/fs/bpf bpf" /proc/self/mounts '
                    '&& exec "$@"', "sh", *daemon.argv]
     with daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         assert daemon.proc is not None
         mount_ns = f"--mount=/proc/{daemon.proc.pid}/ns/mnt"
 
@@ -224,8 +201,8 @@ def test_agent_cgroup_removed_while_its_processes_run(setup: Setup) -> None:
     """The kernel refuses to remove a populated cgroup (EBUSY), so the agent stays
     confined; once it is gone, a new cgroup of the same name inherits nothing."""
     setup.publish(1, [ALLOWED])
-    with setup.daemon(extra_args=["--resync", "1"]) as daemon:
-        daemon.wait_event(applied(1))
+    with setup.daemon("--resync", "1") as daemon:
+        daemon.wait_event(bundle_applied(1))
         holder = LineProcess.start(agent_argv(setup.instance, AGENT, traffic_argv(
             "hold", setup.pair.b.ipv4, str(ALLOWED), "--limit", "60"),
             netns=setup.pair.a.netns, user="nobody"))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,32 +22,12 @@ from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
-from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
-from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.agents import LineProcess, agent_argv, traffic_argv
+from ztnet.testing.daemon import BundleFileHost as Setup
+from ztnet.testing.daemon import bundle_applied, make_bundle
 
 A, B, C, NEVER = 8080, 7070, 6060, 9090
 AGENT = "bot"
-
-
-@dataclass
-class Setup:
-    instance: Instance
-    pair: NetnsPair
-    key: Ed25519PrivateKey
-    pub: Path
-    bundle: Path
-    state: Path
-
-    def daemon(self) -> DaemonProcess:
-        return DaemonProcess(self.instance, self.pub, self.bundle, self.state)
-
-    def attempt(self, port: int) -> str:
-        return str(run_traffic(self.instance, AGENT, ["tcp", self.pair.b.ipv4, str(port)],
-                               netns=self.pair.a.netns, user="nobody")["result"])
-
-    def publish(self, version: int, ports: list[int], **kwargs: object) -> None:
-        replace_atomic(self.bundle, make_bundle(self.key, version, f"{self.pair.b.ipv4}/32",
-                                              [str(p) for p in ports], **kwargs))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -60,14 +39,10 @@ def setup(instance: Instance, tmp_path: Path) -> Iterator[Setup]:
                     tmp_path / "state")
 
 
-def applied(version: int) -> object:
-    return lambda e: e.get("event") == "bundle applied" and e.get("version") == version
-
-
 def test_a_compiled_bundle_enforces_what_the_policy_says(setup: Setup) -> None:
     setup.publish(1, [A])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         assert (setup.attempt(A), setup.attempt(NEVER)) == ("OK", "EPERM")
     assert (setup.state / "applied.json").exists()
     assert oct((setup.state).stat().st_mode & 0o777) == "0o700"
@@ -100,7 +75,7 @@ def test_every_rejection_leaves_the_previous_grant_set_in_force(
     }
     replace_atomic(setup.bundle, good)
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(10))
+        daemon.wait_event(bundle_applied(10))
         for case, data in cases.items():
             mark = daemon.mark()
             replace_atomic(setup.bundle, data)
@@ -118,7 +93,7 @@ def test_every_rejection_leaves_the_previous_grant_set_in_force(
 def test_sighup_switches_grant_sets_atomically_under_tight_loops(setup: Setup) -> None:
     setup.publish(1, [A, B])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         loops = {port: LineProcess.start(agent_argv(
             setup.instance, AGENT, traffic_argv("loop", setup.pair.b.ipv4, str(port)),
             netns=setup.pair.a.netns, user="nobody")) for port in (A, NEVER)}
@@ -128,7 +103,7 @@ def test_sighup_switches_grant_sets_atomically_under_tight_loops(setup: Setup) -
             for version, ports in ((2, [A, C]), (3, [A]), (4, [A, B, C]), (5, [A])):
                 setup.publish(version, ports)
                 daemon.signal(signal.SIGHUP)
-                daemon.wait_event(applied(version))
+                daemon.wait_event(bundle_applied(version))
             assert setup.attempt(B) == "EPERM" and setup.attempt(C) == "EPERM"
             outcomes = {}
             for port, loop in loops.items():
@@ -144,12 +119,12 @@ def test_sighup_switches_grant_sets_atomically_under_tight_loops(setup: Setup) -
 def test_restart_reapplies_the_persisted_bundle_before_anything_else(setup: Setup) -> None:
     setup.publish(3, [A])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(3))
+        daemon.wait_event(bundle_applied(3))
         assert daemon.stop() == 0
     teardown(setup.instance)  # wipe the kernel side: only the state dir remembers
     setup.bundle.unlink()  # and no bundle file, as if the controller were gone
     with setup.daemon() as daemon:
-        event = daemon.wait_event(applied(3))
+        event = daemon.wait_event(bundle_applied(3))
         assert "applied-bundle.json" in str(event["source"])
         assert (setup.attempt(A), setup.attempt(NEVER)) == ("OK", "EPERM")
 
@@ -158,7 +133,7 @@ def test_expiry_of_the_bundles_grants_cuts_flows_without_the_daemon(setup: Setup
     with setup.daemon() as daemon:
         # issued once the daemon is up, so a slow start cannot eat the short window
         setup.publish(1, [A], ttl="10s")
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         holder = LineProcess.start(agent_argv(setup.instance, AGENT, traffic_argv(
             "hold", setup.pair.b.ipv4, str(A), "--interval", "0.05", "--limit", "30"),
             netns=setup.pair.a.netns, user="nobody"))

@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,7 @@ from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
 from ztnet.observe import audit
-from ztnet.testing.agents import run_traffic
-from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.daemon import BundleFileHost, bundle_applied
 from ztnet.testing.ports import free_port
 
 A, NEVER = 8080, 9090
@@ -40,27 +38,7 @@ DAY = 86400.0
 STEP_EVENT = "wall clock stepped; kernel deadlines keep the pinned offset"
 
 
-@dataclass
-class Setup:
-    instance: Instance
-    pair: NetnsPair
-    key: Ed25519PrivateKey
-    pub: Path
-    bundle: Path
-    state: Path
-
-    def daemon(self, *extra: str) -> DaemonProcess:
-        return DaemonProcess(self.instance, self.pub, self.bundle, self.state,
-                             extra_args=list(extra))
-
-    def attempt(self, port: int) -> str:
-        return str(run_traffic(self.instance, AGENT, ["tcp", self.pair.b.ipv4, str(port)],
-                             netns=self.pair.a.netns, user="nobody")["result"])
-
-    def publish(self, version: int, ports: list[int], **kwargs: object) -> None:
-        replace_atomic(self.bundle, make_bundle(self.key, version, f"{self.pair.b.ipv4}/32",
-                                              [str(p) for p in ports], **kwargs))  # type: ignore[arg-type]
-
+class Setup(BundleFileHost):
     def entries(self) -> dict[abi.EntryKey, abi.EntryValue]:
         with Datapath.inspect(self.instance) as datapath:
             return datapath.kernel_entries()
@@ -81,10 +59,6 @@ def setup(instance: Instance, tmp_path: Path) -> Iterator[Setup]:
 Predicate = Callable[[dict[str, object]], bool]
 
 
-def applied(version: int) -> Predicate:
-    return lambda e: e.get("event") == "bundle applied" and e.get("version") == version
-
-
 def named(name: str) -> Predicate:
     return lambda e: e.get("event") == name
 
@@ -98,7 +72,7 @@ def test_a_30_day_rule_in_a_5_minute_bundle_lasts_5_minutes_and_the_grace(setup:
     issued = time.time()
     setup.publish(1, [A], ttl="30d", bundle_ttl=300, now=issued)
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         assert setup.attempt(A) == "OK"
         entries = setup.entries()
     assert entries
@@ -124,7 +98,7 @@ def test_a_wall_clock_step_moves_no_kernel_deadline(setup: Setup, boottime_offse
             pytest.skip("the machine booted too recently to step boot time back")
     setup.publish(1, [A], ttl="1h")
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         before = setup.entries()
         assert daemon.stop() == 0
     stepped = setup.daemon("--resync", "0.5")
@@ -132,7 +106,7 @@ def test_a_wall_clock_step_moves_no_kernel_deadline(setup: Setup, boottime_offse
     stepped.argv = ["unshare", "--time", "--fork", "--kill-child=SIGTERM",
                     "--boottime", str(boottime_offset), *stepped.argv]
     with stepped as daemon:
-        daemon.wait_event(applied(1))  # the persisted bundle, installed again
+        daemon.wait_event(bundle_applied(1))  # the persisted bundle, installed again
         event = daemon.wait_event(lambda e: e.get("event") in (STEP_EVENT, "resync changed "
                                                                 "the kernel"))
         after = setup.entries()
@@ -155,7 +129,7 @@ def lone_surrogate_bundle(key: Ed25519PrivateKey) -> bytes:
 def test_a_tampered_bundle_file_is_rejected_and_never_crashes_the_daemon(setup: Setup) -> None:
     setup.publish(1, [A])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         mark = daemon.mark()
         replace_atomic(setup.bundle, lone_surrogate_bundle(setup.key))
         event = daemon.wait_event(lambda e: str(e.get("event")).startswith("bundle "),
@@ -167,7 +141,7 @@ def test_a_tampered_bundle_file_is_rejected_and_never_crashes_the_daemon(setup: 
         assert daemon.stop() == 0
     # Unfixed, a start with the tampered file in place crashed before READY: a crash loop.
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))  # the persisted bundle
+        daemon.wait_event(bundle_applied(1))  # the persisted bundle
         daemon.wait_event(named("bundle rejected"))
         assert (setup.attempt(A), setup.attempt(NEVER)) == ("OK", "EPERM")
 
@@ -211,7 +185,7 @@ def drift_records(state: Path) -> list[dict[str, object]]:
 def test_a_rogue_kernel_entry_is_found_repaired_and_counted(setup: Setup) -> None:
     setup.publish(1, [A])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         rogue = write_rogue_entry(setup, NEVER)
         assert setup.attempt(NEVER) == "OK"  # the rogue entry really opens a path
         mark = daemon.mark()
@@ -244,7 +218,7 @@ def test_the_periodic_resync_repairs_drift_in_the_kernel(setup: Setup) -> None:
     setup.publish(1, [A])
     port = free_port()
     with setup.daemon("--resync", "1", "--metrics", f"127.0.0.1:{port}") as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         genuine = setup.entries()
         mark = daemon.mark()
         rogue = write_rogue_entry(setup, NEVER)
@@ -267,7 +241,7 @@ def test_the_periodic_resync_repairs_drift_in_the_kernel(setup: Setup) -> None:
 def test_inspecting_processes_read_the_grant_set_from_the_kernel(setup: Setup) -> None:
     setup.publish(1, [A])
     with setup.daemon() as daemon:
-        daemon.wait_event(applied(1))
+        daemon.wait_event(bundle_applied(1))
         with Datapath.inspect(setup.instance) as datapath:
             live = datapath.live_grant_ids()
     assert list(live) == [AGENT] and len(live[AGENT]) == 1

@@ -14,16 +14,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import sign_bundle
 from ztnet.instance import Instance
+from ztnet.lab.netns import NetnsPair
 from ztnet.policy.document import parse_policy
 from ztnet.policy.issue import issue_bundle
+from ztnet.testing.agents import run_traffic
 
 HOST = "testhost"
 POLICY = """trust_domain = "test.example"
@@ -149,3 +153,33 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def bundle_applied(version: int) -> Callable[[dict[str, object]], bool]:
+    """Matches the daemon's event for bundle `version` being in force."""
+    return lambda e: e.get("event") == "bundle applied" and e.get("version") == version
+
+
+@dataclass
+class BundleFileHost:
+    """A daemon fed from a signed bundle file, its agent in side a of a veth pair, servers on b."""
+    instance: Instance
+    pair: NetnsPair
+    key: Ed25519PrivateKey
+    pub: Path
+    bundle: Path
+    state: Path
+
+    def daemon(self, *extra_args: str) -> DaemonProcess:
+        return DaemonProcess(self.instance, self.pub, self.bundle, self.state,
+                             extra_args=extra_args)
+
+    def attempt(self, port: int, agent: str = "bot") -> str:
+        """One TCP connect from the agent to side b, as nobody: "OK", "EPERM", ..."""
+        return str(run_traffic(self.instance, agent, ["tcp", self.pair.b.ipv4, str(port)],
+                               netns=self.pair.a.netns, user="nobody")["result"])
+
+    def publish(self, version: int, ports: list[int], **kwargs: object) -> None:
+        """Signs and writes bundle `version` granting TCP `ports` on side b."""
+        replace_atomic(self.bundle, make_bundle(self.key, version, f"{self.pair.b.ipv4}/32",
+                                              [str(p) for p in ports], **kwargs))  # type: ignore[arg-type]
