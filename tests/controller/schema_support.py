@@ -5,8 +5,16 @@ from __future__ import annotations
 import sqlite3
 
 
+def drop_label_schema(db: sqlite3.Connection) -> None:
+    """Undo schema 5 (host labels: ztnet.controller.sqlitedb.LABEL_SCHEMA)."""
+    db.execute("ALTER TABLE hosts DROP COLUMN labels")
+    db.execute("ALTER TABLE tokens DROP COLUMN labels")
+
+
 def drop_tpm_schema(db: sqlite3.Connection) -> None:
-    """Undo schema 4 (TPM attestation: ztnet.controller.sqlitedb.TPM_SCHEMA)."""
+    """Undo schema 4 (TPM attestation: ztnet.controller.sqlitedb.TPM_SCHEMA) and the
+    schemas after it."""
+    drop_label_schema(db)
     db.execute("DROP INDEX hosts_by_ek")
     for column in ("attestation", "ek_hash", "enrollment_key"):
         db.execute(f"ALTER TABLE hosts DROP COLUMN {column}")

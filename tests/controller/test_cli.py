@@ -221,3 +221,30 @@ def test_serve_refuses_a_bad_rate(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--host-subscribe-rate: 'fast' is not a rate (want N/s, N/m, N/h or N/10s" \
         in result.stderr
+
+
+def test_labels_from_token_to_hosts_and_label(controller: ControllerProcess) -> None:
+    made = ztnet("controller", "token", "create", "--state", controller.state.root, "--host",
+                 "lab-cli", "--label", "env=prod", "--label", "role=gpu", "--json")
+    assert made.returncode == 0, made.stderr
+    printed = json.loads(made.stdout)
+    assert printed["labels"] == {"env": "prod", "role": "gpu"}
+    enroll(controller, "lab-cli", token=printed["token"])
+    for bad, problem in ((["--label", "Env=prod"], "label key 'Env'"),
+                         (["--label", "env"], "expected KEY=VALUE"),
+                         (["--label", "env=a", "--label", "env=b"], "given twice")):
+        refused = ztnet("controller", "token", "create", "--state", controller.state.root,
+                        "--host", "x-1", *bad)
+        assert refused.returncode == 2 and problem in refused.stderr, refused.stderr
+
+    env = operator_env(controller)
+    changed = ztnet("label", "lab-cli", "zone=b", "role-", env=env)
+    assert changed.returncode == 0, changed.stderr
+    assert "host lab-cli: labels env=prod,zone=b" in changed.stdout
+    again = ztnet("label", "lab-cli", "zone=b", env=env)
+    assert "labels unchanged (env=prod,zone=b)" in again.stdout
+    refused = ztnet("label", "lab-cli", "zone=b c", env=env)
+    assert refused.returncode == 2 and "value 'b c'" in refused.stderr
+    hosts = ztnet("hosts", env=env)
+    row = next(line for line in hosts.stdout.splitlines() if line.startswith("lab-cli "))
+    assert "env=prod,zone=b" in row

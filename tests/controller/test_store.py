@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.controller.schema_support import drop_tpm_schema
+from tests.controller.schema_support import drop_label_schema, drop_tpm_schema
 from ztnet.controller.store import SCHEMA_VERSION, HostBinding, SqliteStore, TokenStatus
 from ztnet.errors import ConfigError
 
@@ -173,3 +173,37 @@ def test_a_schema_3_database_is_upgraded(tmp_path: Path) -> None:
         assert store.host_binding("web-0") == HostBinding("software", "", b"")
     finally:
         store.close()
+
+
+def test_a_schema_4_database_is_upgraded_with_unlabelled_hosts(tmp_path: Path) -> None:
+    path = tmp_path / "ztnet.db"
+    store = SqliteStore.create(path, "test.example")
+    store.add_token("d", "web-1", now=0.0, expires_at=10.0)
+    store.enroll_host("web-0", "spiffe://test.example/host/web-0", 1.0)
+    store.close()
+    with sqlite3.connect(path) as db:
+        drop_label_schema(db)
+        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
+    store = SqliteStore.open(path)
+    try:
+        assert store._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (
+            str(SCHEMA_VERSION),)
+        assert store.host_labels() == {"web-0": {}}
+        assert store.token_labels("d") == {}
+        assert store.set_host_labels("web-0", {"env": "prod"})
+        assert [dict(h.labels) for h in store.hosts()] == [{"env": "prod"}]
+    finally:
+        store.close()
+
+
+def test_token_labels_become_the_host_labels(store: SqliteStore) -> None:
+    store.add_token("d", "web-1", now=0.0, expires_at=10.0, labels={"role": "gpu", "env": "x"})
+    assert store.token_labels("d") == {"env": "x", "role": "gpu"}
+    assert store.token_labels("unknown") == {}
+    store.enroll_host("web-1", "spiffe://test.example/host/web-1", 1.0,
+                      labels=store.token_labels("d"))
+    assert store.host_labels() == {"web-1": {"env": "x", "role": "gpu"}}
+    # re-enrollment takes the new token's labels (none)
+    store.enroll_host("web-1", "spiffe://test.example/host/web-1", 2.0)
+    assert store.host_labels() == {"web-1": {}}
+    assert not store.set_host_labels("nobody", {"env": "prod"})

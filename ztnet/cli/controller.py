@@ -126,6 +126,9 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--require-tpm", action="store_true",
                    help="the token only enrolls a host proving a TPM-resident key "
                    "(`ztnet enroll --tpm`); software enrollment is refused")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="label the host it enrolls (repeat; host selectors in the policy "
+                   "pick hosts by label, docs/policy.md); `ztnet label` changes them later")
 
     p = add_command(group, "admin-cert", "Write an admin credential directory (admin.key, "
                     "admin.pem, ca.pem) for the operator commands.",
@@ -186,8 +189,14 @@ def handle_serve(args: argparse.Namespace) -> int:
 
 
 def handle_token_create(args: argparse.Namespace) -> int:
+    from ztnet.policy.selectors import parse_labels
+
+    try:
+        labels = parse_labels(args.label)
+    except ValueError as exc:
+        raise UsageError(f"--label: {exc}") from None
     return token_create(args.state, args.host, ttl=args.ttl, as_json=args.json,
-                        require_tpm=args.require_tpm)
+                        require_tpm=args.require_tpm, labels=labels)
 
 
 def handle_admin_cert(args: argparse.Namespace) -> int:
@@ -252,7 +261,8 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
 
 
 def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
-                 out: TextIO | None = None, require_tpm: bool = False) -> int:
+                 out: TextIO | None = None, require_tpm: bool = False,
+                 labels: dict[str, str] | None = None) -> int:
     from ztnet.controller import statedir
     from ztnet.controller.enrollment import create_token
     from ztnet.controller.store import SqliteStore
@@ -262,7 +272,8 @@ def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
     authority = statedir.load_authority(paths)
     store = SqliteStore.open(paths.database)
     try:
-        token = create_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm)
+        token = create_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm,
+                             labels=labels)
     except RpcFailure as exc:
         raise ConfigError(f"controller: --{exc}") from None
     finally:
@@ -271,12 +282,18 @@ def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
         printed: dict[str, object] = {"token": token, "ca_fingerprint": authority.fingerprint}
         if require_tpm:
             printed["require_tpm"] = True
+        if labels:
+            printed["labels"] = labels
         _print(out, json.dumps(printed))
     else:
         _print(out, f"token:          {token}")
         _print(out, f"ca fingerprint: {authority.fingerprint}")
         _print(out, f"host:           {host} (valid once, for {format_duration(ttl)}"
                     f"{'; TPM enrollment only: ztnet enroll --tpm' if require_tpm else ''})")
+        if labels:
+            from ztnet.policy.selectors import format_labels
+
+            _print(out, f"labels:         {format_labels(labels)}")
     return 0
 
 

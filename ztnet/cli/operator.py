@@ -1,5 +1,5 @@
 """The operator's commands over the controller's admin API (mutual TLS): `ztnet hosts`,
-`ztnet revoke` and `ztnet flows` are registered here; `ztnet policy apply|show` and
+`ztnet label`, `ztnet revoke` and `ztnet flows` are registered here; `ztnet policy apply|show` and
 `ztnet agents --controller` belong to their groups (ztnet.cli.policy, ztnet.cli.run) and
 call the functions below.
 
@@ -31,6 +31,16 @@ def register(sub: SubParsers) -> None:
                     "last seen, last rejection.", "ztnet hosts --controller ctl:7443 "
                     "--credentials ~/.ztnet/admin", handle_hosts)
     operator_options(p)
+
+    p = add_command(sub, "label", "Change an enrolled host's labels (audited) and push at "
+                    "once: host selectors in the policy then send the host the agents its "
+                    "new labels select. KEY=VALUE sets a label, KEY- removes one.",
+                    "ztnet label gpu-1 env=prod role=gpu zone-", handle_label)
+    operator_options(p)
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="how long to wait for hosts to answer (default: the controller's)")
 
     p = add_command(sub, "revoke", "Revoke one grant, or every grant, of an agent on every "
                     "host at once (established connections are cut); --restore lifts it.",
@@ -65,6 +75,24 @@ def register(sub: SubParsers) -> None:
 
 def handle_hosts(args: argparse.Namespace) -> int:
     return with_admin(args.controller, args.credentials, hosts)
+
+
+def handle_label(args: argparse.Namespace) -> int:
+    from ztnet.policy.selectors import check_label_key, parse_label
+
+    labels: dict[str, str] = {}
+    remove: list[str] = []
+    try:
+        for change in args.changes:
+            if change.endswith("-") and "=" not in change:
+                remove.append(check_label_key(change[:-1]))
+            else:
+                key, value = parse_label(change)
+                labels[key] = value
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return with_admin(args.controller, args.credentials,
+                      lambda client: label(client, args.host, labels, remove, wait=args.wait))
 
 
 def handle_revoke(args: argparse.Namespace) -> int:
@@ -136,13 +164,30 @@ def hosts(client: AdminClient, *, out: TextIO | None = None) -> int:
         identity = host.attestation or "software"
         if host.ek_hash:
             identity += f" {host.ek_hash}"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(host.labels.items())) or "-"
         rows.append((host.name, str(host.applied_version or "-"), _yes(host.in_sync),
                      _yes(host.connected),
                      format_time(host.last_seen) if host.last_seen else "never", identity,
-                     nack))
+                     labels, nack))
     _print(out, format_table(("HOST", "APPLIED", "IN SYNC", "CONNECTED", "LAST SEEN",
-                              "IDENTITY", "LAST NACK"), rows))
+                              "IDENTITY", "LABELS", "LAST NACK"), rows))
     return 0
+
+
+def label(client: AdminClient, host: str, labels: dict[str, str], remove: list[str], *,
+          wait: float = 0.0, out: TextIO | None = None) -> int:
+    from ztnet.policy.selectors import format_labels
+
+    response = client.label_host(host, labels, remove, wait=wait)
+    now = format_labels(dict(response.labels))
+    if not response.changed:
+        _print(out, f"host {host}: labels unchanged ({now})")
+        return 0
+    if not response.version:
+        _print(out, f"host {host}: labels {now} (no policy yet: nothing pushed)")
+        return 0
+    return _report(f"host {host}: labels {now}, version {response.version}",
+                   response.version, response.results, out)
 
 
 def agents(client: AdminClient, *, out: TextIO | None = None) -> int:

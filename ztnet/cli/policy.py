@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ztnet.cli import operator
-from ztnet.cli.args import SubParsers, add_command, add_group, duration, operator_options
+from ztnet.cli.args import (
+    SubParsers,
+    UsageError,
+    add_command,
+    add_group,
+    duration,
+    operator_options,
+)
 from ztnet.durations import format_remaining
 from ztnet.errors import ConfigError
 from ztnet.fsutil import replace_atomic
@@ -75,6 +82,9 @@ def register(sub: SubParsers) -> None:
                    help="how long the bundle itself is fresh (default: until its first grant "
                    "expires)")
     p.add_argument("--issuer", default=DEFAULT_ISSUER, help="issuer name recorded in the bundle")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="the host's labels (repeat): agents with a hosts selector are "
+                   "issued only if it matches the host (default: no labels)")
 
     p = add_command(group, "verify", "Verify BUNDLE against trusted public keys and show its "
                     "grants; exits nonzero with the reason if it would be refused.",
@@ -106,9 +116,15 @@ def handle_check(args: argparse.Namespace) -> int:
 
 
 def handle_compile(args: argparse.Namespace) -> int:
+    from ztnet.policy.selectors import parse_labels
+
+    try:
+        labels = parse_labels(args.label)
+    except ValueError as exc:
+        raise UsageError(f"--label: {exc}") from None
     return policy_compile(args.policy, key_path=args.key, host=args.host, out_path=args.out,
                           version=args.version, default_ttl=args.ttl,
-                          bundle_ttl=args.bundle_ttl, issuer=args.issuer)
+                          bundle_ttl=args.bundle_ttl, issuer=args.issuer, labels=labels)
 
 
 def handle_verify(args: argparse.Namespace) -> int:
@@ -143,8 +159,10 @@ def policy_compile(
     issuer: str = DEFAULT_ISSUER,
     now: float | None = None,
     out: TextIO | None = None,
+    labels: dict[str, str] | None = None,
 ) -> int:
-    """`ztnet policy compile`: policy → signed bundle for one host. Without
+    """`ztnet policy compile`: policy → signed bundle for one host (with ``labels``,
+    default none: agents whose host selector does not match it are left out). Without
     ``version`` the current Unix time in seconds is used, which grows between
     runs; a controller passes its own counter."""
     from ztnet.grants.bundle import sign_bundle, verify_bundle
@@ -163,6 +181,7 @@ def policy_compile(
         issuer=issuer,
         default_ttl=default_ttl,
         bundle_ttl=bundle_ttl,
+        labels=labels or {},
     )
     envelope = sign_bundle(bundle, private_key)
     # Never write a bundle this very code would refuse.

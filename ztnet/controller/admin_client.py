@@ -110,6 +110,15 @@ class AdminClient:
         response: admin_pb2.RevokeResponse = self._call(self._stub.Revoke, request)
         return response
 
+    def label_host(self, host: str, labels: dict[str, str], remove: list[str], *,
+                   wait: float = 0.0) -> admin_pb2.LabelHostResponse:
+        """Set ``labels`` and remove the keys in ``remove`` on ``host``; pushed at once."""
+        request = admin_pb2.LabelHostRequest(host=host, labels=labels, remove=remove,
+                                             timeout_seconds=wait)
+        response: admin_pb2.LabelHostResponse = self._call(self._stub.LabelHost, request,
+                                                           extra=wait)
+        return response
+
     def query_flows(self, *, host: str = "", agent: str = "", verdict: str = "",
                     event_type: str = "", since_ns: int = 0, until_ns: int = 0,
                     limit: int = 0) -> admin_pb2.QueryFlowsResponse:

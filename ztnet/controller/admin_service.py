@@ -21,14 +21,17 @@ from typing import Any
 from ztnet import logs
 from ztnet.controller import flows, status
 from ztnet.controller.authz import Authorizer
+from ztnet.controller.enrollment import check_host
 from ztnet.controller.hub import HostResult, Hub
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.publisher import Publication, Publisher
 from ztnet.controller.store import Store
 from ztnet.errors import ConfigError
 from ztnet.grants.model import AGENT_NAME_RE, format_grant_id, parse_grant_id
+from ztnet.observe.audit import AuditLog
 from ztnet.pki import spiffe_agent_id
 from ztnet.policy.compile import grant_id_for
+from ztnet.policy.selectors import check_label_key, check_labels, format_labels
 from ztnet.v1 import admin_pb2
 
 DEFAULT_WAIT = 10.0
@@ -38,8 +41,10 @@ MAX_WAIT = 300.0
 class AdminService:
     def __init__(self, store: Store, publisher: Publisher, hub: Hub, authz: Authorizer,
                  clock: Callable[[], float], *, default_wait: float = DEFAULT_WAIT,
-                 metrics: ControllerMetrics | None = None) -> None:
+                 metrics: ControllerMetrics | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.store = store
+        self.audit = audit
         self.publisher = publisher
         self.hub = hub
         self.authz = authz
@@ -56,6 +61,8 @@ class AdminService:
         except ConfigError as exc:
             raise status.invalid("policy_toml", str(exc)) from None
         publication = await self.publisher.apply(request.policy_toml, policy)
+        self._audit("policy.applied", admin=admin.name, version=publication.epoch.version,
+                    agents=len(policy.agents), rules=policy.rule_count)
         results = await self._collect(publication, wait)
         logs.event("policy applied", admin=admin.name, version=publication.epoch.version,
                    agents=len(policy.agents), rules=policy.rule_count,
@@ -84,8 +91,42 @@ class AdminService:
                 connected=self.hub.is_connected(record.name),
                 in_sync=epoch is not None and record.applied_version == epoch.version,
                 last_nack_version=record.nack_version, last_nack_reason=record.nack_reason,
-                attestation=record.attestation, ek_hash=record.ek_hash))
+                attestation=record.attestation, ek_hash=record.ek_hash,
+                labels=dict(record.labels)))
         return admin_pb2.ListHostsResponse(hosts=hosts)
+
+    async def label_host(self, request: admin_pb2.LabelHostRequest,
+                         context: Any) -> admin_pb2.LabelHostResponse:
+        """Change a host's labels: validated whole (nothing changes on error), audited,
+        then pushed to every connected host as a new epoch."""
+        admin = self.authz.require(context, "admin")
+        host = check_host(request.host, "host")
+        wait = self._wait(request.timeout_seconds)
+        record = next((r for r in self.store.hosts() if r.name == host), None)
+        if record is None:
+            raise status.not_found(f"host: {host!r} is not enrolled")
+        try:
+            for key in request.remove:
+                check_label_key(key)
+            if set(request.remove) & set(request.labels):
+                raise ValueError("a key is both set and removed: "
+                                 + ",".join(sorted(set(request.remove) & set(request.labels))))
+            before = dict(record.labels)
+            after = {k: v for k, v in before.items() if k not in set(request.remove)}
+            after = check_labels({**after, **dict(request.labels)})
+        except ValueError as exc:
+            raise status.invalid("labels", str(exc)) from None
+        if after == before:
+            return admin_pb2.LabelHostResponse(labels=after, changed=False)
+        publication = await self.publisher.relabel(host, after)
+        version = publication.epoch.version if publication is not None else 0
+        self._audit("host.labels", admin=admin.name, host=host, before=format_labels(before),
+                    after=format_labels(after), version=version)
+        results = await self._collect(publication, wait) if publication is not None else []
+        logs.event("host labels changed", admin=admin.name, host=host,
+                   labels=format_labels(after), version=version, **_summary(results))
+        return admin_pb2.LabelHostResponse(labels=after, changed=True, version=version,
+                                           results=[_result(r) for r in results])
 
     async def list_agents(self, request: admin_pb2.ListAgentsRequest,
                           context: Any) -> admin_pb2.ListAgentsResponse:
@@ -132,6 +173,9 @@ class AdminService:
             raise status.not_found(f"grant_id: agent {agent.name} has no grant "
                                    f"{request.grant_id} in the current policy")
         publication = await self.publisher.revoke(agent.name, grant_id, restore=request.restore)
+        self._audit("grants.restored" if request.restore else "grants.revoked",
+                    admin=admin.name, agent=agent.name, grant=request.grant_id or "all",
+                    version=publication.epoch.version)
         results = await self._collect(publication, self.default_wait)
         logs.event("grants restored" if request.restore else "grants revoked", admin=admin.name,
                    agent=agent.name, grant=request.grant_id or "all",
@@ -147,6 +191,10 @@ class AdminService:
         page = await asyncio.to_thread(self.store.query_flows, query)
         self.metrics.query_seconds.observe(time.perf_counter() - started)
         return flows.response(page.records, page.more)
+
+    def _audit(self, kind: str, **fields: object) -> None:
+        if self.audit is not None:
+            self.audit.append(kind, fields)
 
     def _wait(self, seconds: float) -> float:
         if math.isnan(seconds) or seconds < 0 or seconds > MAX_WAIT:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -33,6 +33,7 @@ from ztnet.controller import ca, status
 from ztnet.controller.attestation import ATTESTATION_SOFTWARE, ATTESTATION_TPM, Attestation
 from ztnet.controller.store import HostBinding, Store, TokenStatus
 from ztnet.grants.payload import normalize_host
+from ztnet.policy.selectors import check_labels
 from ztnet.v1 import node_pb2
 
 Clock = Callable[[], float]
@@ -53,14 +54,20 @@ def token_digest(token: str) -> str:
 
 
 def create_token(store: Store, host: str, *, ttl: float, now: float,
-                 require_tpm: bool = False) -> str:
+                 require_tpm: bool = False, labels: Mapping[str, str] | None = None) -> str:
     """A new one-time token for ``host``, valid for ``ttl`` seconds; ``require_tpm``: it
-    only enrolls a host that proves a TPM-resident key."""
+    only enrolls a host that proves a TPM-resident key; ``labels``: the enrolled host's
+    labels (host selectors, docs/policy.md)."""
     name = check_host(host, "host")
+    try:
+        checked = check_labels(labels or {})
+    except ValueError as exc:
+        raise status.invalid("labels", str(exc)) from None
     # A fixed prefix: a URL-safe token may start with "-", which command
     # lines then take for an option (`ztnet enroll --token -x…`).
     token = "zt1-" + secrets.token_urlsafe(32)
-    store.add_token(token_digest(token), name, now, now + ttl, require_tpm=require_tpm)
+    store.add_token(token_digest(token), name, now, now + ttl, require_tpm=require_tpm,
+                    labels=checked)
     return token
 
 
@@ -121,11 +128,13 @@ class Enrollment:
                                     f"as host {holder}; revoke that host first")
             binding = HostBinding(ATTESTATION_TPM, attested.ek_hash, attested.key_public)
         now = self.clock()
-        _check_outcome(self.store.consume_token(token_digest(token), name, now,
+        digest = token_digest(token)
+        _check_outcome(self.store.consume_token(digest, name, now,
                                                 attested=binding is not None), name)
         identity = pki.spiffe_id(self.trust_domain, "host", name)
         issued = self._issue(public_key, identity, now, replace_older=True)
-        self.store.enroll_host(name, identity.uri, now, binding=binding)
+        self.store.enroll_host(name, identity.uri, now, binding=binding,
+                               labels=self.store.token_labels(digest))
         return Issued(issued.cert, identity,
                       ATTESTATION_TPM if binding is not None else ATTESTATION_SOFTWARE)
 

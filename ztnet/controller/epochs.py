@@ -1,11 +1,13 @@
 """Epochs: what every host is sent for one version, and when to renew it.
 
 An epoch is one version of the grants: the current policy minus the
-revocations, issued at one instant. Every host's bundle for that version is
-compiled with the epoch's ``issued_at``, so the same (version, host) always
-yields the same bytes (Ed25519 signatures are deterministic): a host that
-reconnects mid-epoch is sent exactly what it may already hold, never an
-equal version with other content (which a daemon refuses).
+revocations, issued at one instant, for the hosts' labels at that instant
+(each host gets only the agents whose host selector matches it). Every
+host's bundle for that version is compiled with the epoch's ``issued_at``,
+so the same (version, host) always yields the same bytes (Ed25519
+signatures are deterministic): a host that reconnects mid-epoch is sent
+exactly what it may already hold, never an equal version with other content
+(which a daemon refuses).
 
 A bundle is fresh until its first grant expires (``issue_bundle``'s
 default), at most the grant ttl. The controller starts a new epoch, with a
@@ -16,7 +18,8 @@ controller goes away.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -43,6 +46,9 @@ class Epoch:
     issued_at: float
     expires: float
     reason: str
+    # every enrolled host's labels when the epoch began: a (version, host) pair always
+    # selects the same agents (host selectors, ztnet.policy.selectors)
+    labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def renew_at(self) -> float:
@@ -83,12 +89,13 @@ class Issuer:
 
     def new_epoch(self, policy: Policy, *, policy_version: int,
                   revocations: tuple[Revocation, ...], version: int, now: float,
-                  reason: str) -> Epoch:
+                  reason: str, labels: Mapping[str, Mapping[str, str]] | None = None) -> Epoch:
         effective = effective_policy(policy, revocations)
+        # every agent (labels None): the epoch renews before any host's first grant lapses
         sample = issue_bundle(effective, host=_PLACEHOLDER_HOST, version=version, now=now,
                               issuer=ISSUER, default_ttl=self.grant_ttl)
         return Epoch(version, policy_version, effective, sample.issued_at, sample.expires,
-                     reason)
+                     reason, dict(labels or {}))
 
     def envelope(self, epoch: Epoch, host: str) -> bytes:
         if epoch.version != self._cached_version:
@@ -96,6 +103,7 @@ class Issuer:
         cached = self._cache.get(host)
         if cached is None:
             bundle = issue_bundle(epoch.policy, host=host, version=epoch.version,
-                                  now=epoch.issued_at, issuer=ISSUER, default_ttl=self.grant_ttl)
+                                  now=epoch.issued_at, issuer=ISSUER, default_ttl=self.grant_ttl,
+                                  labels=epoch.labels.get(host, {}))
             cached = self._cache[host] = sign_bundle(bundle, self.signing_key)
         return cached

@@ -52,6 +52,7 @@ class NodeService:
                      context: Any) -> node_pb2.EnrollResponse:
         tpm = request.tpm if request.HasField("tpm") else None
         issued = self.enrollment.enroll(request.token, request.host, request.csr_pem, tpm)
+        await self.publisher.host_enrolled(issued.identity.name)
         logs.event("host enrolled", host=issued.identity.name,
                    serial=format(issued.cert.serial_number, "x"),
                    attestation=issued.attestation)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ztnet import logs
 from ztnet.controller import status
@@ -88,6 +88,31 @@ class Publisher:
                                                    revoked=not restore)
             return self._publish(version, "restore" if restore else "revoke", wait=True)
 
+    async def relabel(self, host: str, labels: dict[str, str]) -> Publication | None:
+        """Replace ``host``'s labels and start an epoch for them (None: no policy yet,
+        nothing to push). The caller checked the host exists and the labels."""
+        async with self._lock:
+            self.store.set_host_labels(host, labels)
+            if self.policy is None:
+                return None
+            return self._publish(self.store.next_version(), "labels", wait=True)
+
+    async def host_enrolled(self, host: str) -> None:
+        """A host enrolled with its token's labels. New to the current epoch: the epoch
+        takes its labels (it cannot have been sent anything of this version yet). Known
+        with other labels (re-enrolled): a new epoch, so that no (version, host) pair ever
+        selects two different sets of agents."""
+        async with self._lock:
+            epoch = self.current
+            if epoch is None:
+                return
+            labels = self.store.host_labels().get(host, {})
+            if host not in epoch.labels:
+                self.current = replace(epoch, labels={**epoch.labels, host: labels})
+                self._changed.set()
+            elif dict(epoch.labels[host]) != labels:
+                self._publish(self.store.next_version(), "enrollment", wait=False)
+
     async def subscribe(self, session: Session, version_held: int) -> None:
         """A host (already attached to the hub) subscribed holding ``version_held``:
         send the current bundle unless it holds exactly that and it is fresh."""
@@ -135,7 +160,7 @@ class Publisher:
         now = self.clock()
         epoch = self.issuer.new_epoch(self.policy, policy_version=self.policy_version,
                                       revocations=self.store.revocations(), version=version,
-                                      now=now, reason=reason)
+                                      now=now, reason=reason, labels=self.store.host_labels())
         self.current = epoch
         sessions = self.hub.sessions()
         for session in sessions:

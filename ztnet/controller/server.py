@@ -55,6 +55,7 @@ from ztnet.controller.store import SqliteStore
 from ztnet.errors import ConfigError, PolicyError, RpcFailure
 from ztnet.fsutil import FileTooLarge, read_bounded, replace_atomic
 from ztnet.grants.keys import load_private_key
+from ztnet.observe.audit import AuditLog
 from ztnet.observe.metrics import MetricsServer, start_http_server
 from ztnet.policy.document import MAX_POLICY_BYTES
 from ztnet.v1 import admin_pb2, node_pb2
@@ -133,8 +134,9 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
                           on_refuse=lambda limit: metrics.host_limited.labels(limit).inc())
     node = NodeService(store, enrollment, authz, hub, publisher,
                        statedir.read_file(paths.signing_pub), clock, metrics, limiter)
+    audit = AuditLog(paths.audit)
     admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout,
-                         metrics=metrics)
+                         metrics=metrics, audit=audit)
     pruner = Pruner(store, config.retention, clock, metrics)
 
     server = grpc.aio.server(options=_SERVER_OPTIONS)
@@ -192,6 +194,7 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
             exporter.close()
         if config.ready_file is not None:
             config.ready_file.unlink(missing_ok=True)
+        audit.close()
     return 0
 
 
@@ -219,6 +222,7 @@ def admin_handlers(admin: AdminService) -> grpc.GenericRpcHandler:
         "ListAgents": rpc.unary("ListAgents", admin.list_agents, admin_pb2.ListAgentsRequest),
         "Revoke": rpc.unary("Revoke", admin.revoke, admin_pb2.RevokeRequest),
         "QueryFlows": rpc.unary("QueryFlows", admin.query_flows, admin_pb2.QueryFlowsRequest),
+        "LabelHost": rpc.unary("LabelHost", admin.label_host, admin_pb2.LabelHostRequest),
     })
 
 

@@ -25,7 +25,8 @@ from ztnet import logs
 from ztnet.controller.flowstore import FLOW_SCHEMA, FLOW_UPGRADE_3
 from ztnet.errors import ConfigError
 
-SCHEMA_VERSION = 4  # 2: flow records; 3: receive times, per-host row counts; 4: TPM
+SCHEMA_VERSION = 5  # 2: flow records; 3: receive times, per-host row counts; 4: TPM;
+# 5: host labels
 CHECKPOINT_INTERVAL = 0.5
 
 _SCHEMA = """
@@ -59,15 +60,22 @@ TPM_SCHEMA = (
     "ALTER TABLE tokens ADD COLUMN require_tpm INTEGER NOT NULL DEFAULT 0",
 )
 
+# Schema 5: host labels (`k=v,k=v`, sorted; ztnet.policy.selectors), and the labels a
+# token gives the host it enrolls.
+LABEL_SCHEMA = (
+    "ALTER TABLE hosts ADD COLUMN labels TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE tokens ADD COLUMN labels TEXT NOT NULL DEFAULT ''",
+)
+
 # schema N -> (the schema it becomes, the statements that make it so)
 _UPGRADES: dict[int, tuple[int, tuple[str, ...]]] = {
-    1: (3, FLOW_SCHEMA), 2: (3, FLOW_UPGRADE_3), 3: (4, TPM_SCHEMA)}
+    1: (3, FLOW_SCHEMA), 2: (3, FLOW_UPGRADE_3), 3: (4, TPM_SCHEMA), 4: (5, LABEL_SCHEMA)}
 
 
 def create_schema(db: sqlite3.Connection) -> None:
     """Every table of the current schema (the caller adds the meta rows)."""
     db.executescript(_SCHEMA)  # commits on its own
-    for statement in (*FLOW_SCHEMA, *TPM_SCHEMA):
+    for statement in (*FLOW_SCHEMA, *TPM_SCHEMA, *LABEL_SCHEMA):
         db.execute(statement)
 
 

@@ -4,6 +4,8 @@
     signing.key  grant-signing key (0600)     signing.pub  its public half (hosts trust it)
     server.key   TLS key (0600)               server.pem   the controller's certificate
     ztnet.db     the SQLite database (0600, WAL mode)
+    audit.jsonl  the hash-chained audit trail of admin decisions (0600; `ztnet audit
+                 verify`), made by `serve` on first use
 
 `controller init` builds it in a temporary sibling directory and renames it
 into place at the end, so a failure leaves nothing half-made, and it never
@@ -69,6 +71,10 @@ class StatePaths:
     @property
     def database(self) -> Path:
         return self.root / "ztnet.db"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,15 +22,16 @@ import enum
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from ztnet.controller.flowstore import FlowStore, SqliteFlowStore
 from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, create_schema, upgrade
 from ztnet.errors import ConfigError
+from ztnet.policy.selectors import decode_labels, encode_labels
 
 __all__ = ["SCHEMA_VERSION", "HostBinding", "HostRecord", "PolicyRecord", "Revocation",
            "SqliteStore", "Store", "TokenStatus"]
@@ -64,6 +65,7 @@ class HostRecord:
     # "software" or "tpm" (schema 3); for "tpm", the EK hash ("sha256:…")
     attestation: str = "software"
     ek_hash: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)  # schema 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,13 @@ class Store(FlowStore, Protocol):
     def revocations(self) -> tuple[Revocation, ...]: ...
 
     def add_token(self, digest: str, host: str, now: float, expires_at: float, *,
-                  require_tpm: bool = False) -> None: ...
+                  require_tpm: bool = False, labels: Mapping[str, str] | None = None) -> None:
+        """``labels``: what the host it enrolls is labelled (already validated)."""
+        ...
+
+    def token_labels(self, digest: str) -> dict[str, str]:
+        """The labels of the token with this digest ({} if none, or no such token)."""
+        ...
 
     def consume_token(self, digest: str, host: str, now: float, *,
                       attested: bool = False) -> TokenStatus:
@@ -129,9 +137,18 @@ class Store(FlowStore, Protocol):
     def revoke_certificates(self, spiffe_id: str, now: float) -> int: ...
 
     def enroll_host(self, name: str, spiffe_id: str, now: float, *,
-                    binding: HostBinding | None = None) -> None:
+                    binding: HostBinding | None = None,
+                    labels: Mapping[str, str] | None = None) -> None:
         """Also forgets the host's flow batch sequence (a new spool starts at 1).
-        ``binding`` None: a software enrollment."""
+        ``binding`` None: a software enrollment. ``labels`` replace the host's."""
+        ...
+
+    def set_host_labels(self, name: str, labels: Mapping[str, str]) -> bool:
+        """Replace an enrolled host's labels; False if there is no such host."""
+        ...
+
+    def host_labels(self) -> dict[str, dict[str, str]]:
+        """Every enrolled host's labels."""
         ...
 
     def host_binding(self, name: str) -> HostBinding | None: ...
@@ -285,11 +302,17 @@ class SqliteStore(SqliteFlowStore):
     # --- enrollment tokens -----------------------------------------------------------
 
     def add_token(self, digest: str, host: str, now: float, expires_at: float, *,
-                  require_tpm: bool = False) -> None:
+                  require_tpm: bool = False, labels: Mapping[str, str] | None = None) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO tokens (digest, host, created_at, expires_at, used_at, "
-                       "require_tpm) VALUES (?, ?, ?, ?, NULL, ?)",
-                       (digest, host, now, expires_at, int(require_tpm)))
+                       "require_tpm, labels) VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                       (digest, host, now, expires_at, int(require_tpm),
+                        encode_labels(labels or {})))
+
+    def token_labels(self, digest: str) -> dict[str, str]:
+        row = self._db.execute("SELECT labels FROM tokens WHERE digest = ?",
+                               (digest,)).fetchone()
+        return decode_labels(str(row[0])) if row else {}
 
     def consume_token(self, digest: str, host: str, now: float, *,
                       attested: bool = False) -> TokenStatus:
@@ -325,18 +348,29 @@ class SqliteStore(SqliteFlowStore):
         return cursor.rowcount
 
     def enroll_host(self, name: str, spiffe_id: str, now: float, *,
-                    binding: HostBinding | None = None) -> None:
+                    binding: HostBinding | None = None,
+                    labels: Mapping[str, str] | None = None) -> None:
         bound = binding or HostBinding("software", "", b"")
         with self._tx() as db:
             db.execute("INSERT INTO hosts (name, spiffe_id, enrolled_at, attestation, ek_hash, "
-                       "enrollment_key) VALUES (?, ?, ?, ?, ?, ?) "
+                       "enrollment_key, labels) VALUES (?, ?, ?, ?, ?, ?, ?) "
                        "ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
                        "enrolled_at = excluded.enrolled_at, applied_version = 0, "
                        "attestation = excluded.attestation, ek_hash = excluded.ek_hash, "
-                       "enrollment_key = excluded.enrollment_key",
+                       "enrollment_key = excluded.enrollment_key, labels = excluded.labels",
                        (name, spiffe_id, now, bound.attestation, bound.ek_hash,
-                        bound.enrollment_key or None))
+                        bound.enrollment_key or None, encode_labels(labels or {})))
             self.reset_flow_sequence(db, name)
+
+    def set_host_labels(self, name: str, labels: Mapping[str, str]) -> bool:
+        with self._tx() as db:
+            cursor = db.execute("UPDATE hosts SET labels = ? WHERE name = ?",
+                                (encode_labels(labels), name))
+        return cursor.rowcount > 0
+
+    def host_labels(self) -> dict[str, dict[str, str]]:
+        rows = self._db.execute("SELECT name, labels FROM hosts").fetchall()
+        return {str(name): decode_labels(str(text)) for name, text in rows}
 
     def host_binding(self, name: str) -> HostBinding | None:
         row = self._db.execute("SELECT attestation, ek_hash, enrollment_key FROM hosts "
@@ -375,9 +409,10 @@ class SqliteStore(SqliteFlowStore):
     def hosts(self) -> tuple[HostRecord, ...]:
         rows = self._db.execute(
             "SELECT name, spiffe_id, enrolled_at, applied_version, last_seen, nack_version, "
-            "nack_reason, attestation, ek_hash FROM hosts ORDER BY name").fetchall()
+            "nack_reason, attestation, ek_hash, labels FROM hosts ORDER BY name").fetchall()
         return tuple(HostRecord(str(r[0]), str(r[1]), float(r[2]), int(r[3]), float(r[4]),
-                                int(r[5]), str(r[6]), str(r[7]), str(r[8])) for r in rows)
+                                int(r[5]), str(r[6]), str(r[7]), str(r[8]),
+                                decode_labels(str(r[9]))) for r in rows)
 
 
 def _token_status(db: sqlite3.Connection, digest: str, host: str, now: float,

@@ -45,9 +45,10 @@ from ztnet.policy.fields import (
     parse_ports,
     parse_proto,
 )
+from ztnet.policy.selectors import HostSelector, parse_selector
 
 POLICY_KEYS = ("trust_domain", "agents")
-AGENT_KEYS = ("allow",)
+AGENT_KEYS = ("allow", "hosts")
 RULE_KEYS = ("to", "ports", "proto", "ttl", "comment")
 
 MAX_COMMENT = 200
@@ -95,10 +96,12 @@ class AllowRule:
 
 @dataclass(frozen=True, slots=True)
 class AgentPolicy:
-    """An agent and its allow rules; no rules means no network access."""
+    """An agent and its allow rules; no rules means no network access. ``hosts``
+    None: its grants go to every host; else only to hosts the selector matches."""
 
     name: str
     allow: tuple[AllowRule, ...] = ()
+    hosts: HostSelector | None = None
 
     def __post_init__(self) -> None:
         if not AGENT_NAME_RE.match(self.name):
@@ -238,9 +241,12 @@ def _parse_agent(name: str, body: object, errors: _Errors) -> AgentPolicy | None
         )
         return None
     rules = [_parse_rule(rule, f"{where}.allow[{i}]", errors) for i, rule in enumerate(allow)]
+    hosts = None
+    if "hosts" in body:
+        hosts = _field(parse_selector, body["hosts"], f"{where}.hosts", errors)
     if len(errors.lines) != before:
         return None
-    return AgentPolicy(name, tuple(rule for rule in rules if rule is not None))
+    return AgentPolicy(name, tuple(rule for rule in rules if rule is not None), hosts)
 
 
 def _parse_rule(raw: Mapping[str, Any], where: str, errors: _Errors) -> AllowRule | None:
@@ -309,7 +315,7 @@ def _string_field(
     return value
 
 
-def _field(parse: Callable[[str], T], text: str, where: str, errors: _Errors) -> T | None:
+def _field(parse: Callable[[Any], T], text: object, where: str, errors: _Errors) -> T | None:
     try:
         result = parse(text)
     except ValueError as exc:

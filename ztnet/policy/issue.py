@@ -7,6 +7,7 @@ and verifying the result are ``ztnet.grants.bundle``'s.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 from ztnet.errors import ConfigError
@@ -14,6 +15,7 @@ from ztnet.grants.limits import MAX_BUNDLE_GRANTS
 from ztnet.grants.payload import MAX_INT64, Bundle, GrantRecord, floor_ms, normalize_host
 from ztnet.policy.compile import compile_grants
 from ztnet.policy.document import MAX_TTL, Policy
+from ztnet.policy.selectors import for_host
 
 # Serial of a bundle's i-th grant: version * SERIALS_PER_VERSION + i. Serials
 # are thus unique across versions as long as versions only grow, and a serial
@@ -31,12 +33,16 @@ def issue_bundle(
     issuer: str,
     default_ttl: float = 300.0,
     bundle_ttl: float | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Bundle:
     """Compile ``policy`` for ``host`` as policy version ``version``. Times are
     rounded down to whole milliseconds (the payload's unit). The bundle expires
     ``bundle_ttl`` seconds after ``now``; None means when its first grant
     expires (at most ``default_ttl``), so a fresh bundle never holds an
-    expired grant. Grant serials are ``version * SERIALS_PER_VERSION + i``."""
+    expired grant. Grant serials are ``version * SERIALS_PER_VERSION + i``.
+    With ``labels`` (the host's labels, possibly empty) only agents whose
+    ``hosts`` selector matches the host are issued; None issues every agent
+    (to size an epoch, or where no host selection applies)."""
     try:
         audience = normalize_host(host)
     except ValueError as exc:
@@ -45,6 +51,8 @@ def issue_bundle(
         raise ConfigError(f"bundle: version must be between 1 and {MAX_ISSUE_VERSION}")
     if bundle_ttl is not None and not 0 < bundle_ttl <= MAX_TTL:
         raise ConfigError(f"bundle: bundle ttl must be between 1ms and 365d, got {bundle_ttl}s")
+    if labels is not None:
+        policy = for_host(policy, audience, labels)
     start = floor_ms(now)
     grants = compile_grants(policy, now=start, default_ttl=default_ttl)
     lifetime = bundle_ttl

@@ -19,6 +19,8 @@ def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:
     rows: list[list[str]] = []
     notes: list[str] = []
     for agent in policy.agents:
+        if agent.hosts is not None:
+            notes.append(f"note: agents.{agent.name} is sent only to {agent.hosts.describe()}")
         if not agent.allow:
             rows.append([agent.name, "-", "-", "(no rules: no network access)", "", "", ""])
             continue

@@ -95,10 +95,11 @@ def admin_credentials(state: ControllerState, out: Path, name: str = "ops",
 
 
 def create_token(state: ControllerState, host: str, ttl: float = 900.0, *,
-                 require_tpm: bool = False) -> str:
+                 require_tpm: bool = False, labels: Mapping[str, str] | None = None) -> str:
     store = SqliteStore.open(state.paths.database)
     try:
-        return store_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm)
+        return store_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm,
+                           labels=labels)
     finally:
         store.close()
 
