@@ -1,5 +1,6 @@
 """A process that loads (or adopts) the datapath and obeys JSON lines on
-stdin, so tests can SIGKILL whoever loaded the programs."""
+stdin, so tests can SIGKILL whoever loaded the programs. ``--fresh``: compile
+and attach new programs even when this build's are pinned already."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ztnet.instance import Instance
 
 
 def main() -> int:
-    datapath = Datapath.open(Instance.resolve(sys.argv[1]))
+    datapath = Datapath.open(Instance.resolve(sys.argv[1]), fresh="--fresh" in sys.argv[2:])
     print(json.dumps({"ok": True, "prog_ids": datapath.programs.prog_ids
                       if datapath.programs else {}}), flush=True)
     for line in sys.stdin:

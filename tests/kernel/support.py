@@ -56,9 +56,11 @@ def grant_from_json(record: dict[str, object]) -> Grant:
                  float(record["not_before"]), float(record["not_after"]))  # type: ignore[arg-type]
 
 
-def start_driver(instance: Instance) -> LineProcess:
-    """A separate process that drives the datapath API and can be SIGKILLed."""
-    driver = LineProcess.start([sys.executable, "-m", "tests.kernel.driver", instance.name])
+def start_driver(instance: Instance, *, fresh: bool = False) -> LineProcess:
+    """A separate process that drives the datapath API and can be SIGKILLed
+    (``fresh``: with programs of its own, not the pinned ones)."""
+    driver = LineProcess.start([sys.executable, "-m", "tests.kernel.driver", instance.name,
+                                *(["--fresh"] if fresh else [])])
     driver.ready = driver.read()
     assert driver.ready.get("ok"), driver.ready
     return driver

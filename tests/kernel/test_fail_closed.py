@@ -109,7 +109,7 @@ def test_adoption_under_a_tight_denied_connect_loop_lets_nothing_through(
             previous = first
             adopted_ids = set()
             for _ in range(3):  # each new loader adopts the last one's state, then it dies
-                successor = start_driver(instance)
+                successor = start_driver(instance, fresh=True)
                 previous.kill()
                 adopted_ids.add(tuple(successor.read_ids()))
                 previous = successor

@@ -145,6 +145,8 @@ class FlowPipeline:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():  # else it may still be in a poll of the rings
+            self._reader.close()
         if self.upload is not None:
             self.upload.stop()
         self.dispatcher.close()  # the spool sink writes its last batch for the next start

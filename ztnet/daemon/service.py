@@ -239,10 +239,15 @@ class Daemon:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        started = time.monotonic()
         self.datapath = Datapath.open(self.instance)
+        programs = self.datapath.programs
         logs.event("datapath ready", instance=self.instance.name,
                    cgroup=str(self.instance.cgroup_root), pins=str(self.instance.pin_dir),
-                   generation=self.datapath.generation)
+                   generation=self.datapath.generation,
+                   programs=programs.stamp if programs else None,
+                   compiled=programs.compiled if programs else None,
+                   open_ms=round((time.monotonic() - started) * 1000, 1))
         if self.config.flows:
             upload = None
             if self.config.controller is not None and self.credentials is not None:

@@ -9,7 +9,7 @@ import ctypes.util
 import enum
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -56,12 +56,35 @@ def _lib() -> ctypes.CDLL:
         "bpf_prog_attach": ([i, i, i, ctypes.c_uint], i),
         "bpf_prog_detach2": ([i, i, i], i),
         "bpf_obj_get_info_by_fd": ([i, vp, ctypes.POINTER(u32)], i),
+        "bpf_obj_pin": ([i, ctypes.c_char_p], i),
+        "bpf_map_update_batch": ([i, vp, vp, ctypes.POINTER(u32), vp], i),
+        "bpf_map_delete_batch": ([i, vp, ctypes.POINTER(u32), vp], i),
+        "ring_buffer__new": ([i, vp, vp, vp], vp),
+        "ring_buffer__add": ([vp, i, vp, vp], i),
+        "ring_buffer__poll": ([vp, i], i),
+        "ring_buffer__consume": ([vp], i),
+        "ring_buffer__free": ([vp], None),
     }
     for fn_name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, fn_name)
         fn.argtypes = argtypes
         fn.restype = restype
     return lib
+
+
+def obj_get(path: Path, what: str = "object") -> int:
+    """An fd for the bpffs pin at ``path`` (a map or a program)."""
+    fd = _lib().bpf_obj_get(str(path).encode())
+    if fd < 0:
+        raise DatapathError(f"datapath: cannot open pinned {what} {path}: "
+                            f"{os.strerror(_err(fd))}")
+    return int(fd)
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    rc = _lib().bpf_obj_pin(fd, str(path).encode())
+    if rc < 0:
+        raise DatapathError(f"datapath: cannot pin {path}: {os.strerror(_err(rc))}")
 
 
 def _err(result: int) -> int:
@@ -100,17 +123,22 @@ class _MapInfo(ctypes.Structure):
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 
 
+def map_id(fd: int) -> int:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = _lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+    if rc < 0:
+        raise DatapathError(f"datapath: cannot inspect map fd {fd}: {os.strerror(_err(rc))}")
+    return int(info.id)
+
+
 class PinnedMap:
     """A map opened from its bpffs pin; keys and values are ctypes structs."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = path.name
-        fd = _lib().bpf_obj_get(str(path).encode())
-        if fd < 0:
-            raise DatapathError(
-                f"datapath: cannot open pinned map {path}: {os.strerror(_err(fd))}"
-            )
+        fd = obj_get(path, "map")
         self.fd = fd
         info = _MapInfo()
         size = ctypes.c_uint32(ctypes.sizeof(info))
@@ -274,3 +302,43 @@ def detach(prog_fd: int, cgroup_fd: int, attach_type: AttachType) -> None:
         raise DatapathError(
             f"datapath: detach {attach_type.name} failed: {os.strerror(_err(rc))}"
         )
+
+
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class RingBuffers:
+    """libbpf's ring_buffer over one or more pinned BPF_MAP_TYPE_RINGBUF maps:
+    ``poll()`` calls ``on_sample(ctx, data, size)`` for every record (what bcc's
+    ``open_ring_buffer`` did, without bcc). The maps must stay open meanwhile."""
+
+    def __init__(self, rings: Sequence[PinnedMap],
+                 on_sample: Callable[[Any, Any, int], int]) -> None:
+        self._maps = list(rings)  # the ring buffer uses their fds
+        self._callback = _SAMPLE_FN(on_sample)  # referenced for as long as libbpf may call it
+        lib = _lib()
+        handle = lib.ring_buffer__new(self._maps[0].fd, self._callback, None, None)
+        if not handle:
+            raise DatapathError(f"datapath: cannot open ring buffer {self._maps[0].name}: "
+                                f"{os.strerror(ctypes.get_errno() or errno.EINVAL)}")
+        self._handle: int | None = handle
+        for ring in self._maps[1:]:
+            rc = lib.ring_buffer__add(handle, ring.fd, self._callback, None)
+            if rc < 0:
+                self.close()
+                raise DatapathError(f"datapath: cannot open ring buffer {ring.name}: "
+                                    f"{os.strerror(_err(rc))}")
+
+    def poll(self, timeout_ms: int) -> int:
+        if self._handle is None:
+            return 0
+        rc = int(_lib().ring_buffer__poll(self._handle, timeout_ms))
+        if rc < 0 and _err(rc) != errno.EINTR:
+            raise DatapathError(f"datapath: polling ring buffers failed: "
+                                f"{os.strerror(_err(rc))}")
+        return max(rc, 0)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            _lib().ring_buffer__free(self._handle)
+            self._handle = None

@@ -15,9 +15,10 @@ import ctypes
 import fcntl
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ztnet.datapath import abi, eventloss, events, loader, sockets
 from ztnet.datapath.bpfsys import PinnedMap
@@ -75,11 +76,39 @@ def instance_lock(instance: Instance) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class PinnedMaps(Mapping[str, PinnedMap]):
+    """The instance's pinned maps by name, each opened when first asked for (so the
+    datapath works with whatever maps bpf/ declares; bcc or build.py pinned them)."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self._dir = pin_dir
+        self._open: dict[str, PinnedMap] = {}
+
+    def __getitem__(self, name: str) -> PinnedMap:
+        pinned = self._open.get(name)
+        if pinned is None:
+            if not (self._dir / name).exists():
+                raise KeyError(name)
+            pinned = self._open[name] = PinnedMap(self._dir / name)
+        return pinned
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(p.name for p in self._dir.iterdir() if p.is_file()))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def close(self) -> None:
+        for pinned in self._open.values():
+            pinned.close()
+        self._open.clear()
+
+
 class Datapath:
     def __init__(self, instance: Instance, programs: loader.LoadedPrograms | None) -> None:
         self.instance = instance
         self.programs = programs
-        self.maps = {name: PinnedMap(instance.pin_dir / name) for name in loader.MAP_NAMES}
+        self.maps = PinnedMaps(instance.pin_dir)
         self.maps["zt_grants_v1"].check_layout(abi.ZtGrantKey, abi.ZtGrantValue)
         self.maps["zt_agents_v1"].check_layout(ctypes.c_uint64, abi.ZtAgent)
         self.maps["zt_config_v1"].check_layout(ctypes.c_int, abi.ZtConfig)
@@ -93,18 +122,21 @@ class Datapath:
     # --- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, instance: Instance | None = None) -> Datapath:
+    def open(cls, instance: Instance | None = None, *, fresh: bool = False) -> Datapath:
         """Load the programs, or adopt the ones a previous process left: the
-        pinned maps are reused as they are, so enforcement never pauses."""
+        pinned maps are reused as they are, so enforcement never pauses. The
+        programs pinned for this build are reused as well (no compiler runs);
+        ``fresh`` compiles and attaches new ones all the same."""
         instance = instance or Instance.resolve()
         probe()
         with instance_lock(instance):
             instance.agents_dir.mkdir(parents=True, exist_ok=True)
-            programs = loader.load_programs(instance)
+            programs = loader.load_programs(instance, fresh=fresh)
             try:
                 datapath = cls(instance, programs)
                 datapath._init_config()
                 loader.attach_replacing(programs)
+                loader.remove_stale_programs(programs)
             except BaseException:
                 programs.close()
                 raise
@@ -121,8 +153,7 @@ class Datapath:
         return cls(instance, None)
 
     def close(self) -> None:
-        for pinned in self.maps.values():
-            pinned.close()
+        self.maps.close()
         if self.programs is not None:
             self.programs.close()
 
@@ -366,7 +397,8 @@ class Datapath:
         if self.programs is None:
             raise NotAttached("datapath: events are read by the process that loaded the "
                               "programs (the daemon)")
-        return events.EventReader(self.programs.bpf, self._boot_clock(), on_event)
+        return events.EventReader([self.maps["zt_events_v1"], self.maps["zt_denials_v1"]],
+                                  self._boot_clock(), on_event)
 
     def agent_drops(self) -> dict[str, dict[str, int]]:
         """Packets the egress backstop dropped, by agent and reason."""

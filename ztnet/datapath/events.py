@@ -1,20 +1,22 @@
 """Decoding the kernel's verdict and flow-end events (zt_events_v1; deny events
 have their own ring, zt_denials_v1).
 
-The ring buffer is read by the process that loaded the programs (the
-daemon): bcc polls it and hands each raw record to ``EventReader``, which
-turns it into a ``KernelEvent`` with Unix times. Everything user-facing
+The ring buffers are read by the process that attached the programs (the
+daemon), through their pins: libbpf's ring_buffer polls them (no bcc in the
+daemon) and hands each raw record to ``EventReader``, which turns it into a
+``KernelEvent`` with Unix times. Everything user-facing
 (agent names, grant metadata, process paths) is added by ztnet.observe.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ztnet.datapath import abi
+from ztnet.datapath.bpfsys import PinnedMap, RingBuffers
 from ztnet.datapath.compile import BootClock
 
 
@@ -85,17 +87,12 @@ def decode(raw: abi.ZtEvent, clock: BootClock) -> KernelEvent:
 class EventReader:
     """Calls ``on_event`` for every kernel event, from ``poll()``."""
 
-    def __init__(self, bpf: Any, clock: BootClock,
+    def __init__(self, rings: Sequence[PinnedMap], clock: BootClock,
                  on_event: Callable[[KernelEvent], None]) -> None:
-        self._bpf = bpf
         self._clock = clock
         self._on_event = on_event
         self.malformed = 0
-        # keep the table: bcc frees the ring buffer when it is collected,
-        # and its poller would then read freed memory
-        self._tables = [bpf["zt_events_v1"], bpf["zt_denials_v1"]]
-        for table in self._tables:  # one poll reads both rings
-            table.open_ring_buffer(self._on_raw)
+        self._rings = RingBuffers(rings, self._on_raw)  # one poll reads every ring
 
     def _on_raw(self, _ctx: Any, data: Any, size: int) -> int:
         if size < ctypes.sizeof(abi.ZtEvent):
@@ -111,4 +108,7 @@ class EventReader:
         return 0
 
     def poll(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
+        self._rings.poll(timeout_ms)
+
+    def close(self) -> None:
+        self._rings.close()

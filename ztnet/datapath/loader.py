@@ -1,8 +1,13 @@
-"""Compile, load, attach and adopt the BPF programs (the only bcc user).
+"""Compile, load, attach and adopt the BPF programs.
 
-Lifecycle, as a Tetragon sensor: ``load_programs()`` compiles the programs
-with bcc, which opens the maps already pinned under the instance's bpffs
-directory or creates and pins them; the new programs are attached to the
+Lifecycle, as a Tetragon sensor: ``load_programs()`` has a short-lived child
+process (build.py, the only bcc user) compile the programs with bcc, which
+opens the maps already pinned under the instance's bpffs directory or creates
+and pins them, and pin the programs under ``<pin_dir>/progs/<stamp>/``, the
+stamp being a hash of the exact source, flags and hooks. A later start whose
+stamp is pinned already reuses those programs and compiles nothing. The
+daemon opens the pins with raw bpf() calls and never maps bcc or LLVM. The
+programs are attached to the
 instance's cgroup with BPF_F_ALLOW_MULTI *before* any older ztnet program
 there is detached. Every attached program must allow a packet, and all of
 them read the same pinned maps, so during the overlap verdicts are exactly
@@ -13,8 +18,11 @@ what makes enforcement fail closed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +35,7 @@ from ztnet.datapath.bpfsys import (
     attach,
     attached_prog_ids,
     detach,
+    obj_get,
     prog_fd_by_id,
     prog_info,
 )
@@ -54,10 +63,9 @@ PROGRAMS = (
     ProgramSpec("zt_sock_release", AttachType.CGROUP_INET_SOCK_RELEASE, "CGROUP_SOCK"),
 )
 
-MAP_NAMES = ("zt_agents_v1", "zt_grants_v1", "zt_levels_v1", "zt_config_v1",
-             "zt_counters_v1", "zt_agent_stats_v1", "zt_agent_drops_v1", "zt_flows_v1",
-             "zt_deny_budget_v1", "zt_allow_budget_v1", "zt_agent_events_v1",
-             "zt_events_v1", "zt_denials_v1")
+# The maps without which nothing is enforced; the datapath opens every other pinned map
+# by name when it first needs it (whatever bpf/ declares).
+CORE_MAPS = ("zt_agents_v1", "zt_grants_v1", "zt_levels_v1", "zt_config_v1")
 
 
 def bpf_source_dir() -> Path:
@@ -89,20 +97,40 @@ def translation_unit() -> str:
     return "\n".join((directory / name).read_text() for name in SOURCES)
 
 
+PROGRAMS_DIR = "progs"
+
+
+def program_stamp(instance: Instance) -> str:
+    """What the pinned programs were built from: the exact unit, its flags and the
+    hooks. Pinned programs with this stamp are ABI-compatible with this build."""
+    digest = hashlib.sha256()
+    for part in (translation_unit(), *cflags(instance),
+                 *(f"{s.function}:{int(s.attach_type)}:{s.prog_type}" for s in PROGRAMS)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def programs_dir(instance: Instance, stamp: str) -> Path:
+    return instance.pin_dir / PROGRAMS_DIR / stamp
+
+
 @dataclass
 class LoadedPrograms:
-    """The programs this process loaded and attached; holds their fds."""
+    """The programs this process attaches, opened from their pins; holds their fds.
+    ``compiled``: whether this load ran the compiler (else the pins were reused)."""
 
     instance: Instance
-    bpf: object  # bcc.BPF; typed loosely so that importing this module needs no bcc
+    stamp: str
     prog_fds: dict[str, int]
     prog_ids: dict[str, int]
+    compiled: bool
 
     def close(self) -> None:
-        """Release our references. Attached programs stay attached."""
-        cleanup = getattr(self.bpf, "cleanup", None)
-        if cleanup is not None:
-            cleanup()
+        """Release our references. Attached (and pinned) programs stay."""
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.prog_fds = {}
 
 
 @contextmanager
@@ -114,27 +142,68 @@ def _cgroup_fd(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def load_programs(instance: Instance) -> LoadedPrograms:
-    """Compile and load the programs, opening or creating the pinned maps.
-    Attaches nothing."""
-    import bcc  # the one import of bcc in ztnet
+def _complete(directory: Path) -> bool:
+    return all((directory / spec.function).exists() for spec in PROGRAMS)
 
-    instance.pin_dir.mkdir(parents=True, exist_ok=True)
+
+def compile_in_child(instance: Instance, stamp: str) -> None:
+    """Compile, load and pin the programs in a short-lived process (build.py)."""
+    request = {
+        "text": translation_unit(), "cflags": cflags(instance),
+        "pin_dir": str(instance.pin_dir), "programs_dir": str(programs_dir(instance, stamp)),
+        "programs": [[s.function, int(s.attach_type), s.prog_type] for s in PROGRAMS],
+    }
+    result = subprocess.run([sys.executable, "-m", "ztnet.datapath.build"],
+                            input=json.dumps(request), capture_output=True, text=True,
+                            check=False)
+    lines = result.stdout.strip().splitlines()
     try:
-        bpf = bcc.BPF(text=translation_unit().encode(), cflags=cflags(instance))
-    except Exception as exc:  # bcc raises bare Exception on compile errors
-        raise LoadError(f"datapath: compiling BPF programs failed: {exc}", str(exc)) from exc
+        reply = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        reply = {}
+    if result.returncode != 0 or "error" in reply or not isinstance(reply, dict):
+        error = reply.get("error") if isinstance(reply, dict) else None
+        log = result.stderr.strip()
+        raise LoadError(f"datapath: compiling and loading the BPF programs failed: "
+                        f"{error or f'loader exited with {result.returncode}'}"
+                        + (f"\n{log[-4000:]}" if log else ""), log)
+
+
+def load_programs(instance: Instance, *, fresh: bool = False) -> LoadedPrograms:
+    """Open the programs pinned for this build, compiling them first (in a child
+    process) if there are none or ``fresh`` asks for new ones. The child opens the
+    maps already pinned under the instance's bpffs directory or creates and pins
+    them. Attaches nothing."""
+    instance.pin_dir.mkdir(parents=True, exist_ok=True)
+    stamp = program_stamp(instance)
+    directory = programs_dir(instance, stamp)
+    compiled = False
+    if fresh and directory.exists():
+        shutil.rmtree(directory)  # unpins only: attached programs stay attached
+    if not _complete(directory):
+        if directory.exists():
+            shutil.rmtree(directory)
+        compile_in_child(instance, stamp)
+        compiled = True
     fds: dict[str, int] = {}
-    ids: dict[str, int] = {}
-    for spec in PROGRAMS:
-        prog_type = getattr(bcc.BPF, spec.prog_type)
-        try:
-            fn = bpf.load_func(spec.function.encode(), prog_type, attach_type=int(spec.attach_type))
-        except Exception as exc:
-            raise LoadError(f"datapath: loading {spec.function} failed: {exc}", str(exc)) from exc
-        fds[spec.function] = fn.fd
-        ids[spec.function] = prog_info(fn.fd).prog_id
-    return LoadedPrograms(instance, bpf, fds, ids)
+    try:
+        for spec in PROGRAMS:
+            fds[spec.function] = obj_get(directory / spec.function, "program")
+        ids = {name: prog_info(fd).prog_id for name, fd in fds.items()}
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return LoadedPrograms(instance, stamp, fds, ids, compiled)
+
+
+def remove_stale_programs(programs: LoadedPrograms) -> None:
+    """Unpin programs of other builds (and a crashed load's leftovers): they are
+    detached by now, and their pins would keep them loaded."""
+    parent = programs.instance.pin_dir / PROGRAMS_DIR
+    for entry in parent.iterdir() if parent.is_dir() else ():
+        if entry.name != programs.stamp:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def attach_replacing(programs: LoadedPrograms) -> int:
@@ -145,6 +214,9 @@ def attach_replacing(programs: LoadedPrograms) -> int:
     replaced = 0
     with _cgroup_fd(root) as cgroup_fd:
         for spec in PROGRAMS:
+            if programs.prog_ids[spec.function] in attached_prog_ids(cgroup_fd,
+                                                                     spec.attach_type):
+                continue  # a restart that reuses the pinned programs: attached already
             attach(programs.prog_fds[spec.function], cgroup_fd, spec.attach_type, root)
         for spec in PROGRAMS:
             replaced += _detach_others(cgroup_fd, spec, keep=programs.prog_ids[spec.function])
@@ -177,7 +249,7 @@ def attached_counts(instance: Instance) -> dict[str, int]:
 
 def is_enforcing(instance: Instance) -> bool:
     """Every hook has a program attached and the maps are pinned."""
-    pins_ok = all((instance.pin_dir / name).exists() for name in MAP_NAMES)
+    pins_ok = all((instance.pin_dir / name).exists() for name in CORE_MAPS)
     return pins_ok and all(count > 0 for count in attached_counts(instance).values())
 
 
@@ -200,4 +272,5 @@ def dump_program_source(instance: Instance) -> str:
 
 
 __all__ = ["DatapathError", "LoadedPrograms", "PROGRAMS", "attach_replacing", "attached_counts",
-           "detach_all", "dump_program_source", "is_enforcing", "load_programs", "remove_pins"]
+           "detach_all", "dump_program_source", "is_enforcing", "load_programs", "remove_pins",
+           "remove_stale_programs"]

@@ -5,6 +5,7 @@ can exit with a one-line reason instead of a traceback from bcc."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -61,12 +62,12 @@ def probe() -> Capabilities:
             f"datapath: kernel headers for {kernel} not found at {headers} "
             "(run `make setup`, which installs or links them)"
         )
-    try:
-        import bcc  # noqa: F401
-    except ImportError as exc:
+    # found, not imported: bcc (and LLVM with it) is loaded only by the short-lived
+    # compiling process (build.py), never by the daemon
+    if importlib.util.find_spec("bcc") is None:
         raise UnsupportedKernel(
             "datapath: bcc is not importable (install the distribution package "
-            f"python3-bpfcc and use a venv with --system-site-packages): {exc}"
-        ) from exc
+            "python3-bpfcc and use a venv with --system-site-packages)"
+        )
     ensure_bpffs()
     return Capabilities(cgroup2=cgroup2, bpffs=BPFFS, kernel=kernel, headers=headers)

@@ -1,0 +1,97 @@
+"""The daemon's control plane: bcc and LLVM stay out of the long-running
+process (a short-lived child compiles and pins the programs), and a restart
+finds the pinned programs and compiles nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ztnet.datapath import loader
+from ztnet.grants.keys import generate_keypair, load_private_key
+from ztnet.instance import Instance
+from ztnet.lab.netns import NetnsPair
+from ztnet.lab.servers import ServerProcess
+from ztnet.testing.daemon import BundleFileHost as Setup
+from ztnet.testing.daemon import bundle_applied
+
+A, NEVER = 8080, 9090
+COMPILER_LIBRARIES = ("libLLVM", "libbcc", "libclang")
+
+
+@pytest.fixture
+def setup(instance: Instance, tmp_path: Path) -> Iterator[Setup]:
+    key_path, pub = generate_keypair(tmp_path / "keys")
+    with NetnsPair() as pair, ServerProcess(pair.b.netns, bind=[pair.b.ipv4], tcp=[A, NEVER]):
+        yield Setup(instance, pair, load_private_key(key_path), pub, tmp_path / "bundle.json",
+                    tmp_path / "state")
+
+
+def mapped_compiler_libraries(pid: int) -> set[str]:
+    text = Path(f"/proc/{pid}/maps").read_text()
+    return {line.split()[-1] for line in text.splitlines()
+            if any(name in line for name in COMPILER_LIBRARIES)}
+
+
+def datapath_ready(event: dict[str, object]) -> bool:
+    return event.get("event") == "datapath ready"
+
+
+def test_the_daemon_maps_no_compiler_and_enforces(setup: Setup) -> None:
+    setup.publish(1, [A])
+    with setup.daemon() as daemon:
+        ready = daemon.wait_event(datapath_ready)
+        daemon.wait_event(bundle_applied(1))
+        assert daemon.proc is not None
+        assert ready["compiled"] is True  # a fresh instance: the child compiled them
+        assert mapped_compiler_libraries(daemon.proc.pid) == set()
+        assert (setup.attempt(A), setup.attempt(NEVER)) == ("OK", "EPERM")
+        assert mapped_compiler_libraries(daemon.proc.pid) == set()  # nor after events flowed
+
+
+def test_a_restart_with_the_programs_pinned_compiles_nothing(setup: Setup) -> None:
+    setup.publish(1, [A])
+    with setup.daemon() as first:
+        ready = first.wait_event(datapath_ready)
+        first.wait_event(bundle_applied(1))
+        stamp = ready["programs"]
+        assert first.stop() == 0
+    attached = _attached_ids(setup.instance)
+    with setup.daemon() as second:
+        again = second.wait_event(datapath_ready)
+        second.wait_event(bundle_applied(1))
+        assert (again["programs"], again["compiled"]) == (stamp, False)
+        assert _attached_ids(setup.instance) == attached  # the same programs, not replaced
+        assert (setup.attempt(A), setup.attempt(NEVER)) == ("OK", "EPERM")
+        setup.publish(2, [NEVER])
+        second.wait_event(bundle_applied(2))
+        assert (setup.attempt(A), setup.attempt(NEVER)) == ("EPERM", "OK")
+
+
+def test_pins_of_another_build_are_replaced_and_removed(instance: Instance) -> None:
+    from ztnet.datapath.datapath import Datapath
+
+    with Datapath.open(instance) as first:
+        assert first.programs is not None
+        stamp = first.programs.stamp
+    stale = instance.pin_dir / loader.PROGRAMS_DIR / "0000000000000000"
+    (instance.pin_dir / loader.PROGRAMS_DIR / stamp).rename(stale)  # as if built by another version
+    with Datapath.open(instance) as second:
+        assert second.programs is not None and second.programs.compiled
+        assert [p.name for p in (instance.pin_dir / loader.PROGRAMS_DIR).iterdir()] == [stamp]
+    assert set(loader.attached_counts(instance).values()) == {1}
+
+
+def _attached_ids(instance: Instance) -> dict[str, list[int]]:
+    import os
+
+    from ztnet.datapath.bpfsys import attached_prog_ids
+
+    fd = os.open(instance.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return {spec.function: attached_prog_ids(fd, spec.attach_type)
+                for spec in loader.PROGRAMS}
+    finally:
+        os.close(fd)
