@@ -95,6 +95,9 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--metrics", metavar="ADDR", default=None,
                    help="serve Prometheus metrics at http://ADDR/metrics (e.g. "
                    "127.0.0.1:9465; default: off)")
+    p.add_argument("--otlp-endpoint", metavar="HOST:PORT", default=None,
+                   help="also export every stored flow record as an OTLP log record to the "
+                   "OpenTelemetry collector at HOST:PORT (gRPC, no TLS; docs/flows.md)")
     p.add_argument("--flow-max-rows-per-host", type=int, default=1_000_000, metavar="N",
                    help="keep at most N flow records of any one host, deleting its oldest "
                    "(default 1000000; 0: no limit)")
@@ -185,7 +188,8 @@ def handle_serve(args: argparse.Namespace) -> int:
                                         renew=args.host_renew_rate,
                                         flow_records=args.host_flow_rate,
                                         max_streams=args.host_max_streams),
-                 tpm_ek_cas=tuple(args.tpm_ek_ca), tpm_ek_allowlist=args.tpm_ek_allowlist)
+                 tpm_ek_cas=tuple(args.tpm_ek_ca), tpm_ek_allowlist=args.tpm_ek_allowlist,
+                 otlp_endpoint=args.otlp_endpoint)
 
 
 def handle_token_create(args: argparse.Namespace) -> int:
@@ -240,7 +244,8 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
           flow_prune_interval: float = 60.0, metrics: str | None = None,
           flow_max_rows_per_host: int = 1_000_000,
           host_limits: HostLimits = DEFAULT_LIMITS,
-          tpm_ek_cas: tuple[Path, ...] = (), tpm_ek_allowlist: Path | None = None) -> int:
+          tpm_ek_cas: tuple[Path, ...] = (), tpm_ek_allowlist: Path | None = None,
+          otlp_endpoint: str | None = None) -> int:
     """Serve until stopped (SIGTERM/SIGINT)."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
     from ztnet import logs
@@ -249,6 +254,10 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
     from ztnet.controller.server import serve as run_server
 
     logs.setup(log_format)
+    if otlp_endpoint is not None:  # a bad address fails here, before anything starts
+        from ztnet.observe.otlp import parse_endpoint
+
+        parse_endpoint(otlp_endpoint)
     return run_server(ServeConfig(
         state=state, listen=listen, enroll_listen=enroll_listen, policy=policy,
         grant_ttl=grant_ttl, host_cert_ttl=host_cert_ttl, apply_timeout=apply_timeout,
@@ -257,7 +266,7 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
                             max_rows_per_host=flow_max_rows_per_host,
                             interval=flow_prune_interval),
         metrics=metrics, host_limits=host_limits, tpm_ek_cas=tpm_ek_cas,
-        tpm_ek_allowlist=tpm_ek_allowlist))
+        tpm_ek_allowlist=tpm_ek_allowlist, otlp_endpoint=otlp_endpoint))
 
 
 def token_create(state: Path, host: str, *, ttl: float, as_json: bool,

@@ -41,6 +41,9 @@ def register(sub: SubParsers) -> None:
                    help="controller mode: bound of <state>/spool, the flow records not yet "
                    "acknowledged by the controller; when full the oldest are dropped and "
                    "counted (default 64M)")
+    p.add_argument("--otlp-endpoint", metavar="HOST:PORT", default=None,
+                   help="also export every flow record as an OTLP log record to the "
+                   "OpenTelemetry collector at HOST:PORT (gRPC, no TLS; docs/flows.md)")
 
 
 def spool_size(text: str) -> int:
@@ -55,17 +58,19 @@ def handle_daemon(args: argparse.Namespace) -> int:
         instance=args.instance, state=daemon_state(args.state, args.instance),
         controller=args.controller, trust=args.trust, bundle=args.bundle, host=args.host,
         log_format=args.log_format, resync=args.resync, backoff_max=args.backoff_max,
-        metrics=args.metrics, flows=not args.no_flows, spool_max=args.spool_max)
+        metrics=args.metrics, flows=not args.no_flows, spool_max=args.spool_max,
+        otlp_endpoint=args.otlp_endpoint)
 
 
 def run_daemon(*, instance: str | None, state: Path, controller: str | None,
                trust: list[Path], bundle: Path | None, host: str | None,
                log_format: str = "text", resync: float = 30.0, backoff_max: float = 30.0,
                metrics: str | None = None, flows: bool = True,
-               spool_max: int | None = None) -> int:
+               spool_max: int | None = None, otlp_endpoint: str | None = None) -> int:
     """Run the daemon until it is stopped: following ``controller`` with the credentials
     enrolled in ``state``, else enforcing the ``bundle`` file signed by a ``trust`` key.
-    ``spool_max``: the bound of the upload spool (default: the daemon's)."""
+    ``spool_max``: the bound of the upload spool (default: the daemon's); ``otlp_endpoint``:
+    the OpenTelemetry collector every flow record is also exported to."""
     import socket
 
     from ztnet import logs
@@ -73,6 +78,10 @@ def run_daemon(*, instance: str | None, state: Path, controller: str | None,
     from ztnet.daemon.spool import DEFAULT_MAX_BYTES
 
     logs.setup(log_format)
+    if otlp_endpoint is not None:  # a bad address fails here, before anything starts
+        from ztnet.observe.otlp import parse_endpoint
+
+        parse_endpoint(otlp_endpoint)
     if controller:
         from ztnet.daemon.credentials import controller_settings
 
@@ -82,10 +91,11 @@ def run_daemon(*, instance: str | None, state: Path, controller: str | None,
                               resync_seconds=resync, controller=controller,
                               trust_domain=settings.trust_domain,
                               backoff_cap=backoff_max, flows=flows,
-                              metrics_listen=metrics,
+                              metrics_listen=metrics, otlp_endpoint=otlp_endpoint,
                               spool_max_bytes=DEFAULT_MAX_BYTES if spool_max is None else spool_max)
     else:
         config = DaemonConfig(trust=trust, bundle=bundle, state=state,
                               host=host or socket.gethostname(), instance=instance,
-                              resync_seconds=resync, flows=flows, metrics_listen=metrics)
+                              resync_seconds=resync, flows=flows, metrics_listen=metrics,
+                              otlp_endpoint=otlp_endpoint)
     return Daemon(config).run()

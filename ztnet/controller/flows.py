@@ -50,12 +50,15 @@ def check_sequence(sequence: int) -> None:
                              "the first batch of a host is 1)")
 
 
-def decode_batch(host: str, records: Sequence[bytes], received_ns: int) -> list[FlowRow]:
+def decode_batch(host: str, records: Sequence[bytes], received_ns: int,
+                 into: list[FlowRecord] | None = None) -> list[FlowRow]:
     """The rows of a batch from ``host``, received at ``received_ns``: every
     record must be a valid schema-1 record of that host (else INVALID_ARGUMENT
-    or PERMISSION_DENIED naming ``records[i]``). Pure: may run in a worker
+    or PERMISSION_DENIED naming ``records[i]``). The decoded records are also
+    appended to ``into`` when given (the OTLP export). Pure: may run in a worker
     thread."""
     rows = []
+    decoded = []
     for index, raw in enumerate(records):
         field = f"records[{index}]"
         try:
@@ -77,6 +80,9 @@ def decode_batch(host: str, records: Sequence[bytes], received_ns: int) -> list[
                                  "(UUIDv5 of host, socket cookie, event type, time, "
                                  "destination and port)")
         rows.append(FlowRow.of(record, received_ns))
+        decoded.append(record)
+    if into is not None:  # all or nothing, like the batch
+        into.extend(decoded)
     return rows
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 
@@ -25,6 +25,7 @@ from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.publisher import Publisher
 from ztnet.controller.store import Store
 from ztnet.errors import RpcFailure
+from ztnet.observe.records import FlowRecord
 from ztnet.text import escape
 from ztnet.v1 import node_pb2
 
@@ -33,11 +34,19 @@ RECHECK_SECONDS = 30.0
 MAX_REASON = 4096
 
 
+class FlowExport(Protocol):
+    """Where stored flow records also go (``ztnet.observe.otlp.OtlpExporter``): must
+    return at once, whatever the far end does."""
+
+    def submit_many(self, records: Sequence[FlowRecord]) -> int: ...
+
+
 class NodeService:
     def __init__(self, store: Store, enrollment: Enrollment, authz: Authorizer, hub: Hub,
                  publisher: Publisher, signing_pub_pem: bytes,
                  clock: Callable[[], float], metrics: ControllerMetrics | None = None,
-                 limiter: HostLimiter | None = None) -> None:
+                 limiter: HostLimiter | None = None,
+                 flow_export: FlowExport | None = None) -> None:
         self.store = store
         self.enrollment = enrollment
         self.authz = authz
@@ -47,6 +56,7 @@ class NodeService:
         self.clock = clock
         self.metrics = metrics or ControllerMetrics()
         self.limiter = limiter or HostLimiter()
+        self.flow_export = flow_export
 
     async def enroll(self, request: node_pb2.EnrollRequest,
                      context: Any) -> node_pb2.EnrollResponse:
@@ -197,10 +207,14 @@ class NodeService:
                 else:
                     # decoding is pure Python, ~0.1 ms a record: off the event loop,
                     # so a large batch does not hold up grant pushes
+                    decoded: list[FlowRecord] | None = [] if self.flow_export else None
                     rows = await asyncio.to_thread(flows.decode_batch, peer.name,
                                                    list(batch.records),
-                                                   int(self.clock() * 1e9))
+                                                   int(self.clock() * 1e9), decoded)
                     stored = self.store.store_flows(peer.name, batch.sequence, rows)
+                    if decoded and self.flow_export is not None and not stored.duplicate:
+                        # queued, never awaited: a slow collector does not slow ingest
+                        self.flow_export.submit_many(decoded)
             except RpcFailure:
                 self.metrics.flow_batches.labels("refused").inc()
                 raise

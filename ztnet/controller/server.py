@@ -29,9 +29,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -59,6 +61,9 @@ from ztnet.observe.audit import AuditLog
 from ztnet.observe.metrics import MetricsServer, start_http_server
 from ztnet.policy.document import MAX_POLICY_BYTES
 from ztnet.v1 import admin_pb2, node_pb2
+
+if TYPE_CHECKING:
+    from ztnet.observe.otlp import OtlpExporter
 
 NODE_SERVICE = "ztnet.v1.NodeService"
 ADMIN_SERVICE = "ztnet.v1.AdminService"
@@ -92,6 +97,7 @@ class ServeConfig:
     ready_file: Path | None = None
     retention: Retention = Retention()
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
+    otlp_endpoint: str | None = None  # HOST:PORT of an OpenTelemetry collector (flows)
     host_limits: HostLimits = HostLimits()
     # TPM enrollment: EK CA certificates (PEM files) and an EK hash allowlist file
     tpm_ek_cas: tuple[Path, ...] = ()
@@ -132,8 +138,16 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
     metrics.flow_rows.set(store.flow_count())
     limiter = HostLimiter(config.host_limits,
                           on_refuse=lambda limit: metrics.host_limited.labels(limit).inc())
+    flow_export: OtlpExporter | None = None
+    if config.otlp_endpoint is not None:
+        from ztnet.observe import otlp  # the SDK loads only when asked for
+
+        flow_export = otlp.OtlpExporter(config.otlp_endpoint, service="ztnet-controller",
+                                        host=socket.gethostname())
+        otlp.OtlpCollector.register(flow_export, metrics.registry)
     node = NodeService(store, enrollment, authz, hub, publisher,
-                       statedir.read_file(paths.signing_pub), clock, metrics, limiter)
+                       statedir.read_file(paths.signing_pub), clock, metrics, limiter,
+                       flow_export)
     audit = AuditLog(paths.audit)
     admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout,
                          metrics=metrics, audit=audit)
@@ -177,7 +191,8 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
                    ca_fingerprint=authority.fingerprint, version=store.current_version(),
                    tpm_ek_cas=len(trust.cas), tpm_ek_allowlist=len(trust.allowed),
                    listen=addresses["listen"], enroll_listen=addresses.get("enroll_listen", "off"),
-                   metrics=addresses.get("metrics", "off"))
+                   metrics=addresses.get("metrics", "off"),
+                   otlp_endpoint=config.otlp_endpoint or "off")
         await _wait_for_signal()
     finally:
         logs.event("controller stopping")
@@ -192,6 +207,8 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
         await server.stop(SHUTDOWN_GRACE)
         if exporter is not None:
             exporter.close()
+        if flow_export is not None:
+            await asyncio.to_thread(flow_export.close)
         if config.ready_file is not None:
             config.ready_file.unlink(missing_ok=True)
         audit.close()

@@ -5,6 +5,8 @@ waits on it) and hands each record to the dispatcher, which fans out to the
 JSONL flow log, the Prometheus metrics and the audit trail. The main thread
 tells it about bundles (new grant metadata, audit records of grant changes).
 In controller mode a fourth sink spools the records for the controller (uploader.py).
+With an OTLP endpoint the reader also hands each batch to the OpenTelemetry exporter
+(ztnet/observe/otlp.py), which queues it and never makes the reader wait.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ztnet import logs
 from ztnet.daemon.uploader import FlowUpload, UploadSettings
@@ -23,6 +26,9 @@ from ztnet.grants.bundle import VerifiedBundle
 from ztnet.grants.model import Grant, format_grant_id
 from ztnet.instance import AUDIT_FILE, FLOWS_FILE
 from ztnet.observe import audit, metrics, records, sinks
+
+if TYPE_CHECKING:
+    from ztnet.observe.otlp import OtlpExporter
 
 _POLL_MS = 200
 _SUBMIT_BATCH = 256  # records handed to the dispatcher at once (also after every poll)
@@ -54,12 +60,19 @@ def _grant_fields(grant: Grant) -> dict[str, object]:
 
 class FlowPipeline:
     def __init__(self, datapath: Datapath, state: Path, *, host: str, trust_domain: str,
-                 metrics_listen: str | None, upload: UploadSettings | None = None) -> None:
+                 metrics_listen: str | None, upload: UploadSettings | None = None,
+                 otlp_endpoint: str | None = None) -> None:
         self.datapath = datapath
         self.audit_log = audit.AuditLog(state / AUDIT_FILE)
         self.metrics = metrics.FlowMetrics()
         # controller mode: every record is also spooled and uploaded (uploader.py)
         self.upload = FlowUpload(state, upload, self.metrics.registry) if upload else None
+        self.otlp: OtlpExporter | None = None
+        if otlp_endpoint is not None:
+            from ztnet.observe import otlp  # the SDK loads only when asked for
+
+            self.otlp = otlp.OtlpExporter(otlp_endpoint, service="ztnet-daemon", host=host)
+            otlp.OtlpCollector.register(self.otlp, self.metrics.registry)
         self.dispatcher = sinks.Dispatcher([
             sinks.JsonlSink(state / FLOWS_FILE), self.metrics, audit.AuditSink(self.audit_log),
             *([self.upload.sink] if self.upload else []),
@@ -87,6 +100,8 @@ class FlowPipeline:
         if self._batch:
             batch, self._batch = self._batch, []
             self.dispatcher.submit_many(batch)
+            if self.otlp is not None:
+                self.otlp.submit_many(batch)
 
     def _run(self) -> None:
         polls = 0
@@ -150,6 +165,8 @@ class FlowPipeline:
         if self.upload is not None:
             self.upload.stop()
         self.dispatcher.close()  # the spool sink writes its last batch for the next start
+        if self.otlp is not None:
+            self.otlp.close()
         if self.server is not None:
             self.server.close()
         self.audit_log.close()

@@ -68,6 +68,8 @@ class DaemonConfig:
     metrics_listen: str | None = None
     # Controller mode: the bound of the spool of flow records awaiting upload.
     spool_max_bytes: int = DEFAULT_MAX_BYTES
+    # Every flow record also to this OpenTelemetry collector (HOST:PORT, OTLP/gRPC).
+    otlp_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +257,8 @@ class Daemon:
                                         self.config.spool_max_bytes, self.config.backoff_cap)
             self.flows = FlowPipeline(self.datapath, self.state.path, host=self.config.host,
                                       trust_domain=self.config.trust_domain or "",
-                                      metrics_listen=self.config.metrics_listen, upload=upload)
+                                      metrics_listen=self.config.metrics_listen, upload=upload,
+                                      otlp_endpoint=self.config.otlp_endpoint)
         persisted = self.state.bundle()
         if persisted is not None:
             # the persisted bundle first, re-verified, before any other input
