@@ -100,7 +100,7 @@ static __always_inline int zt_parse(struct __sk_buff *skb, struct zt_packet *pkt
 static __always_inline void zt_account_egress(struct __sk_buff *skb,
 					      const struct zt_subject *subject,
 					      const struct zt_packet *pkt, __u64 cgroup_id,
-					      __u64 grant_id)
+					      __u64 grant_id, __u16 flow_flags)
 {
 	__u64 cookie = zt_socket_cookie(skb);
 	__u64 now = bpf_ktime_get_boot_ns();
@@ -127,6 +127,7 @@ static __always_inline void zt_account_egress(struct __sk_buff *skb,
 	fresh.family = pkt->family;
 	fresh.dport_be = bpf_htons(pkt->port);
 	fresh.sport_be = bpf_htons(pkt->sport);
+	fresh.flags = flow_flags;
 	__builtin_memcpy(fresh.daddr, pkt->addr, 16);
 	__builtin_memcpy(fresh.saddr, pkt->saddr, 16);
 	if (zt_flows_v1.insert(&cookie, &fresh) < 0)
@@ -170,7 +171,19 @@ int zt_egress(struct __sk_buff *skb)
 			stats->egress_packets += 1;
 			stats->egress_bytes += skb->len;
 		}
-		zt_account_egress(skb, &subject, &pkt, cgroup_id, grant_id);
+		zt_account_egress(skb, &subject, &pkt, cgroup_id, grant_id, 0);
+		return 1;
+	}
+	if (zt_audit_admits(&subject, pkt.family, pkt.addr)) {
+		/* audit mode: what enforce mode drops passes, counted per agent;
+		 * a socket no hook saw gets an audited flow (its flow end says so) */
+		zt_count(ZT_CNT_EGRESS_PASS);
+		zt_count_drop(subject.agent.index, ZT_DROP_SLOT_AUDIT);
+		if (stats) {
+			stats->egress_packets += 1;
+			stats->egress_bytes += skb->len;
+		}
+		zt_account_egress(skb, &subject, &pkt, cgroup_id, 0, ZT_FLOW_AUDIT);
 		return 1;
 	}
 	zt_count(ZT_CNT_EGRESS_DROP);

@@ -109,7 +109,8 @@ struct zt_decision {
 	__u64 grant_id;
 	__u32 agent;
 	__u8 kind;
-	__u8 allowed;
+	__u8 allowed;         /* the syscall goes ahead (granted, or audited) */
+	__u8 audit;           /* no grant: let through by audit mode */
 	__u8 reason;
 	__u8 proto;
 	__u8 family;
@@ -130,6 +131,7 @@ static __always_inline void zt_describe_flow(struct zt_flow *flow, const struct 
 	flow->proto = d->proto;
 	flow->family = d->family;
 	flow->dport_be = bpf_htons(d->dport);
+	flow->flags = d->audit ? ZT_FLOW_AUDIT : 0;
 	__builtin_memcpy(flow->daddr, d->daddr, 16);
 	bpf_get_current_comm(flow->comm, sizeof(flow->comm));
 }
@@ -137,7 +139,9 @@ static __always_inline void zt_describe_flow(struct zt_flow *flow, const struct 
 static __always_inline void zt_emit_decision(void *ctx, const struct zt_decision *d)
 {
 	__u32 suppressed = 0;
-	int deny = !d->allowed;
+	/* audit events are what enforce mode would have denied: the deny side's
+	 * budget and ring, so an audited agent's allowed traffic cannot hide them */
+	int deny = !d->allowed || d->audit;
 	if (!zt_event_budget(d->agent, deny, &suppressed))
 		return;
 	struct zt_event *event = zt_reserve_event(d->agent, deny, suppressed);
@@ -148,7 +152,8 @@ static __always_inline void zt_emit_decision(void *ctx, const struct zt_decision
 	event->cookie = zt_socket_cookie(ctx);
 	event->suppressed = suppressed;
 	event->kind = d->kind;
-	event->verdict = d->allowed ? ZT_VERDICT_ALLOWED : ZT_VERDICT_DENIED;
+	event->verdict = d->audit ? ZT_VERDICT_AUDIT
+				  : d->allowed ? ZT_VERDICT_ALLOWED : ZT_VERDICT_DENIED;
 	event->reason = d->reason;
 	zt_describe_flow(&event->flow, d);
 	if (deny)

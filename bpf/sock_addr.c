@@ -60,6 +60,8 @@ static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
 	if (!d.allowed)
 		d.reason = (subject.agent.flags & ZT_AGENT_QUARANTINED) ? ZT_REASON_QUARANTINED
 									 : ZT_REASON_NO_GRANT;
+	if (!d.allowed && zt_audit_admits(&subject, family, addr))
+		d.allowed = d.audit = 1;
 	zt_count(d.allowed ? counters.allowed : counters.denied);
 	zt_account_decision(subject.agent.index, d.allowed);
 	zt_emit_decision(ctx, &d);

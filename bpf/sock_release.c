@@ -27,7 +27,12 @@ int zt_sock_release(struct bpf_sock *sk)
 	event->cookie = cookie;
 	event->suppressed = suppressed;
 	event->kind = ZT_EV_FLOW_END;
-	event->verdict = ZT_VERDICT_ALLOWED;
+	if (flow->flags & ZT_FLOW_AUDIT) {  /* no grant: audit mode let it through */
+		event->verdict = ZT_VERDICT_AUDIT;
+		event->reason = ZT_REASON_NO_GRANT;
+	} else {
+		event->verdict = ZT_VERDICT_ALLOWED;
+	}
 	/* the whole entry: counters, process, and the source the egress program
 	 * learnt (sock_release may not read the socket's source; only post_bind
 	 * may) */

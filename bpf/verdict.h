@@ -137,6 +137,37 @@ static __always_inline int zt_allowed(const struct zt_subject *subject, __u8 pro
 	return zt_match_class(&key, levels->mask[ZT_CLASS_ANY], port, now, grant_id);
 }
 
+/*
+ * Destinations audit mode never opens (only a grant does): loopback and the
+ * addresses that reach the local host (0.0.0.0/8, ::, ::1), and link-local,
+ * where every cloud's metadata service lives (169.254.0.0/16: AWS, GCP, Azure,
+ * ECS task metadata; fe80::/10; fd00:ec2::254, AWS's IPv6 metadata address).
+ * `addr` is in network order (4 bytes for family 4, 16 for family 6).
+ */
+static __always_inline int zt_audit_protected(__u8 family, const __u8 *addr)
+{
+	if (family == ZT_FAMILY_V4)
+		return addr[0] == 127 || addr[0] == 0 || (addr[0] == 169 && addr[1] == 254);
+	const __u32 *w = (const __u32 *)addr;
+	if (w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 0 || w[3] == bpf_htonl(1)))
+		return 1;
+	if (addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80)
+		return 1;
+	return w[0] == bpf_htonl(0xfd000ec2) && w[1] == 0 && w[2] == 0 &&
+	       w[3] == bpf_htonl(0x254);
+}
+
+/* Does audit mode let through what the grants refused (zt_allowed() == 0)?
+ * Never for a quarantined agent, never toward a protected destination. */
+static __always_inline int zt_audit_admits(const struct zt_subject *subject, __u8 family,
+					   const __u8 *addr)
+{
+	__u32 flags = subject->agent.flags;
+	if (!(flags & ZT_AGENT_AUDIT) || (flags & ZT_AGENT_QUARANTINED))
+		return 0;
+	return !zt_audit_protected(family, addr);
+}
+
 static __always_inline void zt_account_decision(__u32 agent_index, int allowed)
 {
 	struct zt_agent_stats *stats = zt_stats(agent_index);

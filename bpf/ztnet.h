@@ -107,6 +107,10 @@ struct zt_levels {
 };
 
 #define ZT_AGENT_QUARANTINED (1u << 0)
+/* Audit mode (the policy's mode = "audit"): what enforce mode would refuse is
+ * let through and recorded with ZT_VERDICT_AUDIT, except toward the
+ * destinations zt_audit_protected() names. Quarantine overrides it. */
+#define ZT_AGENT_AUDIT (1u << 1)
 
 /* Value of zt_agents_v1 (key: the agent cgroup's id, __u64). */
 struct zt_agent {
@@ -161,6 +165,8 @@ enum zt_event_kind {
 enum zt_verdict {
 	ZT_VERDICT_ALLOWED = 1,
 	ZT_VERDICT_DENIED = 2,
+	/* refused by the grants, let through: the agent is in audit mode */
+	ZT_VERDICT_AUDIT = 3,
 };
 
 /* Why: one table shared with ztnet/datapath/abi.py and docs/flows.md. */
@@ -196,7 +202,7 @@ struct zt_flow {
 	__u8 family;          /* enum zt_family */
 	__be16 dport_be;
 	__be16 sport_be;      /* learnt from the first egress packet */
-	__u16 pad;
+	__u16 flags;          /* ZT_FLOW_AUDIT; was padding (always 0) before */
 	__u8 saddr[16];
 	__u8 daddr[16];
 	char comm[16];
@@ -250,9 +256,16 @@ enum zt_counter {
 	ZT_CNT_COUNT = 12,
 };
 
+/* struct zt_flow.flags: the flow exists only because its agent is in audit
+ * mode (no grant covered it); its flow-end record says ZT_VERDICT_AUDIT. */
+#define ZT_FLOW_AUDIT (1u << 0)
+
 /* zt_agent_drops_v1: packets the egress backstop dropped, per agent and
- * reason (percpu array, index: agent index * ZT_DROP_SLOTS + enum zt_reason). */
+ * reason (percpu array, index: agent index * ZT_DROP_SLOTS + enum zt_reason).
+ * Slot ZT_DROP_SLOT_AUDIT counts the packets it would have dropped and let
+ * through because the agent is in audit mode. */
 #define ZT_DROP_SLOTS 8
+#define ZT_DROP_SLOT_AUDIT 7
 
 /* Per-agent counters (percpu array indexed by agent index). */
 struct zt_agent_stats {

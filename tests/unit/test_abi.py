@@ -35,6 +35,8 @@ def _probe_source() -> str:
     constants = {"ZT_ABI_VERSION": "abi_version", "ZT_PORT_LEVELS": "port_levels",
                  "ZT_KEY_FIXED_BITS": "key_fixed_bits", "ZT_CNT_COUNT": "counter_count",
                  "ZT_AGENT_QUARANTINED": "quarantined", "ZT_DROP_SLOTS": "drop_slots",
+                 "ZT_AGENT_AUDIT": "audit", "ZT_FLOW_AUDIT": "flow_audit",
+                 "ZT_DROP_SLOT_AUDIT": "drop_slot_audit",
                  "ZT_PROTO_PORT_UNKNOWN": "proto_port_unknown"}
     for macro, key in constants.items():
         lines.append(f'  printf(", \\"{key}\\": %d", (int)({macro}));')
@@ -85,6 +87,10 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
     assert layout["key_fixed_bits"] == abi.KEY_FIXED_BITS
     assert layout["counter_count"] == abi.COUNTER_COUNT
     assert layout["quarantined"] == abi.AGENT_QUARANTINED
+    assert layout["audit"] == abi.AGENT_AUDIT != abi.AGENT_QUARANTINED
+    assert layout["flow_audit"] == abi.FLOW_AUDIT
+    assert layout["drop_slot_audit"] == abi.DROP_SLOT_AUDIT
+    assert max(abi.ZtReason) < abi.DROP_SLOT_AUDIT < abi.DROP_SLOTS
     assert layout["drop_slots"] == abi.DROP_SLOTS > max(abi.ZtReason)
     assert layout["proto_port_unknown"] == abi.PROTO_PORT_UNKNOWN
     assert abi.PROTO_PORT_UNKNOWN not in set(abi.ZtProto), "the sentinel must name no grant"

@@ -33,7 +33,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
     p.add_argument("--agent", action="append", default=[], metavar="NAME",
                    help="only this agent (repeat for several)")
-    p.add_argument("--verdict", metavar="allowed|denied", help="only this verdict")
+    p.add_argument("--verdict", metavar="allowed|denied|audit", help="only this verdict")
     p.add_argument("--kind", action="append", default=[], metavar="KIND",
                    help="only connect, sendmsg or flow_end records (repeat for several)")
     p.add_argument("--since", metavar="WHEN",

@@ -59,7 +59,7 @@ def register(sub: SubParsers) -> None:
     operator_options(p)
     p.add_argument("--host", default="", help="only flows of this host")
     p.add_argument("--agent", default="", metavar="NAME", help="only this agent")
-    p.add_argument("--verdict", metavar="allowed|denied", help="only this verdict")
+    p.add_argument("--verdict", metavar="allowed|denied|audit", help="only this verdict")
     p.add_argument("--kind", metavar="KIND", help="only connect, sendmsg or flow_end records")
     p.add_argument("--since", metavar="WHEN",
                    help="only flows since then: a duration ago (30s, 10m, 2h) or RFC 3339")

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ztnet.controller.store import Revocation
 from ztnet.grants.bundle import sign_bundle
+from ztnet.grants.model import AgentMode
 from ztnet.policy.compile import grant_id_for
 from ztnet.policy.document import Policy
 from ztnet.policy.issue import issue_bundle
@@ -61,14 +62,16 @@ class Epoch:
 
 def effective_policy(policy: Policy, revocations: tuple[Revocation, ...]) -> Policy:
     """``policy`` without the revoked grants. A revoked agent keeps its name
-    but loses every rule: it stays known, and may reach nothing."""
+    but loses every rule and is enforced even if the policy audits it: it
+    stays known, and may reach nothing."""
     whole = {r.agent for r in revocations if r.grant_id is None}
     single = {(r.agent, r.grant_id) for r in revocations if r.grant_id is not None}
     agents = tuple(
         replace(agent, allow=tuple(
             rule for rule in agent.allow
             if agent.name not in whole
-            and (agent.name, grant_id_for(policy.trust_domain, agent.name, rule)) not in single))
+            and (agent.name, grant_id_for(policy.trust_domain, agent.name, rule)) not in single),
+            mode=AgentMode.ENFORCE if agent.name in whole else agent.mode)
         for agent in policy.agents)
     return replace(policy, agents=agents)
 

@@ -75,6 +75,9 @@ class ZtCounter(enum.IntEnum):
 
 COUNTER_COUNT = 12
 DROP_SLOTS = 8
+# ZT_DROP_SLOT_AUDIT: packets the egress backstop let through only because the agent is in
+# audit mode (what enforce mode would have dropped)
+DROP_SLOT_AUDIT = 7
 
 
 class ZtEventKind(enum.IntEnum):
@@ -90,6 +93,7 @@ class ZtVerdict(enum.IntEnum):
 
     ALLOWED = 1
     DENIED = 2
+    AUDIT = 3  # no grant, let through: the agent is in audit mode
 
 
 class ZtReason(enum.IntEnum):
@@ -103,6 +107,8 @@ class ZtReason(enum.IntEnum):
 
 
 AGENT_QUARANTINED = 1
+AGENT_AUDIT = 2  # ZT_AGENT_AUDIT
+FLOW_AUDIT = 1  # ZT_FLOW_AUDIT (struct zt_flow.flags)
 
 
 class ZtGrantKey(ctypes.Structure):
@@ -188,7 +194,7 @@ class ZtFlow(ctypes.Structure):
         ("family", ctypes.c_uint8),
         ("dport_be", ctypes.c_uint16),
         ("sport_be", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),

@@ -116,6 +116,7 @@ class Datapath:
         # stand-in for the kernel: every diff reads the maps themselves, and these
         # only tell drift (someone else wrote) from change (new grants, windows).
         self._grants: tuple[Grant, ...] = ()
+        self._audit: frozenset[str] = frozenset()  # agents this process put in audit mode
         self._written: dict[int, DesiredState] = {}  # by generation
         self._active: int | None = None
 
@@ -251,6 +252,24 @@ class Datapath:
             result[name] = index
         return result
 
+    def _set_audit(self, audit: frozenset[str], *, enable: bool) -> None:
+        """Give ZT_AGENT_AUDIT to the agents in ``audit`` (``enable``) or take it from
+        every other agent (not ``enable``); the other flags (quarantine) stay."""
+        agents = self.maps["zt_agents_v1"]
+        by_id = {cgroups.cgroup_id(path): name
+                 for name, path in cgroups.agent_cgroups(self.instance).items()}
+        for cgid, value in self._registered().items():
+            wanted = by_id.get(cgid) in audit
+            if wanted != bool(value.flags & abi.AGENT_AUDIT) and wanted == enable:
+                value.flags ^= abi.AGENT_AUDIT
+                agents.update(ctypes.c_uint64(cgid), value)
+
+    def audited(self) -> frozenset[str]:
+        """The agents in audit mode, read from the kernel."""
+        names = self.agent_names()
+        return frozenset(names[int(agent.index)] for agent in self._registered().values()
+                         if agent.flags & abi.AGENT_AUDIT and int(agent.index) in names)
+
     def set_quarantined(self, agent: str, quarantined: bool) -> None:
         """A quarantined agent is denied everything, whatever its grants.
 
@@ -310,7 +329,8 @@ class Datapath:
         """Make a verified bundle's grants the whole grant set, atomically. No
         kernel entry outlives the bundle's expiry by more than the grace
         (compile.kernel_not_after)."""
-        return self._replace(bundle.grants, bundle.bundle.expires, now)
+        return self._replace(bundle.grants, bundle.bundle.expires, now,
+                             frozenset(bundle.bundle.audit_agents))
 
     def resync(self, bundle: VerifiedBundle, *, now: float | None = None) -> SyncResult:
         """Compare both generations, read from the kernel, with what this process
@@ -326,31 +346,35 @@ class Datapath:
             if self._active is not None and self.generation != self._active:
                 drift += Drift(generation=1, samples=(f"generation flipped to {self.generation}",))
             applied = self._replace_locked(bundle.grants, bundle.bundle.expires, now,
+                                           frozenset(bundle.bundle.audit_agents),
                                            repair=drift.total > 0, contents=contents)
         return SyncResult(drift, applied)
 
-    def install_unverified(self, grants: Iterable[Grant], *,
-                           now: float | None = None) -> ApplyResult:
+    def install_unverified(self, grants: Iterable[Grant], *, now: float | None = None,
+                           audit: Iterable[str] = ()) -> ApplyResult:
         """Install grants that came in no bundle, uncapped: for tests, benchmarks
         and the local lab only (tests/unit/test_verified_only.py keeps it so).
-        The daemon installs nothing but verified bundles (``install``)."""
-        return self._replace(tuple(grants), math.inf, now)
+        The daemon installs nothing but verified bundles (``install``).
+        ``audit``: the agents to put in audit mode (every other one enforces)."""
+        return self._replace(tuple(grants), math.inf, now, frozenset(audit))
 
     def _replace(self, grants: tuple[Grant, ...], bundle_expires: float,
-                 now: float | None) -> ApplyResult:
+                 now: float | None, audit: frozenset[str]) -> ApplyResult:
         with instance_lock(self.instance):
-            return self._replace_locked(grants, bundle_expires, now, repair=False)
+            return self._replace_locked(grants, bundle_expires, now, audit, repair=False)
 
     def _replace_locked(self, grants: tuple[Grant, ...], bundle_expires: float,
-                        now: float | None, *, repair: bool,
+                        now: float | None, audit: frozenset[str], *, repair: bool,
                         contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] | None = None,
                         ) -> ApplyResult:
         """Write the inactive generation, then flip to it. With ``repair`` the
         generation just left is rewritten too, so drift survives in neither.
-        ``contents``: the trie as just dumped under this lock (else dumped here)."""
+        ``contents``: the trie as just dumped under this lock (else dumped here).
+        Audit mode is given before the flip and taken after it, so that, like the
+        grants, the change is briefly over-permissive, never an outage."""
         started = time.monotonic()
         now = time.time() if now is None else now
-        indices = self.ensure_agents({grant.agent for grant in grants})
+        indices = self.ensure_agents({grant.agent for grant in grants} | audit)
         desired = compile_desired_state(grants, indices, now=now, clock=self._boot_clock(),
                                         bundle_expires=bundle_expires)
         if len(desired.entries) > abi.MAX_ENTRIES // 2:
@@ -363,9 +387,11 @@ class Datapath:
         target = 1 - (int(config.generation) & 1)
         contents = self._dump() if contents is None else contents
         written, deleted = self._write_generation(target, contents[target], desired)
+        self._set_audit(audit, enable=True)
         config.generation = target
         self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
-        self._grants, self._active = grants, target
+        self._set_audit(audit, enable=False)
+        self._grants, self._active, self._audit = grants, target, audit
         self._written[target] = desired
         if repair:
             self._write_generation(1 - target, contents[1 - target], desired)
@@ -442,7 +468,8 @@ class Datapath:
     def cut_unauthorized(self, *, now: float | None = None) -> list[sockets.FlowSocket]:
         """Destroy agent sockets whose flows the installed grants no longer allow."""
         return sockets.cut_unauthorized(self.instance, self.grants(),
-                                        time.time() if now is None else now)
+                                        time.time() if now is None else now,
+                                        audited=self._audit)
 
     def live_grant_counts(self) -> dict[str, int]:
         return {agent: len(ids) for agent, ids in self.live_grant_ids().items()}

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ztnet.grants.evaluate import allowed_by
+from ztnet.grants.evaluate import allowed_by, audit_protected
 from ztnet.grants.model import Grant, IPAddress
 from ztnet.identity import cgroups
 from ztnet.instance import Instance
@@ -106,12 +106,16 @@ def destroy(flow: FlowSocket) -> bool:
     return result.returncode == 0
 
 
-def cut_unauthorized(instance: Instance, grants: Iterable[Grant], now: float) -> list[FlowSocket]:
-    """Destroy every agent flow that ``grants`` no longer allow at ``now``."""
+def cut_unauthorized(instance: Instance, grants: Iterable[Grant], now: float, *,
+                     audited: frozenset[str] = frozenset()) -> list[FlowSocket]:
+    """Destroy every agent flow that ``grants`` no longer allow at ``now``. Agents in
+    audit mode keep their flows (the kernel lets them through: nothing to cut)."""
     grants = tuple(grants)
     cut = []
     for flow in agent_flows(instance):
         address, port = flow.remote
+        if flow.agent in audited and not audit_protected(address):
+            continue
         if allowed_by(grants, flow.agent, flow.proto, address, port, now) is None:
             if destroy(flow):
                 cut.append(flow)

@@ -42,9 +42,11 @@ MAX_ENVELOPE_BYTES = 4 * -(-MAX_PAYLOAD_BYTES // 3) + MAX_PAYLOAD_TYPE + 4096
 # and the envelope itself, plus whatever its payloadType spells out.
 MAX_ENVELOPE_STRUCTURE = 16 * (MAX_SIGNATURES + 1) + MAX_PAYLOAD_TYPE
 # Objects ({) and lists ([) a payload may hold: one object per grant and the
-# payload, one list; the issuer's printable name may contain either.
+# payload, two lists (grants, audit agents); the issuer's printable name may contain either.
+# An audited agent's id (at most ~330 bytes) takes the room of one grant record: grants and
+# audited agents together are at most MAX_BUNDLE_GRANTS.
 MAX_PAYLOAD_OBJECTS = MAX_BUNDLE_GRANTS + 1 + MAX_ISSUER
-MAX_PAYLOAD_LISTS = 1 + MAX_ISSUER
+MAX_PAYLOAD_LISTS = 2 + MAX_ISSUER
 # What a gRPC channel must carry for one pushed bundle: the envelope and the
 # few fields of the message around it.
 MAX_BUNDLE_MESSAGE_BYTES = MAX_ENVELOPE_BYTES + 64 * 1024

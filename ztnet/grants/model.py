@@ -45,6 +45,15 @@ class Proto(enum.IntEnum):
         return self.name.lower()
 
 
+class AgentMode(enum.StrEnum):
+    """How an agent's grants are applied. ``audit``: what they do not allow is let
+    through and recorded with verdict AUDIT, except toward loopback and link-local
+    (the metadata service), which only a grant opens (docs/policy.md, "Audit mode")."""
+
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class PortRange:
     """An inclusive range of destination ports, 1..65535."""

@@ -55,6 +55,9 @@ MAX_TIME_MS = 10**13
 BUNDLE_KEYS = frozenset(
     {"trust_domain", "issuer", "audience", "version", "issued_at_ms", "expires_ms", "grants"}
 )
+# Optional, present only when not empty (so that bundles without audited agents keep the
+# bytes they always had): the SPIFFE ids of the agents in audit mode, sorted.
+AUDIT_KEY = "audit"
 GRANT_KEYS = frozenset(
     {
         "id",
@@ -102,6 +105,7 @@ class Bundle:
     issued_at: float
     expires: float
     grants: tuple[GrantRecord, ...]
+    audit_agents: tuple[str, ...] = ()  # agent names in audit mode, sorted, unique
 
     def __post_init__(self) -> None:
         if not is_dns_name(self.trust_domain):
@@ -125,6 +129,11 @@ class Bundle:
         serials = [record.serial for record in self.grants]
         if len(set(serials)) != len(serials):
             raise ValueError("grant serials must be unique")
+        if list(self.audit_agents) != sorted(set(self.audit_agents)):
+            raise ValueError("audit agents must be sorted and unique")
+        for name in self.audit_agents:
+            if not AGENT_NAME_RE.match(name):
+                raise ValueError(f"audit agent {name!r} is not an agent name")
 
     def agent_id(self, agent: str) -> str:
         return spiffe_agent_id(self.trust_domain, agent)
@@ -188,6 +197,8 @@ def encode_payload(bundle: Bundle) -> bytes:
         "expires_ms": to_ms(bundle.expires),
         "grants": [_encode_grant(bundle, record) for record in bundle.grants],
     }
+    if bundle.audit_agents:
+        document[AUDIT_KEY] = [bundle.agent_id(name) for name in bundle.audit_agents]
     return strictjson.dumps(document)
 
 
@@ -217,16 +228,22 @@ def decode_payload(data: bytes) -> Bundle:
         document = strictjson.loads(data)
     except strictjson.StrictJSONError as exc:
         raise _malformed(str(exc)) from None
-    obj = _object(document, BUNDLE_KEYS, "payload")
+    keys = BUNDLE_KEYS | {AUDIT_KEY} if isinstance(document, dict) \
+        and AUDIT_KEY in document else BUNDLE_KEYS
+    obj = _object(document, keys, "payload")
     trust_domain = _string(obj, "trust_domain", "")
     if not is_dns_name(trust_domain):
         raise _malformed(f"trust_domain: {trust_domain!r} is not a lower-case DNS name")
+    audit_agents = _audit_agents(obj.get(AUDIT_KEY, []), trust_domain)
     raw_grants = obj["grants"]
     if not isinstance(raw_grants, list):
         raise _malformed("grants: expected a list")
     if len(raw_grants) > MAX_BUNDLE_GRANTS:
         raise _malformed(f"grants: {len(raw_grants)} grants, more than the limit of "
                          f"{MAX_BUNDLE_GRANTS}")
+    if len(audit_agents) + len(raw_grants) > MAX_BUNDLE_GRANTS:
+        raise _malformed(f"{len(raw_grants)} grants and {len(audit_agents)} audited agents, "
+                         f"more than the limit of {MAX_BUNDLE_GRANTS} together")
     records = tuple(
         _decode_grant(raw, f"grants[{index}]", trust_domain) for index, raw in enumerate(raw_grants)
     )
@@ -239,6 +256,7 @@ def decode_payload(data: bytes) -> Bundle:
             issued_at=_integer(obj, "issued_at_ms", "") / 1000,
             expires=_integer(obj, "expires_ms", "") / 1000,
             grants=records,
+            audit_agents=audit_agents,
         )
     except ValueError as exc:
         raise _malformed(str(exc)) from None
@@ -273,6 +291,20 @@ def _decode_grant(raw: Any, where: str, trust_domain: str) -> GrantRecord:
         return GrantRecord(grant, _integer(obj, "serial", where))
     except ValueError as exc:
         raise _malformed(f"{where}: {exc}") from None
+
+
+def _audit_agents(raw: Any, trust_domain: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_BUNDLE_GRANTS:
+        raise _malformed(f"{AUDIT_KEY}: expected a list of at most {MAX_BUNDLE_GRANTS} agent ids")
+    names = []
+    for index, uri in enumerate(raw):
+        if not isinstance(uri, str):
+            raise _malformed(f"{AUDIT_KEY}[{index}]: expected a string")
+        try:
+            names.append(parse_spiffe_agent_id(uri, trust_domain))
+        except ValueError as exc:
+            raise _malformed(f"{AUDIT_KEY}[{index}]: {exc}") from None
+    return tuple(names)
 
 
 def _network(text: str, where: str) -> IPNetwork:

@@ -20,7 +20,7 @@ from ztnet.observe.tail import LineTail
 
 # Hubble's verdict words are accepted too
 _VERDICT_WORDS = {"allowed": Verdict.ALLOWED, "forwarded": Verdict.ALLOWED,
-                  "denied": Verdict.DENIED, "dropped": Verdict.DENIED}
+                  "denied": Verdict.DENIED, "dropped": Verdict.DENIED, "audit": Verdict.AUDIT}
 _NS = 1_000_000_000
 
 
@@ -28,7 +28,7 @@ def parse_verdict(text: str) -> Verdict:
     try:
         return _VERDICT_WORDS[text.lower()]
     except KeyError:
-        raise ValueError(f"bad verdict {text!r}: expected allowed or denied") from None
+        raise ValueError(f"bad verdict {text!r}: expected allowed, denied or audit") from None
 
 
 def parse_kind(text: str) -> EventType:

@@ -46,13 +46,16 @@ REASONS = frozenset(reason.name for reason in ZtReason)
 
 
 class Verdict(enum.StrEnum):
-    """ztnet's verdict words; Hubble says FORWARDED and DROPPED (HUBBLE_VERDICT)."""
+    """ztnet's verdict words; Hubble says FORWARDED, DROPPED and AUDIT (HUBBLE_VERDICT).
+    AUDIT: no grant allowed it and the agent is in audit mode, so it went ahead."""
 
     ALLOWED = "ALLOWED"
     DENIED = "DENIED"
+    AUDIT = "AUDIT"
 
 
-HUBBLE_VERDICT = {Verdict.ALLOWED: "FORWARDED", Verdict.DENIED: "DROPPED"}
+HUBBLE_VERDICT = {Verdict.ALLOWED: "FORWARDED", Verdict.DENIED: "DROPPED",
+                  Verdict.AUDIT: "AUDIT"}
 
 
 class EventType(enum.StrEnum):
@@ -63,7 +66,8 @@ class EventType(enum.StrEnum):
 
 _KINDS = {ZtEventKind.CONNECT: EventType.CONNECT, ZtEventKind.SENDMSG: EventType.SENDMSG,
           ZtEventKind.FLOW_END: EventType.FLOW_END}
-_VERDICTS = {ZtVerdict.ALLOWED: Verdict.ALLOWED, ZtVerdict.DENIED: Verdict.DENIED}
+_VERDICTS = {ZtVerdict.ALLOWED: Verdict.ALLOWED, ZtVerdict.DENIED: Verdict.DENIED,
+             ZtVerdict.AUDIT: Verdict.AUDIT}
 # l4 object key -> IP protocol number (from_event files the kernel's ICMP-over-IPv6 as 58)
 _L4 = {"TCP": 6, "UDP": 17, "ICMPv4": 1, "ICMPv6": 58}
 IPPROTO_ICMPV6 = 58

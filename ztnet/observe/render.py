@@ -82,7 +82,8 @@ def cells(record: FlowRecord) -> list[str]:
 
 
 def _colour(verdict: Verdict, text: str) -> str:
-    return f"{_GREEN if verdict == Verdict.ALLOWED else _RED}{text}{_RESET}"
+    shade = {Verdict.ALLOWED: _GREEN, Verdict.AUDIT: _YELLOW}.get(verdict, _RED)
+    return f"{shade}{text}{_RESET}"
 
 
 def header() -> str:

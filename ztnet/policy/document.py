@@ -33,6 +33,7 @@ from ztnet.errors import PolicyError
 from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.grants.model import (
     AGENT_NAME_RE,
+    AgentMode,
     IPNetwork,
     PortRange,
     Proto,
@@ -48,7 +49,7 @@ from ztnet.policy.fields import (
 from ztnet.policy.selectors import HostSelector, parse_selector
 
 POLICY_KEYS = ("trust_domain", "agents")
-AGENT_KEYS = ("allow", "hosts")
+AGENT_KEYS = ("mode", "allow", "hosts")
 RULE_KEYS = ("to", "ports", "proto", "ttl", "comment")
 
 MAX_COMMENT = 200
@@ -96,12 +97,14 @@ class AllowRule:
 
 @dataclass(frozen=True, slots=True)
 class AgentPolicy:
-    """An agent and its allow rules; no rules means no network access. ``hosts``
-    None: its grants go to every host; else only to hosts the selector matches."""
+    """An agent and its allow rules; no rules means no network access (in
+    ``audit`` mode: everything but loopback and link-local, recorded as AUDIT).
+    ``hosts`` None: its grants go to every host; else only to hosts the selector matches."""
 
     name: str
     allow: tuple[AllowRule, ...] = ()
     hosts: HostSelector | None = None
+    mode: AgentMode = AgentMode.ENFORCE
 
     def __post_init__(self) -> None:
         if not AGENT_NAME_RE.match(self.name):
@@ -244,9 +247,17 @@ def _parse_agent(name: str, body: object, errors: _Errors) -> AgentPolicy | None
     hosts = None
     if "hosts" in body:
         hosts = _field(parse_selector, body["hosts"], f"{where}.hosts", errors)
+    mode = AgentMode.ENFORCE
+    mode_text = _string_field(body, "mode", where, errors)
+    if mode_text is not None:
+        try:
+            mode = AgentMode(mode_text)
+        except ValueError:
+            errors.add(f"{where}.mode", f'{mode_text!r} is not a mode: write mode = "enforce" '
+                       'or mode = "audit"')
     if len(errors.lines) != before:
         return None
-    return AgentPolicy(name, tuple(rule for rule in rules if rule is not None), hosts)
+    return AgentPolicy(name, tuple(rule for rule in rules if rule is not None), hosts, mode)
 
 
 def _parse_rule(raw: Mapping[str, Any], where: str, errors: _Errors) -> AllowRule | None:

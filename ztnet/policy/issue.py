@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from ztnet.errors import ConfigError
 from ztnet.grants.limits import MAX_BUNDLE_GRANTS
+from ztnet.grants.model import AgentMode
 from ztnet.grants.payload import MAX_INT64, Bundle, GrantRecord, floor_ms, normalize_host
 from ztnet.policy.compile import compile_grants
 from ztnet.policy.document import MAX_TTL, Policy
@@ -58,9 +59,12 @@ def issue_bundle(
     lifetime = bundle_ttl
     if lifetime is None:
         lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
-    if len(grants) > MAX_BUNDLE_GRANTS:
-        raise ConfigError(f"bundle: {len(grants)} grants for host {audience}, more than the "
-                          f"{MAX_BUNDLE_GRANTS} one bundle can carry")
+    audit_agents = tuple(sorted(agent.name for agent in policy.agents
+                                if agent.mode is AgentMode.AUDIT))
+    if len(grants) + len(audit_agents) > MAX_BUNDLE_GRANTS:
+        audited = f" and {len(audit_agents)} audited agents" if audit_agents else ""
+        raise ConfigError(f"bundle: {len(grants)} grants{audited} for host {audience}, more "
+                          f"than the {MAX_BUNDLE_GRANTS} one bundle can carry")
     records = tuple(
         GrantRecord(
             # start + ttl is a float sum; snap it back to the millisecond grid.
@@ -78,6 +82,7 @@ def issue_bundle(
             issued_at=start,
             expires=round((start + lifetime) * 1000) / 1000,
             grants=records,
+            audit_agents=audit_agents,
         )
     except ValueError as exc:
         raise ConfigError(f"bundle: cannot issue: {exc}") from None
