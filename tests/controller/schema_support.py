@@ -5,8 +5,16 @@ from __future__ import annotations
 import sqlite3
 
 
+def drop_jit_schema(db: sqlite3.Connection) -> None:
+    """Undo schema 6 (just-in-time grants: ztnet.controller.jitstore.JIT_SCHEMA)."""
+    db.execute("DROP TABLE jit_grants")
+    db.execute("DROP TABLE grant_requests")
+
+
 def drop_label_schema(db: sqlite3.Connection) -> None:
-    """Undo schema 5 (host labels: ztnet.controller.sqlitedb.LABEL_SCHEMA)."""
+    """Undo schema 5 (host labels: ztnet.controller.sqlitedb.LABEL_SCHEMA) and the
+    schemas after it."""
+    drop_jit_schema(db)
     db.execute("ALTER TABLE hosts DROP COLUMN labels")
     db.execute("ALTER TABLE tokens DROP COLUMN labels")
 

@@ -92,7 +92,7 @@ def test_the_guard_maps_failures_and_survives_crashes() -> None:
 ])
 def test_every_proto_method_has_a_handler(descriptor: Any, handlers: Any) -> None:
     assert descriptor.full_name in (NODE_SERVICE, ADMIN_SERVICE)
-    generic = handlers(_Anything())
+    generic = handlers(_Anything(), _Anything())
     for method in descriptor.methods:
         details = _CallDetails(f"/{descriptor.full_name}/{method.name}")
         handler = generic.service(details)

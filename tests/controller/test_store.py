@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.controller.schema_support import drop_label_schema, drop_tpm_schema
+from tests.controller.schema_support import drop_jit_schema, drop_label_schema, drop_tpm_schema
 from ztnet.controller.store import SCHEMA_VERSION, HostBinding, SqliteStore, TokenStatus
 from ztnet.errors import ConfigError
 
@@ -207,3 +207,41 @@ def test_token_labels_become_the_host_labels(store: SqliteStore) -> None:
     store.enroll_host("web-1", "spiffe://test.example/host/web-1", 2.0)
     assert store.host_labels() == {"web-1": {}}
     assert not store.set_host_labels("nobody", {"env": "prod"})
+
+
+def test_a_schema_5_database_is_upgraded_without_jit_grants(tmp_path: Path) -> None:
+    path = tmp_path / "ztnet.db"
+    store = SqliteStore.create(path, "test.example")
+    store.close()
+    with sqlite3.connect(path) as db:
+        drop_jit_schema(db)
+        db.execute("UPDATE meta SET value = '5' WHERE key = 'schema'")
+    store = SqliteStore.open(path)
+    try:
+        assert store._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (
+            str(SCHEMA_VERSION),)
+        assert store.jit_grants() == () and store.grant_requests() == ()
+    finally:
+        store.close()
+
+
+def test_jit_grants_and_requests_round_trip_and_approve_once(store: SqliteStore) -> None:
+    from ztnet.controller.jitstore import GrantRequest, JitGrant
+    from ztnet.grants.model import PortRange, Proto
+    from ztnet.policy.fields import parse_destination
+
+    request = GrantRequest("r-1", "web-1", "bot", parse_destination("10.0.0.7"), Proto.TCP,
+                           PortRange(443, 443), 60.0, "why", "pending", 1.0)
+    store.add_request(request)
+    grant = JitGrant(2**64 - 5, "bot", parse_destination("10.0.0.7"), Proto.TCP,
+                     PortRange(443, 443), 2.0, 62.0, ("web-1",), "why", "ops", "host:web-1",
+                     "r-1", 2.0)
+    before = store.current_version()
+    assert store.add_jit_grant(grant, approve="r-1", decided_by="ops") == before + 1
+    assert store.add_jit_grant(grant, approve="r-1", decided_by="ops") is None  # once only
+    assert store.jit_grants(active_at=10.0) == (grant,)
+    assert store.jit_grants(active_at=62.0) == ()
+    decided = store.grant_request("r-1")
+    assert decided is not None and (decided.state, decided.grant_id) == ("approved", grant.grant_id)
+    assert not store.deny_request("r-1", "ops", 3.0, "late")
+    assert store.grant_requests(state="pending") == ()

@@ -34,7 +34,9 @@ ALL = sorted(path for path, _ in commands(cli.build_parser()))
 
 def test_the_command_tree() -> None:
     top = {path[0] for path in ALL if path}
-    assert top == {"daemon", "controller", "hosts", "label", "revoke", "flows", "enroll", "run",
+    assert top == {"daemon", "controller", "hosts", "label", "revoke", "flows",
+                   "grant", "grants", "requests", "approve", "deny", "request-grant",
+                   "enroll", "run",
                    "agents", "status", "teardown", "demo", "debug", "keys", "policy",
                    "observe", "audit", "lab"}
     assert ("policy", "apply") in ALL and ("controller", "token", "create") in ALL

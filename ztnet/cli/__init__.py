@@ -21,6 +21,7 @@ from ztnet.cli import (
     debug,
     demo,
     enroll,
+    jit,
     keys,
     lab,
     observe,
@@ -32,7 +33,7 @@ from ztnet.cli.args import COMMAND_PARSER, HANDLER, Handler, UsageError
 from ztnet.errors import ZtnetError
 
 # The order of `ztnet --help`.
-COMMANDS = (daemon, controller, operator, enroll, run, demo, debug, keys, policy, observe,
+COMMANDS = (daemon, controller, operator, jit, enroll, run, demo, debug, keys, policy, observe,
             audit, lab)
 
 

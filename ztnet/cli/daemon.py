@@ -44,6 +44,9 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--otlp-endpoint", metavar="HOST:PORT", default=None,
                    help="also export every flow record as an OTLP log record to the "
                    "OpenTelemetry collector at HOST:PORT (gRPC, no TLS; docs/flows.md)")
+    p.add_argument("--request-socket", metavar="PATH|off", default=None,
+                   help="controller mode: where `ztnet request-grant` asks for just-in-time "
+                   "grants (default <state>/grant-requests.sock; off: none)")
 
 
 def spool_size(text: str) -> int:
@@ -59,18 +62,20 @@ def handle_daemon(args: argparse.Namespace) -> int:
         controller=args.controller, trust=args.trust, bundle=args.bundle, host=args.host,
         log_format=args.log_format, resync=args.resync, backoff_max=args.backoff_max,
         metrics=args.metrics, flows=not args.no_flows, spool_max=args.spool_max,
-        otlp_endpoint=args.otlp_endpoint)
+        otlp_endpoint=args.otlp_endpoint, request_socket=args.request_socket)
 
 
 def run_daemon(*, instance: str | None, state: Path, controller: str | None,
                trust: list[Path], bundle: Path | None, host: str | None,
                log_format: str = "text", resync: float = 30.0, backoff_max: float = 30.0,
                metrics: str | None = None, flows: bool = True,
-               spool_max: int | None = None, otlp_endpoint: str | None = None) -> int:
+               spool_max: int | None = None, otlp_endpoint: str | None = None,
+               request_socket: str | None = None) -> int:
     """Run the daemon until it is stopped: following ``controller`` with the credentials
     enrolled in ``state``, else enforcing the ``bundle`` file signed by a ``trust`` key.
     ``spool_max``: the bound of the upload spool (default: the daemon's); ``otlp_endpoint``:
-    the OpenTelemetry collector every flow record is also exported to."""
+    the OpenTelemetry collector every flow record is also exported to;
+    ``request_socket``: the grant-request socket's path, "off", or None (the default)."""
     import socket
 
     from ztnet import logs
@@ -84,15 +89,18 @@ def run_daemon(*, instance: str | None, state: Path, controller: str | None,
         parse_endpoint(otlp_endpoint)
     if controller:
         from ztnet.daemon.credentials import controller_settings
+        from ztnet.daemon.requests import SOCKET_NAME
 
         settings = controller_settings(state, host=host, bundle=bundle)
+        sock = None if request_socket == "off" else Path(request_socket or state / SOCKET_NAME)
         config = DaemonConfig(trust=[settings.signing_key, *trust], bundle=None,
                               state=state, host=settings.host, instance=instance,
                               resync_seconds=resync, controller=controller,
                               trust_domain=settings.trust_domain,
                               backoff_cap=backoff_max, flows=flows,
                               metrics_listen=metrics, otlp_endpoint=otlp_endpoint,
-                              spool_max_bytes=DEFAULT_MAX_BYTES if spool_max is None else spool_max)
+                              spool_max_bytes=DEFAULT_MAX_BYTES if spool_max is None else spool_max,
+                              request_socket=sock)
     else:
         config = DaemonConfig(trust=trust, bundle=bundle, state=state,
                               host=host or socket.gethostname(), instance=instance,

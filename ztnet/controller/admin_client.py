@@ -119,6 +119,37 @@ class AdminClient:
                                                            extra=wait)
         return response
 
+    def issue_grant(self, agent: str, to: str, ports: str, *, proto: str = "tcp",
+                    ttl: float, reason: str, hosts: list[str] | None = None,
+                    wait: float = 0.0) -> admin_pb2.IssueGrantResponse:
+        """A just-in-time grant, pushed at once (docs/policy.md, "Just-in-time grants")."""
+        request = admin_pb2.IssueGrantRequest(agent=agent, to=to, ports=ports, proto=proto,
+                                              ttl_seconds=ttl, reason=reason,
+                                              hosts=hosts or [], timeout_seconds=wait)
+        response: admin_pb2.IssueGrantResponse = self._call(self._stub.IssueGrant, request,
+                                                            extra=wait)
+        return response
+
+    def list_grants(self, *, include_expired: bool = False) -> admin_pb2.ListGrantsResponse:
+        response: admin_pb2.ListGrantsResponse = self._call(
+            self._stub.ListGrants, admin_pb2.ListGrantsRequest(include_expired=include_expired))
+        return response
+
+    def list_grant_requests(self, state: str = "") -> admin_pb2.ListGrantRequestsResponse:
+        response: admin_pb2.ListGrantRequestsResponse = self._call(
+            self._stub.ListGrantRequests, admin_pb2.ListGrantRequestsRequest(state=state))
+        return response
+
+    def decide_grant_request(self, request_id: str, *, approve: bool, note: str = "",
+                             ttl: float = 0.0, wait: float = 0.0
+                             ) -> admin_pb2.DecideGrantRequestResponse:
+        request = admin_pb2.DecideGrantRequestRequest(request_id=request_id, approve=approve,
+                                                      note=note, ttl_seconds=ttl,
+                                                      timeout_seconds=wait)
+        response: admin_pb2.DecideGrantRequestResponse = self._call(
+            self._stub.DecideGrantRequest, request, extra=wait)
+        return response
+
     def query_flows(self, *, host: str = "", agent: str = "", verdict: str = "",
                     event_type: str = "", since_ns: int = 0, until_ns: int = 0,
                     limit: int = 0) -> admin_pb2.QueryFlowsResponse:

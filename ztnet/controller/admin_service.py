@@ -169,7 +169,9 @@ class AdminService:
                 raise status.not_found(f"agent {agent.name} has no revocation of {what} to "
                                        "restore")
         elif grant_id is not None and grant_id not in {
-                grant_id_for(policy.trust_domain, agent.name, rule) for rule in agent.allow}:
+                grant_id_for(policy.trust_domain, agent.name, rule) for rule in agent.allow} \
+                and grant_id not in {g.grant_id for g in self.store.jit_grants(self.clock())
+                                     if g.agent == agent.name}:
             raise status.not_found(f"grant_id: agent {agent.name} has no grant "
                                    f"{request.grant_id} in the current policy")
         publication = await self.publisher.revoke(agent.name, grant_id, restore=request.restore)

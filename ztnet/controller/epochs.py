@@ -23,9 +23,11 @@ from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ztnet.controller.jit import MIN_REMAINING, RENEW_BEFORE
+from ztnet.controller.jitstore import JitGrant
 from ztnet.controller.store import Revocation
 from ztnet.grants.bundle import sign_bundle
-from ztnet.grants.model import AgentMode
+from ztnet.grants.model import AgentMode, Grant
 from ztnet.policy.compile import grant_id_for
 from ztnet.policy.document import Policy
 from ztnet.policy.issue import issue_bundle
@@ -50,14 +52,45 @@ class Epoch:
     # every enrolled host's labels when the epoch began: a (version, host) pair always
     # selects the same agents (host selectors, ztnet.policy.selectors)
     labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # live just-in-time grants (ztnet.controller.jit), each for the hosts it names
+    jit: tuple[JitGrant, ...] = ()
 
     @property
     def renew_at(self) -> float:
         lifetime = self.expires - self.issued_at
-        return self.issued_at + max(MIN_RENEW_INTERVAL, lifetime * RENEW_FRACTION)
+        renew = self.issued_at + max(MIN_RENEW_INTERVAL, lifetime * RENEW_FRACTION)
+        # the next epoch leaves out a JIT grant just before it ends (a bundle holding an
+        # expired grant is refused whole); hosts' bundles expire with their first grant
+        return min([renew, *(grant.not_after - RENEW_BEFORE for grant in self.jit)])
+
+    def jit_for(self, host: str) -> list[Grant]:
+        """The JIT grants ``host``'s bundle carries: named for it, or (naming no host) for
+        an agent whose host selector matches it."""
+        labels = self.labels.get(host, {})
+        chosen = []
+        for grant in self.jit:
+            agent = self.policy.agent(grant.agent)
+            if agent is None or (grant.hosts and host not in grant.hosts):
+                continue
+            if not grant.hosts and agent.hosts is not None and \
+                    not agent.hosts.matches(host, labels):
+                continue
+            chosen.append(grant.grant())
+        return chosen
 
     def fresh(self, now: float) -> bool:
         return now < self.expires
+
+
+def effective_jit(policy: Policy, revocations: tuple[Revocation, ...],
+                  grants: tuple[JitGrant, ...], now: float) -> tuple[JitGrant, ...]:
+    """The JIT grants an epoch starting at ``now`` carries: not revoked (the grant, or its
+    whole agent), for an agent of the policy, with more than MIN_REMAINING left."""
+    whole = {r.agent for r in revocations if r.grant_id is None}
+    single = {r.grant_id for r in revocations if r.grant_id is not None}
+    return tuple(g for g in grants if g.agent not in whole and g.grant_id not in single
+                 and policy.agent(g.agent) is not None and g.not_after - now > MIN_REMAINING
+                 and g.not_before <= now)
 
 
 def effective_policy(policy: Policy, revocations: tuple[Revocation, ...]) -> Policy:
@@ -92,13 +125,15 @@ class Issuer:
 
     def new_epoch(self, policy: Policy, *, policy_version: int,
                   revocations: tuple[Revocation, ...], version: int, now: float,
-                  reason: str, labels: Mapping[str, Mapping[str, str]] | None = None) -> Epoch:
+                  reason: str, labels: Mapping[str, Mapping[str, str]] | None = None,
+                  jit: tuple[JitGrant, ...] = ()) -> Epoch:
         effective = effective_policy(policy, revocations)
         # every agent (labels None): the epoch renews before any host's first grant lapses
         sample = issue_bundle(effective, host=_PLACEHOLDER_HOST, version=version, now=now,
                               issuer=ISSUER, default_ttl=self.grant_ttl)
         return Epoch(version, policy_version, effective, sample.issued_at, sample.expires,
-                     reason, dict(labels or {}))
+                     reason, dict(labels or {}),
+                     effective_jit(policy, revocations, jit, sample.issued_at))
 
     def envelope(self, epoch: Epoch, host: str) -> bytes:
         if epoch.version != self._cached_version:
@@ -107,6 +142,7 @@ class Issuer:
         if cached is None:
             bundle = issue_bundle(epoch.policy, host=host, version=epoch.version,
                                   now=epoch.issued_at, issuer=ISSUER, default_ttl=self.grant_ttl,
-                                  labels=epoch.labels.get(host, {}))
+                                  labels=epoch.labels.get(host, {}),
+                                  extra=epoch.jit_for(host))
             cached = self._cache[host] = sign_bundle(bundle, self.signing_key)
         return cached

@@ -25,6 +25,7 @@ from ztnet import logs
 from ztnet.controller import status
 from ztnet.controller.epochs import Epoch, Issuer
 from ztnet.controller.hub import Answer, Hub, Session, new_push
+from ztnet.controller.jitstore import JitGrant
 from ztnet.controller.store import Store
 from ztnet.errors import PolicyError
 from ztnet.policy.document import Policy, parse_policy
@@ -97,6 +98,18 @@ class Publisher:
                 return None
             return self._publish(self.store.next_version(), "labels", wait=True)
 
+    async def issue_jit(self, grant: JitGrant, *, approve: str = "",
+                        decided_by: str = "") -> Publication | None:
+        """Store a just-in-time grant (approving the pending request ``approve`` with it,
+        if given) and push it at once. None: that request is no longer pending."""
+        async with self._lock:
+            if self.policy is None:
+                raise status.precondition("no policy has been applied yet")
+            version = self.store.add_jit_grant(grant, approve=approve, decided_by=decided_by)
+            if version is None:
+                return None
+            return self._publish(version, "jit grant", wait=True)
+
     async def host_enrolled(self, host: str) -> None:
         """A host enrolled with its token's labels. New to the current epoch: the epoch
         takes its labels (it cannot have been sent anything of this version yet). Known
@@ -160,7 +173,8 @@ class Publisher:
         now = self.clock()
         epoch = self.issuer.new_epoch(self.policy, policy_version=self.policy_version,
                                       revocations=self.store.revocations(), version=version,
-                                      now=now, reason=reason, labels=self.store.host_labels())
+                                      now=now, reason=reason, labels=self.store.host_labels(),
+                                      jit=self.store.jit_grants(now))
         self.current = epoch
         sessions = self.hub.sessions()
         for session in sessions:

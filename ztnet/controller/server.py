@@ -48,6 +48,7 @@ from ztnet.controller.enrollment import DEFAULT_HOST_CERT_TTL, Enrollment
 from ztnet.controller.epochs import Issuer
 from ztnet.controller.flows import Pruner, Retention
 from ztnet.controller.hub import Hub
+from ztnet.controller.jit_service import JitService
 from ztnet.controller.limiter import HostLimiter
 from ztnet.controller.limits import HostLimits
 from ztnet.controller.metrics import ControllerMetrics
@@ -151,10 +152,12 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
     audit = AuditLog(paths.audit)
     admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout,
                          metrics=metrics, audit=audit)
+    jit = JitService(store, publisher, hub, authz, clock, audit=audit,
+                     default_wait=config.apply_timeout)
     pruner = Pruner(store, config.retention, clock, metrics)
 
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    server.add_generic_rpc_handlers([node_handlers(node), admin_handlers(admin)])
+    server.add_generic_rpc_handlers([node_handlers(node, jit), admin_handlers(admin, jit)])
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     for name in ("", NODE_SERVICE, ADMIN_SERVICE):
@@ -215,7 +218,7 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
     return 0
 
 
-def node_handlers(node: NodeService) -> grpc.GenericRpcHandler:
+def node_handlers(node: NodeService, jit: JitService) -> grpc.GenericRpcHandler:
     return rpc.service(NODE_SERVICE, {
         "Enroll": rpc.unary("Enroll", node.enroll, node_pb2.EnrollRequest),
         "BeginAttestation": rpc.unary("BeginAttestation", node.begin_attestation,
@@ -227,10 +230,14 @@ def node_handlers(node: NodeService) -> grpc.GenericRpcHandler:
         "StreamGrants": rpc.stream("StreamGrants", node.stream_grants,
                                    node_pb2.GrantStreamRequest),
         "ReportFlows": rpc.stream("ReportFlows", node.report_flows, node_pb2.FlowBatch),
+        "RequestGrant": rpc.unary("RequestGrant", jit.request_grant,
+                                  node_pb2.RequestGrantRequest),
+        "GetGrantRequest": rpc.unary("GetGrantRequest", jit.get_request,
+                                     node_pb2.GetGrantRequestRequest),
     })
 
 
-def admin_handlers(admin: AdminService) -> grpc.GenericRpcHandler:
+def admin_handlers(admin: AdminService, jit: JitService) -> grpc.GenericRpcHandler:
     return rpc.service(ADMIN_SERVICE, {
         "ApplyPolicy": rpc.unary("ApplyPolicy", admin.apply_policy,
                                  admin_pb2.ApplyPolicyRequest),
@@ -240,6 +247,12 @@ def admin_handlers(admin: AdminService) -> grpc.GenericRpcHandler:
         "Revoke": rpc.unary("Revoke", admin.revoke, admin_pb2.RevokeRequest),
         "QueryFlows": rpc.unary("QueryFlows", admin.query_flows, admin_pb2.QueryFlowsRequest),
         "LabelHost": rpc.unary("LabelHost", admin.label_host, admin_pb2.LabelHostRequest),
+        "IssueGrant": rpc.unary("IssueGrant", jit.issue_grant, admin_pb2.IssueGrantRequest),
+        "ListGrants": rpc.unary("ListGrants", jit.list_grants, admin_pb2.ListGrantsRequest),
+        "ListGrantRequests": rpc.unary("ListGrantRequests", jit.list_requests,
+                                       admin_pb2.ListGrantRequestsRequest),
+        "DecideGrantRequest": rpc.unary("DecideGrantRequest", jit.decide,
+                                        admin_pb2.DecideGrantRequestRequest),
     })
 
 

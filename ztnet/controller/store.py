@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ztnet.controller.flowstore import FlowStore, SqliteFlowStore
+from ztnet.controller.jitstore import JitStore, SqliteJitStore
 from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, create_schema, upgrade
 from ztnet.errors import ConfigError
 from ztnet.policy.selectors import decode_labels, encode_labels
@@ -87,7 +88,7 @@ class TokenStatus(enum.Enum):
     TPM_REQUIRED = "tpm required"
 
 
-class Store(FlowStore, Protocol):
+class Store(FlowStore, JitStore, Protocol):
     def trust_domain(self) -> str: ...
 
     def current_version(self) -> int: ...
@@ -172,7 +173,7 @@ class Store(FlowStore, Protocol):
     def close(self) -> None: ...
 
 
-class SqliteStore(SqliteFlowStore):
+class SqliteStore(SqliteFlowStore, SqliteJitStore):
     """``Store`` on one SQLite file. Not thread-safe: one owner (the server's
     event loop, or one CLI command) per instance, except ``query_flows``
     (its own read-only connection); other processes may open the same file

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -37,6 +38,7 @@ from ztnet.daemon.channel import CallScope, controller_channel, describe, wait_r
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
+T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0
 RPC_TIMEOUT = 15.0
 
@@ -226,6 +228,19 @@ class ControllerClient:
             channel.close()
         return received
 
+    def call(self, invoke: Callable[[node_pb2_grpc.NodeServiceStub], T]) -> T:
+        """One unary call on a channel of its own with the current credentials (for the
+        grant-request socket's threads); grpc.RpcError when it fails."""
+        with self._lock:
+            key_pem, cert_pem = self.credentials.key_pem, self.credentials.cert_pem
+        channel = controller_channel(self.address, self.credentials.ca_pem,
+                                     self.credentials.identity.server_name,
+                                     key_pem=key_pem, cert_pem=cert_pem)
+        try:
+            return invoke(node_pb2_grpc.NodeServiceStub(channel))
+        finally:
+            channel.close()
+
     # --- the renewal thread ------------------------------------------------------------
 
     def _renew_loop(self) -> None:
@@ -248,16 +263,8 @@ class ControllerClient:
             self.reconnect()  # present the new certificate from now on
 
     def _renew(self) -> None:
-        with self._lock:
-            key_pem, cert_pem = self.credentials.key_pem, self.credentials.cert_pem
-        channel = controller_channel(self.address, self.credentials.ca_pem,
-                                     self.credentials.identity.server_name,
-                                     key_pem=key_pem, cert_pem=cert_pem)
-        try:
-            certificate_pem = renewal.renew(node_pb2_grpc.NodeServiceStub(channel),
-                                            self.credentials, RPC_TIMEOUT)
-        finally:
-            channel.close()
+        certificate_pem = self.call(
+            lambda stub: renewal.renew(stub, self.credentials, RPC_TIMEOUT))
         with self._lock:
             self.credentials.store_certificate(certificate_pem)
         logs.event("certificate renewed", not_after=round(self.credentials.not_after),

@@ -33,6 +33,7 @@ from ztnet.daemon.client import ControllerClient
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.flows import FlowPipeline
 from ztnet.daemon.notify import notify
+from ztnet.daemon.requests import RequestSocket
 from ztnet.daemon.spool import DEFAULT_MAX_BYTES
 from ztnet.daemon.state import Applied, StateDir
 from ztnet.daemon.uploader import UploadSettings
@@ -70,6 +71,8 @@ class DaemonConfig:
     spool_max_bytes: int = DEFAULT_MAX_BYTES
     # Every flow record also to this OpenTelemetry collector (HOST:PORT, OTLP/gRPC).
     otlp_endpoint: str | None = None
+    # Controller mode: the local grant-request socket (ztnet.daemon.requests); None: off.
+    request_socket: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,8 +303,13 @@ class Daemon:
                    version=self.applied.version if self.applied else None,
                    controller=self.config.controller)
         client = self.client = self._start_client()
+        requests = None
         if client is not None:
             selector.register(client, selectors.EVENT_READ)
+            if self.config.request_socket is not None:
+                requests = RequestSocket(self.config.request_socket, client.call,
+                                         instance=self.instance)
+                requests.start()
         next_resync = time.monotonic() + self.config.resync_seconds
         try:
             while not self._stop:
@@ -329,6 +337,8 @@ class Daemon:
                     next_resync = time.monotonic() + self.config.resync_seconds
         finally:
             notify("STOPPING=1")
+            if requests is not None:
+                requests.stop()
             if client is not None:
                 client.stop()
             if watch is not None:

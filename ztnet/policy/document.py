@@ -46,9 +46,10 @@ from ztnet.policy.fields import (
     parse_ports,
     parse_proto,
 )
+from ztnet.policy.jit import JitPolicy, parse_jit
 from ztnet.policy.selectors import HostSelector, parse_selector
 
-POLICY_KEYS = ("trust_domain", "agents")
+POLICY_KEYS = ("trust_domain", "agents", "jit")
 AGENT_KEYS = ("mode", "allow", "hosts")
 RULE_KEYS = ("to", "ports", "proto", "ttl", "comment")
 
@@ -119,6 +120,7 @@ class Policy:
     trust_domain: str
     agents: tuple[AgentPolicy, ...] = ()
     source: str = field(default="<policy>", compare=False)
+    jit: JitPolicy = field(default_factory=JitPolicy)  # just-in-time grants (policy/jit.py)
 
     def __post_init__(self) -> None:
         if not is_dns_name(self.trust_domain):
@@ -212,12 +214,14 @@ def _parse_document(data: Mapping[str, Any], errors: _Errors) -> Policy | None:
         errors.add("agents", f"expected [agents.NAME] tables, got {_type_name(agents_table)}")
         return None
     agents = [_parse_agent(name, body, errors) for name, body in agents_table.items()]
-    if errors.lines or not isinstance(trust_domain, str):
+    jit = parse_jit(data["jit"], errors.add) if "jit" in data else JitPolicy()
+    if errors.lines or not isinstance(trust_domain, str) or jit is None:
         return None
     return Policy(
         trust_domain,
         tuple(agent for agent in agents if agent is not None),
         source=errors.source,
+        jit=jit,
     )
 
 

@@ -7,12 +7,12 @@ and verifying the result are ``ztnet.grants.bundle``'s.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from ztnet.errors import ConfigError
 from ztnet.grants.limits import MAX_BUNDLE_GRANTS
-from ztnet.grants.model import AgentMode
+from ztnet.grants.model import AgentMode, Grant
 from ztnet.grants.payload import MAX_INT64, Bundle, GrantRecord, floor_ms, normalize_host
 from ztnet.policy.compile import compile_grants
 from ztnet.policy.document import MAX_TTL, Policy
@@ -35,6 +35,7 @@ def issue_bundle(
     default_ttl: float = 300.0,
     bundle_ttl: float | None = None,
     labels: Mapping[str, str] | None = None,
+    extra: Sequence[Grant] = (),
 ) -> Bundle:
     """Compile ``policy`` for ``host`` as policy version ``version``. Times are
     rounded down to whole milliseconds (the payload's unit). The bundle expires
@@ -43,7 +44,8 @@ def issue_bundle(
     expired grant. Grant serials are ``version * SERIALS_PER_VERSION + i``.
     With ``labels`` (the host's labels, possibly empty) only agents whose
     ``hosts`` selector matches the host are issued; None issues every agent
-    (to size an epoch, or where no host selection applies)."""
+    (to size an epoch, or where no host selection applies). ``extra`` grants
+    (just-in-time grants, with windows of their own) follow the policy's."""
     try:
         audience = normalize_host(host)
     except ValueError as exc:
@@ -55,7 +57,7 @@ def issue_bundle(
     if labels is not None:
         policy = for_host(policy, audience, labels)
     start = floor_ms(now)
-    grants = compile_grants(policy, now=start, default_ttl=default_ttl)
+    grants = compile_grants(policy, now=start, default_ttl=default_ttl) + list(extra)
     lifetime = bundle_ttl
     if lifetime is None:
         lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
