@@ -152,3 +152,12 @@ def test_audit_verdicts_become_audit_records() -> None:
     assert end.verdict is Verdict.AUDIT
     assert parse_verdict("audit") is Verdict.AUDIT and HUBBLE_VERDICT[Verdict.AUDIT] == "AUDIT"
     assert Decision.AUDIT.value == Verdict.AUDIT.value  # the evaluator's words are the records'
+
+
+def test_policy_check_says_an_agent_is_in_audit_mode() -> None:
+    from ztnet.policy.summary import summarize
+
+    text = summarize(parse_policy(POLICY, "p.toml"))
+    assert "note: agents.watched is in AUDIT mode" in text and "open egress" in text
+    assert "(no rules: no network access)" in text  # plain and strict enforce
+    assert "audit-mode agents excepted" in text

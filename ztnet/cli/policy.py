@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from ztnet.cli import operator
+from ztnet.cli import operator, policy_review
 from ztnet.cli.args import (
     SubParsers,
     UsageError,
@@ -96,6 +96,8 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--host", help="check the bundle is for this host (default: not checked)")
     p.add_argument("--min-version", type=int, default=1,
                    help="refuse bundles older than this version")
+
+    policy_review.register(group)
 
 
 # --- handlers: the parsed command line -> the functions below ------------------------

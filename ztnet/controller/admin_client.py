@@ -14,6 +14,7 @@ address and the gRPC status.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Self
 import grpc
 from google.protobuf.message import Message
 
+from ztnet.controller.flowstore import MAX_AHEAD_NS
 from ztnet.controller.statedir import AdminPaths, read_file
 from ztnet.errors import ConfigError, ControllerError
 from ztnet.v1 import admin_pb2, admin_pb2_grpc
@@ -32,6 +34,7 @@ ENV_CREDENTIALS = "ZTNET_CREDENTIALS"
 RPC_TIMEOUT = 30.0
 # QueryFlows answers may reach 16 MiB (10,000 records); gRPC's default is 4 MiB.
 MAX_RECEIVE_BYTES = 32 * 1024 * 1024
+_PAGE = 10_000  # QueryFlows' largest limit (ztnet.controller.flows.MAX_LIMIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +164,31 @@ class AdminClient:
                                               until_ns=until_ns, limit=limit)
         response: admin_pb2.QueryFlowsResponse = self._call(self._stub.QueryFlows, request)
         return response
+
+    def flow_history(self, *, agent: str = "", since_ns: int = 0,
+                     max_records: int = 1_000_000) -> list[bytes]:
+        """Every stored record (JSON) of ``agent`` (all: "") dated ``since_ns`` or later.
+        QueryFlows answers at most 10,000 records, newest received first; a window of record
+        time that matches more is split in two until every part fits, so nothing is missed
+        whatever order the records arrived in. ControllerError beyond ``max_records``."""
+        # hosts may date records at most MAX_AHEAD_NS after the controller receives them
+        windows = [(since_ns, time.time_ns() + 2 * MAX_AHEAD_NS)]
+        records: list[bytes] = []
+        while windows:
+            low, high = windows.pop()
+            page = self.query_flows(agent=agent, since_ns=low, until_ns=high, limit=_PAGE)
+            if page.truncated:
+                if high - low <= 1:
+                    raise ControllerError(f"controller: more than {_PAGE} flow records at one "
+                                          "instant; cannot read them all")
+                middle = (low + high) // 2
+                windows += [(low, middle), (middle, high)]
+                continue
+            records += page.records
+            if len(records) > max_records:
+                raise ControllerError(f"controller: more than {max_records} flow records "
+                                      "match; narrow the time window (--since)")
+        return records
 
     def _call(self, method: Callable[..., Any], request: Message, extra: float = 0.0) -> Any:
         # gRPC's stubs are untyped; each caller above names the response type.

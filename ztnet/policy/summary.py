@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ztnet.durations import format_duration
+from ztnet.grants.model import AgentMode
 from ztnet.policy.document import Policy
 from ztnet.text import format_table
 
@@ -21,8 +22,14 @@ def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:
     for agent in policy.agents:
         if agent.hosts is not None:
             notes.append(f"note: agents.{agent.name} is sent only to {agent.hosts.describe()}")
+        if agent.mode is AgentMode.AUDIT:
+            notes.append(f"note: agents.{agent.name} is in AUDIT mode: what its rules do not "
+                         "allow goes ahead (recorded as AUDIT) except loopback and link-local; "
+                         "it has open egress")
         if not agent.allow:
-            rows.append([agent.name, "-", "-", "(no rules: no network access)", "", "", ""])
+            access = "open egress (audit mode)" if agent.mode is AgentMode.AUDIT else \
+                "no network access"
+            rows.append([agent.name, "-", "-", f"(no rules: {access})", "", "", ""])
             continue
         seen: dict[tuple[str, str, str], int] = {}
         for index, rule in enumerate(agent.allow):
@@ -52,5 +59,7 @@ def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:
     parts.append(
         f"default ttl {format_duration(default_ttl)}; everything not listed is denied "
         "(no implicit loopback or metadata access)"
+        + ("; audit-mode agents excepted" if any(a.mode is AgentMode.AUDIT
+                                                 for a in policy.agents) else "")
     )
     return "\n".join(parts)
