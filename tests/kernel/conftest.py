@@ -57,6 +57,7 @@ def _kernel_prerequisites(request: pytest.FixtureRequest) -> None:
 
 from collections.abc import Iterator  # noqa: E402
 
+from tests.kernel.controller_lab import lab  # noqa: E402, F401 (fixture)
 from tests.kernel.pair_fixtures import datapath, pair, server  # noqa: E402, F401 (fixtures)
 from tests.kernel.support import new_instance, stale_test_instances  # noqa: E402
 from ztnet.instance import Instance  # noqa: E402

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from ztnet.cli.args import SubParsers, UsageError, add_command, operator_options
 from ztnet.errors import ConfigError, ControllerError
-from ztnet.text import format_table, format_time, use_color
+from ztnet.text import escape, format_table, format_time, use_color
 
 if TYPE_CHECKING:
     from ztnet.controller.admin_client import AdminClient
@@ -220,6 +220,7 @@ def flows(client: AdminClient, *, host: str = "", agent: str = "", verdict: str 
     err = err if err is not None else sys.stderr
     renderer = Renderer(out if out is not None else sys.stdout, json=as_json, color=color)
     skipped = 0
+    granted: set[str] = set()
     try:
         for data in reversed(response.records):
             try:
@@ -227,10 +228,13 @@ def flows(client: AdminClient, *, host: str = "", agent: str = "", verdict: str 
             except ValueError:  # a newer schema on the controller: say so, carry on
                 skipped += 1
                 continue
+            if record.grant is not None:
+                granted.add(record.grant.name)
             renderer.write(record)
         renderer.flush()
     except BrokenPipeError:  # `ztnet flows | head`
         return 0
+    _explain_jit(client, granted, err)
     if skipped:
         err.write(f"flows: skipped {skipped} records this ztnet cannot read\n")
     if response.truncated:
@@ -239,6 +243,20 @@ def flows(client: AdminClient, *, host: str = "", agent: str = "", verdict: str 
     elif renderer.count == 0 and not as_json:
         err.write("flows: no matching flows\n")
     return 0
+
+
+def _explain_jit(client: AdminClient, granted: set[str], err: TextIO) -> None:
+    """Name the reason and approver of every just-in-time grant the flows shown used."""
+    if not granted:
+        return
+    try:
+        jit = [g for g in client.list_grants(include_expired=True).grants
+               if g.grant_id in granted]
+    except ControllerError:  # an older controller, or none of them: the table stands alone
+        return
+    for g in jit:
+        err.write(escape(f"flows: {g.grant_id} is a just-in-time grant for {g.agent}, "
+                         f"approved by {g.approver} ({g.requested_by}): {g.reason}") + "\n")
 
 
 def _report(headline: str, version: int, results: Sequence[admin_pb2.HostResult],
