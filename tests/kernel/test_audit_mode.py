@@ -243,3 +243,18 @@ def test_differential_run_saw_every_decision() -> None:
         pytest.skip("the audit differential test did not run in this session")
     assert sum(tally.values()) >= EXAMPLES * ATTEMPTS
     assert all(count >= 0.05 * sum(tally.values()) for count in tally.values()), tally
+
+
+def test_ztnet_agents_shows_the_mode(datapath: Datapath, audited: list[Grant]) -> None:
+    import io
+
+    from ztnet.cli.run import agents
+
+    out = io.StringIO()
+    assert agents(datapath.instance, out=out) == 0
+    row = next(line for line in out.getvalue().splitlines() if line.startswith(AGENT + " "))
+    assert row.split()[-1] == "audit"
+    datapath.install_unverified(audited)
+    out = io.StringIO()
+    agents(datapath.instance, out=out)
+    assert out.getvalue().splitlines()[-1].split()[-1] == "enforce"

@@ -103,12 +103,15 @@ def agents(instance: Instance, *, out: TextIO | None = None) -> int:
 
     with Datapath.inspect(instance) as datapath:
         live = datapath.live_grant_counts()
+        audited = datapath.audited()
     rows = []
     for name, path in cgroups.agent_cgroups(instance).items():
         procs = cgroups.agent_processes(path)
         pids = ",".join(f"{p.pid}({p.comm})" for p in procs) or "-"
-        rows.append((name, str(path), pids, str(live.get(name, 0))))
-    print(format_table(("AGENT", "CGROUP", "PIDS", "LIVE GRANTS"), rows), file=_out(out))
+        mode = "audit" if name in audited else "enforce"
+        rows.append((name, str(path), pids, str(live.get(name, 0)), mode))
+    print(format_table(("AGENT", "CGROUP", "PIDS", "LIVE GRANTS", "MODE"), rows),
+          file=_out(out))
     return 0
 
 

@@ -166,25 +166,25 @@ class AdminClient:
         return response
 
     def flow_history(self, *, agent: str = "", since_ns: int = 0,
-                     max_records: int = 1_000_000) -> list[bytes]:
+                     max_records: int = 1_000_000, page: int = _PAGE) -> list[bytes]:
         """Every stored record (JSON) of ``agent`` (all: "") dated ``since_ns`` or later.
-        QueryFlows answers at most 10,000 records, newest received first; a window of record
-        time that matches more is split in two until every part fits, so nothing is missed
-        whatever order the records arrived in. ControllerError beyond ``max_records``."""
+        QueryFlows answers at most ``page`` (10,000) records, newest received first; a window
+        of record time that matches more is split in two until every part fits, so nothing is
+        missed whatever order the records arrived in. ControllerError beyond ``max_records``."""
         # hosts may date records at most MAX_AHEAD_NS after the controller receives them
         windows = [(since_ns, time.time_ns() + 2 * MAX_AHEAD_NS)]
         records: list[bytes] = []
         while windows:
             low, high = windows.pop()
-            page = self.query_flows(agent=agent, since_ns=low, until_ns=high, limit=_PAGE)
-            if page.truncated:
+            answer = self.query_flows(agent=agent, since_ns=low, until_ns=high, limit=page)
+            if answer.truncated:
                 if high - low <= 1:
-                    raise ControllerError(f"controller: more than {_PAGE} flow records at one "
+                    raise ControllerError(f"controller: more than {page} flow records at one "
                                           "instant; cannot read them all")
                 middle = (low + high) // 2
                 windows += [(low, middle), (middle, high)]
                 continue
-            records += page.records
+            records += answer.records
             if len(records) > max_records:
                 raise ControllerError(f"controller: more than {max_records} flow records "
                                       "match; narrow the time window (--since)")
