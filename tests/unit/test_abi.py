@@ -140,6 +140,19 @@ def test_entry_key_round_trips_through_c_layout() -> None:
     assert abi.EntryKey.from_c(c_key) == (1, key)
 
 
+def test_packed_entries_are_the_c_layout_byte_for_byte() -> None:
+    for key in (abi.EntryKey(7, 6, 4, 16, 443, bytes([10, 0, 2, 0]), 24),
+                abi.EntryKey(4095, 17, 6, 3, 0xE000, bytes(range(16)), 128)):
+        for generation in (0, 1):
+            assert key.packed(generation) == bytes(key.to_c(generation))
+            assert abi.EntryKey.unpack(key.packed(generation)) == (generation, key)
+    value = abi.EntryValue(1, 2**64 - 1, 0xABCDEF)
+    assert value.packed() == bytes(value.to_c())
+    assert abi.EntryValue.unpack(value.packed()) == value
+    assert (abi.GRANT_KEY_SIZE, abi.GRANT_VALUE_SIZE) == (
+        ctypes.sizeof(abi.ZtGrantKey), ctypes.sizeof(abi.ZtGrantValue))
+
+
 def test_sources_exist_for_installed_layout() -> None:
     assert Path(bpf_source_dir(), "ztnet.h").exists()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import ipaddress
+import struct
 from dataclasses import dataclass
 
 # ZT_ABI_VERSION: defined once, in ztnet.instance, because the bpffs pin path carries it and
@@ -262,6 +263,25 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 }
 
 
+# Grant-trie keys and values packed as the kernel holds them, for the bulk paths
+# (compile, batch writes, dumps): one struct call per entry instead of a ctypes object.
+# tests/unit/test_abi.py checks these against ZtGrantKey/ZtGrantValue byte for byte.
+_GRANT_KEY = struct.Struct("<IIBBBB2s2x16s")  # the port in network order
+_GRANT_VALUE = struct.Struct("<QQQ")
+GRANT_KEY_SIZE = _GRANT_KEY.size
+GRANT_VALUE_SIZE = _GRANT_VALUE.size
+GENERATION_OFFSET = ZtGrantKey.generation.offset
+pack_grant_value = _GRANT_VALUE.pack
+unpack_grant_value = _GRANT_VALUE.unpack
+
+
+def pack_grant_key(agent: int, proto: int, family: int, port_bits: int, port: int,
+                   addr: bytes, addr_bits: int, generation: int = 0) -> bytes:
+    """struct zt_grant_key as bytes (``addr``: 4 or 16 bytes, zero-padded)."""
+    return _GRANT_KEY.pack(KEY_FIXED_BITS + addr_bits, agent, proto, family, port_bits,
+                           generation, port.to_bytes(2, "big"), addr)
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class EntryKey:
     """A grant-trie key without its generation: what the compiler produces.
@@ -287,6 +307,18 @@ class EntryKey:
         key.port_be = int.from_bytes(self.port.to_bytes(2, "big"), "little")
         ctypes.memmove(key.addr, self.addr, len(self.addr))
         return key
+
+    def packed(self, generation: int = 0) -> bytes:
+        return pack_grant_key(self.agent, self.proto, self.family, self.port_bits, self.port,
+                              self.addr, self.addr_bits, generation)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> tuple[int, EntryKey]:
+        """(generation, EntryKey) of a packed key."""
+        prefixlen, agent, proto, family, bits, generation, port, addr = _GRANT_KEY.unpack(raw)
+        addr_len = 4 if family == ZtFamily.V4 else 16
+        return generation, cls(agent, proto, family, bits, int.from_bytes(port, "big"),
+                               addr[:addr_len], prefixlen - KEY_FIXED_BITS)
 
     @classmethod
     def from_c(cls, key: ZtGrantKey) -> tuple[int, EntryKey]:
@@ -325,3 +357,10 @@ class EntryValue:
     @classmethod
     def from_c(cls, value: ZtGrantValue) -> EntryValue:
         return cls(value.not_before_ns, value.not_after_ns, value.grant_id)
+
+    def packed(self) -> bytes:
+        return pack_grant_value(self.not_before_ns, self.not_after_ns, self.grant_id)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> EntryValue:
+        return cls(*unpack_grant_value(raw))

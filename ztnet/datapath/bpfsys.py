@@ -19,6 +19,10 @@ from ztnet.errors import DatapathError, MapUpdateError
 BPF_ANY = 0
 BPF_F_ALLOW_MULTI = 2
 _MAX_PROGS = 64
+_BATCH = 8192  # entries per batch call: bounds the buffers, not the map
+# A kernel without batch operations for a map type (before 5.6; LPM tries got them
+# in 5.6 too) answers EINVAL or ENOTSUPP: then the element calls are used.
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
 
 S = TypeVar("S")
 T = TypeVar("T", bound=ctypes.Structure | ctypes.c_uint64)
@@ -59,6 +63,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_obj_pin": ([i, ctypes.c_char_p], i),
         "bpf_map_update_batch": ([i, vp, vp, ctypes.POINTER(u32), vp], i),
         "bpf_map_delete_batch": ([i, vp, ctypes.POINTER(u32), vp], i),
+        "bpf_map_lookup_batch": ([i, vp, vp, vp, vp, ctypes.POINTER(u32), vp], i),
         "ring_buffer__new": ([i, vp, vp, vp], vp),
         "ring_buffer__add": ([vp, i, vp, vp], i),
         "ring_buffer__poll": ([vp, i], i),
@@ -196,6 +201,101 @@ class PinnedMap:
                 self.name, key,
             )
         return True
+
+    @property
+    def key_size(self) -> int:
+        return int(self.info.key_size)
+
+    @property
+    def value_size(self) -> int:
+        return int(self.info.value_size)
+
+    def update_batch(self, keys: bytes, values: bytes) -> None:
+        """Write many entries (keys and values packed back to back) with
+        BPF_MAP_UPDATE_BATCH, a few syscalls for any number of entries."""
+        count = len(keys) // self.key_size
+        if len(values) != count * self.value_size:
+            raise ValueError(f"{self.name}: {count} keys but {len(values)} value bytes")
+        done = 0
+        while done < count:
+            chunk = min(_BATCH, count - done)
+            key_chunk = keys[done * self.key_size:(done + chunk) * self.key_size]
+            value_chunk = values[done * self.value_size:(done + chunk) * self.value_size]
+            processed = ctypes.c_uint32(chunk)
+            rc = _lib().bpf_map_update_batch(self.fd, key_chunk, value_chunk,
+                                             ctypes.byref(processed), None)
+            if rc < 0:
+                if _err(rc) in _NO_BATCH and processed.value == 0:
+                    self._update_each(key_chunk, value_chunk)
+                else:
+                    key = key_chunk[processed.value * self.key_size:][:self.key_size]
+                    raise MapUpdateError(f"datapath: update of {self.name} failed: "
+                                         f"{os.strerror(_err(rc))}", self.name, key)
+            done += chunk
+
+    def _update_each(self, keys: bytes, values: bytes) -> None:
+        for index in range(len(keys) // self.key_size):
+            key = (ctypes.c_char * self.key_size).from_buffer_copy(keys, index * self.key_size)
+            value = (ctypes.c_char * self.value_size).from_buffer_copy(
+                values, index * self.value_size)
+            self.update(key, value)
+
+    def delete_batch(self, keys: bytes) -> None:
+        """Delete many entries (keys packed back to back); absent keys fail."""
+        count = len(keys) // self.key_size
+        done = 0
+        while done < count:
+            chunk = min(_BATCH, count - done)
+            key_chunk = keys[done * self.key_size:(done + chunk) * self.key_size]
+            processed = ctypes.c_uint32(chunk)
+            rc = _lib().bpf_map_delete_batch(self.fd, key_chunk, ctypes.byref(processed), None)
+            if rc < 0:
+                if _err(rc) in _NO_BATCH and processed.value == 0:
+                    for index in range(chunk):
+                        self.delete((ctypes.c_char * self.key_size).from_buffer_copy(
+                            key_chunk, index * self.key_size))
+                else:
+                    key = key_chunk[processed.value * self.key_size:][:self.key_size]
+                    raise MapUpdateError(f"datapath: delete from {self.name} failed: "
+                                         f"{os.strerror(_err(rc))}", self.name, key)
+            done += chunk
+
+    def dump(self) -> tuple[bytes, bytes]:
+        """Every key and value, packed back to back (BPF_MAP_LOOKUP_BATCH; the
+        element calls where the kernel has no batch lookup for this map type)."""
+        key_size, value_size = self.key_size, self.value_size
+        keys = (ctypes.c_char * (key_size * _BATCH))()
+        values = (ctypes.c_char * (value_size * _BATCH))()
+        tokens = [(ctypes.c_char * max(key_size, 8))() for _ in range(2)]
+        key_parts: list[bytes] = []
+        value_parts: list[bytes] = []
+        first = True
+        while True:
+            count = ctypes.c_uint32(_BATCH)
+            rc = _lib().bpf_map_lookup_batch(self.fd, None if first else tokens[0], tokens[1],
+                                             keys, values, ctypes.byref(count), None)
+            error = _err(rc) if rc < 0 else 0
+            if error and error != errno.ENOENT:
+                if first and error in _NO_BATCH:
+                    return self._dump_each()
+                raise DatapathError(f"datapath: reading {self.name} failed: "
+                                    f"{os.strerror(error)}")
+            key_parts.append(keys.raw[:count.value * key_size])
+            value_parts.append(values.raw[:count.value * value_size])
+            if error == errno.ENOENT:
+                return b"".join(key_parts), b"".join(value_parts)
+            ctypes.memmove(tokens[0], tokens[1], len(tokens[1]))
+            first = False
+
+    def _dump_each(self) -> tuple[bytes, bytes]:
+        key_type = ctypes.c_char * self.key_size
+        key_parts, value_parts = [], []
+        for key in list(self.keys(key_type)):
+            value = (ctypes.c_char * self.value_size)()
+            if self.lookup(key, value):
+                key_parts.append(key.raw)
+                value_parts.append(value.raw)
+        return b"".join(key_parts), b"".join(value_parts)
 
     def keys(self, key_type: Callable[[], S]) -> Iterator[S]:
         """All keys. Collect them before deleting any: deleting while walking

@@ -22,16 +22,20 @@ from pathlib import Path
 
 from ztnet.datapath import abi, eventloss, events, loader, sockets
 from ztnet.datapath.bpfsys import PinnedMap
-from ztnet.datapath.compile import BootClock, DesiredState, compile_desired_state
+from ztnet.datapath.compile import (
+    BootClock,
+    DecodedEntries,
+    DesiredState,
+    compile_desired_state,
+)
 from ztnet.datapath.drift import Drift, find_drift
+from ztnet.datapath.grantmaps import GrantMaps, Snapshot
 from ztnet.datapath.probe import probe
 from ztnet.errors import MapUpdateError, NotAttached
 from ztnet.grants.bundle import VerifiedBundle
 from ztnet.grants.model import Grant
 from ztnet.identity import cgroups, uids
 from ztnet.instance import Instance
-
-_ZERO_LEVELS = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +116,17 @@ class Datapath:
         self.maps["zt_grants_v1"].check_layout(abi.ZtGrantKey, abi.ZtGrantValue)
         self.maps["zt_agents_v1"].check_layout(ctypes.c_uint64, abi.ZtAgent)
         self.maps["zt_config_v1"].check_layout(ctypes.c_int, abi.ZtConfig)
-        # The grant set and desired state this process last made active. Never a
-        # stand-in for the kernel: every diff reads the maps themselves, and these
-        # only tell drift (someone else wrote) from change (new grants, windows).
+        self.grant_maps = GrantMaps(self.maps["zt_grants_v1"], self.maps["zt_levels_v1"])
+        # The grant set this process last made active, and what it wrote into each
+        # generation. The resync checks these against the kernel (a batch dump, and
+        # while its digest is the one last checked, nothing is compared again); a
+        # process that wrote nothing yet reads the kernel before it diffs.
         self._grants: tuple[Grant, ...] = ()
         self._audit: frozenset[str] = frozenset()  # agents this process put in audit mode
         self._written: dict[int, DesiredState] = {}  # by generation
         self._active: int | None = None
+        self._checked_digest: bytes | None = None  # trie dump that matched _written
+        self._compiled_for: tuple[object, ...] | None = None  # inputs of _written[_active]
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -212,19 +220,9 @@ class Datapath:
                 result[key.value] = value
         return result
 
-    def _read_levels(self, generation: int) -> dict[int, tuple[int, int, int, int]]:
-        """Non-zero level masks of one generation, by agent index, from the kernel."""
-        levels = self.maps["zt_levels_v1"]
-        found = {}
-        for index in range(abi.MAX_AGENTS):
-            value = abi.ZtLevels()
-            slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
-            if levels.lookup(slot, value) and any(value.mask):
-                found[index] = (value.mask[0], value.mask[1], value.mask[2], value.mask[3])
-        return found
-
     def _indices_in_use(self) -> set[int]:
-        return set(self._read_levels(0)) | set(self._read_levels(1))
+        levels = self.grant_maps.read_levels()
+        return set(levels[0]) | set(levels[1])
 
     def ensure_agents(self, names: Iterable[str]) -> dict[str, int]:
         """Create the agents' cgroups and give each an index in zt_agents.
@@ -292,39 +290,6 @@ class Datapath:
 
     # --- grants --------------------------------------------------------------------
 
-    def _dump(self) -> dict[int, dict[abi.EntryKey, abi.EntryValue]]:
-        """Both generations of the grant trie as the kernel holds them now."""
-        trie = self.maps["zt_grants_v1"]
-        contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] = {0: {}, 1: {}}
-        for key in list(trie.keys(abi.ZtGrantKey)):
-            key_generation, entry = abi.EntryKey.from_c(key)
-            value = abi.ZtGrantValue()
-            if trie.lookup(key, value):
-                contents.setdefault(key_generation, {})[entry] = abi.EntryValue.from_c(value)
-        return contents
-
-    def _write_generation(self, generation: int, current: dict[abi.EntryKey, abi.EntryValue],
-                          desired: DesiredState) -> tuple[int, int]:
-        """Make one generation hold ``desired``: a diff against ``current``, its
-        contents as just read from the kernel."""
-        trie = self.maps["zt_grants_v1"]
-        written = deleted = 0
-        for key, value in desired.entries.items():
-            if current.get(key) != value:
-                trie.update(key.to_c(generation), value.to_c())
-                written += 1
-        for key in current.keys() - desired.entries.keys():
-            trie.delete(key.to_c(generation))
-            deleted += 1
-        levels = self.maps["zt_levels_v1"]
-        have = self._read_levels(generation)
-        for index in have.keys() | desired.levels.keys():
-            want = desired.levels.get(index, _ZERO_LEVELS)
-            if have.get(index, _ZERO_LEVELS) != want:
-                slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
-                levels.update(slot, abi.ZtLevels((ctypes.c_uint32 * 4)(*want)))
-        return written, deleted
-
     def install(self, bundle: VerifiedBundle, *, now: float | None = None) -> ApplyResult:
         """Make a verified bundle's grants the whole grant set, atomically. No
         kernel entry outlives the bundle's expiry by more than the grace
@@ -336,19 +301,68 @@ class Datapath:
         """Compare both generations, read from the kernel, with what this process
         wrote there (and the active generation with the one it made active);
         then re-install ``bundle`` (later windows, recreated cgroups), rewriting
-        both generations if anything drifted."""
+        both generations if anything drifted. When the trie dump has the digest
+        that was last found clean, the agents are the same and no window started
+        or ended, nothing is compiled, compared or written."""
         with instance_lock(self.instance):
+            started = time.monotonic()
+            now = time.time() if now is None else now
+            raw = self.grant_maps.dump_raw()
+            digest = self.grant_maps.digest(raw)
             drift = Drift()
-            contents = self._dump()
+            snapshot = None
+            if digest != self._checked_digest or not self._written:
+                snapshot = self.grant_maps.snapshot(raw)
+                drift = self._find_drift(snapshot)
+            levels = self.grant_maps.read_levels()
             for generation, written in sorted(self._written.items()):
-                drift += find_drift(contents[generation], self._read_levels(generation),
-                                    written.entries, written.levels, f"gen {generation} ")
+                if levels.get(generation, {}) != dict(written.levels):
+                    drift += find_drift({}, levels.get(generation, {}), {}, written.levels,
+                                        f"gen {generation} ")
             if self._active is not None and self.generation != self._active:
                 drift += Drift(generation=1, samples=(f"generation flipped to {self.generation}",))
+            audit = frozenset(bundle.bundle.audit_agents)
+            if not drift.total and self._unchanged(bundle.grants, bundle.bundle.expires, audit,
+                                                   now):
+                self._checked_digest = digest
+                assert self._active is not None
+                applied = ApplyResult(self._active, len(self._written[self._active].packed), 0,
+                                      0, time.monotonic() - started)
+                return SyncResult(drift, applied)
             applied = self._replace_locked(bundle.grants, bundle.bundle.expires, now,
-                                           frozenset(bundle.bundle.audit_agents),
-                                           repair=drift.total > 0, contents=contents)
+                                           audit, repair=drift.total > 0,
+                                           snapshot=snapshot or self.grant_maps.snapshot(raw))
         return SyncResult(drift, applied)
+
+    def _find_drift(self, snapshot: Snapshot) -> Drift:
+        drift = Drift()
+        for generation, written in sorted(self._written.items()):
+            kernel = snapshot.contents.get(generation, {})
+            if kernel != written.packed:  # compared in C; decoded only to describe
+                drift += find_drift(DecodedEntries(kernel), {}, written.entries, {},
+                                    f"gen {generation} ")
+        for generation, stray in snapshot.contents.items():
+            if generation not in (0, 1) and stray:
+                drift += find_drift(DecodedEntries(stray), {}, {}, {}, f"gen {generation} ")
+        return drift
+
+    def _unchanged(self, grants: tuple[Grant, ...], bundle_expires: float,
+                   audit: frozenset[str], now: float) -> bool:
+        """Would compiling ``grants`` now give exactly what the active generation holds?"""
+        if self._active is None or self._compiled_for is None:
+            return False
+        active = self._written.get(self._active)
+        if active is None or now >= active.valid_until:
+            return False
+        by_id = {cgroups.cgroup_id(path): name
+                 for name, path in cgroups.agent_cgroups(self.instance).items()}
+        registered = self._registered()
+        if registered.keys() != by_id.keys():  # a cgroup gone, recreated or not registered
+            return False
+        indices = tuple(sorted((by_id[cgid], int(agent.index))
+                               for cgid, agent in registered.items()))
+        return self._compiled_for == (grants, bundle_expires, audit, self._boot_clock(),
+                                      indices)
 
     def install_unverified(self, grants: Iterable[Grant], *, now: float | None = None,
                            audit: Iterable[str] = ()) -> ApplyResult:
@@ -365,39 +379,56 @@ class Datapath:
 
     def _replace_locked(self, grants: tuple[Grant, ...], bundle_expires: float,
                         now: float | None, audit: frozenset[str], *, repair: bool,
-                        contents: dict[int, dict[abi.EntryKey, abi.EntryValue]] | None = None,
-                        ) -> ApplyResult:
+                        snapshot: Snapshot | None = None) -> ApplyResult:
         """Write the inactive generation, then flip to it. With ``repair`` the
         generation just left is rewritten too, so drift survives in neither.
-        ``contents``: the trie as just dumped under this lock (else dumped here).
+        The diff is against what this process wrote there; the kernel is read
+        (``snapshot``, else a dump here) only when it has written nothing yet.
         Audit mode is given before the flip and taken after it, so that, like the
         grants, the change is briefly over-permissive, never an outage."""
         started = time.monotonic()
         now = time.time() if now is None else now
         indices = self.ensure_agents({grant.agent for grant in grants} | audit)
-        desired = compile_desired_state(grants, indices, now=now, clock=self._boot_clock(),
+        clock = self._boot_clock()
+        desired = compile_desired_state(grants, indices, now=now, clock=clock,
                                         bundle_expires=bundle_expires)
-        if len(desired.entries) > abi.MAX_ENTRIES // 2:
+        if len(desired.packed) > abi.MAX_ENTRIES // 2:
             raise MapUpdateError(
-                f"datapath: grant set needs {len(desired.entries)} entries, "
+                f"datapath: grant set needs {len(desired.packed)} entries, "
                 f"more than the {abi.MAX_ENTRIES // 2} a generation holds",
                 "zt_grants_v1",
             )
         config = self._config()
         target = 1 - (int(config.generation) & 1)
-        contents = self._dump() if contents is None else contents
-        written, deleted = self._write_generation(target, contents[target], desired)
+        if snapshot is None and (repair or target not in self._written):
+            snapshot = self.grant_maps.snapshot()
+        written, deleted = self._write(target, desired, snapshot)
         self._set_audit(audit, enable=True)
         config.generation = target
         self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
         self._set_audit(audit, enable=False)
         self._grants, self._active, self._audit = grants, target, audit
-        self._written[target] = desired
         if repair:
-            self._write_generation(1 - target, contents[1 - target], desired)
-            self._written[1 - target] = desired
-        return ApplyResult(target, len(desired.entries), written, deleted,
+            self._write(1 - target, desired, snapshot)
+        self._checked_digest = None  # the next resync compares in full, once
+        self._compiled_for = (grants, bundle_expires, audit, clock,
+                              tuple(sorted(indices.items())))
+        return ApplyResult(target, len(desired.packed), written, deleted,
                            time.monotonic() - started)
+
+    def _write(self, generation: int, desired: DesiredState,
+               snapshot: Snapshot | None) -> tuple[int, int]:
+        if snapshot is not None:
+            current: Mapping[bytes, bytes] = snapshot.contents.get(generation, {})
+            have_levels = snapshot.levels.get(generation, {})
+        else:
+            current, have_levels = self._written[generation].packed, dict(
+                self._written[generation].levels)
+        self._written.pop(generation, None)  # unknown while half written
+        result = self.grant_maps.write(generation, current, have_levels, desired.packed,
+                                       desired.levels)
+        self._written[generation] = desired
+        return result
 
     def grants(self) -> tuple[Grant, ...]:
         """The grant set this process installed (other processes: see live_grant_ids)."""
@@ -405,7 +436,9 @@ class Datapath:
 
     def kernel_entries(self, generation: int | None = None) -> dict[abi.EntryKey, abi.EntryValue]:
         """One generation (default: the active one) of the grant trie, read from the kernel."""
-        return self._dump()[self.generation if generation is None else generation]
+        contents = self.grant_maps.snapshot().contents
+        return dict(DecodedEntries(contents.get(
+            self.generation if generation is None else generation, {})).items())
 
     def live_grant_ids(self) -> dict[str, set[int]]:
         """Grant ids of the active entries live now, by agent: what the kernel
