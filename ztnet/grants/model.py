@@ -127,7 +127,7 @@ class Grant:
             raise ValueError(f"agent name {self.agent!r} is not a DNS label")
         if self.proto is Proto.ICMP and self.ports is not None:
             raise ValueError("an icmp grant cannot name ports")
-        if normalize_network(self.network) != self.network:
+        if normalize_network(self.network) is not self.network:  # a new object: it was mapped
             raise ValueError(f"{self.network} is IPv4-mapped: write it as IPv4")
         if self.not_after <= self.not_before:
             raise ValueError("not_after must be later than not_before")
