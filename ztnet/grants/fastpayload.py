@@ -27,7 +27,7 @@ import re
 import socket
 
 from ztnet.errors import BundleRejected
-from ztnet.grants.limits import MAX_BUNDLE_GRANTS
+from ztnet.grants import payload as _payload
 from ztnet.grants.model import Grant, IPNetwork, PortRange, Proto
 from ztnet.grants.payload import (
     MAX_INT64,
@@ -146,7 +146,7 @@ def _grants(text: str, start: int, end: int, fields: _Fields) -> list[GrantRecor
         position = match.end()
         if position == end:
             return records
-        if text[position] != "," or len(records) >= MAX_BUNDLE_GRANTS:
+        if text[position] != "," or len(records) >= _payload.MAX_BUNDLE_GRANTS:
             return None
         position += 1
 
@@ -176,7 +176,7 @@ def decode_canonical(data: bytes) -> Bundle | None:
                 return None
             audit = _audit_agents(items, trust_domain)
         records = _grants(text, head.end(), tail_start, fields)
-        if records is None or len(records) + len(audit) > MAX_BUNDLE_GRANTS:
+        if records is None or len(records) + len(audit) > _payload.MAX_BUNDLE_GRANTS:
             return None
         numbers = int(expires), int(issued_at), int(version)
         if max(numbers) > MAX_INT64:
