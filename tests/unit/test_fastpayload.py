@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tests.unit.grant_factories import NOW, make_bundle, make_grant, networks, policies
 from ztnet.errors import BundleRejected
 from ztnet.grants.fastpayload import _ipv4, _ipv4_network, decode_canonical
+from ztnet.grants.limits import MAX_BUNDLE_GRANTS
 from ztnet.grants.model import Proto
 from ztnet.grants.payload import decode_payload, encode_payload
 from ztnet.policy.issue import issue_bundle
@@ -33,13 +34,13 @@ def test_canonical_payloads_read_alike(policy: object, audited: bool) -> None:
         from dataclasses import replace
         bundle = replace(bundle, audit_agents=tuple(sorted({r.grant.agent for r in bundle.grants})))
     data = encode_payload(bundle)
-    fast = decode_canonical(data)
+    fast = decode_canonical(data, MAX_BUNDLE_GRANTS)
     # an issuer with a quote or backslash is escaped in JSON: the strict path reads it
     assert fast is None or fast == bundle
     assert strict(data) == bundle
     plain = encode_payload(issue_bundle(policy, host="web-1", version=3, now=NOW,
                                         issuer="ctl [x]"))
-    assert decode_canonical(plain) == strict(plain)
+    assert decode_canonical(plain, MAX_BUNDLE_GRANTS) == strict(plain)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,7 +62,7 @@ def test_a_mutated_payload_is_never_read_otherwise(data: st.DataObject) -> None:
             del payload[index]
         else:
             payload.insert(index, byte)
-    fast = decode_canonical(bytes(payload))
+    fast = decode_canonical(bytes(payload), MAX_BUNDLE_GRANTS)
     if fast is not None:
         assert strict(bytes(payload)) == fast
 
@@ -72,7 +73,7 @@ def test_a_mutated_payload_is_never_read_otherwise(data: st.DataObject) -> None:
 def test_non_canonical_ipv4_is_left_to_the_strict_path(text: str) -> None:
     assert _ipv4(text) is None
     data = encode_payload(make_bundle()).replace(b"10.0.2.0/24", text.encode())
-    assert decode_canonical(data) is None
+    assert decode_canonical(data, MAX_BUNDLE_GRANTS) is None
     assert isinstance(strict(data), BundleRejected)
 
 

@@ -27,7 +27,6 @@ import re
 import socket
 
 from ztnet.errors import BundleRejected
-from ztnet.grants import payload as _payload
 from ztnet.grants.model import Grant, IPNetwork, PortRange, Proto
 from ztnet.grants.payload import (
     MAX_INT64,
@@ -124,7 +123,8 @@ class _Fields:
         return ports
 
 
-def _grants(text: str, start: int, end: int, fields: _Fields) -> list[GrantRecord] | None:
+def _grants(text: str, start: int, end: int, fields: _Fields,
+            max_grants: int) -> list[GrantRecord] | None:
     records: list[GrantRecord] = []
     append, match_grant, protos = records.append, _GRANT.match, _PROTOS
     position = start
@@ -146,14 +146,15 @@ def _grants(text: str, start: int, end: int, fields: _Fields) -> list[GrantRecor
         position = match.end()
         if position == end:
             return records
-        if text[position] != "," or len(records) >= _payload.MAX_BUNDLE_GRANTS:
+        if text[position] != "," or len(records) >= max_grants:
             return None
         position += 1
 
 
-def decode_canonical(data: bytes) -> Bundle | None:
+def decode_canonical(data: bytes, max_grants: int) -> Bundle | None:
     """The Bundle in ``data`` if it is a canonical payload of the known shape
-    whose every field validates; else None (the caller runs the strict path)."""
+    whose every field validates and that has at most ``max_grants`` grants and
+    audited agents; else None (the caller runs the strict path)."""
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
@@ -175,8 +176,8 @@ def decode_canonical(data: bytes) -> Bundle | None:
             if ",".join(f'"{item}"' for item in items) != audit_text:
                 return None
             audit = _audit_agents(items, trust_domain)
-        records = _grants(text, head.end(), tail_start, fields)
-        if records is None or len(records) + len(audit) > _payload.MAX_BUNDLE_GRANTS:
+        records = _grants(text, head.end(), tail_start, fields, max_grants)
+        if records is None or len(records) + len(audit) > max_grants:
             return None
         numbers = int(expires), int(issued_at), int(version)
         if max(numbers) > MAX_INT64:

@@ -227,7 +227,8 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
                          "refused before parsing")
     from ztnet.grants.fastpayload import decode_canonical  # it builds on this module
 
-    accelerated = decode_canonical(data) if fast else None  # the same Bundle, sooner
+    # the same Bundle, sooner (or None: then the strict path below decides)
+    accelerated = decode_canonical(data, MAX_BUNDLE_GRANTS) if fast else None
     if accelerated is not None:
         return accelerated
     try:
