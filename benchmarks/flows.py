@@ -2,17 +2,22 @@
 CPU at that rate, and the latency from connect() to the record in flows.jsonl.
 
     sudo .venv/bin/python -m benchmarks.flows [--mode standalone|controller|both]
-        [--rates 500,1000,2000,...] [--seconds 10] [--latency 200] [--out FILE]
+        [--rates 2000,5000,...] [--per-agent 800] [--seconds 10] [--latency 200] [--out FILE]
 
 A real `ztnet daemon` runs with its own instance (``bench-<pid>-flows``) and a Prometheus
 listener (``--metrics``): standalone on a signed bundle file, or (``--mode controller``)
 enrolled with a real `ztnet controller serve`, so that every record also goes through the
-spool and the ReportFlows upload. The agent is ``benchmarks/flowgen.c`` (compiled at run
-time) started with `ztnet run --agent bot`; it makes TCP connections (connect, close with
-an RST) to a listener outside every agent cgroup (``benchmarks/worker.c listen``), on an
-absolute schedule at a fixed rate. Allowed connections, because the kernel rate-limits deny
-events per agent (100 a second by default, by design); every connection makes two records,
-its verdict (connect) and its end (flow_end, when the socket is released).
+spool and the ReportFlows upload. The agents are ``benchmarks/flowgen.c`` (compiled at run
+time), each started with `ztnet run --agent botN`; each makes TCP connections (connect,
+close with an RST) to a listener outside every agent cgroup (``benchmarks/worker.c
+listen``), on an absolute schedule at a fixed rate. Allowed connections, because the kernel
+rate-limits deny events per agent (100 a second by default, by design); every connection
+makes two records, its verdict (connect) and its end (flow_end, when the socket is
+released). The kernel also budgets each agent's allowed-side events (2,000 a second,
+``ZT_ALLOW_EVENTS_PER_SEC``, as shipped), so a rate is spread over as many agents as it
+takes at ``--per-agent`` connections a second each (default 800: 1,600 records a second,
+under the budget with room for a second's jitter); what a budget dropped anyway is counted
+(``budget_dropped``) and fails the run.
 
 For each rate, in increasing order, for ``--seconds``:
 
@@ -65,19 +70,26 @@ from benchmarks.controller import cpu_seconds, spread
 from benchmarks.datapath import build_worker, machine_facts, remove_stale_instances
 from ztnet.daemon.enroll import enroll
 from ztnet.datapath.datapath import teardown
+from ztnet.grants.bundle import sign_bundle
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import FLOWS_FILE, Instance
 from ztnet.observe.tail import LineTail
 from ztnet.pki import fingerprint
+from ztnet.policy.document import parse_policy
+from ztnet.policy.issue import issue_bundle
 from ztnet.testing.agents import agent_argv
 from ztnet.testing.controller import ControllerProcess, create_token, init_controller, policy_toml
-from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.daemon import HOST as BUNDLE_HOST
+from ztnet.testing.daemon import DaemonProcess
 from ztnet.testing.ports import free_port
 
 HERE = Path(__file__).resolve().parent
-AGENT = "bot"  # the agent of ztnet.testing.daemon.make_bundle
 LOOPBACK = "127.0.0.1"
-DEFAULT_RATES = "500,1000,1500,2000,2500,3000,4000,5000,6000,8000"
+DEFAULT_RATES = "2000,5000,10000,15000,20000,25000,30000"
+
+
+def agent_names(count: int) -> list[str]:
+    return [f"bot{i}" for i in range(count)]
 
 
 class BenchError(RuntimeError):
@@ -127,6 +139,9 @@ def scrape(port: int) -> dict[str, float]:
         for sample in family.samples:
             if sample.name == "ztnet_datapath_total":
                 values[sample.labels["counter"]] = sample.value
+            elif sample.name == "ztnet_agent_events_dropped_total":
+                key = f"events_dropped_{sample.labels['cause']}"
+                values[key] = values.get(key, 0.0) + sample.value
             elif sample.name in ("ztnet_flow_records_dropped_total",
                                  "ztnet_flow_upload_dropped_total"):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
@@ -164,18 +179,22 @@ def start_listener(stack: ExitStack, work: Path) -> int:
 
 
 def start_daemon(stack: ExitStack, mode: str, instance: Instance, work: Path, port: int,
-                 metrics_port: int) -> DaemonProcess:
+                 metrics_port: int, agents: list[str]) -> DaemonProcess:
     metrics = ["--metrics", f"{LOOPBACK}:{metrics_port}"]
     state = work / f"state-{mode}"
+    text = policy_toml({agent: [(f"{LOOPBACK}/32", str(port))] for agent in agents})
     if mode == "standalone":
         key, pub = generate_keypair(work / "keys")
         bundle = work / "bundle.json"
-        bundle.write_bytes(make_bundle(load_private_key(key), 1, f"{LOOPBACK}/32", [str(port)]))
+        policy = parse_policy(text, "bench-policy.toml")
+        bundle.write_bytes(sign_bundle(issue_bundle(
+            policy, host=BUNDLE_HOST, version=1, now=time.time(), issuer="bench",
+            default_ttl=3 * 3600), load_private_key(key)))
         daemon = DaemonProcess(instance, pub, bundle, state, extra_args=metrics)
     else:
-        policy = work / "policy.toml"
-        policy.write_text(policy_toml({AGENT: [(f"{LOOPBACK}/32", str(port))]}))
-        controller = ControllerProcess(init_controller(work / "controller"), policy=policy)
+        policy_path = work / "policy.toml"
+        policy_path.write_text(text)
+        controller = ControllerProcess(init_controller(work / "controller"), policy=policy_path)
         controller.start()
         stack.callback(controller.stop)
         ca = fingerprint(x509.load_pem_x509_certificate(controller.state.ca_pem))
@@ -217,23 +236,40 @@ def wait_records(log: FlowLog, baseline: int, expected: int,
         time.sleep(0.01)  # polling the follower's count
 
 
+def generate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port: int,
+             agents: list[str], per_agent: int) -> dict[str, int]:
+    """``rate`` connections a second, spread over ceil(rate / per_agent) agents, each its
+    own flowgen; their counts summed (``behind_ns``: the latest of them)."""
+    count = min(len(agents), -(-rate // per_agent))
+    shares = [rate // count + (1 if i < rate % count else 0) for i in range(count)]
+    procs = [subprocess.Popen(agent_argv(instance, agent, [
+        str(flowgen), "rate", LOOPBACK, str(port), str(share), str(seconds)]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for agent, share in zip(agents, shares, strict=False)]
+    total = {"attempts": 0, "ok": 0, "failed": 0, "behind_ns": 0, "agents": count}
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 120)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if not lines:
+            raise BenchError(f"flowgen failed ({proc.returncode}): {err}")
+        gen = json.loads(lines[-1])
+        for key in ("attempts", "ok", "failed"):
+            total[key] += int(gen[key])
+        total["behind_ns"] = max(total["behind_ns"], int(gen["behind_ns"]))
+    return total
+
+
 def run_rate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port: int,
              daemon: DaemonProcess, log: FlowLog, metrics_port: int, mode: str,
-             drain: float) -> dict[str, Any]:
+             drain: float, agents: list[str], per_agent: int) -> dict[str, Any]:
     assert daemon.proc is not None
     load = os.getloadavg()[0]
     before, lines_before = scrape(metrics_port), log.lines
     cpu_before, machine_before = cpu_seconds(daemon.proc.pid), busy_cpus()
     started = time.monotonic()
-    argv = agent_argv(instance, AGENT, [str(flowgen), "rate", LOOPBACK, str(port), str(rate),
-                                        str(seconds)])
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120,
-                          check=False)
+    gen = generate(rate, seconds, instance=instance, flowgen=flowgen, port=port,
+                   agents=agents, per_agent=per_agent)
     generated = time.monotonic()
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise BenchError(f"flowgen failed ({proc.returncode}): {proc.stderr}")
-    gen = json.loads(lines[-1])
     expected = 2 * int(gen["ok"])
     records, complete = wait_records(log, lines_before, expected)
     ended = complete or time.monotonic()
@@ -251,7 +287,7 @@ def run_rate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port
         return int(after.get(name, 0) - before.get(name, 0))
 
     result: dict[str, Any] = {
-        "rate": rate, "seconds": seconds, "loadavg_before": load,
+        "rate": rate, "seconds": seconds, "loadavg_before": load, "agents": gen["agents"],
         "attempts": gen["attempts"], "ok": gen["ok"],
         "generator_behind_ms": round(gen["behind_ns"] / 1e6, 1),
         "records": records, "expected_records": expected,
@@ -259,6 +295,7 @@ def run_rate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port
         "drain_s": round(complete - generated, 3) if complete else None,
         "events_lost": grew("events_lost"), "flows_untracked": grew("flows_untracked"),
         "dispatcher_dropped": grew("ztnet_flow_records_dropped_total"),
+        "budget_dropped": grew("events_dropped_budget"),
         "daemon_cpu_pct": round(100 * cpu / (ended - started), 1),
         "machine_cpu_pct": round(100 * machine / (ended - started) / (os.cpu_count() or 1), 1),
     }
@@ -274,6 +311,7 @@ def run_rate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port
     result["loss_free"] = (records == expected and result["events_lost"] == 0
                            and result["flows_untracked"] == 0
                            and result["dispatcher_dropped"] == 0
+                           and result["budget_dropped"] == 0
                            and result.get("uploaded", records) == records
                            and result.get("spool_dropped", 0) == 0)
     result["kept_up"] = complete is not None and complete - generated <= drain
@@ -287,8 +325,8 @@ def measure_latency(count: int, *, instance: Instance, flowgen: Path, port: int,
                     log: FlowLog) -> dict[str, Any]:
     log.stamping = True
     try:
-        argv = agent_argv(instance, AGENT, [str(flowgen), "latency", LOOPBACK, str(port),
-                                            str(count), "20"])
+        argv = agent_argv(instance, agent_names(1)[0], [
+            str(flowgen), "latency", LOOPBACK, str(port), str(count), "20"])
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=count + 60,
                               check=False)
         probes = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -324,7 +362,9 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, flowgen: Path,
     metrics_port = free_port()
     with ExitStack() as stack:
         instance = stack.enter_context(instance_for(mode))
-        daemon = start_daemon(stack, mode, instance, work, port, metrics_port)
+        highest = max(int(r) for r in args.rates.split(","))
+        agents = agent_names(max(1, -(-highest // args.per_agent)))
+        daemon = start_daemon(stack, mode, instance, work, port, metrics_port, agents)
         state = work / f"state-{mode}"
         log = FlowLog(state / FLOWS_FILE)
         stack.callback(log.close)
@@ -332,7 +372,8 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, flowgen: Path,
         def run(rate: int, seconds: int) -> dict[str, Any]:
             result = run_rate(rate, seconds, instance=instance, flowgen=flowgen, port=port,
                               daemon=daemon, log=log, metrics_port=metrics_port,
-                              mode=mode, drain=args.drain)
+                              mode=mode, drain=args.drain, agents=agents,
+                              per_agent=args.per_agent)
             print(json.dumps({"mode": mode, **result}), flush=True)
             return result
 
@@ -404,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rates", default=DEFAULT_RATES,
                         help=f"connections per second, in order (default {DEFAULT_RATES})")
     parser.add_argument("--seconds", type=int, default=10, help="length of each rate's run")
+    parser.add_argument("--per-agent", type=int, default=800,
+                        help="connections a second per agent (each agent's allowed-side "
+                        "events are budgeted at 2,000 a second by the kernel)")
     parser.add_argument("--drain", type=float, default=1.0,
                         help="the pipeline must catch up within this after a run (s)")
     parser.add_argument("--refine", type=int, default=2,

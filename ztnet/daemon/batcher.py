@@ -30,7 +30,7 @@ from collections import deque
 from ztnet import logs
 from ztnet.daemon.spool import Spool
 from ztnet.errors import ConfigError
-from ztnet.observe.records import FlowRecord, to_json
+from ztnet.observe.records import FlowRecord, encode_lines
 from ztnet.observe.sinks import SinkConfig
 
 JOIN_TIMEOUT = 30.0
@@ -82,21 +82,25 @@ class SpoolSink:
     # --- the dispatcher's thread ----------------------------------------------------------
 
     def on_flow(self, record: FlowRecord) -> None:
-        line = to_json(record).encode()
+        self.on_flows([record])
+
+    def on_flows(self, records: list[FlowRecord]) -> None:
+        lines = encode_lines(records)  # the flow log's lines: encoded once for both
         with self._cond:
             if self._stopping:  # closed: no writer any more (the dispatcher never does this)
-                self.lost_records += 1
+                self.lost_records += len(lines)
                 return
-            batch = self._open
-            if not batch.records:
-                self._opened_at = time.monotonic()
-                self._cond.notify_all()  # starts the delay timer
-            batch.records.append(line)
-            batch.size += len(line) + 1
-            if len(batch.records) >= self.batch_records or batch.size >= self.batch_bytes:
-                self._close_open()
-                if len(self._closed) > self.backlog:
-                    self._drop_oldest()
+            for line in lines:
+                batch = self._open
+                if not batch.records:
+                    self._opened_at = time.monotonic()
+                    self._cond.notify_all()  # starts the delay timer
+                batch.records.append(line)
+                batch.size += len(line) + 1
+                if len(batch.records) >= self.batch_records or batch.size >= self.batch_bytes:
+                    self._close_open()
+                    if len(self._closed) > self.backlog:
+                        self._drop_oldest()
 
     def close(self) -> None:
         """Write what is left (the open batch too) and stop the thread."""

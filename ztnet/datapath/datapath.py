@@ -451,13 +451,16 @@ class Datapath:
                 result.setdefault(names[key.agent], set()).add(value.grant_id)
         return result
 
-    def event_reader(self, on_event: Callable[[events.KernelEvent], None]) -> events.EventReader:
-        """Read verdict and flow-end events (only the loading process can)."""
+    def event_reader(self, on_event: Callable[[events.KernelEvent], None] | None = None, *,
+                     on_batch: Callable[[list[events.KernelEvent]], None] | None = None,
+                     ) -> events.EventReader:
+        """Read verdict and flow-end events (only the loading process can): each one to
+        ``on_event``, or each batch to ``on_batch``."""
         if self.programs is None:
             raise NotAttached("datapath: events are read by the process that loaded the "
                               "programs (the daemon)")
         return events.EventReader([self.maps["zt_events_v1"], self.maps["zt_denials_v1"]],
-                                  self._boot_clock(), on_event)
+                                  self._boot_clock(), on_event, on_batch=on_batch)
 
     def agent_drops(self) -> dict[str, dict[str, int]]:
         """Packets the egress backstop dropped, by agent and reason."""

@@ -179,6 +179,11 @@ class AuditSink:
     def configure(self, cfg: Mapping[str, Any]) -> None:
         pass
 
+    def on_flows(self, records: list[FlowRecord]) -> None:
+        for record in records:
+            if record.verdict == Verdict.DENIED:
+                self.on_flow(record)
+
     def on_flow(self, record: FlowRecord) -> None:
         if record.verdict != Verdict.DENIED:
             return

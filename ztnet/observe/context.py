@@ -32,12 +32,31 @@ def proc_exe(tgid: int) -> str:
 
 class CachedExe:
     """An exe resolver that remembers the last path seen per process, so a
-    flow_end of a process that has exited still names its executable."""
+    flow_end of a process that has exited still names its executable.
 
-    def __init__(self, resolve: Callable[[int], str] = proc_exe, size: int = 4096) -> None:
+    ``cached(tgid, comm, now)`` also spares the readlink for a process seen less than
+    ``ttl`` seconds ago under the same ``comm`` (the daemon's path: at tens of thousands of
+    records a second the syscall per record is a good part of the cost). An execve changes
+    the comm in the usual case (to the new program's name), which then resolves at once;
+    an exec that keeps the comm is seen within ``ttl``."""
+
+    def __init__(self, resolve: Callable[[int], str] = proc_exe, size: int = 4096,
+                 ttl: float = 1.0) -> None:
         self._resolve = resolve
         self._size = size
+        self._ttl = ttl
         self._cache: dict[int, str] = {}
+        self._fresh: dict[int, tuple[str, float, str]] = {}  # tgid -> (comm, until, exe)
+
+    def cached(self, tgid: int, comm: str, now: float) -> str:
+        entry = self._fresh.get(tgid)
+        if entry is not None and entry[0] == comm and now < entry[1]:
+            return entry[2]
+        exe = self(tgid)
+        if len(self._fresh) >= self._size:
+            self._fresh.clear()  # cheap bound: it refills within one ttl
+        self._fresh[tgid] = (comm, now + self._ttl, exe)
+        return exe
 
     def __call__(self, tgid: int) -> str:
         exe = self._resolve(tgid)

@@ -139,6 +139,38 @@ class FlowMetrics:
     def configure(self, cfg: Mapping[str, Any]) -> None:
         pass
 
+    def on_flows(self, records: list[FlowRecord]) -> None:
+        """A batch: each labelled counter incremented once per batch, not per record."""
+        counts: dict[tuple[int, tuple[str, ...]], float] = {}
+        flow_end, ends, flows = EventType.FLOW_END, id(self.flow_ends), id(self.flows)
+        nbytes, npackets, suppressed = id(self.bytes), id(self.packets), \
+            id(self.suppressed_reported)
+        get = counts.get
+        key: tuple[int, tuple[str, ...]]
+        amount: float
+        for record in records:
+            agent = record.agent.name or NO_AGENT
+            if record.event_type == flow_end:
+                key = (ends, (agent,))
+                counts[key] = get(key, 0) + 1
+                flow = record.flow
+                if flow is not None:
+                    for key, amount in (((nbytes, (agent, "out")), flow.bytes_out),
+                                        ((nbytes, (agent, "in")), flow.bytes_in),
+                                        ((npackets, (agent, "out")), flow.packets_out),
+                                        ((npackets, (agent, "in")), flow.packets_in)):
+                        counts[key] = get(key, 0) + amount
+            else:
+                key = (flows, (agent, record.verdict.value.lower(), record.drop_reason))
+                counts[key] = get(key, 0) + 1
+            if record.suppressed:
+                key = (suppressed, (agent,))
+                counts[key] = get(key, 0) + record.suppressed
+        by_id = {ends: self.flow_ends, flows: self.flows, nbytes: self.bytes,
+                 npackets: self.packets, suppressed: self.suppressed_reported}
+        for (counter, labels), amount in counts.items():
+            self._inc(by_id[counter], labels, amount)
+
     def on_flow(self, record: FlowRecord) -> None:
         agent = record.agent.name or NO_AGENT
         inc = self._inc

@@ -16,7 +16,9 @@ import enum
 import functools
 import hashlib
 import json
+import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,8 @@ from ztnet.pki import spiffe_agent_id
 __all__ = [
     "SCHEMA_VERSION", "AgentRef", "CachedExe", "EventType", "FlowCounters", "FlowRecord",
     "GrantInfo", "GrantRef", "Process", "RecordContext", "Verdict", "format_rfc3339",
-    "from_event", "from_json", "grant_infos", "parse_time", "proc_exe", "to_dict", "to_json",
+    "encode_lines", "from_event", "from_events", "from_json", "grant_infos", "parse_time",
+    "proc_exe", "to_dict", "to_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -216,6 +219,57 @@ def from_event(event: KernelEvent, ctx: RecordContext) -> FlowRecord:
     )
 
 
+def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowRecord]:
+    """``[from_event(e, ctx) for e in events]``, the same records, at the ring buffer's
+    rate: lookups hoisted out of the loop, the exe path cached per process for a second
+    (``CachedExe.cached``), the uuid's SHA-1 started from the namespace's state."""
+    host, names, grants = ctx.host, ctx.agent_names, ctx.grants
+    exe_of = ctx.exe.cached if isinstance(ctx.exe, CachedExe) else None
+    now = time.monotonic()
+    kinds, verdicts = _KINDS, _VERDICTS
+    flow_end, not_agent_reason, v6 = ZtEventKind.FLOW_END, ZtReason.NOT_AGENT, ZtFamily.V6
+    unknown = GrantInfo(0, "")
+    sha1_copy = _NAMESPACE_SHA1.copy
+    out: list[FlowRecord] = []
+    append = out.append
+    for e in events:
+        kind, tgid, comm = e.kind, e.tgid, e.comm
+        event_type = kinds[kind]
+        time_ns = round(e.time * 1_000_000) * 1000
+        agent_index = e.agent_index
+        name = "" if e.reason == not_agent_reason or agent_index == 0 else \
+            names.get(agent_index, "")
+        proto = e.proto
+        if proto == 1 and e.family == v6:
+            proto = IPPROTO_ICMPV6
+        grant_id = e.grant_id
+        grant = None
+        if grant_id:
+            info = grants.get(grant_id, unknown)
+            grant = GrantRef(grant_id, info.policy_version, info.key_id)
+        flow = None
+        if kind == flow_end:
+            flow = FlowCounters(e.packets_out, e.bytes_out, e.packets_in, e.bytes_in,
+                                round(e.first_seen * 1_000_000) * 1000,
+                                round(e.last_seen * 1_000_000) * 1000)
+        destination, port, cookie = e.destination, e.destination_port, e.cookie
+        sha1 = sha1_copy()
+        sha1.update(f"{host}/{cookie}/{event_type}/{time_ns}/{destination}/{port}".encode())
+        digest = bytearray(sha1.digest()[:16])
+        digest[6] = (digest[6] & 0x0F) | 0x50
+        digest[8] = (digest[8] & 0x3F) | 0x80
+        h = digest.hex()
+        append(FlowRecord(
+            f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}", time_ns, host, event_type,
+            verdicts[e.verdict], e.reason.name, int(e.family), proto, e.source,
+            e.source_port, destination, port, cookie, e.cgroup_id,
+            Process(tgid, e.pid, comm, exe_of(tgid, comm, now) if exe_of else ctx.exe(tgid),
+                    e.uid),
+            AgentRef(name, _spiffe(ctx.trust_domain, name), agent_index),
+            grant, flow, e.suppressed))
+    return out
+
+
 # --- JSON -------------------------------------------------------------------------------
 
 
@@ -281,13 +335,33 @@ def to_json(record: FlowRecord) -> str:
     last = _last_encoded
     if last[0] is record:  # records are immutable; the same object makes the same line
         return last[1]
-    data = to_dict(record)
-    try:
-        line = orjson.dumps(data).decode()
-    except orjson.JSONEncodeError:
-        line = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    line = _encode(record).decode()
     _last_encoded = (record, line)
     return line
+
+
+def _encode(record: FlowRecord) -> bytes:
+    data = to_dict(record)
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:  # a lone surrogate (a non-UTF-8 path): JSON escapes it
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+# The last batch encoded and its lines: every sink of a dispatcher batch (flow log, spool)
+# gets the same list and asks for its lines; the record is encoded once for all of them.
+_last_lines: tuple[list[FlowRecord] | None, list[bytes]] = (None, [])
+
+
+def encode_lines(records: list[FlowRecord]) -> list[bytes]:
+    """``[to_json(r).encode() for r in records]``, computed once per list object."""
+    global _last_lines
+    last = _last_lines
+    if last[0] is records:
+        return last[1]
+    lines = [_encode(record) for record in records]
+    _last_lines = (records, lines)
+    return lines
 
 
 def from_json(line: str | bytes) -> FlowRecord:

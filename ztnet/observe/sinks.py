@@ -1,30 +1,31 @@
 """Where flow records go: sinks are addons behind one dispatcher.
 
 A sink is any object with ``configure(cfg)``, ``on_flow(record)`` and
-``close()`` (and optionally ``flush()``, called whenever the queue runs
-empty). The ``Dispatcher`` takes records from the event reader without ever
-blocking it: a bounded queue feeds one worker thread, a full queue drops the
-record and counts it (``DispatcherStats.dropped``), and every sink call runs
-in ``safecall`` so a failing sink is logged and counted, never fatal to the
-pipeline or to the other sinks.
+``close()`` (and optionally ``on_flows(records)``, which takes a whole batch
+in one call, and ``flush()``, called after each batch). The ``Dispatcher``
+takes records from the event reader without ever blocking it: a bounded queue
+(of batches, bounded in records) feeds one worker thread, a full queue drops
+the records and counts them (``DispatcherStats.dropped``), and every sink call
+runs in ``safecall`` so a failing sink is logged and counted, never fatal to
+the pipeline or to the other sinks. Every sink of a batch gets the same list
+object, so ``records.encode_lines`` encodes each record once for all sinks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ztnet.errors import ConfigError
-from ztnet.observe.records import FlowRecord, to_json
+from ztnet.observe.records import FlowRecord, encode_lines
 
 log = logging.getLogger("ztnet.observe")
 
@@ -47,6 +48,11 @@ class Sink(Protocol):
 @runtime_checkable
 class Flushable(Protocol):
     def flush(self) -> None: ...
+
+
+@runtime_checkable
+class BatchSink(Protocol):
+    def on_flows(self, records: list[FlowRecord]) -> None: ...
 
 
 def sink_name(sink: object) -> str:
@@ -101,14 +107,17 @@ class Dispatcher:
     the sinks. ``wait_idle`` returns once everything submitted so far has
     been delivered and flushed (for tests and orderly shutdown)."""
 
-    def __init__(self, sinks: Iterable[Sink], *, queue_size: int = 8192,
-                 batch_size: int = 256) -> None:
+    def __init__(self, sinks: Iterable[Sink], *, queue_size: int = 65536,
+                 batch_size: int = 4096) -> None:
         self.sinks = list(sinks)
-        self._queue: queue.Queue[FlowRecord | None] = queue.Queue(maxsize=queue_size)
-        self._batch_size = batch_size
+        self._queue: deque[list[FlowRecord] | None] = deque()  # batches; None: stop
+        self._queue_size = queue_size  # in records
+        self._queued = 0
+        self._batch_size = batch_size  # records handed to the sinks at once, at most
         self._safecall = _SafeCaller()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._work = threading.Condition(self._lock)
         self._submitted = self._delivered = self._pending = 0
         self._dropped: Counter[str] = Counter()
         self._closed = False
@@ -142,21 +151,21 @@ class Dispatcher:
             if self._closed:
                 self._dropped[DROP_CLOSED] += len(records)
                 return 0
-            accepted = 0
-            for record in records:
-                try:
-                    self._queue.put_nowait(record)
-                except queue.Full:
-                    self._dropped[DROP_QUEUE_FULL] += len(records) - accepted
-                    break
-                accepted += 1
-            self._submitted += accepted
-            self._pending += accepted
-            return accepted
+            room = self._queue_size - self._queued
+            accepted = list(records) if len(records) <= room else list(records[:max(room, 0)])
+            if len(accepted) < len(records):
+                self._dropped[DROP_QUEUE_FULL] += len(records) - len(accepted)
+            if accepted:
+                self._queue.append(accepted)
+                self._queued += len(accepted)
+                self._submitted += len(accepted)
+                self._pending += len(accepted)
+                self._work.notify()
+            return len(accepted)
 
     def stats(self) -> DispatcherStats:
         with self._lock:
-            return DispatcherStats(self._submitted, self._delivered, self._queue.qsize(),
+            return DispatcherStats(self._submitted, self._delivered, self._queued,
                                    dict(self._dropped), dict(self._safecall.errors))
 
     def wait_idle(self, timeout: float) -> bool:
@@ -168,36 +177,49 @@ class Dispatcher:
             if self._closed:
                 return
             self._closed = True
+            self._queue.append(None)  # behind every queued batch; nothing can follow it
+            self._work.notify()
         if self._thread is not None:
-            try:  # behind every queued record; nothing can follow it (closed)
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                log.error("observe: dispatcher stuck, %d records not delivered",
-                          self._queue.qsize())
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("observe: dispatcher stuck, %d records not delivered", self._queued)
         for sink in self.sinks:
             self._safecall(sink, "close", sink.close)
 
+    def _take(self) -> tuple[list[FlowRecord], bool]:
+        """The next batch (queued batches joined up to batch_size), and whether to stop."""
+        with self._work:
+            self._work.wait_for(lambda: bool(self._queue))
+            first = self._queue.popleft()
+            if first is None:
+                return [], True
+            batch = first  # submit_many's own copy: extending it is safe
+            while (following := self._queue[0] if self._queue else None) is not None \
+                    and len(batch) + len(following) <= self._batch_size:
+                batch.extend(following)
+                self._queue.popleft()
+            self._queued -= len(batch)
+            return batch, False
+
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < self._batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            records = [record for record in batch if record is not None]
-            for record in records:
+            batch, stop = self._take()
+            if batch:
                 for sink in self.sinks:
-                    self._safecall(sink, "on_flow", sink.on_flow, record)
-            for sink in self.sinks:
-                if isinstance(sink, Flushable):
-                    self._safecall(sink, "flush", sink.flush)
-            with self._idle:
-                self._delivered += len(records)
-                self._pending -= len(records)
-                self._idle.notify_all()
-            if len(records) < len(batch):
+                    if isinstance(sink, BatchSink):
+                        self._safecall(sink, "on_flows", sink.on_flows, batch)
+                    else:
+                        on_flow = sink.on_flow
+                        for record in batch:
+                            self._safecall(sink, "on_flow", on_flow, record)
+                for sink in self.sinks:
+                    if isinstance(sink, Flushable):
+                        self._safecall(sink, "flush", sink.flush)
+                with self._idle:
+                    self._delivered += len(batch)
+                    self._pending -= len(batch)
+                    self._idle.notify_all()
+            if stop:
                 return
 
 
@@ -251,7 +273,19 @@ class JsonlSink:
         self._size = os.fstat(self._fd).st_size
 
     def on_flow(self, record: FlowRecord) -> None:
-        line = (to_json(record) + "\n").encode()
+        self.on_flows([record])
+
+    def on_flows(self, records: list[FlowRecord]) -> None:
+        lines = encode_lines(records)
+        data = b"\n".join(lines) + b"\n"
+        if self._size + self._buffered + len(data) <= self.max_bytes:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            return
+        for line in lines:  # this batch crosses the bound: rotate at the right line
+            self._add_line(line + b"\n")
+
+    def _add_line(self, line: bytes) -> None:
         if self._size + self._buffered + len(line) > self.max_bytes \
                 and self._size + self._buffered > 0:
             self._write_out()
