@@ -6,7 +6,9 @@ import sqlite3
 
 
 def drop_jit_schema(db: sqlite3.Connection) -> None:
-    """Undo schema 6 (just-in-time grants: ztnet.controller.jitstore.JIT_SCHEMA)."""
+    """Undo schema 6 (just-in-time grants: ztnet.controller.jitstore.JIT_SCHEMA) and the
+    schemas after it."""
+    drop_detect_schema(db)
     db.execute("DROP TABLE jit_grants")
     db.execute("DROP TABLE grant_requests")
 
@@ -27,3 +29,9 @@ def drop_tpm_schema(db: sqlite3.Connection) -> None:
     for column in ("attestation", "ek_hash", "enrollment_key"):
         db.execute(f"ALTER TABLE hosts DROP COLUMN {column}")
     db.execute("ALTER TABLE tokens DROP COLUMN require_tpm")
+
+
+def drop_detect_schema(db: sqlite3.Connection) -> None:
+    """Undo schema 7 (quarantines, alerts, baselines: ztnet.controller.detectstore)."""
+    for table in ("quarantines", "alerts", "baselines"):
+        db.execute(f"DROP TABLE {table}")

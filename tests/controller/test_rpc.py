@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from ztnet.controller import rpc, status
+from ztnet.controller.response_service import response_handlers
 from ztnet.controller.server import ADMIN_SERVICE, NODE_SERVICE, admin_handlers, node_handlers
 from ztnet.v1 import admin_pb2, node_pb2
 
@@ -87,16 +88,18 @@ def test_the_guard_maps_failures_and_survives_crashes() -> None:
 
 
 @pytest.mark.parametrize("descriptor, handlers", [
-    (node_pb2.DESCRIPTOR.services_by_name["NodeService"], node_handlers),
-    (admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin_handlers),
+    (node_pb2.DESCRIPTOR.services_by_name["NodeService"], [node_handlers]),
+    (admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+     [admin_handlers, lambda service, _: response_handlers(service, ADMIN_SERVICE)]),
 ])
 def test_every_proto_method_has_a_handler(descriptor: Any, handlers: Any) -> None:
     assert descriptor.full_name in (NODE_SERVICE, ADMIN_SERVICE)
-    generic = handlers(_Anything(), _Anything())
+    generics = [make(_Anything(), _Anything()) for make in handlers]
     for method in descriptor.methods:
         details = _CallDetails(f"/{descriptor.full_name}/{method.name}")
-        handler = generic.service(details)
-        assert handler is not None, method.name
+        found = [h for h in (g.service(details) for g in generics) if h is not None]
+        assert len(found) == 1, method.name
+        handler = found[0]
         assert handler.request_streaming == method.client_streaming, method.name
         assert handler.response_streaming == method.server_streaming, method.name
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.controller.schema_support import drop_jit_schema, drop_label_schema, drop_tpm_schema
+from tests.controller.schema_support import (
+    drop_detect_schema,
+    drop_jit_schema,
+    drop_label_schema,
+    drop_tpm_schema,
+)
+from ztnet.controller.detectstore import AlertRecord, QuarantineRecord
 from ztnet.controller.store import SCHEMA_VERSION, HostBinding, SqliteStore, TokenStatus
 from ztnet.errors import ConfigError
 
@@ -245,3 +251,58 @@ def test_jit_grants_and_requests_round_trip_and_approve_once(store: SqliteStore)
     assert decided is not None and (decided.state, decided.grant_id) == ("approved", grant.grant_id)
     assert not store.deny_request("r-1", "ops", 3.0, "late")
     assert store.grant_requests(state="pending") == ()
+
+
+def test_quarantines_bump_the_version_and_release_lifts_every_host(store: SqliteStore) -> None:
+    start = store.current_version()
+    record = QuarantineRecord("bot", "", "scan", True, "alice", 0, 0, 5.0)
+    version = store.set_quarantine(record)
+    assert version == start + 1
+    store.set_quarantine(QuarantineRecord("bot", "web-1", "again", False, "auto", 7, 0, 6.0))
+    assert [(q.host, q.actor, q.freeze) for q in store.quarantines()] == [
+        ("", "alice", True), ("web-1", "auto", False)]
+    assert store.quarantines()[0].applies_to("web-2")
+    assert not store.quarantines()[1].applies_to("web-2")
+    released, lifted = store.release("bot")
+    assert released == start + 3 and len(lifted) == 2 and store.quarantines() == ()
+    assert store.release("bot") == (0, ())  # nothing to lift: no version spent
+    assert store.current_version() == start + 3
+
+
+def test_alerts_are_listed_oldest_first_after_an_id(store: SqliteStore) -> None:
+    ids = [store.add_alert(AlertRecord(0, float(i), "bot" if i % 2 else "other", "web-1",
+                                       "fan-out", f"alert {i}", (f"u{i}",), "alert", i))
+           for i in range(5)]
+    assert [a.id for a in store.alerts()] == ids
+    assert [a.summary for a in store.alerts(agent="bot")] == ["alert 1", "alert 3"]
+    assert [a.id for a in store.alerts(after_id=ids[2])] == ids[3:]
+    assert [a.id for a in store.alerts(limit=2)] == ids[3:]
+    store.set_alert_action(ids[0], "quarantine")
+    assert store.alerts()[0].action == "quarantine" and store.alerts()[0].evidence == ("u0",)
+
+
+def test_baselines_are_saved_read_and_reset(store: SqliteStore) -> None:
+    assert store.baseline("bot") is None
+    store.save_baseline("bot", {"destinations": [["tcp", "10.0.0.1/32", "443"]]}, 1.0)
+    assert store.baseline("bot") == {"destinations": [["tcp", "10.0.0.1/32", "443"]]}
+    assert store.reset_baseline("bot") and not store.reset_baseline("bot")
+    assert store.baseline("bot") is None
+
+
+def test_a_schema_6_database_is_upgraded_and_keeps_its_state(tmp_path: Path) -> None:
+    path = tmp_path / "ztnet.db"
+    store = SqliteStore.create(path, "test.example")
+    store.add_policy('trust_domain = "test.example"\n', now=1.0)
+    store.close()
+    with sqlite3.connect(path) as db:
+        drop_detect_schema(db)
+        db.execute("UPDATE meta SET value = '6' WHERE key = 'schema'")
+    store = SqliteStore.open(path)
+    try:
+        assert store._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (
+            str(SCHEMA_VERSION),)
+        assert store.current_policy() is not None and store.jit_grants() == ()
+        assert store.quarantines() == () and store.alerts() == ()
+        assert store.baseline("bot") is None
+    finally:
+        store.close()

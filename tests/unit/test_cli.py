@@ -38,7 +38,8 @@ def test_the_command_tree() -> None:
                    "grant", "grants", "requests", "approve", "deny", "request-grant",
                    "enroll", "run",
                    "agents", "status", "teardown", "demo", "debug", "keys", "policy",
-                   "observe", "audit", "lab"}
+                   "observe", "audit", "lab", "quarantine", "release", "quarantines",
+                   "alerts", "baseline"}
     assert ("policy", "apply") in ALL and ("controller", "token", "create") in ALL
 
 

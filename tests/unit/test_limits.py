@@ -35,22 +35,27 @@ LONGEST_DNS_NAME = ".".join([_LABEL] * 3 + ["b" * 61])  # 253 characters
 LAST_MS = MAX_TIME_MS / 1000
 
 
-def worst_case_bundle(grants: int) -> Bundle:
+def worst_case_bundle(grants: int, quarantined: int = limits.MAX_QUARANTINED) -> Bundle:
     """Every field at its longest: what the byte limits must admit."""
     network = ipaddress.ip_network("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127")
     records = tuple(
         GrantRecord(Grant(MAX_GRANT_ID - i, _LABEL, Proto.TCP, network, PortRange(10000, 65535),
                           LAST_MS - 0.001, LAST_MS), MAX_INT64 - i)
         for i in range(grants))
+    quarantine = tuple(payload.Quarantine(f"{i:03d}{_LABEL[3:]}", False)
+                       for i in range(quarantined))
     return Bundle(LONGEST_DNS_NAME, "~" * limits.MAX_ISSUER, LONGEST_DNS_NAME, MAX_INT64,
-                  NOW, LAST_MS, records)
+                  NOW, LAST_MS, records, quarantine=quarantine)
 
 
 def test_the_limits_are_the_size_of_the_largest_bundle_of_100000_grants() -> None:
-    one, two = (len(encode_payload(worst_case_bundle(n))) for n in (1, 2))
+    one, two = (len(encode_payload(worst_case_bundle(n, 0))) for n in (1, 2))
     record = two - one
     assert record <= limits.MAX_GRANT_RECORD_BYTES < record + 8
     assert one - record <= limits.MAX_PAYLOAD_HEADER_BYTES
+    q1, q2 = (len(encode_payload(worst_case_bundle(1, n))) for n in (1, 2))
+    assert q2 - q1 <= limits.MAX_QUARANTINE_RECORD_BYTES < q2 - q1 + 8
+    assert q1 - one <= limits.MAX_QUARANTINE_RECORD_BYTES + 16  # the key and its list
     largest = worst_case_bundle(limits.MAX_BUNDLE_GRANTS)
     data = encode_payload(largest)
     envelope = sign_bundle(largest, KEY)

@@ -27,14 +27,15 @@ from ztnet.cli import (
     observe,
     operator,
     policy,
+    response,
     run,
 )
 from ztnet.cli.args import COMMAND_PARSER, HANDLER, Handler, UsageError
 from ztnet.errors import ZtnetError
 
 # The order of `ztnet --help`.
-COMMANDS = (daemon, controller, operator, jit, enroll, run, demo, debug, keys, policy, observe,
-            audit, lab)
+COMMANDS = (daemon, controller, operator, jit, response, enroll, run, demo, debug, keys,
+            policy, observe, audit, lab)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -189,6 +189,52 @@ class AdminClient:
                 raise ControllerError(f"controller: more than {max_records} flow records "
                                       "match; narrow the time window (--since)")
         return records
+
+    def quarantine(self, agent: str, *, host: str = "", reason: str,
+                   freeze: bool = False) -> admin_pb2.QuarantineResponse:
+        request = admin_pb2.QuarantineRequest(agent=agent, host=host, reason=reason,
+                                              freeze=freeze)
+        response: admin_pb2.QuarantineResponse = self._call(self._stub.Quarantine, request)
+        return response
+
+    def release(self, agent: str, reason: str = "") -> admin_pb2.ReleaseResponse:
+        request = admin_pb2.ReleaseRequest(agent=agent, reason=reason)
+        response: admin_pb2.ReleaseResponse = self._call(self._stub.Release, request)
+        return response
+
+    def list_quarantines(self) -> admin_pb2.ListQuarantinesResponse:
+        response: admin_pb2.ListQuarantinesResponse = self._call(
+            self._stub.ListQuarantines, admin_pb2.ListQuarantinesRequest())
+        return response
+
+    def list_alerts(self, *, agent: str = "", after_id: int = 0,
+                    limit: int = 0) -> admin_pb2.ListAlertsResponse:
+        request = admin_pb2.ListAlertsRequest(agent=agent, after_id=after_id, limit=limit)
+        response: admin_pb2.ListAlertsResponse = self._call(self._stub.ListAlerts, request)
+        return response
+
+    def follow_alerts(self, *, agent: str = "", after_id: int = 0,
+                      ) -> Iterator[admin_pb2.Alert]:
+        """Stored alerts after ``after_id``, then each new one, until the caller stops."""
+        request = admin_pb2.ListAlertsRequest(agent=agent, after_id=after_id)
+        try:
+            yield from self._stub.FollowAlerts(request)
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() is grpc.StatusCode.CANCELLED:
+                return
+            raise rpc_error(self.address, exc) from None
+
+    def get_baseline(self, agent: str) -> admin_pb2.BaselineResponse:
+        response: admin_pb2.BaselineResponse = self._call(
+            self._stub.GetBaseline, admin_pb2.BaselineRequest(agent=agent))
+        return response
+
+    def reset_baseline(self, agent: str, *,
+                       from_policy: bool = False) -> admin_pb2.BaselineResponse:
+        response: admin_pb2.BaselineResponse = self._call(
+            self._stub.ResetBaseline, admin_pb2.BaselineRequest(agent=agent,
+                                                                from_policy=from_policy))
+        return response
 
     def _call(self, method: Callable[..., Any], request: Message, extra: float = 0.0) -> Any:
         # gRPC's stubs are untyped; each caller above names the response type.

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ztnet.controller.detectstore import QuarantineRecord
 from ztnet.controller.jit import MIN_REMAINING, RENEW_BEFORE
 from ztnet.controller.jitstore import JitGrant
 from ztnet.controller.store import Revocation
 from ztnet.grants.bundle import sign_bundle
 from ztnet.grants.model import AgentMode, Grant
+from ztnet.grants.payload import Quarantine
 from ztnet.policy.compile import grant_id_for
 from ztnet.policy.document import Policy
 from ztnet.policy.issue import issue_bundle
@@ -54,6 +56,17 @@ class Epoch:
     labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # live just-in-time grants (ztnet.controller.jit), each for the hosts it names
     jit: tuple[JitGrant, ...] = ()
+    # Quarantined agents (each for one host or every host): their hosts' bundles carry
+    # the quarantine flag and none of their grants.
+    quarantines: tuple[QuarantineRecord, ...] = ()
+
+    def quarantine_for(self, host: str) -> tuple[Quarantine, ...]:
+        """What ``host``'s bundle says is quarantined there (freeze if any record says so)."""
+        freeze: dict[str, bool] = {}
+        for record in self.quarantines:
+            if record.applies_to(host):
+                freeze[record.agent] = freeze.get(record.agent, False) or record.freeze
+        return tuple(Quarantine(agent, frozen) for agent, frozen in sorted(freeze.items()))
 
     @property
     def renew_at(self) -> float:
@@ -126,14 +139,15 @@ class Issuer:
     def new_epoch(self, policy: Policy, *, policy_version: int,
                   revocations: tuple[Revocation, ...], version: int, now: float,
                   reason: str, labels: Mapping[str, Mapping[str, str]] | None = None,
-                  jit: tuple[JitGrant, ...] = ()) -> Epoch:
+                  jit: tuple[JitGrant, ...] = (),
+                  quarantines: tuple[QuarantineRecord, ...] = ()) -> Epoch:
         effective = effective_policy(policy, revocations)
         # every agent (labels None): the epoch renews before any host's first grant lapses
         sample = issue_bundle(effective, host=_PLACEHOLDER_HOST, version=version, now=now,
                               issuer=ISSUER, default_ttl=self.grant_ttl)
         return Epoch(version, policy_version, effective, sample.issued_at, sample.expires,
                      reason, dict(labels or {}),
-                     effective_jit(policy, revocations, jit, sample.issued_at))
+                     effective_jit(policy, revocations, jit, sample.issued_at), quarantines)
 
     def envelope(self, epoch: Epoch, host: str) -> bytes:
         if epoch.version != self._cached_version:
@@ -143,6 +157,7 @@ class Issuer:
             bundle = issue_bundle(epoch.policy, host=host, version=epoch.version,
                                   now=epoch.issued_at, issuer=ISSUER, default_ttl=self.grant_ttl,
                                   labels=epoch.labels.get(host, {}),
-                                  extra=epoch.jit_for(host))
+                                  extra=epoch.jit_for(host),
+                                  quarantine=epoch.quarantine_for(host))
             cached = self._cache[host] = sign_bundle(bundle, self.signing_key)
         return cached

@@ -55,7 +55,7 @@ def decode_batch(host: str, records: Sequence[bytes], received_ns: int,
     """The rows of a batch from ``host``, received at ``received_ns``: every
     record must be a valid schema-1 record of that host (else INVALID_ARGUMENT
     or PERMISSION_DENIED naming ``records[i]``). The decoded records are also
-    appended to ``into`` when given (the OTLP export). Pure: may run in a worker
+    appended to ``into`` when given (the OTLP export, the detectors). Pure: may run in a worker
     thread."""
     rows = []
     decoded = []

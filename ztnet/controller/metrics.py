@@ -18,6 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 QUERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+DETECTION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 60.0)
+
+
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -48,6 +51,16 @@ class ControllerMetrics:
         self.host_limited = Counter("ztnet_controller_host_limited", "Calls refused by a "
                                     "per-host limit (subscribe, renew, flow_records, "
                                     "streams).", ["limit"], registry=r)
+        self.alerts = Counter("ztnet_controller_alerts", "Alerts the detectors raised, by "
+                              "detector and action (alert, quarantine).",
+                              ["detector", "action"], registry=r)
+        self.detection_seconds = Histogram(
+            "ztnet_controller_detection_seconds", "From the earliest evidence record's time "
+            "(the host's clock) to the alert.", buckets=DETECTION_BUCKETS, registry=r)
+        self.auto_refused = Counter("ztnet_controller_auto_quarantines_refused", "Automatic "
+                                    "quarantines the hourly rate limit refused.", registry=r)
+        self.quarantined = Gauge("ztnet_controller_quarantines", "Quarantines in force "
+                                 "(agent and host, or every host).", registry=r)
         # exported from the start, at 0, so rate() and alerts see them
         for limit in ("subscribe", "renew", "flow_records", "streams"):
             self.host_limited.labels(limit)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
@@ -46,7 +46,9 @@ class NodeService:
                  publisher: Publisher, signing_pub_pem: bytes,
                  clock: Callable[[], float], metrics: ControllerMetrics | None = None,
                  limiter: HostLimiter | None = None,
-                 flow_export: FlowExport | None = None) -> None:
+                 flow_export: FlowExport | None = None,
+                 on_records: Callable[[list[FlowRecord]], Awaitable[object]] | None = None,
+                 ) -> None:
         self.store = store
         self.enrollment = enrollment
         self.authz = authz
@@ -57,6 +59,7 @@ class NodeService:
         self.metrics = metrics or ControllerMetrics()
         self.limiter = limiter or HostLimiter()
         self.flow_export = flow_export
+        self.on_records = on_records  # the detectors (ztnet.controller.detect)
 
     async def enroll(self, request: node_pb2.EnrollRequest,
                      context: Any) -> node_pb2.EnrollResponse:
@@ -184,6 +187,17 @@ class NodeService:
             logs.event("host nack", logging.WARNING, host=session.host, version=version,
                        reason=nack_reason)
 
+    async def _detect(self, host: str, records: list[FlowRecord]) -> None:
+        """Run the detectors on a stored batch; their failure never refuses the batch."""
+        if self.on_records is None:
+            return
+        try:
+            await self.on_records(records)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logs.event("detection failed", logging.ERROR, host=host, error=repr(exc))
+
     async def report_flows(self, requests: AsyncIterator[node_pb2.FlowBatch],
                            context: Any) -> AsyncIterator[node_pb2.FlowAck]:
         """Store each batch in one transaction, then acknowledge its sequence.
@@ -207,7 +221,7 @@ class NodeService:
                 else:
                     # decoding is pure Python, ~0.1 ms a record: off the event loop,
                     # so a large batch does not hold up grant pushes
-                    decoded: list[FlowRecord] | None = [] if self.flow_export else None
+                    decoded: list[FlowRecord] = []
                     rows = await asyncio.to_thread(flows.decode_batch, peer.name,
                                                    list(batch.records),
                                                    int(self.clock() * 1e9), decoded)
@@ -215,6 +229,8 @@ class NodeService:
                     if decoded and self.flow_export is not None and not stored.duplicate:
                         # queued, never awaited: a slow collector does not slow ingest
                         self.flow_export.submit_many(decoded)
+                    if not stored.duplicate:
+                        await self._detect(peer.name, decoded)
             except RpcFailure:
                 self.metrics.flow_batches.labels("refused").inc()
                 raise

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from ztnet import logs
 from ztnet.controller import status
+from ztnet.controller.detectstore import QuarantineRecord
 from ztnet.controller.epochs import Epoch, Issuer
 from ztnet.controller.hub import Answer, Hub, Session, new_push
 from ztnet.controller.jitstore import JitGrant
@@ -126,6 +127,22 @@ class Publisher:
             elif dict(epoch.labels[host]) != labels:
                 self._publish(self.store.next_version(), "enrollment", wait=False)
 
+    async def quarantine(self, record: QuarantineRecord) -> Publication:
+        """Store a quarantine and push it (deny-all, no grants) to every host it names."""
+        async with self._lock:
+            version = self.store.set_quarantine(record)
+            return self._publish(version, "quarantine", wait=True)
+
+    async def release(self, agent: str) -> tuple[Publication | None,
+                                                 tuple[QuarantineRecord, ...]]:
+        """Lift the agent's quarantines; its grants come back in the new epoch with
+        windows that start now. Nothing to lift: (None, ())."""
+        async with self._lock:
+            version, lifted = self.store.release(agent)
+            if not lifted:
+                return None, ()
+            return self._publish(version, "release", wait=True), lifted
+
     async def subscribe(self, session: Session, version_held: int) -> None:
         """A host (already attached to the hub) subscribed holding ``version_held``:
         send the current bundle unless it holds exactly that and it is fresh."""
@@ -174,7 +191,8 @@ class Publisher:
         epoch = self.issuer.new_epoch(self.policy, policy_version=self.policy_version,
                                       revocations=self.store.revocations(), version=version,
                                       now=now, reason=reason, labels=self.store.host_labels(),
-                                      jit=self.store.jit_grants(now))
+                                      jit=self.store.jit_grants(now),
+                                      quarantines=self.store.quarantines())
         self.current = epoch
         sessions = self.hub.sessions()
         for session in sessions:

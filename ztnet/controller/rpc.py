@@ -27,6 +27,7 @@ Resp = TypeVar("Resp", bound=Message)
 
 UnaryHandler = Callable[[Req, Any], Awaitable[Resp]]
 StreamHandler = Callable[[AsyncIterator[Req], Any], AsyncIterator[Resp]]
+ServerStreamHandler = Callable[[Req, Any], AsyncIterator[Resp]]
 
 
 def service(name: str, methods: Mapping[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:
@@ -63,6 +64,23 @@ def stream(method: str, handler: StreamHandler[Req, Resp],
             await _internal(context, method)
 
     return grpc.stream_stream_rpc_method_handler(call, response_serializer=_serialize)
+
+
+def server_stream(method: str, handler: ServerStreamHandler[Req, Resp],
+                  request_type: type[Req]) -> grpc.RpcMethodHandler:
+    """One request, a stream of responses (FollowAlerts)."""
+    async def call(raw: bytes, context: Any) -> AsyncIterator[Resp]:
+        try:
+            async for response in handler(parse(request_type, raw), context):
+                yield response
+        except RpcFailure as failure:
+            await _refuse(context, method, failure)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            await _internal(context, method)
+
+    return grpc.unary_stream_rpc_method_handler(call, response_serializer=_serialize)
 
 
 def parse(request_type: type[Req], raw: bytes) -> Req:

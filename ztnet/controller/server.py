@@ -44,6 +44,8 @@ from ztnet.controller import rpc, statedir
 from ztnet.controller.admin_service import AdminService
 from ztnet.controller.attestation import Attestation, EkTrust
 from ztnet.controller.authz import Authorizer
+from ztnet.controller.detect.observation import observe
+from ztnet.controller.detect.response import Responder
 from ztnet.controller.enrollment import DEFAULT_HOST_CERT_TTL, Enrollment
 from ztnet.controller.epochs import Issuer
 from ztnet.controller.flows import Pruner, Retention
@@ -54,12 +56,14 @@ from ztnet.controller.limits import HostLimits
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.node_service import NodeService
 from ztnet.controller.publisher import Publisher
+from ztnet.controller.response_service import ResponseService, response_handlers
 from ztnet.controller.store import SqliteStore
 from ztnet.errors import ConfigError, PolicyError, RpcFailure
 from ztnet.fsutil import FileTooLarge, read_bounded, replace_atomic
 from ztnet.grants.keys import load_private_key
 from ztnet.observe.audit import AuditLog
 from ztnet.observe.metrics import MetricsServer, start_http_server
+from ztnet.observe.records import FlowRecord
 from ztnet.policy.document import MAX_POLICY_BYTES
 from ztnet.v1 import admin_pb2, node_pb2
 
@@ -146,18 +150,28 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
         flow_export = otlp.OtlpExporter(config.otlp_endpoint, service="ztnet-controller",
                                         host=socket.gethostname())
         otlp.OtlpCollector.register(flow_export, metrics.registry)
+    audit = AuditLog(paths.audit)
+    responder = Responder(store, publisher, clock, metrics, audit)
+    # scraped in the exporter's thread: read the epoch, never the event loop's database
+    metrics.quarantined.set_function(
+        lambda: len(publisher.current.quarantines) if publisher.current else 0)
+
+    async def detect(records: list[FlowRecord]) -> None:
+        await responder.on_batch([observe(record) for record in records])
+
     node = NodeService(store, enrollment, authz, hub, publisher,
                        statedir.read_file(paths.signing_pub), clock, metrics, limiter,
-                       flow_export)
-    audit = AuditLog(paths.audit)
+                       flow_export, on_records=detect)
     admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout,
                          metrics=metrics, audit=audit)
     jit = JitService(store, publisher, hub, authz, clock, audit=audit,
                      default_wait=config.apply_timeout)
+    response = ResponseService(store, responder, hub, authz, wait=config.apply_timeout)
     pruner = Pruner(store, config.retention, clock, metrics)
 
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    server.add_generic_rpc_handlers([node_handlers(node, jit), admin_handlers(admin, jit)])
+    server.add_generic_rpc_handlers([node_handlers(node, jit), admin_handlers(admin, jit),
+                                     response_handlers(response, ADMIN_SERVICE)])
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     for name in ("", NODE_SERVICE, ADMIN_SERVICE):

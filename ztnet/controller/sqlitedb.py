@@ -22,12 +22,14 @@ import threading
 from pathlib import Path
 
 from ztnet import logs
+from ztnet.controller.detectstore import DETECT_SCHEMA
 from ztnet.controller.flowstore import FLOW_SCHEMA, FLOW_UPGRADE_3
 from ztnet.controller.jitstore import JIT_SCHEMA
 from ztnet.errors import ConfigError
 
-SCHEMA_VERSION = 6  # 2: flow records; 3: receive times, per-host row counts; 4: TPM;
-# 5: host labels; 6: just-in-time grants and grant requests (ztnet.controller.jitstore)
+SCHEMA_VERSION = 7  # 2: flow records; 3: receive times, per-host row counts; 4: TPM;
+# 5: host labels; 6: just-in-time grants and grant requests (ztnet.controller.jitstore);
+# 7: quarantines, alerts, baselines (ztnet.controller.detectstore)
 CHECKPOINT_INTERVAL = 0.5
 
 _SCHEMA = """
@@ -71,13 +73,13 @@ LABEL_SCHEMA = (
 # schema N -> (the schema it becomes, the statements that make it so)
 _UPGRADES: dict[int, tuple[int, tuple[str, ...]]] = {
     1: (3, FLOW_SCHEMA), 2: (3, FLOW_UPGRADE_3), 3: (4, TPM_SCHEMA), 4: (5, LABEL_SCHEMA),
-    5: (6, JIT_SCHEMA)}
+    5: (6, JIT_SCHEMA), 6: (7, DETECT_SCHEMA)}
 
 
 def create_schema(db: sqlite3.Connection) -> None:
     """Every table of the current schema (the caller adds the meta rows)."""
     db.executescript(_SCHEMA)  # commits on its own
-    for statement in (*FLOW_SCHEMA, *TPM_SCHEMA, *LABEL_SCHEMA, *JIT_SCHEMA):
+    for statement in (*FLOW_SCHEMA, *TPM_SCHEMA, *LABEL_SCHEMA, *JIT_SCHEMA, *DETECT_SCHEMA):
         db.execute(statement)
 
 

@@ -74,6 +74,7 @@ class StatePaths:
 
     @property
     def audit(self) -> Path:
+        """The controller's hash-chained audit trail (labels, alerts, quarantines, releases)."""
         return self.root / "audit.jsonl"
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ztnet.controller.detectstore import DetectStore, SqliteDetectStore
 from ztnet.controller.flowstore import FlowStore, SqliteFlowStore
 from ztnet.controller.jitstore import JitStore, SqliteJitStore
 from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, create_schema, upgrade
@@ -88,7 +89,7 @@ class TokenStatus(enum.Enum):
     TPM_REQUIRED = "tpm required"
 
 
-class Store(FlowStore, JitStore, Protocol):
+class Store(FlowStore, JitStore, DetectStore, Protocol):
     def trust_domain(self) -> str: ...
 
     def current_version(self) -> int: ...
@@ -173,7 +174,7 @@ class Store(FlowStore, JitStore, Protocol):
     def close(self) -> None: ...
 
 
-class SqliteStore(SqliteFlowStore, SqliteJitStore):
+class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
     """``Store`` on one SQLite file. Not thread-safe: one owner (the server's
     event loop, or one CLI command) per instance, except ``query_flows``
     (its own read-only connection); other processes may open the same file

@@ -40,11 +40,12 @@ from ztnet.daemon.uploader import UploadSettings
 from ztnet.daemon.watch import FileWatch
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.probe import probe
-from ztnet.errors import ConfigError, DatapathError, GrantError
+from ztnet.errors import ConfigError, DatapathError, GrantError, IdentityError
 from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.grants.bundle import VerifiedBundle, verify_bundle
 from ztnet.grants.keys import key_id, load_public_key
 from ztnet.grants.limits import MAX_ENVELOPE_BYTES
+from ztnet.identity import cgroups
 from ztnet.instance import Instance
 
 # Wall-clock steps smaller than this are NTP slewing noise, not worth a log line.
@@ -141,13 +142,15 @@ class Daemon:
             return Outcome("unchanged")
         verify_seconds = time.monotonic() - started
         try:
+            # quarantine first: the agent is denied everything before anything else moves
+            quarantined, released = self.datapath.set_quarantine(
+                entry.agent for entry in verified.bundle.quarantine)
             result = self.datapath.install(verified, now=now)
-        except DatapathError as exc:
+        except (DatapathError, IdentityError) as exc:
             # The swap is atomic: the kernel still enforces the previous set.
             logs.event("bundle not applied", logging.ERROR, source=source,
                        version=verified.version, reason=str(exc))
             return Outcome("rejected", str(exc))
-        self.current = verified
         self.applied = Applied(verified.version, verified.payload_sha256)
         try:
             self.state.save(envelope, self.applied)
@@ -157,15 +160,37 @@ class Daemon:
                        reason=f"daemon: cannot record the applied bundle in "
                               f"{self.state.path}: {exc.strerror or exc}; a restart "
                               "re-verifies the bundle it is given")
-        cut = self.datapath.cut_unauthorized(now=now)
+        previous, self.current = self.current, verified
+        cut = self.datapath.cut_unauthorized(now=now)  # a quarantined agent has no grants
+        self._freeze(verified, previous)
         if self.flows is not None:
             self.flows.bundle_applied(verified)
+        if quarantined or released:
+            logs.event("quarantine changed", logging.WARNING, version=verified.version,
+                       quarantined=sorted(quarantined), released=sorted(released))
         logs.event("bundle applied", source=source, version=verified.version,
                    grants=len(verified.grants), entries=result.entries,
                    key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],
                    verify_ms=round(verify_seconds * 1000, 1),
                    apply_ms=round(result.seconds * 1000, 1), flows_cut=len(cut))
         return Outcome("applied")
+
+    def _freeze(self, bundle: VerifiedBundle, previous: VerifiedBundle | None) -> None:
+        """Freeze the agents the bundle says to freeze; thaw those the previous bundle
+        froze and this one does not (an operator's own cgroup.freeze is left alone)."""
+        assert self.datapath is not None
+        want = {entry.agent for entry in bundle.bundle.quarantine if entry.freeze}
+        had = {entry.agent for entry in previous.bundle.quarantine if entry.freeze} \
+            if previous is not None else set()
+        for agent in sorted(want | had):
+            path = self.instance.agent_cgroup(agent)
+            try:
+                if agent in want and not cgroups.is_frozen(path):
+                    cgroups.set_frozen(path, True)
+                elif agent not in want and agent in had:
+                    cgroups.set_frozen(path, False)
+            except IdentityError as exc:
+                logs.event("freeze failed", logging.ERROR, agent=agent, reason=str(exc))
 
     def _rejected(self, source: str, reason: str, floor: int,
                   level: int = logging.WARNING) -> Outcome:
@@ -231,6 +256,11 @@ class Daemon:
         except DatapathError as exc:  # the kernel keeps what it has; try again next period
             logs.event("resync failed", logging.ERROR, reason=str(exc))
             return
+        quarantined, released = self.datapath.set_quarantine(
+            entry.agent for entry in self.current.bundle.quarantine)
+        if quarantined or released:  # someone else changed the flags: put them right
+            logs.event("quarantine drift repaired", logging.WARNING,
+                       quarantined=sorted(quarantined), released=sorted(released))
         drift = synced.drift
         if drift.total:
             logs.event("datapath drift repaired", logging.WARNING, **drift.counts(),

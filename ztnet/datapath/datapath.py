@@ -269,14 +269,10 @@ class Datapath:
                          if agent.flags & abi.AGENT_AUDIT and int(agent.index) in names)
 
     def set_quarantined(self, agent: str, quarantined: bool) -> None:
-        """A quarantined agent is denied everything, whatever its grants.
-
-        TODO(behavioural monitoring and response): nothing calls this yet, and a
-        daemon restart does not restore the flag. The response issue wires it
-        (detector -> controller -> daemon, an audited release) and documents it;
-        until then docs/ make no claim that quarantine works. The kernel side
-        (ZT_AGENT_QUARANTINED, ZT_REASON_QUARANTINED) stays as it is.
-        """
+        """A quarantined agent is denied everything, whatever its grants: every
+        connect/sendmsg fails with EPERM (reason QUARANTINED) and the egress backstop
+        drops its packets, established flows included. The agent's cgroup is created
+        if missing, so an agent started later is quarantined from its first socket."""
         path = cgroups.ensure_agent_cgroup(self.instance, agent)
         self.ensure_agents([agent])
         key = ctypes.c_uint64(cgroups.cgroup_id(path))
@@ -287,6 +283,25 @@ class Datapath:
         else:
             value.flags &= ~abi.AGENT_QUARANTINED
         self.maps["zt_agents_v1"].update(key, value)
+
+    def quarantined(self) -> set[str]:
+        """Agents whose quarantine flag is set, read from the kernel."""
+        by_id = {cgroups.cgroup_id(path): name
+                 for name, path in cgroups.agent_cgroups(self.instance).items()}
+        return {by_id[cgid] for cgid, agent in self._registered().items()
+                if cgid in by_id and agent.flags & abi.AGENT_QUARANTINED}
+
+    def set_quarantine(self, agents: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Make exactly ``agents`` quarantined (level-triggered: flags others set or
+        cleared are put right). Returns (newly quarantined, released)."""
+        wanted = set(agents)
+        with instance_lock(self.instance):
+            have = self.quarantined()
+            for agent in sorted(wanted - have):
+                self.set_quarantined(agent, True)
+            for agent in sorted(have - wanted):
+                self.set_quarantined(agent, False)
+        return wanted - have, have - wanted
 
     # --- grants --------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from ztnet.grants.limits import (
     MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_LISTS,
     MAX_PAYLOAD_OBJECTS,
+    MAX_QUARANTINED,
 )
 from ztnet.grants.model import (
     AGENT_NAME_RE,
@@ -58,6 +59,10 @@ BUNDLE_KEYS = frozenset(
 # Optional, present only when not empty (so that bundles without audited agents keep the
 # bytes they always had): the SPIFFE ids of the agents in audit mode, sorted.
 AUDIT_KEY = "audit"
+# Optional: present only when some agent is quarantined on this host (so a bundle without
+# quarantines has the same bytes as before the key existed).
+QUARANTINE_KEY = "quarantine"
+QUARANTINE_KEYS = frozenset({"agent", "freeze"})
 GRANT_KEYS = frozenset(
     {
         "id",
@@ -92,6 +97,15 @@ class GrantRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantine:
+    """An agent the host must deny everything (the kernel's quarantine flag), and whether
+    its processes are frozen too (``cgroup.freeze``)."""
+
+    agent: str
+    freeze: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Bundle:
     """Everything one host may enforce for one policy version. ``expires`` is
     the bundle's own freshness limit: past it the bundle is refused even if
@@ -106,8 +120,16 @@ class Bundle:
     expires: float
     grants: tuple[GrantRecord, ...]
     audit_agents: tuple[str, ...] = ()  # agent names in audit mode, sorted, unique
+    # Agents quarantined on this host, sorted by name (one entry each).
+    quarantine: tuple[Quarantine, ...] = ()
 
     def __post_init__(self) -> None:
+        names = [entry.agent for entry in self.quarantine]
+        if names != sorted(set(names)) or len(names) > MAX_QUARANTINED:
+            raise ValueError("quarantine: agents must be unique and sorted by name, "
+                             f"at most {MAX_QUARANTINED}")
+        if not all(AGENT_NAME_RE.match(name) for name in names):
+            raise ValueError("quarantine: not an agent name")
         if not is_dns_name(self.trust_domain):
             raise ValueError(f"trust domain {self.trust_domain!r} is not a lower-case DNS name")
         if not 0 < len(self.issuer) <= MAX_ISSUER or not _printable_ascii(self.issuer):
@@ -199,6 +221,9 @@ def encode_payload(bundle: Bundle) -> bytes:
     }
     if bundle.audit_agents:
         document[AUDIT_KEY] = [bundle.agent_id(name) for name in bundle.audit_agents]
+    if bundle.quarantine:
+        document[QUARANTINE_KEY] = [{"agent": bundle.agent_id(entry.agent),
+                                     "freeze": entry.freeze} for entry in bundle.quarantine]
     return strictjson.dumps(document)
 
 
@@ -235,9 +260,9 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
         document = strictjson.loads(data)
     except strictjson.StrictJSONError as exc:
         raise _malformed(str(exc)) from None
-    keys = BUNDLE_KEYS | {AUDIT_KEY} if isinstance(document, dict) \
-        and AUDIT_KEY in document else BUNDLE_KEYS
-    obj = _object(document, keys, "payload")
+    optional = {AUDIT_KEY, QUARANTINE_KEY} & set(document) if isinstance(document, dict) \
+        else set()
+    obj = _object(document, BUNDLE_KEYS | optional, "payload")
     trust_domain = _string(obj, "trust_domain", "")
     if not is_dns_name(trust_domain):
         raise _malformed(f"trust_domain: {trust_domain!r} is not a lower-case DNS name")
@@ -264,6 +289,7 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
             expires=_integer(obj, "expires_ms", "") / 1000,
             grants=records,
             audit_agents=audit_agents,
+            quarantine=_quarantine(obj.get(QUARANTINE_KEY, []), trust_domain),
         )
     except ValueError as exc:
         raise _malformed(str(exc)) from None
@@ -312,6 +338,23 @@ def _audit_agents(raw: Any, trust_domain: str) -> tuple[str, ...]:
         except ValueError as exc:
             raise _malformed(f"{AUDIT_KEY}[{index}]: {exc}") from None
     return tuple(names)
+
+
+def _quarantine(raw: Any, trust_domain: str) -> tuple[Quarantine, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_QUARANTINED:
+        raise _malformed(f"quarantine: expected a list of at most {MAX_QUARANTINED}")
+    entries = []
+    for index, item in enumerate(raw):
+        where = f"quarantine[{index}]"
+        obj = _object(item, QUARANTINE_KEYS, where)
+        try:
+            agent = parse_spiffe_agent_id(_string(obj, "agent", where), trust_domain)
+        except ValueError as exc:
+            raise _malformed(f"{where}: {exc}") from None
+        if not isinstance(obj["freeze"], bool):
+            raise _malformed(f"{where}.freeze: expected true or false")
+        entries.append(Quarantine(agent, obj["freeze"]))
+    return tuple(entries)
 
 
 def _network(text: str, where: str) -> IPNetwork:

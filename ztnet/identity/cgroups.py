@@ -75,6 +75,23 @@ def join(path: Path, pid: int = 0) -> None:
         raise IdentityError(f"identity: cannot join {path}: {exc.strerror}") from exc
 
 
+def set_frozen(path: Path, frozen: bool) -> None:
+    """Freeze (or thaw) every process of the cgroup and below (``cgroup.freeze``): a
+    frozen process runs no code until thawed, and it cannot undo this itself."""
+    try:
+        (path / "cgroup.freeze").write_text("1\n" if frozen else "0\n")
+    except OSError as exc:
+        raise IdentityError(f"identity: cannot {'freeze' if frozen else 'thaw'} {path}: "
+                            f"{exc.strerror}") from exc
+
+
+def is_frozen(path: Path) -> bool:
+    try:
+        return (path / "cgroup.freeze").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def kill_all(path: Path, timeout: float = 10.0) -> None:
     """SIGKILL every process in the subtree (cgroup.kill) and wait until it is
     empty, so a torn-down agent never runs unconfined."""

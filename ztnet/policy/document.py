@@ -40,6 +40,7 @@ from ztnet.grants.model import (
     is_dns_name,
     normalize_network,
 )
+from ztnet.policy.detection import Detection, parse_detection
 from ztnet.policy.fields import (
     MAX_TTL,
     parse_destination,
@@ -49,7 +50,7 @@ from ztnet.policy.fields import (
 from ztnet.policy.jit import JitPolicy, parse_jit
 from ztnet.policy.selectors import HostSelector, parse_selector
 
-POLICY_KEYS = ("trust_domain", "agents", "jit")
+POLICY_KEYS = ("trust_domain", "agents", "jit", "detection")
 AGENT_KEYS = ("mode", "allow", "hosts")
 RULE_KEYS = ("to", "ports", "proto", "ttl", "comment")
 
@@ -121,6 +122,8 @@ class Policy:
     agents: tuple[AgentPolicy, ...] = ()
     source: str = field(default="<policy>", compare=False)
     jit: JitPolicy = field(default_factory=JitPolicy)  # just-in-time grants (policy/jit.py)
+    # detector thresholds and responses (ztnet.policy.detection; defaults if absent)
+    detection: Detection = field(default_factory=Detection)
 
     def __post_init__(self) -> None:
         if not is_dns_name(self.trust_domain):
@@ -215,6 +218,7 @@ def _parse_document(data: Mapping[str, Any], errors: _Errors) -> Policy | None:
         return None
     agents = [_parse_agent(name, body, errors) for name, body in agents_table.items()]
     jit = parse_jit(data["jit"], errors.add) if "jit" in data else JitPolicy()
+    detection = parse_detection(data.get("detection"), errors.add)
     if errors.lines or not isinstance(trust_domain, str) or jit is None:
         return None
     return Policy(
@@ -222,6 +226,7 @@ def _parse_document(data: Mapping[str, Any], errors: _Errors) -> Policy | None:
         tuple(agent for agent in agents if agent is not None),
         source=errors.source,
         jit=jit,
+        detection=detection,
     )
 
 

@@ -13,7 +13,14 @@ from dataclasses import replace
 from ztnet.errors import ConfigError
 from ztnet.grants.limits import MAX_BUNDLE_GRANTS
 from ztnet.grants.model import AgentMode, Grant
-from ztnet.grants.payload import MAX_INT64, Bundle, GrantRecord, floor_ms, normalize_host
+from ztnet.grants.payload import (
+    MAX_INT64,
+    Bundle,
+    GrantRecord,
+    Quarantine,
+    floor_ms,
+    normalize_host,
+)
 from ztnet.policy.compile import compile_grants
 from ztnet.policy.document import MAX_TTL, Policy
 from ztnet.policy.selectors import for_host
@@ -36,6 +43,7 @@ def issue_bundle(
     bundle_ttl: float | None = None,
     labels: Mapping[str, str] | None = None,
     extra: Sequence[Grant] = (),
+    quarantine: tuple[Quarantine, ...] = (),
 ) -> Bundle:
     """Compile ``policy`` for ``host`` as policy version ``version``. Times are
     rounded down to whole milliseconds (the payload's unit). The bundle expires
@@ -45,7 +53,9 @@ def issue_bundle(
     With ``labels`` (the host's labels, possibly empty) only agents whose
     ``hosts`` selector matches the host are issued; None issues every agent
     (to size an epoch, or where no host selection applies). ``extra`` grants
-    (just-in-time grants, with windows of their own) follow the policy's."""
+    (just-in-time grants, with windows of their own) follow the policy's.
+    ``quarantine``: agents this host must deny everything; their grants (policy and
+    just-in-time) are left out too, so a released agent gets fresh windows later."""
     try:
         audience = normalize_host(host)
     except ValueError as exc:
@@ -58,6 +68,8 @@ def issue_bundle(
         policy = for_host(policy, audience, labels)
     start = floor_ms(now)
     grants = compile_grants(policy, now=start, default_ttl=default_ttl) + list(extra)
+    quarantined = {entry.agent for entry in quarantine}
+    grants = [grant for grant in grants if grant.agent not in quarantined]
     lifetime = bundle_ttl
     if lifetime is None:
         lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
@@ -85,6 +97,7 @@ def issue_bundle(
             expires=round((start + lifetime) * 1000) / 1000,
             grants=records,
             audit_agents=audit_agents,
+            quarantine=tuple(sorted(quarantine, key=lambda entry: entry.agent)),
         )
     except ValueError as exc:
         raise ConfigError(f"bundle: cannot issue: {exc}") from None
