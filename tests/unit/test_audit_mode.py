@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -148,7 +147,7 @@ def test_audit_verdicts_become_audit_records() -> None:
     assert record.verdict is Verdict.AUDIT and record.grant is None
     assert json.loads(to_json(record))["verdict"] == "AUDIT"
     assert from_json(to_json(record)) == record
-    end = from_event(replace(event, kind=ZtEventKind.FLOW_END), make_ctx())
+    end = from_event(event._replace(kind=ZtEventKind.FLOW_END), make_ctx())
     assert end.verdict is Verdict.AUDIT
     assert parse_verdict("audit") is Verdict.AUDIT and HUBBLE_VERDICT[Verdict.AUDIT] == "AUDIT"
     assert Decision.AUDIT.value == Verdict.AUDIT.value  # the evaluator's words are the records'
