@@ -165,11 +165,14 @@ def test_back_to_enforce_refuses_again(datapath: Datapath, pair: NetnsPair,
 
 AGENTS = ("alpha", "beta")
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
-V4_HOSTS = ["10.20.1.7", "10.21.3.4", "127.0.0.1", "127.9.9.9", "0.0.0.0", "169.254.169.254",
+# No 0.0.0.0: the kernel routes a packet to it to loopback (127.0.0.1), so the egress
+# backstop judges an ICMP echo to 0.0.0.0 as one to 127.0.0.1 (the connect test above covers
+# 0.0.0.0 at the socket hooks, which see it as written).
+V4_HOSTS = ["10.20.1.7", "10.21.3.4", "127.0.0.1", "127.9.9.9", "169.254.169.254",
             "169.254.170.2"]
 V6_HOSTS = ["fd00:20:1::7", "::1", "fd00:ec2::254", "fd00:ec2::253"]
 NETS = ["10.20.0.0/16", "127.0.0.1/32", "169.254.169.254/32", "::1/128", "fd00:20::/32",
-        "0.0.0.0/0"]
+        "0.0.0.0/0", "::/0"]
 PORTS = [53, 80, 443]
 EXAMPLES = 40
 ATTEMPTS = 12
@@ -180,7 +183,7 @@ tally = {decision: 0 for decision in Decision}
 def grant_sets(draw: st.DrawFn) -> list[Grant]:
     now = time.time()
     grants = []
-    for number in range(draw(st.integers(0, 4))):
+    for number in range(draw(st.integers(1, 5))):
         proto = draw(st.sampled_from(list(Proto)))
         ports = None
         if proto is not Proto.ICMP and draw(st.booleans()):
@@ -213,13 +216,15 @@ def blackhole_agents(instance: Instance, datapath: Datapath) -> Iterator[dict[st
                 proc.kill()
 
 
-@settings(max_examples=EXAMPLES, deadline=None,
+# derandomized: the same examples every run, so the meaningfulness check below is stable
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(grants=grant_sets(), audit=st.sets(st.sampled_from(AGENTS)),
+@given(grants=grant_sets(), audit=st.sampled_from([frozenset(), frozenset({"alpha"}),
+                                                   frozenset({"beta"}), frozenset(AGENTS)]),
        tries=st.lists(attempts(), min_size=ATTEMPTS, max_size=ATTEMPTS))
 def test_kernel_decisions_in_audit_mode_match_the_reference(
         datapath: Datapath, blackhole_agents: dict[str, LineProcess], grants: list[Grant],
-        audit: set[str], tries: list[tuple[str, str, str, int]]) -> None:
+        audit: frozenset[str], tries: list[tuple[str, str, str, int]]) -> None:
     datapath.install_unverified(grants, audit=audit)
     now = time.time()
     for agent, proto, host, port in tries:
