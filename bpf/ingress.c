@@ -7,14 +7,16 @@
 
 int zt_ingress(struct __sk_buff *skb)
 {
-	__u64 cookie = zt_socket_cookie(skb);
-	struct zt_flow *flow = zt_flows_v1.lookup(&cookie);
-	if (!flow)
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
 		return 1;
-	__sync_fetch_and_add(&flow->packets_in, 1);
-	__sync_fetch_and_add(&flow->bytes_in, skb->len);
-	flow->last_ns = bpf_ktime_get_boot_ns();
-	struct zt_agent_stats *stats = zt_stats(flow->agent);
+	struct zt_sock *sock = zt_sock_get(sk, 0);
+	if (!sock || !(sock->flags & ZT_SOCK_TRACKED))
+		return 1;
+	__sync_fetch_and_add(&sock->packets_in, 1);
+	__sync_fetch_and_add(&sock->bytes_in, skb->len);
+	sock->last_in_ns = bpf_ktime_get_boot_ns();
+	struct zt_agent_stats *stats = zt_stats(sock->flow.agent);
 	if (stats) {
 		stats->ingress_packets += 1;
 		stats->ingress_bytes += skb->len;

@@ -37,12 +37,25 @@ BPF_TABLE_PINNED("percpu_array", int, struct zt_agent_stats, zt_agent_stats_v1,
 /* Egress drops per agent and reason (index: agent * ZT_DROP_SLOTS + reason). */
 BPF_TABLE_PINNED("percpu_array", int, __u64, zt_agent_drops_v1,
 		 ZT_MAX_AGENTS * ZT_DROP_SLOTS, ZT_PIN_DIR "/zt_agent_drops_v1");
-/* Socket accounting by cookie; LRU so a full table evicts the oldest flow
- * instead of refusing new ones (an eviction loses that flow's end record,
- * which zt_counters_v1[ZT_CNT_FLOWS_UNTRACKED] does not see: the table is
- * sized well above the sockets agents hold). */
-BPF_TABLE_PINNED("lru_hash", __u64, struct zt_flow, zt_flows_v1, ZT_MAX_FLOWS,
-		 ZT_PIN_DIR "/zt_flows_v1");
+/* What ztnet knows about each socket (flow record, stamped verdicts, budget
+ * state), in the socket's own storage: no table to fill up or evict from,
+ * freed with the socket. Pinned like every map, so a restarted daemon's
+ * programs see the same storage (the per-connection byte counts survive). */
+struct zt_socks_v1_table_t {
+	int key;
+	struct zt_sock leaf;
+	void *(*sk_storage_get)(void *, void *, int);
+	int (*sk_storage_delete)(void *);
+	__u32 flags;
+};
+__attribute__((section("maps/sk_storage:" ZT_PIN_DIR "/zt_socks_v1")))
+struct zt_socks_v1_table_t zt_socks_v1 = { .flags = BPF_F_NO_PREALLOC };
+BPF_ANNOTATE_KV_PAIR(zt_socks_v1, int, struct zt_sock);
+
+/* Window byte budgets by grant id: what each budgeted grant's sockets sent in
+ * its current window. Pinned, so the count survives a daemon restart. */
+BPF_TABLE_PINNED("hash", __u64, struct zt_window, zt_budgets_v1, ZT_MAX_BUDGETS,
+		 ZT_PIN_DIR "/zt_budgets_v1");
 BPF_TABLE_PINNED("array", int, struct zt_deny_budget, zt_deny_budget_v1, ZT_MAX_AGENTS,
 		 ZT_PIN_DIR "/zt_deny_budget_v1");
 BPF_TABLE_PINNED("array", int, struct zt_deny_budget, zt_allow_budget_v1, ZT_MAX_AGENTS,
@@ -63,6 +76,11 @@ struct zt_events_v1_table_t {
 };
 __attribute__((section("maps/ringbuf:" ZT_PIN_DIR "/zt_events_v1")))
 struct zt_events_v1_table_t zt_events_v1 = { .max_entries = ZT_EVENTS_BYTES };
+
+/* Records each CPU submitted to zt_events_v1 since it last woke the reader
+ * (the wake-up policy, zt_config.reserved[ZT_CFG_WAKEUP_RECORDS]). */
+BPF_TABLE_PINNED("percpu_array", int, __u64, zt_ring_silent_v1, 1,
+		 ZT_PIN_DIR "/zt_ring_silent_v1");
 
 /* Deny events have a ring of their own: however many allowed-side events
  * wait unread in zt_events_v1, no agent's budgeted deny events are pushed out

@@ -29,6 +29,55 @@ struct zt_hook_counters {
 #define ZT_CONNECT_COUNTERS ((struct zt_hook_counters){ZT_CNT_CONNECT_ALLOW, ZT_CNT_CONNECT_DENY})
 #define ZT_SENDMSG_COUNTERS ((struct zt_hook_counters){ZT_CNT_SENDMSG_ALLOW, ZT_CNT_SENDMSG_DENY})
 
+/* Unconnected UDP: a datagram to the destination this socket's last allowed
+ * datagram went to, from the same agent, passes on the socket's stamp without
+ * another trie walk or event; the flow counts it (egress). */
+static __always_inline int zt_send_stamped(struct bpf_sock_addr *ctx, struct zt_config *cfg,
+					   struct zt_decision *d, const __u8 *addr,
+					   struct zt_sock **sock_out)
+{
+	struct zt_sock *sock = zt_sock_get(ctx->sk, 0);
+	*sock_out = sock;
+	if (!sock)
+		return 0;
+	if (sock->flags & ZT_SOCK_CUT)
+		return -1;
+	if (!zt_stamp_holds(&sock->send, cfg->generation, d->now, d->proto, d->family, addr,
+			    d->dport) || sock->send.cgroup_id != d->cgroup_id)
+		return 0;
+	zt_count(ZT_CNT_SENDMSG_ALLOW);
+	zt_count(ZT_CNT_SENDMSG_STAMPED);
+	zt_account_decision(sock->flow.agent, 1);
+	return 1;
+}
+
+/* The verdict on an allowed socket: describe its flow in its storage (the
+ * first allowed decision wins) and, for sendmsg, stamp the destination. */
+static __always_inline const struct zt_flow *zt_track_socket(struct bpf_sock_addr *ctx,
+							     struct zt_sock *sock,
+							     const struct zt_decision *d,
+							     const struct zt_grant_value *match,
+							     __u32 generation, const __u8 *addr)
+{
+	if (!sock)
+		sock = zt_sock_get(ctx->sk, 1);
+	if (!sock) {
+		zt_count(ZT_CNT_FLOWS_UNTRACKED);
+		return 0;
+	}
+	/* audited datagrams are never stamped: each one is recorded */
+	if (d->kind == ZT_EV_SENDMSG && !d->audit)
+		zt_stamp_set(&sock->send, match, generation, d->proto, d->family, addr, d->dport,
+			     d->cgroup_id);
+	if (sock->flags & ZT_SOCK_TRACKED)
+		return 0;
+	zt_describe_flow(&sock->flow, d);
+	sock->flow.first_ns = d->now;
+	sock->flow.last_ns = d->now;
+	sock->flags |= ZT_SOCK_TRACKED;
+	return &sock->flow;
+}
+
 static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
 				     const __u8 *addr, struct zt_hook_counters counters,
 				     __u8 kind)
@@ -37,6 +86,7 @@ static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
 	if (!cfg)
 		return 0;
 	struct zt_decision d = {};
+	d.now = bpf_ktime_get_boot_ns();
 	d.kind = kind;
 	d.family = family;
 	d.proto = zt_socket_proto(ctx);
@@ -48,25 +98,42 @@ static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
 		d.dport = bpf_ntohs((__u16)ctx->user_port);
 	d.cgroup_id = bpf_get_current_ancestor_cgroup_id(cfg->agent_level);
 
+	struct zt_sock *sock = 0;
+	if (kind == ZT_EV_SENDMSG) {
+		int stamped = zt_send_stamped(ctx, cfg, &d, addr, &sock);
+		if (stamped > 0)
+			return 1;
+		if (stamped < 0) {  /* a byte budget cut this socket */
+			zt_count(counters.denied);
+			return 0;
+		}
+	}
+
 	struct zt_subject subject = {};
 	if (!zt_find_agent(d.cgroup_id, cfg, &subject)) {
 		zt_count(counters.denied);
 		d.reason = ZT_REASON_NOT_AGENT;
-		zt_emit_decision(ctx, &d);
+		zt_emit_decision(ctx, &d, 0, cfg);
 		return 0;
 	}
 	d.agent = subject.agent.index;
-	d.allowed = zt_allowed(&subject, d.proto, family, addr, d.dport, &d.grant_id);
-	if (!d.allowed)
-		d.reason = (subject.agent.flags & ZT_AGENT_QUARANTINED) ? ZT_REASON_QUARANTINED
-									 : ZT_REASON_NO_GRANT;
-	if (!d.allowed && zt_audit_admits(&subject, family, addr))
-		d.allowed = d.audit = 1;
+	struct zt_grant_value match = {};
+	d.allowed = zt_allowed(&subject, d.proto, family, addr, d.dport, d.now, &match);
+	if (!d.allowed) {
+		d.reason = zt_refusal(&subject);
+		if (zt_audit_admits(&subject, family, addr))
+			d.allowed = d.audit = 1;
+	} else if (zt_window_spent(&match, d.now)) {
+		d.allowed = 0;
+		d.reason = ZT_REASON_BUDGET;
+	}
+	d.grant_id = match.grant_id;
 	zt_count(d.allowed ? counters.allowed : counters.denied);
 	zt_account_decision(subject.agent.index, d.allowed);
-	zt_emit_decision(ctx, &d);
+	const struct zt_flow *described = 0;
 	if (d.allowed)
-		zt_track_flow(ctx, &d);
+		described = zt_track_socket(ctx, sock, &d, &match, cfg->generation, addr);
+	zt_emit_decision(ctx, &d, described, cfg);
 	return d.allowed;
 }
 

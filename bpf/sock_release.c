@@ -1,43 +1,32 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * cgroup/sock_release: the flow-end record of every tracked socket, with
- * its final counters (within the agent's allowed-side event budget).
+ * its final counters (within the agent's allowed-side event budget). The
+ * socket's storage goes with the socket.
  */
 #include "events.h"
 
 int zt_sock_release(struct bpf_sock *sk)
 {
-	__u64 cookie = zt_socket_cookie(sk);
-	struct zt_flow *flow = zt_flows_v1.lookup(&cookie);
-	if (!flow)
+	struct zt_sock *sock = zt_sock_get(sk, 0);
+	if (!sock || !(sock->flags & ZT_SOCK_TRACKED))
 		return 1;
-	/* flow ends share the agent's allowed-side budget: an agent opening and
-	 * closing sockets in a loop gets no more of the ring than one sending */
-	__u32 agent = flow->agent;
-	__u32 suppressed = 0;
-	struct zt_event *event = 0;
-	if (zt_event_budget(agent, 0, &suppressed))
-		event = zt_reserve_event(agent, 0, suppressed);
-	if (!event) {
-		zt_flows_v1.delete(&cookie);
+	struct zt_config *cfg = zt_get_config();
+	if (!cfg)
 		return 1;
-	}
-	__builtin_memset(event, 0, sizeof(*event));
-	event->time_ns = bpf_ktime_get_boot_ns();
-	event->cookie = cookie;
-	event->suppressed = suppressed;
-	event->kind = ZT_EV_FLOW_END;
-	if (flow->flags & ZT_FLOW_AUDIT) {  /* no grant: audit mode let it through */
-		event->verdict = ZT_VERDICT_AUDIT;
-		event->reason = ZT_REASON_NO_GRANT;
-	} else {
-		event->verdict = ZT_VERDICT_ALLOWED;
-	}
-	/* the whole entry: counters, process, and the source the egress program
+	/* the whole flow: counters, process, and the source the egress program
 	 * learnt (sock_release may not read the socket's source; only post_bind
-	 * may) */
-	event->flow = *flow;
-	zt_events_v1.ringbuf_submit(event, 0);
-	zt_flows_v1.delete(&cookie);
+	 * may). A flow a byte budget cut ends as denied, reason budget; an audited
+	 * flow as audit, reason no grant. */
+	__u8 verdict = ZT_VERDICT_ALLOWED, reason = ZT_REASON_GRANTED;
+	if (sock->flags & ZT_SOCK_CUT) {
+		verdict = ZT_VERDICT_DENIED;
+		reason = ZT_REASON_BUDGET;
+	} else if (sock->flow.flags & ZT_FLOW_AUDIT) {  /* no grant: audit mode let it through */
+		verdict = ZT_VERDICT_AUDIT;
+		reason = ZT_REASON_NO_GRANT;
+	}
+	zt_emit_flow(zt_socket_cookie(sk), sock, ZT_EV_FLOW_END, verdict, reason, 0,
+		     bpf_ktime_get_boot_ns(), cfg);
 	return 1;
 }

@@ -78,7 +78,7 @@ static __always_inline struct zt_levels *zt_lookup_levels(__u32 generation,
 }
 
 static __always_inline int zt_match_class(struct zt_grant_key *key, __u32 mask,
-					  __u16 port, __u64 now, __u64 *grant_id)
+					  __u16 port, __u64 now, struct zt_grant_value *match)
 {
 #pragma unroll
 	for (int bits = 16; bits >= 0; bits--) {
@@ -89,7 +89,7 @@ static __always_inline int zt_match_class(struct zt_grant_key *key, __u32 mask,
 		key->port_be = bpf_htons(port & port_mask);
 		struct zt_grant_value *value = zt_grants_v1.lookup(key);
 		if (value && now >= value->not_before_ns && now < value->not_after_ns) {
-			*grant_id = value->grant_id;
+			*match = *value;
 			return 1;
 		}
 	}
@@ -97,15 +97,16 @@ static __always_inline int zt_match_class(struct zt_grant_key *key, __u32 mask,
 }
 
 /*
- * Is (proto, family, addr, port) allowed for the subject right now?
- * `proto` is the packet's IP protocol number folded to enum zt_proto
- * (ICMPv6 counts as ZT_PROTO_ICMP); `port` is the destination port in host
- * order, 0 for protocols without ports. Returns 1 and sets *grant_id on a
- * match.
+ * Is (proto, family, addr, port) allowed for the subject at `now`
+ * (bpf_ktime_get_boot_ns(), read once by the caller)? `proto` is the
+ * packet's IP protocol number folded to enum zt_proto (ICMPv6 counts as
+ * ZT_PROTO_ICMP); `port` is the destination port in host order, 0 for
+ * protocols without ports. Returns 1 and copies the matching entry into
+ * *match (grant id, window, budgets).
  */
 static __always_inline int zt_allowed(const struct zt_subject *subject, __u8 proto,
-				      __u8 family, const __u8 *addr, __u16 port,
-				      __u64 *grant_id)
+				      __u8 family, const __u8 *addr, __u16 port, __u64 now,
+				      struct zt_grant_value *match)
 {
 	if (subject->agent.flags & ZT_AGENT_QUARANTINED) {
 		zt_count(ZT_CNT_QUARANTINED);
@@ -126,15 +127,21 @@ static __always_inline int zt_allowed(const struct zt_subject *subject, __u8 pro
 	else
 		__builtin_memcpy(key.addr, addr, 16);
 
-	__u64 now = bpf_ktime_get_boot_ns();
 	int cls = zt_proto_class(proto);
 	if (cls >= 0) {
 		key.proto = proto;
-		if (zt_match_class(&key, levels->mask[cls], port, now, grant_id))
+		if (zt_match_class(&key, levels->mask[cls], port, now, match))
 			return 1;
 	}
 	key.proto = ZT_PROTO_ANY;
-	return zt_match_class(&key, levels->mask[ZT_CLASS_ANY], port, now, grant_id);
+	return zt_match_class(&key, levels->mask[ZT_CLASS_ANY], port, now, match);
+}
+
+/* The denial reason for a subject zt_allowed() refused. */
+static __always_inline __u8 zt_refusal(const struct zt_subject *subject)
+{
+	return (subject->agent.flags & ZT_AGENT_QUARANTINED) ? ZT_REASON_QUARANTINED
+							     : ZT_REASON_NO_GRANT;
 }
 
 /*

@@ -20,7 +20,7 @@ typedef uint64_t __u64;
 typedef uint16_t __be16;
 #endif
 
-#define ZT_ABI_VERSION 1
+#define ZT_ABI_VERSION 2
 
 /* Port prefix lengths 0 (any port) .. 16 (one port): a port range is
  * decomposed into aligned power-of-two blocks, one LPM entry per block. */
@@ -97,6 +97,11 @@ struct zt_grant_value {
 	__u64 not_before_ns;
 	__u64 not_after_ns;
 	__u64 grant_id;
+	/* Byte budgets of that grant (issue 12), egress bytes as skb->len counts
+	 * them (headers and retransmissions included); 0: no budget. */
+	__u64 max_bytes_conn;    /* per connection (socket) */
+	__u64 max_bytes_window;  /* all of the grant's sockets on this host, per window */
+	__u64 window_ns;         /* that window's length */
 };
 
 /* Which port_bits levels hold entries, per protocol class, for one agent
@@ -121,16 +126,30 @@ struct zt_agent {
 /*
  * Single entry of zt_config_v1. Two grant sets live side by side in the
  * grant trie and the level table, told apart by their generation; the
- * programs only look at the one `generation` names, so writing this one
+ * programs only look at the one `generation & 1` names, so writing this one
  * word swaps the whole grant set at once.
+ *
+ * The word is a counter, not just the bit: user space adds 1 to flip to the
+ * other set and 2 when anything else a verdict depends on changes (an agent
+ * quarantined, released or removed). A socket's stamped verdict (struct
+ * zt_stamp) names the whole word it was judged under, so any such change
+ * makes every stamp stale at once and the next packet is judged afresh.
  */
 struct zt_config {
 	__u32 generation;
 	__u32 agent_level;  /* cgroup v2 level of <root>/agents/<name> */
-	/* reserved[0]: the Unix-minus-boot-time offset (ns) user space wrote the
-	 * grant windows with; never read by the programs */
+	/* reserved[ZT_CFG_CLOCK_OFFSET]: the Unix-minus-boot-time offset (ns) user
+	 * space wrote the grant windows with; never read by the programs.
+	 * reserved[ZT_CFG_WAKEUP_RECORDS]: the wake-up policy of the
+	 * allowed-side ring (zt_events_v1): each CPU wakes the reader with every
+	 * that-many-th record and submits the others without a wake-up, the
+	 * reader polls on a timer for them; 0: wake on every record. Deny
+	 * records always wake the reader. */
 	__u64 reserved[3];
 };
+
+#define ZT_CFG_CLOCK_OFFSET 0
+#define ZT_CFG_WAKEUP_RECORDS 1
 
 /*
  * Event budgets, per agent and per second, so that no agent can drown the
@@ -152,8 +171,9 @@ struct zt_config {
 #ifndef ZT_DENIALS_BYTES
 #define ZT_DENIALS_BYTES (1024 * 1024)
 #endif
-#ifndef ZT_MAX_FLOWS
-#define ZT_MAX_FLOWS 65536
+/* Grants with a window budget whose counters a host keeps at once. */
+#ifndef ZT_MAX_BUDGETS
+#define ZT_MAX_BUDGETS 65536
 #endif
 
 enum zt_event_kind {
@@ -176,14 +196,14 @@ enum zt_reason {
 	ZT_REASON_NOT_AGENT = 2,
 	ZT_REASON_QUARANTINED = 3,
 	ZT_REASON_UNPARSED = 4,
+	ZT_REASON_BUDGET = 5,  /* the grant's byte budget is spent */
 };
 
 /*
- * Per-socket accounting (zt_flows_v1, keyed by socket cookie), and the flow
- * part of every event (struct zt_event.flow): what a verdict or a flow end
- * says about the socket is the same struct, copied whole. This is the value
- * of a pinned map, so its layout is that of ABI version 1 byte for byte; a
- * change here must bump ZT_ABI_VERSION.
+ * Per-socket accounting (struct zt_sock.flow, in the socket's own storage),
+ * and the flow part of every event (struct zt_event.flow): what a verdict or
+ * a flow end says about the socket is the same struct, copied whole. Part of
+ * the value of a pinned map: a change here must bump ZT_ABI_VERSION.
  */
 struct zt_flow {
 	__u64 grant_id;
@@ -209,6 +229,65 @@ struct zt_flow {
 };
 
 /*
+ * A verdict stamped on a socket (struct zt_sock): while the config word is
+ * still `generation` and the clock is before `until_ns`, a packet or datagram
+ * of this socket to this destination has the verdict `grant_id` was given,
+ * without another walk of the grant trie. `until_ns` is the matched entry's
+ * not_after_ns, so expiry still cuts at once; a generation change (new grant
+ * set, revocation, quarantine) makes the stamp stale. The budgets are those
+ * of the matched entry.
+ */
+struct zt_stamp {
+	__u64 until_ns;          /* CLOCK_BOOTTIME; 0: no stamp */
+	__u64 grant_id;
+	__u64 cgroup_id;         /* sendmsg stamps: the agent cgroup judged */
+	__u64 max_bytes_conn;
+	__u64 max_bytes_window;
+	__u64 window_ns;
+	__u32 generation;        /* zt_config.generation, the whole word */
+	__u8 proto;
+	__u8 family;
+	__be16 dport_be;
+	__u8 daddr[16];
+};
+
+#define ZT_SOCK_TRACKED (1u << 0)  /* flow is described: a flow end is due */
+#define ZT_SOCK_CUT (1u << 1)      /* a byte budget ran out: every packet dropped */
+
+/*
+ * Value of zt_socks_v1 (BPF_MAP_TYPE_SK_STORAGE): what ztnet knows about one
+ * socket, freed by the kernel with the socket. `egress` is the verdict the
+ * egress program stamped, `send` the one zt_sendmsg4/6 stamped (unconnected
+ * UDP: datagrams to the stamped destination are neither judged nor traced
+ * again, they are counted on the flow).
+ *
+ * The ingress program counts into its own fields, kept more than a cache
+ * line away from everything the egress path reads or writes (a bulk flow's
+ * ACKs arrive on another CPU than its data leaves from); records carry them
+ * in flow.packets_in, bytes_in and last_ns.
+ */
+struct zt_sock {
+	/* what the egress fast path touches comes first, together */
+	struct zt_stamp egress;
+	__u32 flags;             /* ZT_SOCK_* */
+	__u32 pad;
+	struct zt_flow flow;     /* flow.packets_in, bytes_in: see below */
+	struct zt_stamp send;
+	__u64 spacer[8];
+	__u64 packets_in;
+	__u64 bytes_in;
+	__u64 last_in_ns;
+	__u64 pad2;
+};
+
+/* Value of zt_budgets_v1 (key: grant id, __u64): one grant's bytes out in its
+ * current window, over all its sockets on this host. */
+struct zt_window {
+	__u64 start_ns;          /* CLOCK_BOOTTIME */
+	__u64 bytes;
+};
+
+/*
  * One record of the zt_events_v1 ring buffer. Connect and sendmsg verdicts
  * fill the socket fields of `flow` (no counters, no source); flow-end records
  * (sock_release) are the final zt_flows_v1 entry. `suppressed` is how many
@@ -228,9 +307,14 @@ struct zt_event {
 	__u8 kind;            /* enum zt_event_kind */
 	__u8 verdict;         /* enum zt_verdict */
 	__u8 reason;          /* enum zt_reason */
-	__u8 pad;
+	__u8 flags;           /* ZT_EVF_* */
 	struct zt_flow flow;
 };
+
+/* zt_event.flags: ZT_EVF_CUT marks the record of a flow a byte budget cut
+ * (kind connect or sendmsg by the socket's protocol, verdict denied, reason
+ * ZT_REASON_BUDGET, the flow's counters so far). */
+#define ZT_EVF_CUT (1u << 0)
 
 /* zt_deny_budget_v1 and zt_allow_budget_v1, indexed by agent index:
  * the current one-second window and what it dropped, not yet reported. */
@@ -252,8 +336,13 @@ enum zt_counter {
 	ZT_CNT_UNPARSED = 8,
 	ZT_CNT_EVENTS_LOST = 9,       /* ring buffer full: reservation failed */
 	ZT_CNT_EVENTS_SUPPRESSED = 10, /* deny events dropped by the rate limit */
-	ZT_CNT_FLOWS_UNTRACKED = 11,  /* flow table full */
-	ZT_CNT_COUNT = 12,
+	ZT_CNT_FLOWS_UNTRACKED = 11,  /* no socket storage for the flow */
+	ZT_CNT_EGRESS_JUDGED = 12,    /* packets passed after a full judgement (the
+				       * others of EGRESS_PASS on their socket's stamp) */
+	ZT_CNT_SENDMSG_STAMPED = 13,  /* datagrams passed on the socket's stamp */
+	ZT_CNT_BUDGET_CUT = 14,       /* flows cut by a byte budget */
+	ZT_CNT_BUDGET_DROP = 15,      /* packets dropped on cut flows */
+	ZT_CNT_COUNT = 16,
 };
 
 /* struct zt_flow.flags: the flow exists only because its agent is in audit
@@ -291,7 +380,10 @@ struct zt_agent_events {
 };
 
 _Static_assert(sizeof(struct zt_grant_key) == 32, "zt_grant_key layout");
-_Static_assert(sizeof(struct zt_grant_value) == 24, "zt_grant_value layout");
+_Static_assert(sizeof(struct zt_grant_value) == 48, "zt_grant_value layout");
+_Static_assert(sizeof(struct zt_stamp) == 72, "zt_stamp layout");
+_Static_assert(sizeof(struct zt_sock) == 384, "zt_sock layout");
+_Static_assert(sizeof(struct zt_window) == 16, "zt_window layout");
 _Static_assert(sizeof(struct zt_levels) == 16, "zt_levels layout");
 _Static_assert(sizeof(struct zt_agent) == 8, "zt_agent layout");
 _Static_assert(sizeof(struct zt_config) == 32, "zt_config layout");

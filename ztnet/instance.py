@@ -21,7 +21,7 @@ from ztnet.errors import ConfigError, UnsupportedKernel
 
 # ZT_ABI_VERSION of bpf/ztnet.h (the pins live under v<ABI_VERSION>/); mirrored by
 # ztnet.datapath.abi and checked against the header by tests/unit/test_abi.py.
-ABI_VERSION = 1
+ABI_VERSION = 2
 BPFFS = Path("/sys/fs/bpf")
 STATE_ROOT = Path("/var/lib")
 FLOWS_FILE = "flows.jsonl"

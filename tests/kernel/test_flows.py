@@ -132,13 +132,15 @@ def test_a_flood_of_denied_attempts_is_rate_limited_and_fully_accounted(
     figures.records(accounted=reported + pending)
 
 
+# Datagrams alternate between two ports: each is a new destination for the socket, so each
+# is judged and traced (datagrams to the socket's last destination pass on its stamp untraced).
 FLOOD_SCRIPT = """
 import json, socket, sys
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sent = 0
-for _ in range(count):
-    sock.sendto(b"x", (host, port))
+for i in range(count):
+    sock.sendto(b"x", (host, port + i % 2))
     sent += 1
 sock.close()
 print(json.dumps({"sent": sent}))
@@ -152,8 +154,9 @@ def test_one_agents_flood_of_allowed_events_cannot_push_out_anothers_denials(
     agents' event streams add up exactly, side by side."""
     datapath, pair = setup
     flooder, victim = "flooder", "victim"
-    datapath.install_unverified([grant(7, flooder, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED)),
-                      grant(8, victim, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    datapath.install_unverified([grant(7, flooder, Proto.UDP, f"{pair.b.ipv4}/32",
+                                       f"{ALLOWED}-{ALLOWED + 1}"),
+                                 grant(8, victim, Proto.TCP, f"{pair.b.ipv4}/32", str(ALLOWED))])
     collector = Collector(datapath)
     flood = 60_000  # 9.6 MB of events: over twice the ring buffer
     proc = subprocess.run(agent_argv(datapath.instance, flooder, [
@@ -187,3 +190,30 @@ def test_one_agents_flood_of_allowed_events_cannot_push_out_anothers_denials(
     assert len(allowed) + f.allow_suppressed + f.allow_lost == flood + 1
     assert not of(flooder, ZtVerdict.DENIED) and f.deny_lost == 0
     figures.records(accounted=f.allow_suppressed + f.allow_lost)
+
+
+def test_unconnected_udp_to_one_destination_is_one_flow_with_counters(
+        setup: tuple[Datapath, NetnsPair]) -> None:
+    """Issue 11: datagrams to the destination a socket's last allowed datagram went to pass on
+    the socket's stamp: one sendmsg record, and the flow end counts every datagram."""
+    datapath, pair = setup
+    datapath.install_unverified([grant(9, AGENT, Proto.UDP, f"{pair.b.ipv4}/32", str(ALLOWED))])
+    collector = Collector(datapath)
+    before = datapath.counters()
+    count = 500
+    script = FLOOD_SCRIPT.replace("port + i % 2", "port")
+    proc = subprocess.run(agent_argv(datapath.instance, AGENT, [
+        sys.executable, "-c", script, pair.b.ipv4, str(ALLOWED), str(count)],
+        netns=pair.a.netns, user="nobody"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    end = collector.wait_for(lambda e: e.kind == ZtEventKind.FLOW_END
+                             and e.destination_port == ALLOWED, what="the flow end")
+    collector.drain()
+    sends = [e for e in collector.events if e.kind == ZtEventKind.SENDMSG]
+    assert [(e.verdict, e.cookie) for e in sends] == [(ZtVerdict.ALLOWED, end.cookie)]
+    assert end.packets_out == count and end.grant_id == 9
+    after = datapath.counters()
+    assert after["sendmsg_allow"] - before["sendmsg_allow"] == count
+    assert after["sendmsg_stamped"] - before["sendmsg_stamped"] == count - 1
+    passed = after["egress_pass"] - before["egress_pass"]
+    assert passed >= count and after["egress_judged"] - before["egress_judged"] == 1

@@ -37,7 +37,9 @@ def _probe_source() -> str:
                  "ZT_AGENT_QUARANTINED": "quarantined", "ZT_DROP_SLOTS": "drop_slots",
                  "ZT_AGENT_AUDIT": "audit", "ZT_FLOW_AUDIT": "flow_audit",
                  "ZT_DROP_SLOT_AUDIT": "drop_slot_audit",
-                 "ZT_PROTO_PORT_UNKNOWN": "proto_port_unknown"}
+                 "ZT_PROTO_PORT_UNKNOWN": "proto_port_unknown", "ZT_EVF_CUT": "evf_cut",
+                 "ZT_CFG_CLOCK_OFFSET": "cfg_clock_offset",
+                 "ZT_CFG_WAKEUP_RECORDS": "cfg_wakeup_records"}
     for macro, key in constants.items():
         lines.append(f'  printf(", \\"{key}\\": %d", (int)({macro}));')
     for counter in abi.ZtCounter:
@@ -93,6 +95,9 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
     assert max(abi.ZtReason) < abi.DROP_SLOT_AUDIT < abi.DROP_SLOTS
     assert layout["drop_slots"] == abi.DROP_SLOTS > max(abi.ZtReason)
     assert layout["proto_port_unknown"] == abi.PROTO_PORT_UNKNOWN
+    assert layout["evf_cut"] == abi.EVF_CUT
+    assert (layout["cfg_clock_offset"], layout["cfg_wakeup_records"]) == (
+        abi.CFG_CLOCK_OFFSET, abi.CFG_WAKEUP_RECORDS)
     assert abi.PROTO_PORT_UNKNOWN not in set(abi.ZtProto), "the sentinel must name no grant"
     for counter in abi.ZtCounter:
         assert layout[f"ZT_CNT_{counter.name}"] == counter
@@ -109,20 +114,26 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
 
 
 def test_event_carries_the_flow_struct_whole() -> None:
-    """sock_release copies a zt_flows_v1 entry into its event in one
-    assignment: the event's `flow` member is that struct, not a look-alike."""
-    flow_field = dict((name, kind) for name, kind, *_ in abi.ZtEvent._fields_)["flow"]
-    assert flow_field is abi.ZtFlow
+    """sock_release copies a socket's flow (struct zt_sock.flow) into its event
+    in one assignment: the event's `flow` member is that struct, not a look-alike."""
+    fields = dict((name, kind) for name, kind, *_ in abi.ZtEvent._fields_)
+    assert fields["flow"] is abi.ZtFlow
+    assert dict((name, kind) for name, kind, *_ in abi.ZtSock._fields_)["flow"] is abi.ZtFlow
     assert abi.ZtEvent.flow.size == ctypes.sizeof(abi.ZtFlow)
 
 
-def test_pinned_flow_value_keeps_its_abi_v1_layout(layout: dict[str, dict[str, int]]) -> None:
-    """zt_flows_v1 is pinned under .../v<ZT_ABI_VERSION>/ and adopted by the
-    next daemon: its value layout may not change without a version bump."""
-    assert abi.ABI_VERSION == 1
+def test_pinned_values_keep_their_abi_v2_layout(layout: dict[str, dict[str, int]]) -> None:
+    """The pinned maps live under .../v<ZT_ABI_VERSION>/ and are adopted by the
+    next daemon: their value layouts may not change without a version bump."""
+    assert abi.ABI_VERSION == 2
     flow = layout["zt_flow"]
     assert (flow["size"], flow["agent"], flow["proto"], flow["sport_be"], flow["saddr"],
             flow["comm"]) == (136, 64, 80, 84, 88, 120)
+    sock = layout["zt_sock"]
+    assert (sock["size"], sock["egress"], sock["flags"], sock["flow"], sock["send"],
+            sock["packets_in"]) == (384, 0, 72, 80, 216, 352)
+    value = layout["zt_grant_value"]
+    assert (value["size"], value["max_bytes_conn"], value["window_ns"]) == (48, 24, 40)
 
 
 def test_fixed_key_bits_cover_everything_before_the_address() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ztnet import logs
+from ztnet.daemon.cutter import BudgetCutter
 from ztnet.daemon.uploader import FlowUpload, UploadSettings
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.drift import Drift
@@ -37,6 +38,10 @@ _COUNTERS_EVERY = 1.0  # seconds between kernel-counter snapshots for the metric
 # then takes a batch instead of a record or two (a third of the CPU at 8,000 records a
 # second), for at most this much more latency.
 _LINGER = 0.002
+# The kernel wakes this reader with every _WAKEUP_EVERY-th allowed-side record per CPU and
+# queues the others silently (a wake-up per record costs the agent an interrupt per connect);
+# the poll timer (_POLL_MS) collects them. Deny records and budget cuts always wake it.
+_WAKEUP_EVERY = 64
 
 
 def _event_losses(datapath: Datapath) -> dict[str, dict[tuple[str, str], int]]:
@@ -88,6 +93,8 @@ class FlowPipeline:
                        if metrics_listen else None)
         self._granted: dict[int, Grant] = {}
         self._reader = datapath.event_reader(on_batch=self._on_events)
+        self.cutter = BudgetCutter(datapath.instance)
+        datapath.set_wakeup_every(_WAKEUP_EVERY)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ztnet-flows", daemon=True)
         self._thread.start()
@@ -95,6 +102,9 @@ class FlowPipeline:
     def _on_events(self, events: list[KernelEvent]) -> None:
         # each batch read from the rings (up to events.READ_BATCH) becomes records at once
         # and goes to the dispatcher whole: one lock and one wake-up per batch
+        for event in events:
+            if event.cut:
+                self.cutter.submit(event)
         batch = records.from_events(events, self.context)
         self.dispatcher.submit_many(batch)
         if self.otlp is not None:
@@ -159,6 +169,7 @@ class FlowPipeline:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():  # else it may still be in a poll of the rings
             self._reader.close()
+        self.cutter.close()
         if self.upload is not None:
             self.upload.stop()
         self.dispatcher.close()  # the spool sink writes its last batch for the next start

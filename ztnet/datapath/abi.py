@@ -72,9 +72,13 @@ class ZtCounter(enum.IntEnum):
     EVENTS_LOST = 9
     EVENTS_SUPPRESSED = 10
     FLOWS_UNTRACKED = 11
+    EGRESS_JUDGED = 12
+    SENDMSG_STAMPED = 13
+    BUDGET_CUT = 14
+    BUDGET_DROP = 15
 
 
-COUNTER_COUNT = 12
+COUNTER_COUNT = 16
 DROP_SLOTS = 8
 # ZT_DROP_SLOT_AUDIT: packets the egress backstop let through only because the agent is in
 # audit mode (what enforce mode would have dropped)
@@ -105,11 +109,16 @@ class ZtReason(enum.IntEnum):
     NOT_AGENT = 2
     QUARANTINED = 3
     UNPARSED = 4
+    BUDGET = 5
 
 
 AGENT_QUARANTINED = 1
 AGENT_AUDIT = 2  # ZT_AGENT_AUDIT
 FLOW_AUDIT = 1  # ZT_FLOW_AUDIT (struct zt_flow.flags)
+EVF_CUT = 1  # ZT_EVF_CUT: the record of a flow a byte budget cut
+# zt_config.reserved indices
+CFG_CLOCK_OFFSET = 0
+CFG_WAKEUP_RECORDS = 1
 
 
 class ZtGrantKey(ctypes.Structure):
@@ -135,6 +144,9 @@ class ZtGrantValue(ctypes.Structure):
         ("not_before_ns", ctypes.c_uint64),
         ("not_after_ns", ctypes.c_uint64),
         ("grant_id", ctypes.c_uint64),
+        ("max_bytes_conn", ctypes.c_uint64),
+        ("max_bytes_window", ctypes.c_uint64),
+        ("window_ns", ctypes.c_uint64),
     ]
 
 
@@ -176,7 +188,7 @@ class ZtAgentStats(ctypes.Structure):
 
 
 class ZtFlow(ctypes.Structure):
-    """struct zt_flow: a zt_flows_v1 value, and the flow part of every event"""
+    """struct zt_flow: the flow part of struct zt_sock and of every event"""
 
     _fields_ = [
         ("grant_id", ctypes.c_uint64),
@@ -212,9 +224,50 @@ class ZtEvent(ctypes.Structure):
         ("kind", ctypes.c_uint8),
         ("verdict", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
         ("flow", ZtFlow),
     ]
+
+
+class ZtStamp(ctypes.Structure):
+    """struct zt_stamp"""
+
+    _fields_ = [
+        ("until_ns", ctypes.c_uint64),
+        ("grant_id", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("max_bytes_conn", ctypes.c_uint64),
+        ("max_bytes_window", ctypes.c_uint64),
+        ("window_ns", ctypes.c_uint64),
+        ("generation", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("dport_be", ctypes.c_uint16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
+class ZtSock(ctypes.Structure):
+    """struct zt_sock: a zt_socks_v1 value (socket-local storage)"""
+
+    _fields_ = [
+        ("egress", ZtStamp),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("flow", ZtFlow),
+        ("send", ZtStamp),
+        ("spacer", ctypes.c_uint64 * 8),
+        ("packets_in", ctypes.c_uint64),
+        ("bytes_in", ctypes.c_uint64),
+        ("last_in_ns", ctypes.c_uint64),
+        ("pad2", ctypes.c_uint64),
+    ]
+
+
+class ZtWindow(ctypes.Structure):
+    """struct zt_window: a zt_budgets_v1 value (key: grant id)"""
+
+    _fields_ = [("start_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
 class ZtDenyBudget(ctypes.Structure):
@@ -258,6 +311,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_agent_stats": ZtAgentStats,
     "zt_event": ZtEvent,
     "zt_flow": ZtFlow,
+    "zt_stamp": ZtStamp,
+    "zt_sock": ZtSock,
+    "zt_window": ZtWindow,
     "zt_deny_budget": ZtDenyBudget,
     "zt_agent_events": ZtAgentEvents,
 }
@@ -267,12 +323,19 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 # (compile, batch writes, dumps): one struct call per entry instead of a ctypes object.
 # tests/unit/test_abi.py checks these against ZtGrantKey/ZtGrantValue byte for byte.
 _GRANT_KEY = struct.Struct("<IIBBBB2s2x16s")  # the port in network order
-_GRANT_VALUE = struct.Struct("<QQQ")
+_GRANT_VALUE = struct.Struct("<QQQQQQ")
 GRANT_KEY_SIZE = _GRANT_KEY.size
 GRANT_VALUE_SIZE = _GRANT_VALUE.size
 GENERATION_OFFSET = ZtGrantKey.generation.offset
-pack_grant_value = _GRANT_VALUE.pack
 unpack_grant_value = _GRANT_VALUE.unpack
+
+
+def pack_grant_value(not_before_ns: int, not_after_ns: int, grant_id: int,
+                     max_bytes_conn: int = 0, max_bytes_window: int = 0,
+                     window_ns: int = 0) -> bytes:
+    """struct zt_grant_value: the window, the grant, its byte budgets (0: none)."""
+    return _GRANT_VALUE.pack(not_before_ns, not_after_ns, grant_id, max_bytes_conn,
+                             max_bytes_window, window_ns)
 
 
 def pack_grant_key(agent: int, proto: int, family: int, port_bits: int, port: int,
@@ -350,16 +413,22 @@ class EntryValue:
     not_before_ns: int
     not_after_ns: int
     grant_id: int
+    max_bytes_conn: int = 0
+    max_bytes_window: int = 0
+    window_ns: int = 0
 
     def to_c(self) -> ZtGrantValue:
-        return ZtGrantValue(self.not_before_ns, self.not_after_ns, self.grant_id)
+        return ZtGrantValue(self.not_before_ns, self.not_after_ns, self.grant_id,
+                            self.max_bytes_conn, self.max_bytes_window, self.window_ns)
 
     @classmethod
     def from_c(cls, value: ZtGrantValue) -> EntryValue:
-        return cls(value.not_before_ns, value.not_after_ns, value.grant_id)
+        return cls(value.not_before_ns, value.not_after_ns, value.grant_id,
+                   value.max_bytes_conn, value.max_bytes_window, value.window_ns)
 
     def packed(self) -> bytes:
-        return pack_grant_value(self.not_before_ns, self.not_after_ns, self.grant_id)
+        return pack_grant_value(self.not_before_ns, self.not_after_ns, self.grant_id,
+                                self.max_bytes_conn, self.max_bytes_window, self.window_ns)
 
     @classmethod
     def unpack(cls, raw: bytes) -> EntryValue:

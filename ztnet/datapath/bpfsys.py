@@ -438,6 +438,16 @@ class RingBuffers:
                                 f"{os.strerror(_err(rc))}")
         return max(rc, 0)
 
+    def consume(self) -> int:
+        """Read every record waiting, whether or not the kernel woke the reader for it."""
+        if self._handle is None:
+            return 0
+        rc = int(_lib().ring_buffer__consume(self._handle))
+        if rc < 0 and _err(rc) != errno.EINTR:
+            raise DatapathError(f"datapath: reading ring buffers failed: "
+                                f"{os.strerror(_err(rc))}")
+        return max(rc, 0)
+
     def close(self) -> None:
         if self._handle is not None:
             _lib().ring_buffer__free(self._handle)

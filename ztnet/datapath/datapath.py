@@ -5,8 +5,12 @@ A grant set lives twice in the kernel (generations 0 and 1 of the grant trie
 and the level table). ``replace()`` rewrites the generation no program is
 reading, then flips ``zt_config.generation`` with one map update: agents see
 the old set or the new one, never a mixture, and there is no moment in which
-a connection both sets allow is refused. Rewriting is a diff against what that
-generation already holds (Cilium's dump-and-diff), never flush-and-refill.
+a connection both sets allow is refused. The word is a counter whose low bit
+names the live set: every flip adds 1, and every other change a verdict
+depends on (an agent quarantined, released or removed) adds 2, so that the
+verdicts stamped on sockets (struct zt_stamp) all go stale at once. Rewriting
+is a diff against what that generation already holds (Cilium's dump-and-diff),
+never flush-and-refill.
 """
 
 from __future__ import annotations
@@ -193,11 +197,11 @@ class Datapath:
         installed, as CLOCK_BOOTTIME counts it. ``clock_step_ns`` tells how far
         the wall clock has moved away since."""
         config = self._config()
-        stored = int(config.reserved[0])
+        stored = int(config.reserved[abi.CFG_CLOCK_OFFSET])
         if stored:
             return BootClock(stored)
         measured = BootClock.now()
-        config.reserved[0] = measured.offset_ns
+        config.reserved[abi.CFG_CLOCK_OFFSET] = measured.offset_ns
         self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
         return measured
 
@@ -208,6 +212,25 @@ class Datapath:
     @property
     def generation(self) -> int:
         return int(self._config().generation) & 1
+
+    def _advance(self, config: abi.ZtConfig, step: int) -> None:
+        """Move the config word by ``step`` (1: flip to the other grant set, 2:
+        same set, stamps stale) in one map update."""
+        config.generation = (int(config.generation) + step) & 0xFFFFFFFF
+        self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
+
+    def invalidate_stamps(self) -> None:
+        """Make every socket's stamped verdict stale: the next packet of every
+        flow is judged against the maps as they are now."""
+        self._advance(self._config(), 2)
+
+    def set_wakeup_every(self, records: int) -> None:
+        """The allowed-side ring's wake-up policy: wake the reader with every
+        ``records``-th record per CPU (0: with every record); the reader must then
+        poll on a timer for the records in between."""
+        config = self._config()
+        config.reserved[abi.CFG_WAKEUP_RECORDS] = max(0, int(records))
+        self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
 
     # --- agents --------------------------------------------------------------------
 
@@ -234,9 +257,12 @@ class Datapath:
                  for name, path in cgroups.agent_cgroups(self.instance).items()}
         registered = self._registered()
         agents = self.maps["zt_agents_v1"]
-        for stale in set(registered) - set(by_id):
+        stale_ids = set(registered) - set(by_id)
+        for stale in stale_ids:
             agents.delete(ctypes.c_uint64(stale))
             del registered[stale]
+        if stale_ids:
+            self.invalidate_stamps()
         used = {agent.index for agent in registered.values()} | self._indices_in_use()
         result = {by_id[cgid]: int(agent.index) for cgid, agent in registered.items()}
         free = (index for index in range(1, abi.MAX_AGENTS) if index not in used)
@@ -283,6 +309,7 @@ class Datapath:
         else:
             value.flags &= ~abi.AGENT_QUARANTINED
         self.maps["zt_agents_v1"].update(key, value)
+        self.invalidate_stamps()
 
     def quarantined(self) -> set[str]:
         """Agents whose quarantine flag is set, read from the kernel."""
@@ -419,8 +446,7 @@ class Datapath:
             snapshot = self.grant_maps.snapshot()
         written, deleted = self._write(target, desired, snapshot)
         self._set_audit(audit, enable=True)
-        config.generation = target
-        self.maps["zt_config_v1"].update(ctypes.c_int(0), config)
+        self._advance(config, 1)  # audited verdicts are never stamped: the flip suffices
         self._set_audit(audit, enable=False)
         self._grants, self._active, self._audit = grants, target, audit
         if repair:

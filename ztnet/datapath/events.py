@@ -54,6 +54,7 @@ class KernelEvent(NamedTuple):
     bytes_in: int
     first_seen: float
     last_seen: float
+    cut: bool = False  # ZT_EVF_CUT: the record of a flow a byte budget cut
 
 
 def struct_layout(ctype: type[ctypes.Structure]) -> tuple[struct.Struct, tuple[str, ...]]:
@@ -116,7 +117,7 @@ class Decoder:
             "flow.agent", "flow.pid", "flow.tgid", "flow.uid", "flow.comm", "flow.proto",
             "flow.family", "flow.saddr", "flow.sport_be", "flow.daddr", "flow.dport_be",
             "suppressed", "flow.packets_out", "flow.bytes_out", "flow.packets_in",
-            "flow.bytes_in", "flow.first_ns", "flow.last_ns"))
+            "flow.bytes_in", "flow.first_ns", "flow.last_ns", "flags"))
         self._kinds = {int(k): k for k in abi.ZtEventKind}
         self._verdicts = {int(v): v for v in abi.ZtVerdict}
         self._reasons = {int(r): r for r in abi.ZtReason}
@@ -128,7 +129,7 @@ class Decoder:
         kinds, verdicts, reasons = self._kinds, self._verdicts, self._reasons
         (i_kind, i_verdict, i_reason, i_time, i_cookie, i_cgroup, i_grant, i_agent, i_pid,
          i_tgid, i_uid, i_comm, i_proto, i_family, i_saddr, i_sport, i_daddr, i_dport,
-         i_suppressed, i_pout, i_bout, i_pin, i_bin, i_first, i_last) = self._order
+         i_suppressed, i_pout, i_bout, i_pin, i_bin, i_first, i_last, i_flags) = self._order
         zero = bytes(16)
         new = KernelEvent
         out: list[KernelEvent] = []
@@ -148,7 +149,7 @@ class Decoder:
                     ((dport & 0xFF) << 8) | (dport >> 8), r[i_suppressed], r[i_pout],
                     r[i_bout], r[i_pin], r[i_bin],
                     (first + offset) / 1e9 if first else 0.0,
-                    (last + offset) / 1e9 if last else 0.0))
+                    (last + offset) / 1e9 if last else 0.0, bool(r[i_flags] & abi.EVF_CUT)))
             except (KeyError, ValueError):  # an enum value or family this build does not know
                 bad += 1
         return out, bad
@@ -211,6 +212,9 @@ class EventReader:
         """Deliver what the rings hold, waiting up to ``timeout_ms`` for the first record;
         how many records were read."""
         count = self._rings.poll(timeout_ms)
+        # records the kernel queued without a wake-up (the daemon's wake-up policy,
+        # Datapath.set_wakeup_every) signal nothing to epoll: read them after the timeout
+        count += self._rings.consume()
         if self._raw:
             self._flush()
         return count

@@ -42,7 +42,7 @@ from ztnet.datapath.bpfsys import (
 from ztnet.errors import DatapathError, LoadError
 from ztnet.instance import Instance
 
-SOURCES = ("maps.h", "verdict.h", "events.h", "sock_addr.c", "egress.c", "ingress.c",
+SOURCES = ("maps.h", "verdict.h", "socket.h", "events.h", "sock_addr.c", "egress.c", "ingress.c",
            "sock_release.c")
 
 

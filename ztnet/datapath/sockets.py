@@ -106,6 +106,26 @@ def destroy(flow: FlowSocket) -> bool:
     return result.returncode == 0
 
 
+def _plain(address: IPAddress) -> IPAddress:
+    """::ffff:a.b.c.d (a dual-stack socket's view of IPv4) as a.b.c.d."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def destroy_matching(instance: Instance, proto: int, local: tuple[IPAddress, int],
+                     remote: tuple[IPAddress, int]) -> list[FlowSocket]:
+    """Destroy the agent sockets of (proto, local, remote): what a byte budget cut
+    (the kernel already drops their packets). Returns those destroyed."""
+    want = ((_plain(local[0]), local[1]), (_plain(remote[0]), remote[1]))
+    cut = []
+    for flow in agent_flows(instance):
+        have = ((_plain(flow.local[0]), flow.local[1]), (_plain(flow.remote[0]), flow.remote[1]))
+        if flow.proto == proto and have == want and destroy(flow):
+            cut.append(flow)
+    return cut
+
+
 def cut_unauthorized(instance: Instance, grants: Iterable[Grant], now: float, *,
                      audited: frozenset[str] = frozenset()) -> list[FlowSocket]:
     """Destroy every agent flow that ``grants`` no longer allow at ``now``. Agents in
