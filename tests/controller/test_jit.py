@@ -287,3 +287,20 @@ def test_a_jit_grant_can_be_revoked_before_it_ends(
         sent = {name: host.take() for name, host in hosts.items()}
         assert [r.outcome for r in revoked.result(timeout=20).results] == ["ack", "ack"]
     assert not any(grant_id in grants for grants in sent.values())
+
+
+def test_a_host_is_limited_in_how_often_it_asks(state: ControllerState, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    with ControllerProcess(state, policy=policy, extra_args=["--host-request-rate", "3/h"]) \
+            as controller:
+        host = Host(controller, enroll(controller, "web-1"))
+        try:
+            for _ in range(3):
+                assert host.ask("bot", "10.0.0.7", "443", 60).state == "pending"
+            with pytest.raises(grpc.RpcError) as caught:
+                host.ask("bot", "10.0.0.7", "443", 60)
+            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--host-request-rate" in str(caught.value.details())
+        finally:
+            host.close()

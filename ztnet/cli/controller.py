@@ -109,6 +109,9 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--host-flow-rate", type=rate, default=limits.flow_records, metavar="N/T",
                    help=f"flow records per host; faster batches wait (default "
                    f"{limits.flow_records})")
+    p.add_argument("--host-request-rate", type=rate, default=limits.grant_requests,
+                   metavar="N/T", help=f"RequestGrant calls per host (just-in-time grant "
+                   f"requests; default {limits.grant_requests})")
     p.add_argument("--host-max-streams", type=int, default=limits.max_streams, metavar="N",
                    help=f"open StreamGrants and ReportFlows streams per host, each (default "
                    f"{limits.max_streams}; 0: no limit)")
@@ -187,7 +190,8 @@ def handle_serve(args: argparse.Namespace) -> int:
                  host_limits=HostLimits(subscribe=args.host_subscribe_rate,
                                         renew=args.host_renew_rate,
                                         flow_records=args.host_flow_rate,
-                                        max_streams=args.host_max_streams),
+                                        max_streams=args.host_max_streams,
+                                        grant_requests=args.host_request_rate),
                  tpm_ek_cas=tuple(args.tpm_ek_ca), tpm_ek_allowlist=args.tpm_ek_allowlist,
                  otlp_endpoint=args.otlp_endpoint)
 

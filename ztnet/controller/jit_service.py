@@ -17,6 +17,7 @@ from ztnet.controller.authz import Authorizer
 from ztnet.controller.enrollment import check_host
 from ztnet.controller.hub import HostResult, Hub
 from ztnet.controller.jitstore import DENIED, GrantRequest, JitGrant
+from ztnet.controller.limiter import HostLimiter
 from ztnet.controller.publisher import Publication, Publisher
 from ztnet.controller.store import Store
 from ztnet.grants.model import format_grant_id
@@ -29,7 +30,8 @@ MAX_WAIT = 300.0
 class JitService:
     def __init__(self, store: Store, publisher: Publisher, hub: Hub, authz: Authorizer,
                  clock: Callable[[], float], *, audit: AuditLog | None = None,
-                 default_wait: float = 10.0) -> None:
+                 default_wait: float = 10.0, limiter: HostLimiter | None = None) -> None:
+        self.limiter = limiter or HostLimiter()
         self.store = store
         self.publisher = publisher
         self.hub = hub
@@ -124,6 +126,7 @@ class JitService:
                             context: Any) -> node_pb2.RequestGrantResponse:
         peer = self.authz.require(context, "host")
         host = peer.name
+        self.limiter.admit(host, "grant_requests")
         policy = self.publisher.policy
         jit.check_agent(policy, request.agent)
         assert policy is not None

@@ -8,6 +8,7 @@ compromised) may cost the controller, so it can never slow down the others.
                    waits for its tokens, up to ``MAX_FLOW_WAIT`` seconds:
                    backpressure, not loss; beyond that it is refused)
     RenewCertificate  one token from the host's ``renew`` bucket
+    RequestGrant   one token from the host's ``grant_requests`` bucket
 
 A refusal is RESOURCE_EXHAUSTED naming the host, the limit and its flag; a
 daemon retries with its usual backoff. The host is the one its certificate
@@ -34,7 +35,8 @@ MAX_FLOW_WAIT = 2.0
 # (rpc, flag) of each bucket, for the refusal message
 _BUCKETS = {"subscribe": ("StreamGrants", "--host-subscribe-rate"),
             "renew": ("RenewCertificate", "--host-renew-rate"),
-            "flow_records": ("ReportFlows records", "--host-flow-rate")}
+            "flow_records": ("ReportFlows records", "--host-flow-rate"),
+            "grant_requests": ("RequestGrant", "--host-request-rate")}
 
 
 @dataclass(slots=True)

@@ -55,6 +55,8 @@ class HostLimits:
     renew: Rate = Rate(10, 3600.0)
     flow_records: Rate = Rate(10_000, 1.0)
     max_streams: int = 4  # per RPC: StreamGrants and ReportFlows each; 0: no limit
+    # RequestGrant calls: each auto-approved one is an epoch pushed to every host
+    grant_requests: Rate = Rate(30, 3600.0)
 
 
 

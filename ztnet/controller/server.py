@@ -165,7 +165,7 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
     admin = AdminService(store, publisher, hub, authz, clock, default_wait=config.apply_timeout,
                          metrics=metrics, audit=audit)
     jit = JitService(store, publisher, hub, authz, clock, audit=audit,
-                     default_wait=config.apply_timeout)
+                     default_wait=config.apply_timeout, limiter=limiter)
     response = ResponseService(store, responder, hub, authz, wait=config.apply_timeout)
     pruner = Pruner(store, config.retention, clock, metrics)
 
