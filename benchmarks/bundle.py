@@ -1,14 +1,30 @@
-"""Signed-bundle benchmark: what it costs the daemon to verify and apply a
-bundle of 1, 1,000 and 100,000 grants, and the daemon's RSS at 100,000.
+"""Control-plane benchmark: what it costs a real daemon to verify and apply a
+signed bundle of 1, 1,000 and 100,000 grants, its RSS, start, resync and
+single-grant changes.
 
-    sudo .venv/bin/python -m benchmarks.bundle [--sizes 1,1000,100000]
+    sudo .venv/bin/python -m benchmarks.bundle [--sizes 1,1000,100000] [--out FILE]
 
 For each size a policy of that many rules (10 agents, distinct /32s in
 10.0.0.0/8, TCP 443) is compiled, signed, written to a file, and a real
-`ztnet daemon` is started on it with a private instance. The daemon's own
-log line "bundle applied" reports verify_ms and apply_ms (verification and
-parsing vs. the atomic datapath swap); RSS is read from /proc once it has
-applied. Signing and issuing happen here, outside the daemon's timings.
+`ztnet daemon` is started on it with a private instance (its programs not
+yet pinned: the first start compiles them in a child process). The daemon's
+log lines report the times: "datapath ready" (``open_ms``: programs compiled
+or found pinned, attached), "bundle applied" (``verify_ms``: signature and
+parsing; ``apply_ms``: the atomic datapath swap; ``total_ms``: the whole
+apply, audit trail and flow metadata included). RSS and whether a compiler
+library (libLLVM, libbcc, libclang) is mapped are read from /proc once the
+bundle is applied. Signing and issuing happen here, outside the timings.
+
+For the largest size it then measures, on the running daemon:
+
+* one grant revoked (bundle version 2: the same grants but the last) and
+  the same grant added again (version 3), each from the file change to
+  "bundle applied";
+* the daemon's CPU per resync when nothing changed (``--resync 1`` for 10 s,
+  user+system time of the process divided by the resyncs);
+* a restart with the programs pinned: process start to "datapath ready"
+  (adopted, enforcing) and to "daemon ready" (the persisted bundle verified
+  and re-installed), and whether it compiled anything.
 """
 
 from __future__ import annotations
@@ -16,16 +32,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from ztnet.datapath.datapath import teardown
+from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import sign_bundle
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
@@ -33,6 +53,8 @@ from ztnet.policy.document import parse_policy
 from ztnet.policy.issue import issue_bundle
 
 AGENTS = 10
+COMPILER_LIBRARIES = ("libLLVM", "libbcc", "libclang")
+RESYNC_WINDOW = 10.0
 
 
 def policy_text(rules: int) -> str:
@@ -52,13 +74,101 @@ def policy_text(rules: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_size(rules: int, work: Path) -> dict[str, float]:
+def signed(rules: int, version: int, key_path: Path) -> bytes:
+    policy = parse_policy(policy_text(rules), f"bench-{rules}.toml")
+    bundle = issue_bundle(policy, host="bench", version=version, now=time.time(),
+                          issuer="bench", default_ttl=3600)
+    return sign_bundle(bundle, load_private_key(key_path))
+
+
+class Daemon:
+    """A `ztnet daemon` whose JSON log lines are collected by a thread."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                self.events.append((time.monotonic(), event))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[dict[str, Any]], bool], start: int = 0,
+             timeout: float = 300) -> tuple[float, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for when, event in self.events[start:]:
+                    if event.get("event") == "bundle rejected":
+                        raise SystemExit(f"bench: bundle rejected: {event}")
+                    if predicate(event):
+                        return when, event
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench: daemon gone or silent ({self.proc.poll()})")
+                self._cond.wait(1.0)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def named(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda event: event.get("event") == name
+
+
+def applied(version: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda event: event.get("event") == "bundle applied" and event.get("version") == version
+
+
+def compiler_mapped(pid: int) -> bool:
+    text = Path(f"/proc/{pid}/maps").read_text()
+    return any(name in text for name in COMPILER_LIBRARIES)
+
+
+def change(daemon: Daemon, bundle_path: Path, envelope: bytes, version: int) -> dict[str, float]:
+    mark = daemon.mark()
+    started = time.monotonic()
+    replace_atomic(bundle_path, envelope)
+    when, event = daemon.wait(applied(version), mark)
+    return {"file_to_applied_ms": round((when - started) * 1000, 1),
+            "verify_ms": float(event["verify_ms"]), "apply_ms": float(event["apply_ms"]),
+            "total_ms": float(event["total_ms"])}
+
+
+def resync_cpu(pid: int) -> dict[str, float]:
+    process = psutil.Process(pid)
+    before = process.cpu_times()
+    time.sleep(RESYNC_WINDOW)  # a measuring window, not synchronisation
+    after = process.cpu_times()
+    cpu = (after.user - before.user) + (after.system - before.system)
+    return {"resync_cpu_ms": round(cpu * 1000 / RESYNC_WINDOW, 1),
+            "resync_window_s": RESYNC_WINDOW}
+
+
+def run_size(rules: int, work: Path, full: bool) -> dict[str, Any]:
     key_path, pub = generate_keypair(work / f"keys-{rules}")
     started = time.monotonic()
-    policy = parse_policy(policy_text(rules), f"bench-{rules}.toml")
-    bundle = issue_bundle(policy, host="bench", version=1, now=time.time(), issuer="bench",
-                          default_ttl=3600)
-    envelope = sign_bundle(bundle, load_private_key(key_path))
+    envelope = signed(rules, 1, key_path)
     issue_seconds = time.monotonic() - started
     bundle_path = work / f"bundle-{rules}.json"
     bundle_path.write_bytes(envelope)
@@ -66,26 +176,41 @@ def run_size(rules: int, work: Path) -> dict[str, float]:
     argv = [sys.executable, "-m", "ztnet.cli", "daemon", "--instance", instance.name,
             "--trust", str(pub), "--bundle", str(bundle_path), "--state",
             str(work / f"state-{rules}"), "--host", "bench", "--log-format", "json",
-            "--resync", "3600"]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+            "--resync", "1" if full else "3600"]
+    daemon = Daemon(argv)
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            event = json.loads(line)
-            if event.get("event") == "bundle applied":
-                break
-            if event.get("event") == "bundle rejected":
-                raise SystemExit(f"bench: bundle rejected: {event}")
-        else:
-            raise SystemExit(f"bench: daemon exited ({proc.wait()})")
-        rss = psutil.Process(proc.pid).memory_info().rss
-        return {"grants": rules, "bundle_bytes": len(envelope),
-                "issue_and_sign_s": round(issue_seconds, 3),
-                "verify_ms": float(event["verify_ms"]), "apply_ms": float(event["apply_ms"]),
-                "kernel_entries": float(event["entries"]), "daemon_rss_mib": round(rss / 2**20, 1)}
+        ready_at, ready = daemon.wait(named("datapath ready"))
+        _, event = daemon.wait(applied(1))
+        result: dict[str, Any] = {
+            "grants": rules, "bundle_bytes": len(envelope),
+            "issue_and_sign_s": round(issue_seconds, 3),
+            "start_to_datapath_ready_ms": round((ready_at - daemon.started) * 1000, 1),
+            "open_ms": float(ready["open_ms"]), "compiled": ready["compiled"],
+            "verify_ms": float(event["verify_ms"]), "apply_ms": float(event["apply_ms"]),
+            "total_ms": float(event["total_ms"]), "kernel_entries": int(event["entries"]),
+            "daemon_rss_mib": round(psutil.Process(daemon.proc.pid).memory_info().rss / 2**20, 1),
+            "compiler_mapped": compiler_mapped(daemon.proc.pid),
+        }
+        if full:
+            result["resync_unchanged"] = resync_cpu(daemon.proc.pid)
+            # (a bundle carries at most 100,000 grants: revoke the last one, then add it back)
+            result["revoke_one_grant"] = change(daemon, bundle_path, signed(rules - 1, 2, key_path),
+                                                2)
+            result["add_one_grant"] = change(daemon, bundle_path, signed(rules, 3, key_path), 3)
+            result["daemon_rss_mib_after_changes"] = round(
+                psutil.Process(daemon.proc.pid).memory_info().rss / 2**20, 1)
+            daemon.stop()
+            daemon = Daemon(argv)
+            ready_at, ready = daemon.wait(named("datapath ready"))
+            daemon_ready_at, _ = daemon.wait(named("daemon ready"))
+            result["restart_pinned"] = {
+                "compiled": ready["compiled"], "open_ms": float(ready["open_ms"]),
+                "start_to_datapath_ready_ms": round((ready_at - daemon.started) * 1000, 1),
+                "start_to_daemon_ready_ms": round((daemon_ready_at - daemon.started) * 1000, 1),
+            }
+        return result
     finally:
-        proc.kill()
-        proc.wait()
+        daemon.stop()
         teardown(instance)
 
 
@@ -94,15 +219,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,1000,100000")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="ztnet-bench-") as tmp:
-        for size in (int(s) for s in args.sizes.split(",")):
-            results.append(run_size(size, Path(tmp)))
+        for size in sizes:
+            results.append(run_size(size, Path(tmp), full=size == max(sizes)))
             print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'grants':>8} {'verify ms':>10} {'apply ms':>10} {'total ms':>10} {'RSS MiB':>8}")
+    print(f"\n{'grants':>8} {'verify ms':>10} {'apply ms':>10} {'total ms':>10} {'RSS MiB':>8}"
+          f" {'start ms':>9} {'LLVM':>5}")
     for r in results:
-        print(f"{int(r['grants']):>8} {r['verify_ms']:>10.1f} {r['apply_ms']:>10.1f} "
-              f"{r['verify_ms'] + r['apply_ms']:>10.1f} {r['daemon_rss_mib']:>8.1f}")
+        print(f"{r['grants']:>8} {r['verify_ms']:>10.1f} {r['apply_ms']:>10.1f} "
+              f"{r['total_ms']:>10.1f} {r['daemon_rss_mib']:>8.1f} "
+              f"{r['start_to_datapath_ready_ms']:>9.1f} {str(r['compiler_mapped']):>5}")
+    last = results[-1]
+    if "add_one_grant" in last:
+        for what in ("revoke_one_grant", "add_one_grant"):
+            change_ = last[what]
+            print(f"{what}: file→applied {change_['file_to_applied_ms']} ms (verify "
+                  f"{change_['verify_ms']}, kernel apply {change_['apply_ms']}, "
+                  f"total {change_['total_ms']} ms)")
+        print(f"resync, nothing changed: {last['resync_unchanged']['resync_cpu_ms']} ms CPU "
+              "per resync")
+        restart = last["restart_pinned"]
+        print("restart with programs pinned: datapath ready "
+              f"{restart['start_to_datapath_ready_ms']} ms (open {restart['open_ms']} ms, "
+              f"compiled {restart['compiled']}), daemon ready "
+              f"{restart['start_to_daemon_ready_ms']} ms")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0

@@ -211,3 +211,23 @@ def test_cli_verify_against_an_anchor(log_path: Path, capsys: pytest.CaptureFixt
 def test_cli_verify_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "verify", str(tmp_path / "nope")]) == ConfigError.exit_code
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_append_many_writes_what_append_writes(tmp_path: Path) -> None:
+    one, many = AuditLog(tmp_path / "one.jsonl"), AuditLog(tmp_path / "many.jsonl")
+    records = [{"id": f"g-{i:016x}", "agent": "bot", "to": "10.0.0.0/8", "n": i,
+                "note": 'q"\\ \u00e9', "nested": {"b": 1, "a": [1, 2]}} for i in range(5000)]
+    for fields in records:
+        one.append("grant.added", fields, sync=False)
+    many.append_many("grant.added", records)
+    one.close()
+    many.close()
+    lines_one = (tmp_path / "one.jsonl").read_text().splitlines()
+    lines_many = (tmp_path / "many.jsonl").read_text().splitlines()
+    assert len(lines_many) == len(lines_one) == 5000
+    for mine, theirs in zip(lines_many, lines_one, strict=True):
+        a, b = json.loads(mine), json.loads(theirs)
+        assert a["hash"] == record_hash(a) and canonical(a).decode() == mine
+        blank = {"time": "", "hash": "", "prev": ""}
+        assert {**a, **blank} == {**b, **blank}
+    assert verify(tmp_path / "many.jsonl").ok

@@ -138,12 +138,12 @@ class FlowPipeline:
             self.audit_log.append(audit.BUNDLE_APPLIED, {
                 "version": verified.version, "key_id": verified.key_id,
                 "payload_sha256": verified.payload_sha256, "grants": len(new)})
-            for grant_id in sorted(new.keys() - self._granted.keys()):
-                self.audit_log.append(audit.GRANT_ADDED, _grant_fields(new[grant_id]),
-                                      sync=False)
-            for grant_id in sorted(self._granted.keys() - new.keys()):
-                self.audit_log.append(audit.GRANT_REMOVED,
-                                      _grant_fields(self._granted[grant_id]), sync=False)
+            self.audit_log.append_many(audit.GRANT_ADDED, (
+                _grant_fields(new[grant_id])
+                for grant_id in sorted(new.keys() - self._granted.keys())))
+            self.audit_log.append_many(audit.GRANT_REMOVED, (
+                _grant_fields(self._granted[grant_id])
+                for grant_id in sorted(self._granted.keys() - new.keys())))
             self.audit_log.sync()
         except OSError as exc:  # e.g. ENOSPC: enforcement went ahead; say what is missing
             _audit_failed(f"version {verified.version} applied", exc)

@@ -32,6 +32,7 @@ from ztnet import logs
 from ztnet.daemon.client import ControllerClient
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.flows import FlowPipeline
+from ztnet.daemon.memory import return_large_buffers
 from ztnet.daemon.notify import notify
 from ztnet.daemon.requests import RequestSocket
 from ztnet.daemon.spool import DEFAULT_MAX_BYTES
@@ -172,7 +173,8 @@ class Daemon:
                    grants=len(verified.grants), entries=result.entries,
                    key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],
                    verify_ms=round(verify_seconds * 1000, 1),
-                   apply_ms=round(result.seconds * 1000, 1), flows_cut=len(cut))
+                   apply_ms=round(result.seconds * 1000, 1), flows_cut=len(cut),
+                   total_ms=round((time.monotonic() - started) * 1000, 1))
         return Outcome("applied")
 
     def _freeze(self, bundle: VerifiedBundle, previous: VerifiedBundle | None) -> None:
@@ -274,6 +276,7 @@ class Daemon:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        return_large_buffers()
         started = time.monotonic()
         self.datapath = Datapath.open(self.instance)
         programs = self.datapath.programs

@@ -328,6 +328,7 @@ GRANT_KEY_SIZE = _GRANT_KEY.size
 GRANT_VALUE_SIZE = _GRANT_VALUE.size
 GENERATION_OFFSET = ZtGrantKey.generation.offset
 unpack_grant_value = _GRANT_VALUE.unpack
+iter_grant_values = _GRANT_VALUE.iter_unpack
 
 
 def pack_grant_value(not_before_ns: int, not_after_ns: int, grant_id: int,

@@ -486,10 +486,11 @@ class Datapath:
         enforces, read from it (any process can ask)."""
         boot_now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         names = self.agent_names()
+        active = self.generation
         result: dict[str, set[int]] = {}
-        for key, value in self.kernel_entries().items():
-            if value.not_before_ns <= boot_now < value.not_after_ns and key.agent in names:
-                result.setdefault(names[key.agent], set()).add(value.grant_id)
+        for agent, generation, (not_before, not_after, grant_id) in self.grant_maps.entries():
+            if generation == active and not_before <= boot_now < not_after and agent in names:
+                result.setdefault(names[agent], set()).add(grant_id)
         return result
 
     def event_reader(self, on_event: Callable[[events.KernelEvent], None] | None = None, *,

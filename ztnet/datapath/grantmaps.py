@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from ztnet.datapath import abi
@@ -55,6 +55,17 @@ class GrantMaps:
         hasher = hashlib.blake2b(raw[0], digest_size=16)
         hasher.update(raw[1])
         return hasher.digest()
+
+    def entries(self) -> Iterator[tuple[int, int, tuple[int, int, int]]]:
+        """(agent index, generation, (not_before_ns, not_after_ns, grant_id)) of every
+        entry, straight from one dump (no per-entry objects beyond the tuples)."""
+        keys, values = self.dump_raw()
+        agent_at, generation_at = abi.ZtGrantKey.agent.offset, abi.GENERATION_OFFSET
+        ksize = abi.GRANT_KEY_SIZE
+        for index, value in enumerate(abi.iter_grant_values(values)):
+            base = index * ksize
+            agent = int.from_bytes(keys[base + agent_at:base + agent_at + 4], "little")
+            yield agent, keys[base + generation_at], value
 
     def snapshot(self, raw: tuple[bytes, bytes] | None = None) -> Snapshot:
         raw = self.dump_raw() if raw is None else raw
