@@ -108,6 +108,14 @@ class Lab:
     def _log(self, name: str) -> Path:
         return self.run_dir / "logs" / f"{name.replace(' ', '-')}.log"
 
+    def daemon_log(self, host: LabHost | str) -> str:
+        """What ``host``'s daemon has logged so far (JSON lines)."""
+        name = host if isinstance(host, str) else host.name
+        try:
+            return self._log(f"daemon {name}").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     # --- state file ------------------------------------------------------------------------
 
     def _write_state(self, complete: bool) -> None:
