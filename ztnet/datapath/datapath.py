@@ -488,7 +488,8 @@ class Datapath:
         names = self.agent_names()
         active = self.generation
         result: dict[str, set[int]] = {}
-        for agent, generation, (not_before, not_after, grant_id) in self.grant_maps.entries():
+        for agent, generation, value in self.grant_maps.entries():
+            not_before, not_after, grant_id = value[:3]  # struct zt_grant_value's first fields
             if generation == active and not_before <= boot_now < not_after and agent in names:
                 result.setdefault(names[agent], set()).add(grant_id)
         return result

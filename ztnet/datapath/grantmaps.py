@@ -56,9 +56,9 @@ class GrantMaps:
         hasher.update(raw[1])
         return hasher.digest()
 
-    def entries(self) -> Iterator[tuple[int, int, tuple[int, int, int]]]:
-        """(agent index, generation, (not_before_ns, not_after_ns, grant_id)) of every
-        entry, straight from one dump (no per-entry objects beyond the tuples)."""
+    def entries(self) -> Iterator[tuple[int, int, tuple[int, ...]]]:
+        """(agent index, generation, struct zt_grant_value's fields) of every entry,
+        straight from one dump (no per-entry objects beyond the tuples)."""
         keys, values = self.dump_raw()
         agent_at, generation_at = abi.ZtGrantKey.agent.offset, abi.GENERATION_OFFSET
         ksize = abi.GRANT_KEY_SIZE
