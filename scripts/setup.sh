@@ -32,6 +32,10 @@ PACKAGES=(python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute
 # promtool (the metrics tests) is left out where no test runs: the Vagrant VMs, which have no
 # network and find everything else already installed in their box.
 [ "${ZTNET_SETUP_NO_PROMTOOL:-0}" = 1 ] || PACKAGES+=(prometheus)
+# PostgreSQL for the replica store's tests (ztnet/testing/postgres.py runs its own cluster
+# from the binaries in a temporary directory, as nobody); the package's own cluster is
+# stopped below. ZTNET_SETUP_NO_POSTGRES=1 leaves it out (the Vagrant boxes).
+[ "${ZTNET_SETUP_NO_POSTGRES:-0}" = 1 ] || PACKAGES+=(postgresql)
 KERNEL=$(uname -r)
 
 missing=()
@@ -56,6 +60,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # do not leave a Prometheus server running on the host.
     if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
         systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+    fi
+    # Nor a PostgreSQL server: tests start their own.
+    if [[ " ${missing[*]} " == *" postgresql "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now postgresql >/dev/null 2>&1 || true
     fi
 fi
 

@@ -1,7 +1,8 @@
 """Session-wide hooks and fixtures for every suite: the hardening figures
 (tests/hardening/figures.py), collected from every test directory and printed at the end of
 the run; software TPMs (swtpm) for the TPM-bound identity tests (tests/controller/test_tpm_*.py,
-tests/kernel/test_controller_e2e.py)."""
+tests/kernel/test_controller_e2e.py); one PostgreSQL server for the session (the store
+contract tests on both backends, the replica tests), a fresh database per test."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from _pytest.terminal import TerminalReporter
 
 from tests.hardening import figures
+from ztnet.testing import postgres
 from ztnet.testing.swtpm import EkAuthority, SoftwareTpm
 from ztnet.testing.swtpm import available as swtpm_available
 
@@ -74,4 +76,25 @@ def skip_without_swtpm() -> None:
         return
     if os.environ.get("ZTNET_REQUIRE_TPM") == "1":
         pytest.fail(f"ZTNET_REQUIRE_TPM=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.PostgresServer]:
+    """One real PostgreSQL for the session (tests that stop it restart it)."""
+    skip_without_postgres()
+    server = postgres.PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def skip_without_postgres() -> None:
+    """Skip with the reason, or fail under ZTNET_REQUIRE_POSTGRES=1 (CI: .ci/run)."""
+    reason = postgres.available()
+    if reason is None:
+        return
+    if os.environ.get("ZTNET_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"ZTNET_REQUIRE_POSTGRES=1 but {reason}")
     pytest.skip(reason)

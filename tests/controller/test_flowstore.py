@@ -1,6 +1,6 @@
-"""The flow store in-process: dedupe, the row count, retention in chunks, the
-query plans (every query reads an index in order: no scan, no sort), the
-schema-1 upgrade, queries from another thread."""
+"""The flow store in-process, on both backends (tests/controller/backends.py): dedupe,
+the row count, retention in chunks, queries from another thread; then SQLite's own: the
+query plans (every query reads an index in order: no scan, no sort), the schema upgrades."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.controller.backends import Backend
 from tests.controller.flow_support import NS, make_record
 from tests.controller.schema_support import drop_tpm_schema
 from ztnet.controller import flows
 from ztnet.controller.flowstore import FlowQuery, FlowRow, flow_sql, iter_explain
 from ztnet.controller.metrics import ControllerMetrics
-from ztnet.controller.store import SCHEMA_VERSION, SqliteStore
+from ztnet.controller.store import SCHEMA_VERSION, SqliteStore, Store
 from ztnet.errors import RpcFailure
 from ztnet.observe.records import EventType, FlowRecord, Verdict, to_json
 
@@ -25,7 +26,7 @@ BASE = 1_800_000_000 * NS
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
+def sqlite_store(tmp_path: Path) -> Iterator[SqliteStore]:
     store = SqliteStore.create(tmp_path / "ztnet.db", "test.example")
     yield store
     store.close()
@@ -40,11 +41,11 @@ def rows(host: str, count: int, *, start: int = 0, agent: str = "bot",
             for i in range(count)]
 
 
-def count_star(store: SqliteStore) -> int:
-    return int(store._db.execute("SELECT count(*) FROM flows").fetchone()[0])
+def count_star(backend: Backend, store: Store) -> int:
+    return int(backend.rows(store, "SELECT count(*) FROM flows")[0][0])
 
 
-def test_sequences_and_uuids_keep_resends_out(store: SqliteStore) -> None:
+def test_sequences_and_uuids_keep_resends_out(store: Store, backend: Backend) -> None:
     batch = rows("h1", 4)
     assert store.store_flows("h1", 1, batch).stored == 4
     assert store.store_flows("h1", 1, batch).duplicate
@@ -52,44 +53,45 @@ def test_sequences_and_uuids_keep_resends_out(store: SqliteStore) -> None:
     assert store.store_flows("h2", 1, rows("h2", 2)).stored == 2  # sequences are per host
     assert (store.flow_sequence("h1"), store.flow_sequence("h2"), store.flow_sequence("h3")) \
         == (2, 1, 0)
-    assert store.flow_count() == count_star(store) == 7
+    assert store.flow_count() == count_star(backend, store) == 7
     store.enroll_host("h1", "spiffe://test.example/host/h1", now=1.0)
     assert store.flow_sequence("h1") == 0  # re-enrolled: a new spool
 
 
-def _kept(store: SqliteStore, host: str) -> list[int]:
-    return [r[0] for r in store._db.execute(
-        "SELECT received_ns FROM flows WHERE host = ? ORDER BY received_ns", (host,))]
+def _kept(backend: Backend, store: Store, host: str) -> list[int]:
+    return [r[0] for r in backend.rows(
+        store, "SELECT received_ns FROM flows WHERE host = ? ORDER BY received_ns", (host,))]
 
 
-def test_retention_deletes_the_oldest_in_chunks(store: SqliteStore) -> None:
+def test_retention_deletes_the_oldest_in_chunks(store: Store, backend: Backend) -> None:
     store.store_flows("h1", 1, rows("h1", 50, start=100))
     store.store_flows("h2", 1, rows("h2", 50))  # received earlier, though stored later
     deleted = store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20)
-    assert deleted == 20 and store.flow_count() == count_star(store) == 80
+    assert deleted == 20 and store.flow_count() == count_star(backend, store) == 80
     assert store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20) == 10
     assert store.prune_flows(before_ns=BASE + 30 * NS, max_rows=0, chunk=20) == 0
     # the row limit takes from the host holding the most: h1's oldest, not h2's
     assert store.prune_flows(before_ns=0, max_rows=60, chunk=1000) == 10
-    assert _kept(store, "h1")[0] == BASE + 110 * NS and _kept(store, "h2")[0] == BASE + 30 * NS
-    assert store.flow_count() == count_star(store) == 60
+    assert _kept(backend, store, "h1")[0] == BASE + 110 * NS
+    assert _kept(backend, store, "h2")[0] == BASE + 30 * NS
+    assert store.flow_count() == count_star(backend, store) == 60
 
     pruner = flows.Pruner(store, flows.Retention(max_age=0, max_rows=5, chunk=7),
                           lambda: 0.0, ControllerMetrics())
     assert asyncio.run(pruner.prune()) == 55  # eight chunks, the loop free in between
-    assert pruner.metrics.flow_rows._value.get() == 5 == count_star(store)
-    h1, h2 = _kept(store, "h1"), _kept(store, "h2")  # each host's newest kept
+    assert pruner.metrics.flow_rows._value.get() == 5 == count_star(backend, store)
+    h1, h2 = _kept(backend, store, "h1"), _kept(backend, store, "h2")  # each host's newest kept
     assert h1 == [BASE + i * NS for i in range(150 - len(h1), 150)]
     assert h2 == [BASE + i * NS for i in range(50 - len(h2), 50)]
 
 
-def test_each_host_has_its_own_quota(store: SqliteStore) -> None:
+def test_each_host_has_its_own_quota(store: Store, backend: Backend) -> None:
     store.store_flows("big", 1, rows("big", 30))
     store.store_flows("small", 1, rows("small", 5, start=100))
     assert store.prune_flows(before_ns=0, max_rows=0, max_rows_per_host=10, chunk=100) == 20
-    assert _kept(store, "big") == [BASE + i * NS for i in range(20, 30)]
-    assert len(_kept(store, "small")) == 5
-    counts = dict(store._db.execute("SELECT host, rows FROM flow_hosts").fetchall())
+    assert _kept(backend, store, "big") == [BASE + i * NS for i in range(20, 30)]
+    assert len(_kept(backend, store, "small")) == 5
+    counts = dict(backend.rows(store, "SELECT host, rows FROM flow_hosts"))
     assert counts == {"big": 10, "small": 5} and store.flow_count() == 15
 
 
@@ -115,8 +117,9 @@ def _populate(store: SqliteStore) -> None:
     (FlowQuery(host="h1", agent="a2", verdict="DENIED"), "flows_by_agent"),
     (FlowQuery(host="h1", verdict="DENIED", event_type="connect"), "flows_by_host"),
 ])
-def test_every_query_reads_an_index_in_order(store: SqliteStore, query: FlowQuery,
+def test_every_query_reads_an_index_in_order(sqlite_store: SqliteStore, query: FlowQuery,
                                              index: str) -> None:
+    store = sqlite_store
     _populate(store)
     plan = list(iter_explain(store._db, query))
     assert len(plan) == 1 and f"USING INDEX {index}" in plan[0], plan
@@ -128,7 +131,7 @@ def test_every_query_reads_an_index_in_order(store: SqliteStore, query: FlowQuer
     assert "ORDER BY received_ns DESC, time_ns DESC LIMIT" in sql and params[-1] == query.limit + 1
 
 
-def test_queries_from_another_thread_see_committed_batches(store: SqliteStore) -> None:
+def test_queries_from_another_thread_see_committed_batches(store: Store) -> None:
     store.store_flows("h1", 1, rows("h1", 3))
     results: list[int] = []
     worker = threading.Thread(

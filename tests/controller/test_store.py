@@ -1,4 +1,5 @@
-"""SqliteStore: the version counter, tokens, certificates, hosts."""
+"""The Store contract on both backends (SQLite, PostgreSQL: tests/controller/backends.py):
+the version counter, tokens, certificates, hosts; then SQLite's own file and upgrades."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.controller.backends import Backend
 from tests.controller.schema_support import (
     drop_detect_schema,
     drop_jit_schema,
@@ -15,18 +17,20 @@ from tests.controller.schema_support import (
     drop_tpm_schema,
 )
 from ztnet.controller.detectstore import AlertRecord, QuarantineRecord
-from ztnet.controller.store import SCHEMA_VERSION, HostBinding, SqliteStore, TokenStatus
+from ztnet.controller.store import SCHEMA_VERSION, HostBinding, SqliteStore, Store, TokenStatus
 from ztnet.errors import ConfigError
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
+def sqlite_store(tmp_path: Path) -> Iterator[SqliteStore]:
     store = SqliteStore.create(tmp_path / "ztnet.db", "test.example")
     yield store
     store.close()
 
 
-def test_the_database_is_private_and_in_wal_mode(store: SqliteStore, tmp_path: Path) -> None:
+def test_the_database_is_private_and_in_wal_mode(sqlite_store: SqliteStore,
+                                                 tmp_path: Path) -> None:
+    store = sqlite_store
     path = tmp_path / "ztnet.db"
     assert path.stat().st_mode & 0o777 == 0o600
     with sqlite3.connect(path) as db:
@@ -34,7 +38,7 @@ def test_the_database_is_private_and_in_wal_mode(store: SqliteStore, tmp_path: P
     assert store.trust_domain() == "test.example"
 
 
-def test_one_counter_for_policies_revocations_and_renewals(store: SqliteStore) -> None:
+def test_one_counter_for_policies_revocations_and_renewals(store: Store) -> None:
     assert store.current_version() == 0
     first = store.add_policy("p1", now=10.0)
     revoked, changed = store.set_revocation("bot", 7, now=11.0, revoked=True)
@@ -48,17 +52,24 @@ def test_one_counter_for_policies_revocations_and_renewals(store: SqliteStore) -
     assert current is not None and (current.version, current.text) == (second.version, "p2")
 
 
-def test_the_counter_survives_reopening(store: SqliteStore, tmp_path: Path) -> None:
+def test_the_counter_survives_reopening(store: Store, backend: Backend) -> None:
     store.add_policy("p", now=1.0)
     version = store.next_version()
-    again = SqliteStore.open(tmp_path / "ztnet.db")
-    try:
-        assert again.next_version() == version + 1
-    finally:
-        again.close()
+    store.close()
+    assert backend.store().next_version() == version + 1
 
 
-def test_revocations_keep_64_bit_grant_ids(store: SqliteStore) -> None:
+def test_the_fleet_state_is_one_snapshot(store: Store) -> None:
+    assert store.fleet_state().policy is None
+    store.add_policy("p1", now=1.0)
+    version, _ = store.set_revocation("bot", None, now=2.0, revoked=True)
+    state = store.fleet_state()
+    assert state.version == version == store.current_version()
+    assert state.policy is not None and state.policy.text == "p1"
+    assert [r.agent for r in state.revocations] == ["bot"]
+
+
+def test_revocations_keep_64_bit_grant_ids(store: Store) -> None:
     big = 2**64 - 5
     store.set_revocation("bot", big, now=1.0, revoked=True)
     store.set_revocation("other", None, now=1.0, revoked=True)
@@ -70,7 +81,7 @@ def test_revocations_keep_64_bit_grant_ids(store: SqliteStore) -> None:
     assert not changed
 
 
-def test_a_token_is_used_once_before_it_expires(store: SqliteStore) -> None:
+def test_a_token_is_used_once_before_it_expires(store: Store) -> None:
     store.add_token("d1", "web-1", now=100.0, expires_at=200.0)
     assert store.consume_token("d1", "web-2", now=150.0) is TokenStatus.WRONG_HOST
     assert store.consume_token("d1", "web-1", now=150.0) is TokenStatus.ACCEPTED
@@ -81,17 +92,14 @@ def test_a_token_is_used_once_before_it_expires(store: SqliteStore) -> None:
     assert store.consume_token("d2", "web-1", now=199.9) is TokenStatus.ACCEPTED
 
 
-def test_a_token_is_used_once_across_connections(store: SqliteStore, tmp_path: Path) -> None:
+def test_a_token_is_used_once_across_connections(store: Store, backend: Backend) -> None:
     store.add_token("d", "web-1", now=0.0, expires_at=10.0)
-    other = SqliteStore.open(tmp_path / "ztnet.db")
-    try:
-        outcomes = {store.consume_token("d", "web-1", 1.0), other.consume_token("d", "web-1", 1.0)}
-    finally:
-        other.close()
+    other = backend.store()
+    outcomes = {store.consume_token("d", "web-1", 1.0), other.consume_token("d", "web-1", 1.0)}
     assert outcomes == {TokenStatus.ACCEPTED, TokenStatus.USED}
 
 
-def test_certificates_are_revoked_by_identity(store: SqliteStore) -> None:
+def test_certificates_are_revoked_by_identity(store: Store) -> None:
     host = "spiffe://test.example/host/web-1"
     store.record_certificate(2**150, host, now=1.0, not_after=100.0)
     store.record_certificate(2, host, now=2.0, not_after=100.0)
@@ -104,7 +112,7 @@ def test_certificates_are_revoked_by_identity(store: SqliteStore) -> None:
     assert store.certificate_revoked(3)
 
 
-def test_hosts_record_acks_and_nacks(store: SqliteStore) -> None:
+def test_hosts_record_acks_and_nacks(store: Store) -> None:
     store.enroll_host("web-1", "spiffe://test.example/host/web-1", now=1.0)
     store.record_answer("web-1", 5, now=2.0, nack_reason=None)
     store.record_answer("web-1", 3, now=3.0, nack_reason=None)  # never goes backwards
@@ -116,9 +124,9 @@ def test_hosts_record_acks_and_nacks(store: SqliteStore) -> None:
     assert store.hosts()[0].applied_version == 6
 
 
-def test_a_failed_transaction_changes_nothing(store: SqliteStore) -> None:
+def test_a_failed_transaction_changes_nothing(store: Store, backend: Backend) -> None:
     store.add_token("d", "web-1", now=0.0, expires_at=10.0)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(backend.integrity_error):
         store.add_token("d", "web-2", now=0.0, expires_at=10.0)
     assert store.consume_token("d", "web-1", now=1.0) is TokenStatus.ACCEPTED
 
@@ -139,7 +147,7 @@ def test_opening_something_else_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_require_tpm_token_is_left_unused_by_a_software_enrollment(
-        store: SqliteStore) -> None:
+        store: Store) -> None:
     store.add_token("d", "web-1", now=0.0, expires_at=10.0, require_tpm=True)
     assert store.check_token("d", "web-1", now=1.0) is TokenStatus.ACCEPTED
     assert store.consume_token("d", "web-1", now=1.0) is TokenStatus.TPM_REQUIRED
@@ -147,7 +155,7 @@ def test_a_require_tpm_token_is_left_unused_by_a_software_enrollment(
     assert store.check_token("d", "web-1", now=1.0) is TokenStatus.USED
 
 
-def test_a_host_binding_is_recorded_shown_and_revoked(store: SqliteStore) -> None:
+def test_a_host_binding_is_recorded_shown_and_revoked(store: Store) -> None:
     binding = HostBinding("tpm", "sha256:" + "ab" * 32, b"\x00\x23public")
     store.enroll_host("web-1", "spiffe://test.example/host/web-1", 1.0, binding=binding)
     store.enroll_host("web-2", "spiffe://test.example/host/web-2", 1.0)

@@ -1,6 +1,7 @@
-"""`ztnet controller init|serve|token create|admin-cert|revoke-host|revoke-admin|raise-version`:
-run the controller
-and administer its state directory (docs/controller.md).
+"""`ztnet controller init|serve|migrate|token create|admin-cert|revoke-host|revoke-admin|
+raise-version`: run the controller and administer its state directory (docs/controller.md).
+``--database postgresql://…`` (or $ZTNET_DATABASE) puts the state in PostgreSQL, shared by
+replicas; without it, the state directory's SQLite file.
 
 The functions below the handlers are what the commands do, callable by tests: each
 returns an exit code, prints to ``out`` (default: stdout at call time) and raises a
@@ -35,6 +36,26 @@ if TYPE_CHECKING:
     from ztnet.pki import Kind
 
 DEFAULT_ADMIN_TTL = 30 * 86400.0
+DATABASE_ENV = "ZTNET_DATABASE"
+
+
+def database_url(value: str) -> str:
+    from ztnet.controller.pgstore import is_database_url
+
+    if not is_database_url(value):
+        raise argparse.ArgumentTypeError(
+            "want a postgresql://USER@HOST:PORT/DBNAME URL (the password from ~/.pgpass or "
+            "$PGPASSWORD rather than the command line); without --database the state "
+            "directory's SQLite file is used")
+    return value
+
+
+def database_option(parser: argparse.ArgumentParser) -> None:
+    default = os.environ.get(DATABASE_ENV) or None
+    parser.add_argument("--database", type=database_url, default=default, metavar="URL",
+                        help="keep the state in this PostgreSQL database (shared by "
+                        f"replicas; default: ${DATABASE_ENV}, else the state directory's "
+                        "SQLite file)")
 
 
 def register(sub: SubParsers) -> None:
@@ -49,6 +70,7 @@ def register(sub: SubParsers) -> None:
                     "ztnet controller init --state /var/lib/ztnet-controller "
                     "--trust-domain example.org --san ctl.example.org", handle_init)
     controller_state_option(p)
+    database_option(p)
     p.add_argument("--trust-domain", required=True, metavar="DOMAIN",
                    help="SPIFFE trust domain (policies must name the same one)")
     p.add_argument("--san", action="append", default=[], metavar="NAME",
@@ -60,6 +82,7 @@ def register(sub: SubParsers) -> None:
                     "ztnet controller serve --state /var/lib/ztnet-controller "
                     "--listen 0.0.0.0:7443 --enroll-listen 0.0.0.0:7444", handle_serve)
     controller_state_option(p)
+    database_option(p)
     p.add_argument("--listen", required=True, metavar="ADDR",
                    help="mutual-TLS HOST:PORT for daemons and operators (port 0: any)")
     p.add_argument("--enroll-listen", metavar="ADDR", default=None,
@@ -116,6 +139,16 @@ def register(sub: SubParsers) -> None:
                    help=f"open StreamGrants and ReportFlows streams per host, each (default "
                    f"{limits.max_streams}; 0: no limit)")
 
+    p = add_command(group, "migrate", "Create or upgrade the PostgreSQL schema (under a lock: "
+                    "replicas starting together migrate once), and give the database this "
+                    "state directory's trust domain. `serve --database` also does it at start.",
+                    "ztnet controller migrate --state DIR --database "
+                    "postgresql://ztnet@db.example.org/ztnet", handle_migrate)
+    controller_state_option(p)
+    p.add_argument("--database", type=database_url, required=DATABASE_ENV not in os.environ,
+                   default=os.environ.get(DATABASE_ENV) or None, metavar="URL",
+                   help=f"the PostgreSQL database (default: ${DATABASE_ENV})")
+
     p = add_command(group, "token", "Enrollment tokens.",
                     "ztnet controller token create --state DIR --host web-1")
     tokens = add_group(p, "token_command")
@@ -124,6 +157,7 @@ def register(sub: SubParsers) -> None:
                     "ztnet controller token create --state DIR --host web-1 --ttl 15m --json",
                     handle_token_create)
     controller_state_option(p)
+    database_option(p)
     p.add_argument("--host", required=True, help="the host this token may enroll")
     p.add_argument("--ttl", type=duration, default=900, metavar="DURATION",
                    help="how long the token is valid (default 15m)")
@@ -141,6 +175,7 @@ def register(sub: SubParsers) -> None:
                     "ztnet controller admin-cert --state DIR --out ~/.ztnet/admin --name alice",
                     handle_admin_cert)
     controller_state_option(p)
+    database_option(p)
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="directory to write (created 0700)")
     p.add_argument("--name", default="admin", help="who holds it (in the SPIFFE id)")
@@ -151,6 +186,7 @@ def register(sub: SubParsers) -> None:
                     "compromised host); it must enroll again with a new token.",
                     "ztnet controller revoke-host --state DIR --host web-1", handle_revoke_host)
     controller_state_option(p)
+    database_option(p)
     p.add_argument("--host", required=True)
 
     p = add_command(group, "revoke-admin", "Revoke every certificate of admin NAME (a lost "
@@ -158,6 +194,7 @@ def register(sub: SubParsers) -> None:
                     "ztnet controller revoke-admin --state DIR --name alice",
                     handle_revoke_admin)
     controller_state_option(p)
+    database_option(p)
     p.add_argument("--name", required=True, help="the admin's name (as in admin-cert --name)")
 
     p = add_command(group, "raise-version", "Raise the bundle version counter above N (after "
@@ -165,6 +202,7 @@ def register(sub: SubParsers) -> None:
                     "ztnet controller raise-version --state DIR --above 1234",
                     handle_raise_version)
     controller_state_option(p)
+    database_option(p)
     p.add_argument("--above", required=True, type=int, metavar="N",
                    help="the highest version any host holds (in its log and `ztnet hosts`)")
 
@@ -173,7 +211,12 @@ def register(sub: SubParsers) -> None:
 
 
 def handle_init(args: argparse.Namespace) -> int:
-    return controller_init(args.state, args.trust_domain, sans=tuple(args.san))
+    return controller_init(args.state, args.trust_domain, sans=tuple(args.san),
+                           database=args.database)
+
+
+def handle_migrate(args: argparse.Namespace) -> int:
+    return migrate(args.state, args.database)
 
 
 def handle_serve(args: argparse.Namespace) -> int:
@@ -193,7 +236,7 @@ def handle_serve(args: argparse.Namespace) -> int:
                                         max_streams=args.host_max_streams,
                                         grant_requests=args.host_request_rate),
                  tpm_ek_cas=tuple(args.tpm_ek_ca), tpm_ek_allowlist=args.tpm_ek_allowlist,
-                 otlp_endpoint=args.otlp_endpoint)
+                 otlp_endpoint=args.otlp_endpoint, database=args.database)
 
 
 def handle_token_create(args: argparse.Namespace) -> int:
@@ -204,39 +247,54 @@ def handle_token_create(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--label: {exc}") from None
     return token_create(args.state, args.host, ttl=args.ttl, as_json=args.json,
-                        require_tpm=args.require_tpm, labels=labels)
+                        require_tpm=args.require_tpm, labels=labels,
+                        database=args.database)
 
 
 def handle_admin_cert(args: argparse.Namespace) -> int:
-    return admin_cert(args.state, args.out, name=args.name, ttl=args.ttl)
+    return admin_cert(args.state, args.out, name=args.name, ttl=args.ttl,
+                      database=args.database)
 
 
 def handle_revoke_host(args: argparse.Namespace) -> int:
-    return revoke_host(args.state, args.host)
+    return revoke_host(args.state, args.host, database=args.database)
 
 
 def handle_revoke_admin(args: argparse.Namespace) -> int:
-    return revoke_admin(args.state, args.name)
+    return revoke_admin(args.state, args.name, database=args.database)
 
 
 def handle_raise_version(args: argparse.Namespace) -> int:
-    return raise_version(args.state, args.above)
+    return raise_version(args.state, args.above, database=args.database)
 
 
 # --- what the commands do ------------------------------------------------------------
 
 
 def controller_init(state: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
-                    out: TextIO | None = None) -> int:
+                    out: TextIO | None = None, database: str | None = None) -> int:
     from ztnet.controller import statedir
 
-    paths = statedir.init_state(state, trust_domain, sans=sans, now=time.time())
+    paths = statedir.init_state(state, trust_domain, sans=sans, now=time.time(),
+                                database=database)
     authority = statedir.load_authority(paths)
     _print(out, f"created controller state in {state} (trust domain {trust_domain})")
     _print(out, f"CA fingerprint (SHA-256): {authority.fingerprint}")
     _print(out, f"next: ztnet controller admin-cert --state {state} --out ADMIN_DIR")
     _print(out, f"      ztnet controller serve --state {state} --listen 0.0.0.0:7443 "
-                "--enroll-listen 0.0.0.0:7444")
+                "--enroll-listen 0.0.0.0:7444" + (" --database URL" if database else ""))
+    return 0
+
+
+def migrate(state: Path, database: str, *, out: TextIO | None = None) -> int:
+    """Migrate ``database`` (idempotent; concurrent calls migrate once)."""
+    from ztnet.controller import pgschema, statedir
+    from ztnet.controller.pgstore import describe
+
+    paths = statedir.open_state(state, database)
+    statedir.open_store(paths, database).close()
+    _print(out, f"{describe(database)} is at schema {pgschema.PG_SCHEMA_VERSION} "
+                f"(trust domain {statedir.trust_domain_of(paths)})")
     return 0
 
 
@@ -249,7 +307,7 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
           flow_max_rows_per_host: int = 1_000_000,
           host_limits: HostLimits = DEFAULT_LIMITS,
           tpm_ek_cas: tuple[Path, ...] = (), tpm_ek_allowlist: Path | None = None,
-          otlp_endpoint: str | None = None) -> int:
+          otlp_endpoint: str | None = None, database: str | None = None) -> int:
     """Serve until stopped (SIGTERM/SIGINT)."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts
     from ztnet import logs
@@ -270,20 +328,20 @@ def serve(*, state: Path, listen: str, enroll_listen: str | None = None,
                             max_rows_per_host=flow_max_rows_per_host,
                             interval=flow_prune_interval),
         metrics=metrics, host_limits=host_limits, tpm_ek_cas=tpm_ek_cas,
-        tpm_ek_allowlist=tpm_ek_allowlist, otlp_endpoint=otlp_endpoint))
+        tpm_ek_allowlist=tpm_ek_allowlist, otlp_endpoint=otlp_endpoint,
+        database=database))
 
 
 def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
                  out: TextIO | None = None, require_tpm: bool = False,
-                 labels: dict[str, str] | None = None) -> int:
+                 labels: dict[str, str] | None = None, database: str | None = None) -> int:
     from ztnet.controller import statedir
     from ztnet.controller.enrollment import create_token
-    from ztnet.controller.store import SqliteStore
     from ztnet.errors import RpcFailure
 
-    paths = statedir.open_state(state)
+    paths = statedir.open_state(state, database)
     authority = statedir.load_authority(paths)
-    store = SqliteStore.open(paths.database)
+    store = statedir.open_store(paths, database)
     try:
         token = create_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm,
                              labels=labels)
@@ -311,37 +369,39 @@ def token_create(state: Path, host: str, *, ttl: float, as_json: bool,
 
 
 def admin_cert(state: Path, out_dir: Path, *, name: str, ttl: float = DEFAULT_ADMIN_TTL,
-               out: TextIO | None = None) -> int:
+               out: TextIO | None = None, database: str | None = None) -> int:
     from ztnet.controller import statedir
 
-    paths = statedir.open_state(state)
+    paths = statedir.open_state(state, database)
     admin = statedir.issue_admin_credentials(paths, out_dir, name, lifetime=ttl,
-                                             now=time.time())
+                                             now=time.time(), database=database)
     _print(out, f"wrote {admin.key} (private, mode 0600), {admin.cert} and {admin.ca_cert}")
     _print(out, f"use: ztnet hosts --controller HOST:PORT --credentials {out_dir}")
     return 0
 
 
-def revoke_host(state: Path, host: str, *, out: TextIO | None = None) -> int:
+def revoke_host(state: Path, host: str, *, out: TextIO | None = None,
+                database: str | None = None) -> int:
     """Revoke every certificate of ``host``: refused from the next RPC on, and
     its open grant stream ends at its next check."""
-    return _revoke(state, "host", host, "it must enroll again", out)
+    return _revoke(state, "host", host, "it must enroll again", out, database)
 
 
-def revoke_admin(state: Path, name: str, *, out: TextIO | None = None) -> int:
+def revoke_admin(state: Path, name: str, *, out: TextIO | None = None,
+                 database: str | None = None) -> int:
     """Revoke every certificate of admin ``name``: every admin RPC checks
     revocation, so the next call with it is UNAUTHENTICATED."""
     return _revoke(state, "admin", name, "issue a new one with `ztnet controller admin-cert`",
-                   out)
+                   out, database)
 
 
-def _revoke(state: Path, kind: Kind, name: str, then: str, out: TextIO | None) -> int:
+def _revoke(state: Path, kind: Kind, name: str, then: str, out: TextIO | None,
+            database: str | None) -> int:
     from ztnet import pki
     from ztnet.controller import statedir
-    from ztnet.controller.store import SqliteStore
 
-    paths = statedir.open_state(state)
-    store = SqliteStore.open(paths.database)
+    paths = statedir.open_state(state, database)
+    store = statedir.open_store(paths, database)
     try:
         identity = pki.spiffe_id(store.trust_domain(), kind, name)
         count = store.revoke_certificates(identity.uri, time.time())
@@ -355,17 +415,17 @@ def _revoke(state: Path, kind: Kind, name: str, then: str, out: TextIO | None) -
     return 0
 
 
-def raise_version(state: Path, above: int, *, out: TextIO | None = None) -> int:
+def raise_version(state: Path, above: int, *, out: TextIO | None = None,
+                  database: str | None = None) -> int:
     """Make the next bundle version greater than ``above``: the one way a version
     moves on something other than a change (hosts ahead after a restore)."""
     from ztnet.controller import statedir
-    from ztnet.controller.store import SqliteStore
     from ztnet.policy.issue import MAX_ISSUE_VERSION
 
     if not 0 <= above < MAX_ISSUE_VERSION:
         raise ConfigError(f"controller: --above must be between 0 and {MAX_ISSUE_VERSION - 1}")
-    paths = statedir.open_state(state)
-    store = SqliteStore.open(paths.database)
+    paths = statedir.open_state(state, database)
+    store = statedir.open_store(paths, database)
     try:
         before = store.current_version()
         if before > above:

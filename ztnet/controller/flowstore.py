@@ -285,7 +285,21 @@ class SqliteFlowStore:
 def flow_sql(query: FlowQuery) -> tuple[str, list[object]]:
     """The SELECT for ``query`` (one more row than the limit, to know if more
     matched). Public for the EXPLAIN QUERY PLAN test."""
-    where, params = [], []
+    where, params = flow_filters(query)
+    index = next((name for column, name in _INDEXED if getattr(query, column)),
+                 "flows_by_received")
+    sql = (f"SELECT record FROM flows INDEXED BY {index}"
+           + (f" WHERE {' AND '.join(where)}" if where else "")
+           + " ORDER BY received_ns DESC, time_ns DESC LIMIT ?")
+    params.append(query.limit + 1)
+    return sql, params
+
+
+def flow_filters(query: FlowQuery) -> tuple[list[str], list[object]]:
+    """The WHERE terms (``?`` placeholders) and their parameters of ``query`` (both
+    backends)."""
+    where: list[str] = []
+    params: list[object] = []
     for column in ("host", "agent", "verdict", "event_type"):
         value = getattr(query, column)
         if value:
@@ -299,13 +313,7 @@ def flow_sql(query: FlowQuery) -> tuple[str, list[object]]:
     if query.until_ns:
         where.append("time_ns < ?")
         params.append(query.until_ns)
-    index = next((name for column, name in _INDEXED if getattr(query, column)),
-                 "flows_by_received")
-    sql = (f"SELECT record FROM flows INDEXED BY {index}"
-           + (f" WHERE {' AND '.join(where)}" if where else "")
-           + " ORDER BY received_ns DESC, time_ns DESC LIMIT ?")
-    params.append(query.limit + 1)
-    return sql, params
+    return where, params
 
 
 def _delete(db: sqlite3.Connection, where: str, params: tuple[object, ...], count: int) -> int:

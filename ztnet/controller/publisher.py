@@ -12,6 +12,14 @@ Only the operator and the clock start epochs: what a host says (its
 ``version_held``) never does. A host claiming a version above the counter is
 refused with FAILED_PRECONDITION (docs/threat-model.md, "A host's claim never
 moves the fleet's version").
+
+Replicas (``shared``: other controllers use the same database): a change made
+elsewhere moves the store's counter; ``follow()`` (woken by
+ztnet.controller.replicas) builds the epoch at that version from the store's
+snapshot and pushes it to this replica's hosts. A renewal is skipped when the
+counter has moved since the epoch began (another replica renewed or changed
+something first): the replica follows instead, so replicas do not each spend a
+version on the same renewal.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from ztnet.controller.detectstore import QuarantineRecord
 from ztnet.controller.epochs import Epoch, Issuer
 from ztnet.controller.hub import Answer, Hub, Session, new_push
 from ztnet.controller.jitstore import JitGrant
-from ztnet.controller.store import Store
+from ztnet.controller.store import Revocation, Store
 from ztnet.errors import PolicyError
 from ztnet.policy.document import Policy, parse_policy
 
@@ -40,8 +48,9 @@ class Publication:
 
 class Publisher:
     def __init__(self, store: Store, issuer: Issuer, hub: Hub,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, shared: bool = False) -> None:
         self.store = store
+        self.shared = shared
         self.issuer = issuer
         self.hub = hub
         self.clock = clock
@@ -147,6 +156,9 @@ class Publisher:
         """A host (already attached to the hub) subscribed holding ``version_held``:
         send the current bundle unless it holds exactly that and it is fresh."""
         async with self._lock:
+            if self.shared and self.current is not None and \
+                    version_held > self.current.version:
+                self._follow()  # the host was served by a replica that is ahead of us
             host, now, epoch = session.host, self.clock(), self.current
             self._changed.set()  # the renewal loop now has someone to renew for
             if epoch is None:
@@ -182,14 +194,35 @@ class Publisher:
                 self.store.record_seen(host, now)
                 session.offer(new_push(epoch.version, self.issuer.envelope(epoch, host)))
 
-    def _publish(self, version: int, reason: str, *, wait: bool) -> Publication:
+    async def follow(self) -> bool:
+        """Catch up with a change made through another replica (or an admin command on
+        the database); True if a new epoch started."""
+        async with self._lock:
+            return self._follow()
+
+    def _follow(self) -> bool:
+        state = self.store.fleet_state()
+        if state.policy is None or (self.current is not None and
+                                    state.version <= self.current.version):
+            return False
+        if state.policy.version != self.policy_version:
+            self.policy = parse_policy(state.policy.text,
+                                       f"<policy version {state.policy.version}>")
+            self.policy_version = state.policy.version
+        self._publish(state.version, "followed", wait=False, revocations=state.revocations)
+        return True
+
+    def _publish(self, version: int, reason: str, *, wait: bool,
+                 revocations: tuple[Revocation, ...] | None = None) -> Publication:
         """Start epoch ``version`` and offer it to every connected host. Only
         with the lock held, and only after the change is stored."""
         if self.policy is None:
             raise status.precondition("no policy has been applied yet")
         now = self.clock()
+        if revocations is None:
+            revocations = self.store.revocations()
         epoch = self.issuer.new_epoch(self.policy, policy_version=self.policy_version,
-                                      revocations=self.store.revocations(), version=version,
+                                      revocations=revocations, version=version,
                                       now=now, reason=reason, labels=self.store.host_labels(),
                                       jit=self.store.jit_grants(now),
                                       quarantines=self.store.quarantines())
@@ -227,5 +260,8 @@ class Publisher:
             except TimeoutError:
                 pass
         async with self._lock:
-            if self.current is epoch and self.hub.sessions():
-                self._publish(self.store.next_version(), "renewal", wait=False)
+            if self.current is not epoch or not self.hub.sessions():
+                return
+            if self.shared and self._follow():
+                return  # another replica moved the counter since: its epoch is newer
+            self._publish(self.store.next_version(), "renewal", wait=False)

@@ -21,6 +21,12 @@ reconnect elsewhere or later), in-flight RPCs get a grace period.
 Also: flow records reported by the daemons are stored in the state database
 and pruned by ``--flow-retention``/``--flow-max-rows`` (ztnet.controller.flows);
 ``--metrics ADDR`` serves Prometheus metrics (ztnet.controller.metrics).
+
+``--database postgresql://…``: the state is in PostgreSQL instead of ztnet.db, and
+any number of replicas can serve it (ztnet.controller.replicas: they follow each
+other's changes). While the database is unreachable, health says NOT_SERVING,
+grant streams end with UNAVAILABLE (so daemons fail over to another replica) and
+every RPC that needs the database is UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -55,9 +61,12 @@ from ztnet.controller.limiter import HostLimiter
 from ztnet.controller.limits import HostLimits
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.node_service import NodeService
+from ztnet.controller.pgstore import PgStore
 from ztnet.controller.publisher import Publisher
+from ztnet.controller.replicas import ChangeListener, follow_changes
 from ztnet.controller.response_service import ResponseService, response_handlers
-from ztnet.controller.store import SqliteStore
+from ztnet.controller.status import DatabaseUnavailable
+from ztnet.controller.store import SqliteStore, Store
 from ztnet.errors import ConfigError, PolicyError, RpcFailure
 from ztnet.fsutil import FileTooLarge, read_bounded, replace_atomic
 from ztnet.grants.keys import load_private_key
@@ -107,6 +116,7 @@ class ServeConfig:
     # TPM enrollment: EK CA certificates (PEM files) and an EK hash allowlist file
     tpm_ek_cas: tuple[Path, ...] = ()
     tpm_ek_allowlist: Path | None = None
+    database: str | None = None  # postgresql://… (None: the state directory's ztnet.db)
 
 
 def serve(config: ServeConfig) -> int:
@@ -114,24 +124,25 @@ def serve(config: ServeConfig) -> int:
 
 
 async def _serve(config: ServeConfig) -> int:
-    paths = statedir.open_state(config.state)
-    store = SqliteStore.open(paths.database)
-    checkpointer = store.checkpoint_in_background()
+    paths = statedir.open_state(config.state, config.database)
+    store = statedir.open_store(paths, config.database)
+    checkpointer = store.checkpoint_in_background() if isinstance(store, SqliteStore) else None
     try:
         return await _run(config, paths, store)
     finally:
-        checkpointer.stop()
+        if checkpointer is not None:
+            checkpointer.stop()
         store.close()
 
 
-async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteStore) -> int:
+async def _run(config: ServeConfig, paths: statedir.StatePaths, store: Store) -> int:
     clock = time.time
     authority = statedir.load_authority(paths)
     if statedir.ensure_server_certificate(paths, authority, store, clock()):
         logs.event("server certificate renewed", path=str(paths.server_cert))
     hub = Hub()
     issuer = Issuer(load_private_key(paths.signing_key), grant_ttl=config.grant_ttl)
-    publisher = Publisher(store, issuer, hub, clock)
+    publisher = Publisher(store, issuer, hub, clock, shared=isinstance(store, PgStore))
     authz = Authorizer(store, authority, clock)
     trust = EkTrust.load(config.tpm_ek_cas, config.tpm_ek_allowlist)
     enrollment = Enrollment(store, authority, host_cert_ttl=config.host_cert_ttl, clock=clock,
@@ -190,6 +201,7 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
     await server.start()
     exporter: MetricsServer | None = None
     pruning: asyncio.Task[None] | None = None
+    replica: _Replica | None = None
     try:
         if config.metrics is not None:
             exporter = start_http_server(config.metrics, metrics.registry)
@@ -199,6 +211,8 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
         if config.policy is not None:
             await _initial_policy(config.policy, publisher, store)
         await publisher.start()
+        if isinstance(store, PgStore):
+            replica = _Replica(store, publisher, hub, checks)
         pruning = asyncio.create_task(pruner.run(), name="ztnet-flow-prune")
         for name in ("", NODE_SERVICE, ADMIN_SERVICE):
             await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -218,6 +232,8 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
             session.close(RpcFailure(grpc.StatusCode.UNAVAILABLE,
                                      "the controller is shutting down"))
         await publisher.stop()
+        if replica is not None:
+            await replica.stop()
         if pruning is not None:
             pruning.cancel()
             await asyncio.gather(pruning, return_exceptions=True)
@@ -230,6 +246,42 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: SqliteSto
             config.ready_file.unlink(missing_ok=True)
         audit.close()
     return 0
+
+
+class _Replica:
+    """One replica of several: follows the database's changes, and says in health
+    whether it can reach the database."""
+
+    def __init__(self, store: PgStore, publisher: Publisher, hub: Hub,
+                 checks: health.aio.HealthServicer) -> None:
+        loop = asyncio.get_running_loop()
+        self.hub, self.checks = hub, checks
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._following = asyncio.create_task(follow_changes(publisher, self._wake),
+                                              name="ztnet-follow")
+        store.watch_availability(
+            lambda available: loop.call_soon_threadsafe(self._availability, available))
+        self.listener = ChangeListener(store, lambda: loop.call_soon_threadsafe(self._wake.set))
+        self.listener.start()
+
+    def _availability(self, available: bool) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING if available else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", NODE_SERVICE, ADMIN_SERVICE):
+            task = asyncio.create_task(self.checks.set(name, serving))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if not available:
+            # nothing more can be issued here: let the daemons find a replica that can
+            for session in self.hub.sessions():
+                session.close(DatabaseUnavailable("controller: this replica lost its "
+                                                  "database; reconnect to another"))
+
+    async def stop(self) -> None:
+        self._following.cancel()
+        await asyncio.gather(self._following, return_exceptions=True)
+        await asyncio.to_thread(self.listener.stop)
 
 
 def node_handlers(node: NodeService, jit: JitService) -> grpc.GenericRpcHandler:
@@ -284,7 +336,7 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
     return f"{host}:{bound}"
 
 
-async def _initial_policy(path: Path, publisher: Publisher, store: SqliteStore) -> None:
+async def _initial_policy(path: Path, publisher: Publisher, store: Store) -> None:
     """``--policy FILE`` wins only if it is newer than the stored policy: an
     apply made through the API since the file was written is kept."""
     try:

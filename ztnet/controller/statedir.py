@@ -3,7 +3,8 @@
     ca.key       CA private key (0600)        ca.pem       CA certificate (10 years)
     signing.key  grant-signing key (0600)     signing.pub  its public half (hosts trust it)
     server.key   TLS key (0600)               server.pem   the controller's certificate
-    ztnet.db     the SQLite database (0600, WAL mode)
+    ztnet.db     the SQLite database (0600, WAL mode); absent when the state is in
+                 PostgreSQL (`--database postgresql://…`: several replicas share it)
     audit.jsonl  the hash-chained audit trail of admin decisions (0600; `ztnet audit
                  verify`), made by `serve` on first use
 
@@ -28,7 +29,8 @@ from cryptography.hazmat.primitives import serialization
 
 from ztnet import pki
 from ztnet.controller import ca
-from ztnet.controller.store import SqliteStore
+from ztnet.controller.pgstore import PgStore
+from ztnet.controller.store import SqliteStore, Store
 from ztnet.errors import ConfigError
 from ztnet.fsutil import FileTooLarge, create_new, read_bounded, replace_atomic
 from ztnet.grants.keys import generate_keypair
@@ -96,8 +98,10 @@ class AdminPaths:
 
 
 def init_state(root: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
-               now: float) -> StatePaths:
-    """Create a complete state directory at ``root`` (absent or empty)."""
+               now: float, database: str | None = None) -> StatePaths:
+    """Create a complete state directory at ``root`` (absent or empty); ``database``
+    (a postgresql:// URL): the state goes there (migrated, given the trust domain)
+    instead of ztnet.db."""
     if not is_dns_name(trust_domain):
         raise ConfigError(f"controller: trust domain {trust_domain!r} is not a lower-case "
                           "DNS name (e.g. example.org)")
@@ -117,8 +121,13 @@ def init_state(root: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
         create_file(paths.ca_key, pki.private_key_pem(authority.key), 0o600)
         create_file(paths.ca_cert, authority.cert_pem, 0o644)
         generate_keypair(staging)
-        store = SqliteStore.create(paths.database, trust_domain)
+        store: Store = (SqliteStore.create(paths.database, trust_domain) if database is None
+                        else PgStore.open(database, trust_domain=trust_domain))
         try:
+            if isinstance(store, PgStore) and store.holds_state():
+                raise ConfigError(f"controller: {store.where} already holds a controller's "
+                                  "state; replicas share it by copying the first replica's "
+                                  "state directory, not by running init again")
             _issue_server_certificate(paths, authority, store, dns, ips, now)
         finally:
             store.close()
@@ -130,21 +139,41 @@ def init_state(root: Path, trust_domain: str, *, sans: tuple[str, ...] = (),
     return StatePaths(root)
 
 
-def open_state(root: Path) -> StatePaths:
+def open_state(root: Path, database: str | None = None) -> StatePaths:
+    """``database`` given: the state is in PostgreSQL, ztnet.db is not needed."""
     paths = StatePaths(root)
-    for path in (paths.ca_key, paths.ca_cert, paths.signing_key, paths.server_key,
-                 paths.server_cert, paths.database):
+    files = (paths.ca_key, paths.ca_cert, paths.signing_key, paths.server_key,
+             paths.server_cert) + ((paths.database,) if database is None else ())
+    for path in files:
         if not path.is_file():
             raise ConfigError(f"controller: {path} is missing; is {root} a controller state "
                               "directory (`ztnet controller init`)?")
     return paths
 
 
+def open_store(paths: StatePaths, database: str | None = None, *,
+               migrate: bool = True) -> Store:
+    """The state directory's SQLite file, or the PostgreSQL database at ``database``
+    (migrated unless ``migrate`` is False; its trust domain must be this directory's)."""
+    if database is None:
+        return SqliteStore.open(paths.database)
+    return PgStore.open(database, trust_domain=trust_domain_of(paths), migrate=migrate)
+
+
+def trust_domain_of(paths: StatePaths) -> str:
+    """From the server certificate's SPIFFE id (spiffe://DOMAIN/controller)."""
+    cert = x509.load_pem_x509_certificate(read_file(paths.server_cert))
+    try:
+        return pki.certificate_identity(cert).trust_domain
+    except ValueError as exc:
+        raise ConfigError(f"controller: {paths.server_cert}: {exc}") from None
+
+
 def load_authority(paths: StatePaths) -> ca.Authority:
     return ca.load_authority(read_file(paths.ca_key), read_file(paths.ca_cert))
 
 
-def ensure_server_certificate(paths: StatePaths, authority: ca.Authority, store: SqliteStore,
+def ensure_server_certificate(paths: StatePaths, authority: ca.Authority, store: Store,
                               now: float) -> bool:
     """Re-issue server.pem (same names, new key) when it is close to expiry;
     True if it did. The controller is its own CA, so it never needs a person
@@ -160,7 +189,7 @@ def ensure_server_certificate(paths: StatePaths, authority: ca.Authority, store:
 
 
 def issue_admin_credentials(paths: StatePaths, out: Path, name: str, *, lifetime: float,
-                            now: float) -> AdminPaths:
+                            now: float, database: str | None = None) -> AdminPaths:
     if not ADMIN_NAME_RE.match(name):
         raise ConfigError(f"controller: admin name {name!r} must be lower-case letters, "
                           "digits, '.', '_' or '-' (at most 63)")
@@ -170,7 +199,7 @@ def issue_admin_credentials(paths: StatePaths, out: Path, name: str, *, lifetime
     except OSError as exc:
         raise ConfigError(f"controller: cannot create {out}: {exc.strerror or exc}") from None
     authority = load_authority(paths)
-    store = SqliteStore.open(paths.database)
+    store = open_store(paths, database)
     try:
         identity = pki.spiffe_id(store.trust_domain(), "admin", name)
         key = pki.new_tls_key()
@@ -184,7 +213,7 @@ def issue_admin_credentials(paths: StatePaths, out: Path, name: str, *, lifetime
     return admin
 
 
-def _issue_server_certificate(paths: StatePaths, authority: ca.Authority, store: SqliteStore,
+def _issue_server_certificate(paths: StatePaths, authority: ca.Authority, store: Store,
                               dns: tuple[str, ...], ips: tuple[str, ...], now: float, *,
                               replace: bool = False) -> None:
     key = pki.new_tls_key()

@@ -31,3 +31,11 @@ def precondition(message: str) -> RpcFailure:
 
 def exhausted(message: str) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+class DatabaseUnavailable(RpcFailure):
+    """The controller's database cannot be reached: UNAVAILABLE, and nothing is issued
+    (a daemon keeps what it holds and retries with its backoff)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)

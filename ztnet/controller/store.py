@@ -35,8 +35,8 @@ from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, cre
 from ztnet.errors import ConfigError
 from ztnet.policy.selectors import decode_labels, encode_labels
 
-__all__ = ["SCHEMA_VERSION", "HostBinding", "HostRecord", "PolicyRecord", "Revocation",
-           "SqliteStore", "Store", "TokenStatus"]
+__all__ = ["SCHEMA_VERSION", "FleetState", "HostBinding", "HostRecord", "PolicyRecord",
+           "Revocation", "SqliteStore", "Store", "TokenStatus"]
 
 @dataclass(frozen=True, slots=True)
 class PolicyRecord:
@@ -80,6 +80,16 @@ class HostBinding:
     enrollment_key: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class FleetState:
+    """What an epoch is built from, read in one snapshot: the counter, the newest policy
+    and the revocations as of that counter (replicas follow it: ztnet.controller.replicas)."""
+
+    version: int
+    policy: PolicyRecord | None
+    revocations: tuple[Revocation, ...]
+
+
 class TokenStatus(enum.Enum):
     ACCEPTED = "accepted"
     UNKNOWN = "unknown"
@@ -108,6 +118,8 @@ class Store(FlowStore, JitStore, DetectStore, Protocol):
         ...
 
     def revocations(self) -> tuple[Revocation, ...]: ...
+
+    def fleet_state(self) -> FleetState: ...
 
     def add_token(self, digest: str, host: str, now: float, expires_at: float, *,
                   require_tpm: bool = False, labels: Mapping[str, str] | None = None) -> None:
@@ -282,7 +294,7 @@ class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
     def set_revocation(self, agent: str, grant_id: int | None, now: float,
                        revoked: bool) -> tuple[int, bool]:
         # SQLite integers are signed 64-bit; grant ids use all 64 bits.
-        key = _signed(grant_id or 0)
+        key = signed64(grant_id or 0)
         with self._tx() as db:
             version = self._bump(db)
             if revoked:
@@ -298,8 +310,16 @@ class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
         rows = self._db.execute(
             "SELECT agent, grant_id, version, created_at FROM revocations "
             "ORDER BY agent, grant_id").fetchall()
-        return tuple(Revocation(str(agent), (grant & (2**64 - 1)) or None, int(version),
+        return tuple(Revocation(str(agent), unsigned64(grant) or None, int(version),
                                 float(created)) for agent, grant, version, created in rows)
+
+    def fleet_state(self) -> FleetState:
+        self._db.execute("BEGIN")  # one read snapshot
+        try:
+            return FleetState(self.current_version(), self.current_policy(),
+                              self.revocations())
+        finally:
+            self._db.execute("COMMIT")
 
     # --- enrollment tokens -----------------------------------------------------------
 
@@ -336,11 +356,11 @@ class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
                 db.execute("UPDATE certificates SET revoked_at = ? "
                            "WHERE spiffe_id = ? AND revoked_at IS NULL", (now, spiffe_id))
             db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?, NULL)",
-                       (_serial(serial), spiffe_id, now, not_after))
+                       (serial_key(serial), spiffe_id, now, not_after))
 
     def certificate_revoked(self, serial: int) -> bool:
         row = self._db.execute("SELECT revoked_at FROM certificates WHERE serial = ?",
-                               (_serial(serial),)).fetchone()
+                               (serial_key(serial),)).fetchone()
         return row is not None and row[0] is not None
 
     def revoke_certificates(self, spiffe_id: str, now: float) -> int:
@@ -421,12 +441,19 @@ def _token_status(db: sqlite3.Connection, digest: str, host: str, now: float,
                   attested: bool) -> TokenStatus:
     row = db.execute("SELECT host, expires_at, used_at, require_tpm FROM tokens "
                      "WHERE digest = ?", (digest,)).fetchone()
+    return token_outcome(row, host, now, attested)
+
+
+def token_outcome(row: tuple[object, ...] | None, host: str, now: float,
+                  attested: bool) -> TokenStatus:
+    """What a token row (host, expires_at, used_at, require_tpm) says to ``host`` at
+    ``now`` (shared by both backends)."""
     if row is None:
         return TokenStatus.UNKNOWN
     token_host, expires_at, used_at, require_tpm = row
     if used_at is not None:
         return TokenStatus.USED
-    if now >= float(expires_at):
+    if now >= float(expires_at):  # type: ignore[arg-type]
         return TokenStatus.EXPIRED
     if token_host != host:
         return TokenStatus.WRONG_HOST
@@ -435,9 +462,15 @@ def _token_status(db: sqlite3.Connection, digest: str, host: str, now: float,
     return TokenStatus.ACCEPTED
 
 
-def _serial(serial: int) -> str:
+def serial_key(serial: int) -> str:
+    """How a certificate serial (up to 160 bits) is stored: lower-case hex."""
     return format(serial, "x")
 
 
-def _signed(value: int) -> int:
+def signed64(value: int) -> int:
+    """A 64-bit unsigned grant id as the signed 64-bit integer both databases store."""
     return value - 2**64 if value >= 2**63 else value
+
+
+def unsigned64(value: int) -> int:
+    return value & (2**64 - 1)

@@ -9,6 +9,10 @@ mutual TLS, ephemeral ports). Hosts that enroll with it are in ztnet.testing.nod
         with controller.admin() as admin:
             admin.list_hosts()
 
+Replicas: ``init_controller(…, database=url)`` keeps the state in PostgreSQL
+(ztnet.testing.postgres), and ``replica_state`` copies the state directory for a
+second `serve` on the same database.
+
 Nothing here needs root or BPF. Readiness is awaited by polling (the ready
 file, then the health RPC over mutual TLS) against a deadline, never by
 sleeping a fixed time.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,8 +39,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztnet.controller.admin_client import AdminClient, AdminCredentials
 from ztnet.controller.enrollment import create_token as store_token
-from ztnet.controller.statedir import StatePaths, init_state, issue_admin_credentials
-from ztnet.controller.store import SqliteStore
+from ztnet.controller.statedir import (
+    StatePaths,
+    init_state,
+    issue_admin_credentials,
+    open_store,
+)
 
 TRUST_DOMAIN = "test.example"
 # the directory that holds the ztnet package (the checkout, or site-packages): the
@@ -51,6 +60,7 @@ START_TIMEOUT = 20.0
 class ControllerState:
     root: Path
     trust_domain: str
+    database: str | None = None  # postgresql://… (None: the directory's ztnet.db)
 
     @property
     def paths(self) -> StatePaths:
@@ -62,10 +72,19 @@ class ControllerState:
 
 
 def init_controller(root: Path, trust_domain: str = TRUST_DOMAIN,
-                    sans: tuple[str, ...] = ()) -> ControllerState:
+                    sans: tuple[str, ...] = (), *,
+                    database: str | None = None) -> ControllerState:
     """A fresh state directory (in-process, like `ztnet controller init`)."""
-    init_state(root, trust_domain, sans=sans, now=time.time())
-    return ControllerState(root, trust_domain)
+    init_state(root, trust_domain, sans=sans, now=time.time(), database=database)
+    return ControllerState(root, trust_domain, database)
+
+
+def replica_state(state: ControllerState, root: Path) -> ControllerState:
+    """Another replica's state directory: a copy of the keys and certificates (modes
+    kept), serving the same database."""
+    assert state.database is not None, "replicas share a PostgreSQL database"
+    shutil.copytree(state.root, root)
+    return ControllerState(root, state.trust_domain, state.database)
 
 
 def policy_toml(agents: Mapping[str, Sequence[tuple[str, str]]], *,
@@ -90,13 +109,14 @@ def write_policy(directory: Path, agents: Mapping[str, Sequence[tuple[str, str]]
 def admin_credentials(state: ControllerState, out: Path, name: str = "ops",
                       lifetime: float = 86400.0) -> Path:
     """An admin credential directory (admin.key, admin.pem, ca.pem)."""
-    issue_admin_credentials(state.paths, out, name, lifetime=lifetime, now=time.time())
+    issue_admin_credentials(state.paths, out, name, lifetime=lifetime, now=time.time(),
+                            database=state.database)
     return out
 
 
 def create_token(state: ControllerState, host: str, ttl: float = 900.0, *,
                  require_tpm: bool = False, labels: Mapping[str, str] | None = None) -> str:
-    store = SqliteStore.open(state.paths.database)
+    store = open_store(state.paths, state.database)
     try:
         return store_token(store, host, ttl=ttl, now=time.time(), require_tpm=require_tpm,
                            labels=labels)
@@ -115,7 +135,8 @@ class ControllerProcess:
     are appended to the command line (e.g. ``["--grant-ttl", "2s"]``)."""
 
     def __init__(self, state: ControllerState, *, policy: Path | None = None,
-                 extra_args: Sequence[str] = (), admin: Path | None = None) -> None:
+                 extra_args: Sequence[str] = (), admin: Path | None = None,
+                 listen: str = "127.0.0.1:0") -> None:
         self.state = state
         # beside the state (a test's tmp_path), so pytest cleans it up
         self._dir = Path(tempfile.mkdtemp(prefix="controller-", dir=state.root.parent))
@@ -123,9 +144,10 @@ class ControllerProcess:
         self.log_path = self._dir / "controller.log"
         self.admin_dir = admin or admin_credentials(state, self._dir / "admin")
         self.argv = [sys.executable, "-m", "ztnet.cli", "controller", "serve",
-                     "--state", str(state.root), "--listen", "127.0.0.1:0",
+                     "--state", str(state.root), "--listen", listen,
                      "--enroll-listen", "127.0.0.1:0", "--ready-file", str(self.ready_file),
-                     *(["--policy", str(policy)] if policy else []), *extra_args]
+                     *(["--policy", str(policy)] if policy else []),
+                     *(["--database", state.database] if state.database else []), *extra_args]
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
         self.enroll_address = ""

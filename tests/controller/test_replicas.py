@@ -1,0 +1,183 @@
+"""Two controller replicas over one real PostgreSQL (`serve --database`): a change made
+through either reaches the hosts of both, versions stay unique under concurrent applies,
+and a replica that lost its database issues nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ztnet.errors import ControllerError
+from ztnet.testing.controller import (
+    ControllerProcess,
+    ControllerState,
+    init_controller,
+    policy_toml,
+    replica_state,
+    write_policy,
+)
+from ztnet.testing.nodes import FakeNode, HostIdentity, Push, enroll
+from ztnet.testing.postgres import PostgresServer
+
+# a change reaches the other replica's hosts within this (the issue's bound)
+REACH_WITHIN = 2.0
+
+
+def policy(destination: str) -> str:
+    return policy_toml({"bot": [(destination, "443")]})
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_server: PostgresServer,
+             ) -> Iterator[tuple[ControllerProcess, ControllerProcess]]:
+    state = init_controller(tmp_path / "a", database=postgres_server.create_database())
+    other = replica_state(state, tmp_path / "b")
+    first = write_policy(tmp_path, {"bot": [("10.0.0.1", "443")]})
+    # applies wait for the hosts' answers, which these tests give only afterwards
+    quick = ["--apply-timeout", "1s"]
+    with ControllerProcess(state, policy=first, extra_args=quick) as a, \
+            ControllerProcess(other, extra_args=quick) as b:
+        yield a, b
+
+
+def latest(node: FakeNode, version: int, timeout: float) -> Push:
+    """Pushes until one at ``version`` or later (acknowledging each); fails after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        push = node.next_push(timeout=max(0.01, deadline - time.monotonic()))
+        node.ack(push)
+        if push.version >= version:
+            return push
+
+
+def destinations(node: FakeNode, push: Push) -> set[str]:
+    return {str(grant.network) for grant in node.verify(push).grants}
+
+
+def test_a_policy_applied_through_one_replica_reaches_the_hosts_of_the_other(
+        replicas: tuple[ControllerProcess, ControllerProcess]) -> None:
+    a, b = replicas
+    identity = enroll(b, "web-1")
+    with FakeNode(b, identity) as node:
+        first = node.next_push()
+        node.ack(first)
+        assert destinations(node, first) == {"10.0.0.1/32"}
+        with a.admin() as admin:
+            started = time.monotonic()
+            applied = admin.apply_policy(policy("10.0.0.2")).version
+        push = latest(node, applied, REACH_WITHIN)
+        took = time.monotonic() - started
+        assert push.version == applied and destinations(node, push) == {"10.0.0.2/32"}, took
+        # a revocation through B reaches a host on A the same way
+        with FakeNode(a, enroll(a, "web-2")) as other:
+            other.ack(other.next_push())
+            with b.admin() as admin:
+                revoked = admin.revoke("bot").version
+            assert destinations(other, latest(other, revoked, REACH_WITHIN)) == set()
+            assert destinations(node, latest(node, revoked, REACH_WITHIN)) == set()
+            # one table of hosts, whoever serves them: A lists B's host's acknowledgement
+            deadline = time.monotonic() + 10
+            with a.admin() as admin:
+                while (applied_by := {h.name: h.applied_version for h in
+                                      admin.list_hosts().hosts}) != {"web-1": revoked,
+                                                                     "web-2": revoked}:
+                    assert time.monotonic() < deadline, applied_by
+                    time.sleep(0.05)
+
+
+def test_concurrent_applies_get_unique_versions_and_every_host_converges(
+        replicas: tuple[ControllerProcess, ControllerProcess]) -> None:
+    a, b = replicas
+    nodes = [FakeNode(replica, enroll(replica, f"web-{i}"))
+             for i, replica in enumerate((a, b, a, b))]
+    try:
+        for node in nodes:
+            node.ack(node.next_push())
+        versions: dict[str, list[int]] = {"a": [], "b": []}
+        barrier = threading.Barrier(2)
+
+        def apply(name: str, replica: ControllerProcess) -> None:
+            with replica.admin() as admin:
+                barrier.wait()
+                for i in range(5):
+                    response = admin.apply_policy(policy(f"10.{ord(name)}.0.{i + 1}"),
+                                                  wait=0.001)
+                    versions[name].append(response.version)
+
+        threads = [threading.Thread(target=apply, args=(name, replica))
+                   for name, replica in (("a", a), ("b", b))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        every = versions["a"] + versions["b"]
+        assert len(every) == len(set(every)) == 10, versions
+        with a.admin() as admin:
+            final = admin.get_policy()
+        assert final.version == max(every)
+        want = {str(ipaddress.ip_network(line.split('"')[1]))
+                for line in final.policy_toml.splitlines() if line.startswith("to = ")}
+        for node in nodes:
+            push = latest(node, final.version, 10.0)
+            assert push.version == final.version and destinations(node, push) == want
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def _health(controller: ControllerProcess) -> int:
+    with controller.channel(controller.admin_dir) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=5)
+    return int(reply.status)
+
+
+def _wait_health(controller: ControllerProcess, status: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _health(controller) != status:
+        assert time.monotonic() < deadline, f"health never became {status}:\n{controller.log()}"
+        time.sleep(0.05)
+
+
+def test_without_its_database_a_replica_issues_nothing_and_resumes_after(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    state: ControllerState = init_controller(tmp_path / "a",
+                                             database=postgres_server.create_database())
+    first = write_policy(tmp_path, {"bot": [("10.0.0.1", "443")]})
+    with ControllerProcess(state, policy=first) as controller:
+        identity: HostIdentity = enroll(controller, "web-1")
+        node = FakeNode(controller, identity)
+        held = node.next_push()
+        node.ack(held)
+        postgres_server.stop()
+        try:
+            _wait_health(controller, health_pb2.HealthCheckResponse.NOT_SERVING)
+            # the open stream ends (the daemon would fail over), and nothing new is issued
+            error = node.ended()
+            assert error is not None and error.code() is grpc.StatusCode.UNAVAILABLE
+            node.close()
+            with pytest.raises(grpc.RpcError) as refused:
+                enroll(controller, "web-2", token="ztnet-enroll-" + "x" * 43)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            with FakeNode(controller, identity, version_held=held.version) as again:
+                error = again.ended()
+                assert error is not None and error.code() is grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(ControllerError, match="database is unavailable"):
+                with controller.admin() as admin:
+                    admin.apply_policy(policy("10.0.0.9"))
+        finally:
+            postgres_server.restart()
+        _wait_health(controller, health_pb2.HealthCheckResponse.SERVING)
+        with FakeNode(controller, identity, version_held=held.version) as back:
+            with controller.admin() as admin:
+                applied = admin.apply_policy(policy("10.0.0.3"), wait=0.001).version
+            push = latest(back, applied, REACH_WITHIN)
+            assert destinations(back, push) == {"10.0.0.3/32"}
