@@ -7,6 +7,16 @@ from pathlib import Path
 
 from ztnet.cli.args import SubParsers, add_command, daemon_state, instance_option, size
 
+
+def controller_addresses(value: str) -> str:
+    from ztnet.daemon.channel import parse_addresses
+
+    try:
+        parse_addresses(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
 MIN_SPOOL_BYTES = 1 << 20
 
 
@@ -18,8 +28,10 @@ def register(sub: SubParsers) -> None:
                     "  ztnet daemon --trust /etc/ztnet/signing.pub --bundle "
                     "/etc/ztnet/bundle.json", handle_daemon)
     instance_option(p)
-    p.add_argument("--controller", metavar="ADDR", help="controller HOST:PORT to subscribe to "
-                   "(credentials, trust and host name come from the enrolled --state)")
+    p.add_argument("--controller", metavar="ADDR[,ADDR…]", type=controller_addresses,
+                   help="controller HOST:PORT to subscribe to (credentials, trust and host "
+                   "name come from the enrolled --state); several replicas: a comma-"
+                   "separated list, or one name with an address per replica, tried in turn")
     p.add_argument("--trust", action="append", type=Path, metavar="PUBKEY", default=[],
                    help="grant-signing public key to trust (repeat for key rotation; "
                    "needed without --controller)")

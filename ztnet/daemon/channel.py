@@ -1,4 +1,5 @@
-"""gRPC channels to the controller, always verified against the pinned CA.
+"""gRPC channels to the controller, always verified against the pinned CA, and the
+controller replicas to dial (``Replicas``).
 
 There is no insecure channel here: the only unverified connection a host ever makes is the
 chain read in ``pinning`` (nothing is sent on it). With a key and certificate the channel is
@@ -22,6 +23,47 @@ MAX_MESSAGE_BYTES = MAX_BUNDLE_MESSAGE_BYTES
 _KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
               ("grpc.keepalive_permit_without_calls", 1),
               ("grpc.http2.max_pings_without_data", 0)]
+
+
+# With several replicas, give up on an unreachable one sooner and try the next.
+FAILOVER_CONNECT_TIMEOUT = 3.0
+
+
+def parse_addresses(spec: str) -> tuple[str, ...]:
+    """``HOST:PORT[,HOST:PORT…]`` → the addresses; ValueError naming the bad one."""
+    addresses = tuple(part.strip() for part in spec.split(","))
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address!r} is not HOST:PORT (in {spec!r})")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"an address is listed twice in {spec!r}")
+    return addresses
+
+
+class Replicas:
+    """The controller replicas a daemon follows, dialled in turn: after a stream ends or
+    an attempt fails, the next attempt goes to the next address (with the caller's
+    backoff in between), so the hosts of a replica that died move to the others, and
+    resume there from the version they hold. One DNS name with several addresses needs
+    no list: gRPC's resolver tries each address of the name on every attempt."""
+
+    def __init__(self, spec: str) -> None:
+        self.all = parse_addresses(spec)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> str:
+        return self.all[self._next]
+
+    def connect_timeout(self, alone: float) -> float:
+        """``alone``: the timeout with one address to dial."""
+        return alone if len(self.all) == 1 else min(alone, FAILOVER_CONNECT_TIMEOUT)
+
+    def advance(self) -> None:
+        with self._lock:
+            self._next = (self._next + 1) % len(self.all)
 
 
 def controller_channel(address: str, ca_pem: bytes, server_name: str = "", *,

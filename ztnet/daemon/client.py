@@ -6,7 +6,8 @@ wake-up pipe the loop's selector watches:
 
     stream thread   connect (mutual TLS) → Subscribe{host, version_held} → every pushed
                     bundle goes on the queue and one byte into the pipe; reconnects with
-                    exponential backoff and jitter, reset after a healthy stream
+                    exponential backoff and jitter, reset after a healthy stream, to the
+                    next controller replica of ``--controller A,B,…`` (channel.Replicas)
     renewal thread  past half the host certificate's lifetime: RenewCertificate over the
                     authenticated channel, store the checked certificate, then recycle the
                     stream so it presents the new one
@@ -34,7 +35,7 @@ import grpc
 from ztnet import logs
 from ztnet.daemon import renewal
 from ztnet.daemon.backoff import Backoff
-from ztnet.daemon.channel import CallScope, controller_channel, describe, wait_ready
+from ztnet.daemon.channel import CallScope, Replicas, controller_channel, describe, wait_ready
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.v1 import node_pb2, node_pb2_grpc
 
@@ -75,7 +76,7 @@ class ControllerClient:
                  version_held: Callable[[], int], *, backoff_cap: float = 30.0,
                  healthy_after: float = 10.0) -> None:
         self.credentials = credentials
-        self.address = address
+        self.replicas = Replicas(address)
         self.version_held = version_held
         self.backoff = Backoff(cap=backoff_cap)
         self.healthy_after = healthy_after
@@ -189,14 +190,16 @@ class ControllerClient:
             if self._stopping.is_set():  # stop() ran since the loop checked
                 return 0
         identity = self.credentials.identity
-        channel = controller_channel(self.address, self.credentials.ca_pem,
+        address = self.replicas.current
+        channel = controller_channel(address, self.credentials.ca_pem,
                                      identity.server_name, key_pem=key_pem, cert_pem=cert_pem)
         received = 0
         try:
-            connected = wait_ready(channel, stream, CONNECT_TIMEOUT)
+            timeout = self.replicas.connect_timeout(CONNECT_TIMEOUT)
+            connected = wait_ready(channel, stream, timeout)
             if connected == "timeout":
-                logs.event("controller unreachable", logging.WARNING, controller=self.address,
-                           timeout_s=CONNECT_TIMEOUT)
+                logs.event("controller unreachable", logging.WARNING, controller=address,
+                           timeout_s=timeout)
             if connected != "ready":
                 return 0
             held = self.version_held()
@@ -205,7 +208,7 @@ class ControllerClient:
             call = node_pb2_grpc.NodeServiceStub(channel).StreamGrants(stream.requests())
             if not stream.attach(call.cancel):
                 return 0
-            logs.event("controller connected", controller=self.address, stream=stream.number,
+            logs.event("controller connected", controller=address, stream=stream.number,
                        version_held=held)
             for response in call:
                 received += 1
@@ -214,11 +217,11 @@ class ControllerClient:
                 self._inbox.put(Push(response.version, response.nonce, response.envelope,
                                      stream.number))
                 os.write(self._wake_w, b"!")
-            logs.event("controller disconnected", logging.WARNING, controller=self.address,
+            logs.event("controller disconnected", logging.WARNING, controller=address,
                        reason="stream ended by the controller")
         except grpc.RpcError as exc:
             if not self._stopping.is_set():
-                logs.event("controller disconnected", logging.WARNING, controller=self.address,
+                logs.event("controller disconnected", logging.WARNING, controller=address,
                            reason=describe(exc), pushes=received)
         finally:
             with self._lock:
@@ -226,6 +229,7 @@ class ControllerClient:
                     self._stream = None
             stream.close()
             channel.close()
+            self.replicas.advance()  # the stream ended or never began: next time the next one
         return received
 
     def call(self, invoke: Callable[[node_pb2_grpc.NodeServiceStub], T]) -> T:
@@ -233,7 +237,7 @@ class ControllerClient:
         grant-request socket's threads); grpc.RpcError when it fails."""
         with self._lock:
             key_pem, cert_pem = self.credentials.key_pem, self.credentials.cert_pem
-        channel = controller_channel(self.address, self.credentials.ca_pem,
+        channel = controller_channel(self.replicas.current, self.credentials.ca_pem,
                                      self.credentials.identity.server_name,
                                      key_pem=key_pem, cert_pem=cert_pem)
         try:

@@ -37,7 +37,7 @@ from prometheus_client.registry import Collector
 from ztnet import logs
 from ztnet.daemon.backoff import Backoff
 from ztnet.daemon.batcher import SpoolSink
-from ztnet.daemon.channel import CallScope, controller_channel, describe, wait_ready
+from ztnet.daemon.channel import CallScope, Replicas, controller_channel, describe, wait_ready
 from ztnet.daemon.client import CONNECT_TIMEOUT
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.spool import DEFAULT_MAX_BYTES, SPOOL_DIR, Spool
@@ -76,7 +76,7 @@ class FlowUploader:
                  ack_timeout: float = ACK_TIMEOUT) -> None:
         self.spool = spool
         self.credentials = credentials
-        self.address = address
+        self.replicas = Replicas(address)
         self.backoff = Backoff(cap=backoff_cap)
         self.window = window
         self.ack_timeout = ack_timeout
@@ -142,19 +142,21 @@ class FlowUploader:
             if self._stopping.is_set():
                 return None
             self._session = session
-        channel = controller_channel(self.address, self.credentials.ca_pem,
+        address = self.replicas.current
+        channel = controller_channel(address, self.credentials.ca_pem,
                                      self.credentials.identity.server_name,
                                      key_pem=self.credentials.key_pem, cert_pem=session.cert_pem)
         try:
             # an unreachable controller is logged by the grant stream, not twice
-            if wait_ready(channel, session, CONNECT_TIMEOUT) != "ready":
+            if wait_ready(channel, session,
+                          self.replicas.connect_timeout(CONNECT_TIMEOUT)) != "ready":
                 return session
             call = node_pb2_grpc.NodeServiceStub(channel).ReportFlows(self._requests(session))
             if not session.attach(call.cancel):
                 return session
             with self._cond:
                 self._connected = True
-            logs.event("flow upload connected", controller=self.address,
+            logs.event("flow upload connected", controller=address,
                        pending_batches=len(self.spool.pending()))
             try:
                 for ack in call:
@@ -165,7 +167,7 @@ class FlowUploader:
                 if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     self._refused(session, reason)
             if not self._stopping.is_set():
-                logs.event("flow upload disconnected", logging.WARNING, controller=self.address,
+                logs.event("flow upload disconnected", logging.WARNING, controller=address,
                            reason=reason, batches_acked=session.acked)
             return session
         finally:
@@ -175,6 +177,7 @@ class FlowUploader:
                     self._session = None
             self._end(session, "stream over")
             channel.close()
+            self.replicas.advance()
 
     def _acked(self, session: _Session, sequence: int) -> None:
         with self._cond:
