@@ -58,7 +58,7 @@ def test_replicas_starting_together_migrate_once(postgres_server: PostgresServer
     try:
         with psycopg.connect(url) as conn:
             applied = conn.execute("SELECT version, count(*) FROM schema_migrations "
-                                   "GROUP BY version").fetchall()
+                                   "GROUP BY version ORDER BY version").fetchall()
         assert applied == [(v, 1) for v in range(1, pgschema.PG_SCHEMA_VERSION + 1)]
         assert {store.trust_domain() for store in stores} == {"test.example"}
     finally:
@@ -194,3 +194,24 @@ def test_the_admin_commands_work_on_the_database(tmp_path: Path,
     bad = ztnet("controller", "raise-version", "--state", state, "--above", "1",
                 "--database", "mysql://x")
     assert bad.returncode != 0 and "postgresql://" in bad.stderr
+
+
+def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    url = postgres_server.create_database()
+    with monkeypatch.context() as older:  # what the first PostgreSQL release made
+        older.delitem(pgschema._MIGRATIONS, 2)
+        older.setattr(pgschema, "PG_SCHEMA_VERSION", 1)
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert pgschema.migrate(conn) == [1]
+            conn.execute("INSERT INTO meta VALUES ('trust_domain', 'test.example')")
+            conn.execute("INSERT INTO hosts (name, spiffe_id, enrolled_at) VALUES "
+                         "('web-0', 'spiffe://test.example/host/web-0', 1.0)")
+    with pytest.raises(ConfigError, match="has schema 1; this ztnet reads schema 2"):
+        PgStore.open(url, migrate=False)
+    store = PgStore.open(url)
+    try:
+        assert [dict(h.labels) for h in store.hosts()] == [{}]
+        assert store.jit_grants() == () and store.grant_requests() == ()
+    finally:
+        store.close()

@@ -210,7 +210,7 @@ def test_a_schema_4_database_is_upgraded_with_unlabelled_hosts(tmp_path: Path) -
         store.close()
 
 
-def test_token_labels_become_the_host_labels(store: SqliteStore) -> None:
+def test_token_labels_become_the_host_labels(store: Store) -> None:
     store.add_token("d", "web-1", now=0.0, expires_at=10.0, labels={"role": "gpu", "env": "x"})
     assert store.token_labels("d") == {"env": "x", "role": "gpu"}
     assert store.token_labels("unknown") == {}
@@ -239,7 +239,7 @@ def test_a_schema_5_database_is_upgraded_without_jit_grants(tmp_path: Path) -> N
         store.close()
 
 
-def test_jit_grants_and_requests_round_trip_and_approve_once(store: SqliteStore) -> None:
+def test_jit_grants_and_requests_round_trip_and_approve_once(store: Store) -> None:
     from ztnet.controller.jitstore import GrantRequest, JitGrant
     from ztnet.grants.model import PortRange, Proto
     from ztnet.policy.fields import parse_destination

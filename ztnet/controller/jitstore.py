@@ -138,7 +138,7 @@ class SqliteJitStore:
             version = self._bump(db)
             db.execute("INSERT INTO jit_grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
                 _signed(grant.grant_id), grant.agent, str(grant.network), str(grant.proto),
-                _ports(grant.ports), grant.not_before, grant.not_after, ",".join(grant.hosts),
+                ports_text(grant.ports), grant.not_before, grant.not_after, ",".join(grant.hosts),
                 grant.reason, grant.approver, grant.requested_by, grant.request_id,
                 grant.created_at))
         return version
@@ -150,14 +150,14 @@ class SqliteJitStore:
         else:
             rows = self._db.execute("SELECT * FROM jit_grants WHERE not_after > ? "
                                     "ORDER BY not_after", (active_at,)).fetchall()
-        return tuple(_grant(row) for row in rows)
+        return tuple(jit_grant_row(row) for row in rows)
 
     def add_request(self, request: GrantRequest) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO grant_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
                        "?, ?)", (
                            request.id, request.host, request.agent, str(request.network),
-                           str(request.proto), _ports(request.ports), request.ttl,
+                           str(request.proto), ports_text(request.ports), request.ttl,
                            request.reason, request.state, request.created_at,
                            request.decided_at, request.decided_by,
                            _signed(request.grant_id), request.note))
@@ -167,12 +167,12 @@ class SqliteJitStore:
             "SELECT * FROM grant_requests WHERE (? = '' OR state = ?) AND (? = '' OR host = ?) "
             f"ORDER BY created_at DESC LIMIT {LIST_LIMIT}", (state, state, host, host)
         ).fetchall()
-        return tuple(_request(row) for row in rows)
+        return tuple(jit_request_row(row) for row in rows)
 
     def grant_request(self, request_id: str) -> GrantRequest | None:
         row = self._db.execute("SELECT * FROM grant_requests WHERE id = ?",
                                (request_id,)).fetchone()
-        return None if row is None else _request(row)
+        return None if row is None else jit_request_row(row)
 
     def deny_request(self, request_id: str, decided_by: str, now: float, note: str) -> bool:
         with self._tx() as db:
@@ -183,7 +183,8 @@ class SqliteJitStore:
         return cursor.rowcount == 1
 
 
-def _ports(ports: PortRange | None) -> str:
+def ports_text(ports: PortRange | None) -> str:
+    """How a port range is stored (both backends)."""
     return "any" if ports is None else str(ports)
 
 
@@ -191,7 +192,8 @@ def _signed(value: int) -> int:
     return value - 2**64 if value >= 2**63 else value
 
 
-def _grant(row: tuple[object, ...]) -> JitGrant:
+def jit_grant_row(row: tuple[object, ...]) -> JitGrant:
+    """A ``jit_grants`` row (both backends)."""
     (grant_id, agent, destination, proto, ports, not_before, not_after, hosts, reason,
      approver, requested_by, request_id, created_at) = row
     return JitGrant(int(str(grant_id)) & (2**64 - 1), str(agent),
@@ -201,7 +203,8 @@ def _grant(row: tuple[object, ...]) -> JitGrant:
                     str(requested_by), str(request_id), float(str(created_at)))
 
 
-def _request(row: tuple[object, ...]) -> GrantRequest:
+def jit_request_row(row: tuple[object, ...]) -> GrantRequest:
+    """A ``grant_requests`` row (both backends)."""
     (request_id, host, agent, destination, proto, ports, ttl, reason, state, created_at,
      decided_at, decided_by, grant_id, note) = row
     return GrantRequest(str(request_id), str(host), str(agent),

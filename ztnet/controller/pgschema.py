@@ -31,7 +31,8 @@ import psycopg
 
 # 1: SQLite schema 4's tables (policies, revocations, tokens, certificates, hosts with TPM
 #    bindings, flows partitioned by receive day, per-host flow counts)
-PG_SCHEMA_VERSION = 1
+# 2: SQLite schemas 5 and 6: host and token labels, just-in-time grants, grant requests
+PG_SCHEMA_VERSION = 2
 # pg_advisory_lock key: "ztnet" in ASCII, a fixed number every replica agrees on
 MIGRATION_LOCK = 0x7A746E6574
 CHANNEL = "ztnet_changes"
@@ -77,6 +78,28 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX flows_by_verdict ON flows (verdict, received_ns, time_ns)",
         """CREATE TABLE flow_hosts (host TEXT PRIMARY KEY, sequence BIGINT NOT NULL,
             rows BIGINT NOT NULL DEFAULT 0)""",
+    ),
+    2: (
+        # `k=v,k=v`, sorted (ztnet.policy.selectors), as in SQLite
+        "ALTER TABLE hosts ADD COLUMN labels TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE tokens ADD COLUMN labels TEXT NOT NULL DEFAULT ''",
+        # ztnet.controller.jitstore; ids stored signed, as in SQLite
+        """CREATE TABLE jit_grants (grant_id BIGINT PRIMARY KEY, agent TEXT NOT NULL,
+            destination TEXT NOT NULL, proto TEXT NOT NULL, ports TEXT NOT NULL,
+            not_before DOUBLE PRECISION NOT NULL, not_after DOUBLE PRECISION NOT NULL,
+            hosts TEXT NOT NULL, reason TEXT NOT NULL, approver TEXT NOT NULL,
+            requested_by TEXT NOT NULL, request_id TEXT NOT NULL DEFAULT '',
+            created_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX jit_grants_by_expiry ON jit_grants (not_after)",
+        """CREATE TABLE grant_requests (id TEXT PRIMARY KEY, host TEXT NOT NULL,
+            agent TEXT NOT NULL, destination TEXT NOT NULL, proto TEXT NOT NULL,
+            ports TEXT NOT NULL, ttl DOUBLE PRECISION NOT NULL, reason TEXT NOT NULL,
+            state TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+            decided_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+            decided_by TEXT NOT NULL DEFAULT '', grant_id BIGINT NOT NULL DEFAULT 0,
+            note TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX grant_requests_by_state ON grant_requests (state, created_at)",
+        "CREATE INDEX grant_requests_by_host ON grant_requests (host, created_at)",
     ),
 }
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +33,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ztnet import logs
 from ztnet.controller import pgschema
 from ztnet.controller.pgflows import PgFlowStore
+from ztnet.controller.pgjit import PgJitStore
 from ztnet.controller.status import DatabaseUnavailable
 from ztnet.controller.store import (
     FleetState,
@@ -47,6 +48,7 @@ from ztnet.controller.store import (
     unsigned64,
 )
 from ztnet.errors import ConfigError
+from ztnet.policy.selectors import decode_labels, encode_labels
 
 CONNECT_TIMEOUT = 3  # seconds, per connection attempt
 POOL_TIMEOUT = 3.0  # seconds to wait for a pooled connection
@@ -71,7 +73,7 @@ def describe(url: str) -> str:
            f"{parts.get('dbname', '')}"
 
 
-class PgStore(PgFlowStore):
+class PgStore(PgFlowStore, PgJitStore):
     def __init__(self, url: str, pool: ConnectionPool[Conn], trust_domain: str) -> None:
         self.url = url
         self._pool = pool
@@ -230,11 +232,16 @@ class PgStore(PgFlowStore):
     # --- enrollment tokens -----------------------------------------------------------
 
     def add_token(self, digest: str, host: str, now: float, expires_at: float, *,
-                  require_tpm: bool = False) -> None:
+                  require_tpm: bool = False, labels: Mapping[str, str] | None = None) -> None:
         with self._tx() as conn:
             conn.execute("INSERT INTO tokens (digest, host, created_at, expires_at, used_at, "
-                         "require_tpm) VALUES (%s, %s, %s, %s, NULL, %s)",
-                         (digest, host, now, expires_at, require_tpm))
+                         "require_tpm, labels) VALUES (%s, %s, %s, %s, NULL, %s, %s)",
+                         (digest, host, now, expires_at, require_tpm,
+                          encode_labels(labels or {})))
+
+    def token_labels(self, digest: str) -> dict[str, str]:
+        row = self._one("SELECT labels FROM tokens WHERE digest = %s", (digest,))
+        return decode_labels(str(row[0])) if row else {}
 
     def consume_token(self, digest: str, host: str, now: float, *,
                       attested: bool = False) -> TokenStatus:
@@ -275,18 +282,30 @@ class PgStore(PgFlowStore):
             return cursor.rowcount
 
     def enroll_host(self, name: str, spiffe_id: str, now: float, *,
-                    binding: HostBinding | None = None) -> None:
+                    binding: HostBinding | None = None,
+                    labels: Mapping[str, str] | None = None) -> None:
         bound = binding or HostBinding("software", "", b"")
         with self._tx() as conn:
             conn.execute("INSERT INTO hosts (name, spiffe_id, enrolled_at, attestation, "
-                         "ek_hash, enrollment_key) VALUES (%s, %s, %s, %s, %s, %s) "
+                         "ek_hash, enrollment_key, labels) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                          "ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
                          "enrolled_at = excluded.enrolled_at, applied_version = 0, "
                          "attestation = excluded.attestation, ek_hash = excluded.ek_hash, "
-                         "enrollment_key = excluded.enrollment_key",
+                         "enrollment_key = excluded.enrollment_key, labels = excluded.labels",
                          (name, spiffe_id, now, bound.attestation, bound.ek_hash,
-                          bound.enrollment_key or None))
+                          bound.enrollment_key or None, encode_labels(labels or {})))
             self.reset_flow_sequence(conn, name)
+
+    def set_host_labels(self, name: str, labels: Mapping[str, str]) -> bool:
+        with self._tx() as conn:
+            cursor = conn.execute("UPDATE hosts SET labels = %s WHERE name = %s",
+                                  (encode_labels(labels), name))
+            return cursor.rowcount > 0
+
+    def host_labels(self) -> dict[str, dict[str, str]]:
+        with self._tx() as conn:
+            rows = conn.execute("SELECT name, labels FROM hosts").fetchall()
+        return {str(name): decode_labels(str(text)) for name, text in rows}
 
     def host_binding(self, name: str) -> HostBinding | None:
         row = self._one("SELECT attestation, ek_hash, enrollment_key FROM hosts "
@@ -330,10 +349,11 @@ class PgStore(PgFlowStore):
         with self._tx() as conn:
             rows = conn.execute(
                 "SELECT name, spiffe_id, enrolled_at, applied_version, last_seen, "
-                "nack_version, nack_reason, attestation, ek_hash FROM hosts "
+                "nack_version, nack_reason, attestation, ek_hash, labels FROM hosts "
                 "ORDER BY name COLLATE \"C\"").fetchall()
         return tuple(HostRecord(str(r[0]), str(r[1]), float(r[2]), int(r[3]), float(r[4]),
-                                int(r[5]), str(r[6]), str(r[7]), str(r[8])) for r in rows)
+                                int(r[5]), str(r[6]), str(r[7]), str(r[8]),
+                                decode_labels(str(r[9]))) for r in rows)
 
 
 def _policy(conn: Conn) -> PolicyRecord | None:
