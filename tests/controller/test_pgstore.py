@@ -200,18 +200,21 @@ def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     url = postgres_server.create_database()
     with monkeypatch.context() as older:  # what the first PostgreSQL release made
-        older.delitem(pgschema._MIGRATIONS, 2)
+        for later in range(2, pgschema.PG_SCHEMA_VERSION + 1):
+            older.delitem(pgschema._MIGRATIONS, later)
         older.setattr(pgschema, "PG_SCHEMA_VERSION", 1)
         with psycopg.connect(url, autocommit=True) as conn:
             assert pgschema.migrate(conn) == [1]
             conn.execute("INSERT INTO meta VALUES ('trust_domain', 'test.example')")
             conn.execute("INSERT INTO hosts (name, spiffe_id, enrolled_at) VALUES "
                          "('web-0', 'spiffe://test.example/host/web-0', 1.0)")
-    with pytest.raises(ConfigError, match="has schema 1; this ztnet reads schema 2"):
+    with pytest.raises(ConfigError, match=f"has schema 1; this ztnet reads schema "
+                       f"{pgschema.PG_SCHEMA_VERSION}"):
         PgStore.open(url, migrate=False)
     store = PgStore.open(url)
     try:
         assert [dict(h.labels) for h in store.hosts()] == [{}]
         assert store.jit_grants() == () and store.grant_requests() == ()
+        assert store.quarantines() == () and store.alerts() == ()
     finally:
         store.close()

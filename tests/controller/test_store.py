@@ -261,7 +261,7 @@ def test_jit_grants_and_requests_round_trip_and_approve_once(store: Store) -> No
     assert store.grant_requests(state="pending") == ()
 
 
-def test_quarantines_bump_the_version_and_release_lifts_every_host(store: SqliteStore) -> None:
+def test_quarantines_bump_the_version_and_release_lifts_every_host(store: Store) -> None:
     start = store.current_version()
     record = QuarantineRecord("bot", "", "scan", True, "alice", 0, 0, 5.0)
     version = store.set_quarantine(record)
@@ -277,7 +277,7 @@ def test_quarantines_bump_the_version_and_release_lifts_every_host(store: Sqlite
     assert store.current_version() == start + 3
 
 
-def test_alerts_are_listed_oldest_first_after_an_id(store: SqliteStore) -> None:
+def test_alerts_are_listed_oldest_first_after_an_id(store: Store) -> None:
     ids = [store.add_alert(AlertRecord(0, float(i), "bot" if i % 2 else "other", "web-1",
                                        "fan-out", f"alert {i}", (f"u{i}",), "alert", i))
            for i in range(5)]
@@ -289,7 +289,7 @@ def test_alerts_are_listed_oldest_first_after_an_id(store: SqliteStore) -> None:
     assert store.alerts()[0].action == "quarantine" and store.alerts()[0].evidence == ("u0",)
 
 
-def test_baselines_are_saved_read_and_reset(store: SqliteStore) -> None:
+def test_baselines_are_saved_read_and_reset(store: Store) -> None:
     assert store.baseline("bot") is None
     store.save_baseline("bot", {"destinations": [["tcp", "10.0.0.1/32", "443"]]}, 1.0)
     assert store.baseline("bot") == {"destinations": [["tcp", "10.0.0.1/32", "443"]]}

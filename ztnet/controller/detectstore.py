@@ -129,7 +129,7 @@ class SqliteDetectStore:
 
     def release(self, agent: str) -> tuple[int, tuple[QuarantineRecord, ...]]:
         with self._tx() as db:
-            lifted = tuple(_quarantine(row) for row in db.execute(
+            lifted = tuple(quarantine_row(row) for row in db.execute(
                 "SELECT * FROM quarantines WHERE agent = ? ORDER BY host", (agent,)))
             if not lifted:
                 return 0, ()
@@ -138,7 +138,7 @@ class SqliteDetectStore:
         return version, lifted
 
     def quarantines(self) -> tuple[QuarantineRecord, ...]:
-        return tuple(_quarantine(row) for row in self._db.execute(
+        return tuple(quarantine_row(row) for row in self._db.execute(
             "SELECT * FROM quarantines ORDER BY agent, host"))
 
     def add_alert(self, alert: AlertRecord) -> int:
@@ -166,7 +166,7 @@ class SqliteDetectStore:
         rows = self._db.execute(
             f"SELECT * FROM (SELECT * FROM alerts WHERE {where} ORDER BY id DESC LIMIT ?) "
             "ORDER BY id", (*args, limit))
-        return tuple(_alert(row) for row in rows)
+        return tuple(alert_row(row) for row in rows)
 
     def baseline(self, agent: str) -> dict[str, object] | None:
         row = self._db.execute("SELECT body FROM baselines WHERE agent = ?",
@@ -187,13 +187,15 @@ class SqliteDetectStore:
         return cursor.rowcount > 0
 
 
-def _quarantine(row: tuple[Any, ...]) -> QuarantineRecord:
+def quarantine_row(row: tuple[Any, ...]) -> QuarantineRecord:
+    """A ``quarantines`` row (both backends)."""
     agent, host, reason, freeze, actor, alert_id, version, created = row
     return QuarantineRecord(str(agent), str(host), str(reason), bool(freeze), str(actor),
                             int(alert_id), int(version), float(created))
 
 
-def _alert(row: tuple[Any, ...]) -> AlertRecord:
+def alert_row(row: tuple[Any, ...]) -> AlertRecord:
+    """An ``alerts`` row (both backends)."""
     alert_id, time, agent, host, detector, summary, evidence, action, first = row
     return AlertRecord(int(alert_id), float(time), str(agent), str(host), str(detector),
                        str(summary), tuple(json.loads(str(evidence))), str(action), int(first))

@@ -32,7 +32,8 @@ import psycopg
 # 1: SQLite schema 4's tables (policies, revocations, tokens, certificates, hosts with TPM
 #    bindings, flows partitioned by receive day, per-host flow counts)
 # 2: SQLite schemas 5 and 6: host and token labels, just-in-time grants, grant requests
-PG_SCHEMA_VERSION = 2
+# 3: SQLite schema 7: quarantines, alerts, baselines (ztnet.controller.pgdetect)
+PG_SCHEMA_VERSION = 3
 # pg_advisory_lock key: "ztnet" in ASCII, a fixed number every replica agrees on
 MIGRATION_LOCK = 0x7A746E6574
 CHANNEL = "ztnet_changes"
@@ -100,6 +101,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             note TEXT NOT NULL DEFAULT '')""",
         "CREATE INDEX grant_requests_by_state ON grant_requests (state, created_at)",
         "CREATE INDEX grant_requests_by_host ON grant_requests (host, created_at)",
+    ),
+    3: (
+        # host '': every host
+        """CREATE TABLE quarantines (agent TEXT NOT NULL, host TEXT NOT NULL,
+            reason TEXT NOT NULL, "freeze" BOOLEAN NOT NULL, actor TEXT NOT NULL,
+            alert_id BIGINT NOT NULL, version BIGINT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (agent, host))""",
+        """CREATE TABLE alerts (id BIGSERIAL PRIMARY KEY, time DOUBLE PRECISION NOT NULL,
+            agent TEXT NOT NULL, host TEXT NOT NULL, detector TEXT NOT NULL,
+            summary TEXT NOT NULL, evidence TEXT NOT NULL, action TEXT NOT NULL,
+            first_evidence_ns BIGINT NOT NULL)""",
+        "CREATE INDEX alerts_by_agent ON alerts (agent, id)",
+        """CREATE TABLE baselines (agent TEXT PRIMARY KEY, body TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL)""",
     ),
 }
 

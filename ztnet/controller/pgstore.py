@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ztnet import logs
 from ztnet.controller import pgschema
+from ztnet.controller.pgdetect import PgDetectStore
 from ztnet.controller.pgflows import PgFlowStore
 from ztnet.controller.pgjit import PgJitStore
 from ztnet.controller.status import DatabaseUnavailable
@@ -73,7 +74,7 @@ def describe(url: str) -> str:
            f"{parts.get('dbname', '')}"
 
 
-class PgStore(PgFlowStore, PgJitStore):
+class PgStore(PgFlowStore, PgJitStore, PgDetectStore):
     def __init__(self, url: str, pool: ConnectionPool[Conn], trust_domain: str) -> None:
         self.url = url
         self._pool = pool
