@@ -232,7 +232,7 @@ def test_the_demo_tells_the_story_and_its_summary_adds_up() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert took < 60, took
     out = done.stdout
-    assert "FAIL" not in out and "all 16 steps behaved as described" in out
+    assert "FAIL" not in out and "all 19 steps behaved as described" in out
     assert "the held connection was cut: ECONNABORTED" in out  # the quarantine chapter
     # AGENT HOST ATTEMPTS ALLOWED DENIED ALERTS BYTES-OUT BYTES-IN
     rows: dict[tuple[str, str], list[int]] = {}

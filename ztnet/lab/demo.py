@@ -5,9 +5,11 @@ lab policy through the controller, and a scripted agent on host-a does what a co
 agent would: it uses its API, then tries to exfiltrate over TCP and UDP, to sneak out through
 a raw socket and IPv6, and to reach the cloud metadata service. host-b's agent shows that
 another host enforces another policy. Finally the operator revokes the agent's grant and its
-established connection is cut. After the summary, a chapter of its own
-(ztnet/lab/demo_response.py): an agent scans, a detector fires, the controller quarantines it on
-its host, the operator releases it. Every step is checked three ways — the traffic agent's errno,
+established connection is cut. After the summary, chapters of their own: an agent scans, a
+detector fires, the controller quarantines it on its host, the operator releases it
+(ztnet/lab/demo_response.py); the operator grants research-bot a path just in time and it
+disappears when its ttl ends (ztnet/lab/demo_jit.py). Every step is checked three ways — the
+traffic agent's errno,
 the flow record the host's daemon wrote (printed live), and the sniffers on the api and exfil
 hosts — and the closing summary is computed from the flow records. Any deviation makes the command
 exit 1, so `make demo` doubles as a smoke test.
@@ -26,6 +28,7 @@ from typing import Any, TextIO
 from ztnet.errors import LabError
 from ztnet.identity.launch import DYNAMIC_USER
 from ztnet.lab.cluster import Lab
+from ztnet.lab.demo_jit import jit_chapter
 from ztnet.lab.demo_response import response_chapter
 from ztnet.lab.netns import poll_until
 from ztnet.lab.policy import OPS_BOT, RESEARCH_BOT, lab_policy
@@ -195,8 +198,7 @@ class Demo:
                    f"connect() failed with {got['result']}, and the attempt raised an alert")
 
         self.other_host()
-        self.say("\n    just-in-time grants do not exist yet: not shown (detection and "
-                 "quarantine: after the summary)")
+        self.say("\n    detection, quarantine and just-in-time grants: after the summary")
         self.revoke()
         self.step("the wire: unconfined positive controls from every agent host, then the "
                   "sniffers on api and exfil stop")
@@ -331,6 +333,7 @@ def run_demo(name: str = "ztlab", *, keep: bool = False, out: TextIO | None = No
         demo.run()
         demo.summary()
         response_chapter(demo)
+        jit_chapter(demo)
         if keep and demo.grant:  # leave the lab as `lab up` makes it
             lab.operator("revoke", "--agent", RESEARCH_BOT, "--grant", demo.grant, "--restore")
     except LabError as exc:
