@@ -65,7 +65,8 @@ class GrantMaps:
         for index, value in enumerate(abi.iter_grant_values(values)):
             base = index * ksize
             agent = int.from_bytes(keys[base + agent_at:base + agent_at + 4], "little")
-            yield agent, keys[base + generation_at], value
+            # the value also holds the byte budgets (ABI v2): only the window and id here
+            yield agent, keys[base + generation_at], value[:3]
 
     def snapshot(self, raw: tuple[bytes, bytes] | None = None) -> Snapshot:
         raw = self.dump_raw() if raw is None else raw

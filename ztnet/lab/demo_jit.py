@@ -19,7 +19,7 @@ from ztnet.lab.topology import API_ALT_PORT
 if TYPE_CHECKING:
     from ztnet.lab.demo import Demo
 
-TTL = 4
+TTL = 6
 REASON = "demo: TICKET-42, one report for the ops team"
 
 
