@@ -146,6 +146,7 @@ class Daemon:
             # quarantine first: the agent is denied everything before anything else moves
             quarantined, released = self.datapath.set_quarantine(
                 entry.agent for entry in verified.bundle.quarantine)
+            flags_at = time.time()
             result = self.datapath.install(verified, now=now)
         except (DatapathError, IdentityError) as exc:
             # The swap is atomic: the kernel still enforces the previous set.
@@ -168,7 +169,8 @@ class Daemon:
             self.flows.bundle_applied(verified)
         if quarantined or released:
             logs.event("quarantine changed", logging.WARNING, version=verified.version,
-                       quarantined=sorted(quarantined), released=sorted(released))
+                       quarantined=sorted(quarantined), released=sorted(released),
+                       flags_at=round(flags_at, 4))
         logs.event("bundle applied", source=source, version=verified.version,
                    grants=len(verified.grants), entries=result.entries,
                    key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],

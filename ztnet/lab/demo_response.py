@@ -137,7 +137,7 @@ def _flag_time(demo: Demo) -> float | None:
             return None
     for line in reversed(demo.lab.daemon_log(demo.b).splitlines()):
         if '"quarantine changed"' in line and OPS_BOT in line:
-            return float(json.loads(line)["ts"])
+            return float(json.loads(line).get("flags_at", 0.0)) or None
     return None
 
 
