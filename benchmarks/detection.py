@@ -81,6 +81,32 @@ def summary(values: list[float]) -> dict[str, float]:
             "max_ms": round(1000 * max(values), 1), "n": len(values)}
 
 
+def trial(lab: Lab, b: Any, scan: list[dict[str, Any]], number: int) -> tuple[float, float]:
+    """One scan: seconds from the threshold-crossing connect() to the alert, and to the
+    quarantine flag in host-b's kernel."""
+    seen = {a["id"] for a in alerts(lab, OPS_BOT)}
+    flags_before = len(flag_times(lab, b))
+    results = {r["result"] for r in lab.run_attempts(b, OPS_BOT, scan, timeout=0.5)}
+    assert results == {"EPERM"}, results
+
+    def fired() -> dict[str, Any] | None:
+        new = [a for a in alerts(lab, OPS_BOT) if a["id"] not in seen
+               and a["action"] == "quarantine"]
+        return new[0] if new else None
+
+    alert = poll_until(fired, 20.0, f"trial {number}: the quarantining alert")
+    flags = poll_until(lambda: flag_times(lab, b)[flags_before:] or None, 20.0,
+                       f"trial {number}: the quarantine in host-b's kernel")
+    evidence = set(alert["evidence"])
+
+    def trigger_record() -> float | None:
+        times = [r.time_ns for r in lab.controller_flows(since="2m") if r.uuid in evidence]
+        return max(times) / 1e9 if len(times) == len(evidence) else None
+
+    trigger = poll_until(trigger_record, 20.0, "the evidence records")
+    return alert["time"] - trigger, flags[0] - trigger
+
+
 def latency(lab: Lab, trials: int) -> dict[str, Any]:
     topo = lab.topology
     b, exfil = topo.agent_hosts_list[1], topo.by_role(Role.EXFIL)[0]
@@ -89,30 +115,11 @@ def latency(lab: Lab, trials: int) -> dict[str, Any]:
     operator(lab, "policy", "apply", str(policy))
     scan = [{"kind": "tcp", "host": exfil.ipv4, "port": EXFIL_PORT + i} for i in range(20)]
     to_alert, to_quarantine = [], []
-    for trial in range(trials):
-        seen = {a["id"] for a in alerts(lab, OPS_BOT)}
-        flags_before = len(flag_times(lab, b))
-        results = {r["result"] for r in lab.run_attempts(b, OPS_BOT, scan, timeout=0.5)}
-        assert results == {"EPERM"}, results
-
-        def fired() -> dict[str, Any] | None:
-            new = [a for a in alerts(lab, OPS_BOT) if a["id"] not in seen
-                   and a["action"] == "quarantine"]
-            return new[0] if new else None
-
-        alert = poll_until(fired, 20.0, f"trial {trial}: the quarantining alert")
-        flags = poll_until(lambda: flag_times(lab, b)[flags_before:] or None, 20.0,
-                           f"trial {trial}: the quarantine in host-b's kernel")
-        evidence = set(alert["evidence"])
-
-        def trigger_record() -> float | None:
-            times = [r.time_ns for r in lab.controller_flows(since="2m") if r.uuid in evidence]
-            return max(times) / 1e9 if len(times) == len(evidence) else None
-
-        trigger = poll_until(trigger_record, 20.0, "the evidence records")
-        to_alert.append(alert["time"] - trigger)
-        to_quarantine.append(flags[0] - trigger)
-        operator(lab, "release", "--agent", OPS_BOT, "--reason", f"benchmark trial {trial}")
+    for number in range(trials):
+        alert_s, quarantine_s = trial(lab, b, scan, number)
+        to_alert.append(alert_s)
+        to_quarantine.append(quarantine_s)
+        operator(lab, "release", "--agent", OPS_BOT, "--reason", f"benchmark trial {number}")
         time.sleep(1.2)  # the policy's 1 s cool-down starts at the release: pacing
     return {"to_alert": summary(to_alert), "to_quarantine_in_force": summary(to_quarantine),
             "samples_ms": {"to_alert": [round(1000 * v, 1) for v in to_alert],

@@ -285,8 +285,7 @@ def test_alerts_are_listed_oldest_first_after_an_id(store: Store) -> None:
     assert [a.summary for a in store.alerts(agent="bot")] == ["alert 1", "alert 3"]
     assert [a.id for a in store.alerts(after_id=ids[2])] == ids[3:]
     assert [a.id for a in store.alerts(limit=2)] == ids[3:]
-    store.set_alert_action(ids[0], "quarantine")
-    assert store.alerts()[0].action == "quarantine" and store.alerts()[0].evidence == ("u0",)
+    assert store.alerts()[0].action == "alert" and store.alerts()[0].evidence == ("u0",)
 
 
 def test_baselines_are_saved_read_and_reset(store: Store) -> None:

@@ -156,3 +156,20 @@ def test_a_scan_quarantines_the_agent_on_its_host_only_and_the_cooldown_holds(
     assert "cool-down" in again["action"], again
     assert results(lab, b, OPS_BOT, call) == ["OK"]
     assert "no agent is quarantined" in operator(lab, "quarantines")
+
+
+def test_a_frozen_quarantine_on_one_host_freezes_there_only_and_release_thaws(lab: Lab) -> None:
+    topo = lab.topology
+    a, b = topo.agent_hosts_list
+    api = topo.by_role(Role.API)[0]
+    call = [{"kind": "tcp", "host": api.ipv4, "port": API_ALT_PORT}]
+    frozen = {host.name: lab.instance(host).agent_cgroup(OPS_BOT) / "cgroup.freeze"
+              for host in (a, b)}
+    operator(lab, "quarantine", "--agent", OPS_BOT, "--host", a.name, "--freeze",
+             "--reason", "e2e: freeze on one host")
+    assert frozen[a.name].read_text().strip() == "1"
+    assert not frozen[b.name].exists() or frozen[b.name].read_text().strip() == "0"
+    assert results(lab, b, OPS_BOT, call) == ["OK"]  # host-b is not affected
+    operator(lab, "release", "--agent", OPS_BOT, "--reason", "e2e: thaw")
+    assert frozen[a.name].read_text().strip() == "0"
+    assert results(lab, a, OPS_BOT, call) == ["OK"]

@@ -94,8 +94,6 @@ class DetectStore(Protocol):
         """Store an alert (its ``id`` is ignored); returns its id."""
         ...
 
-    def set_alert_action(self, alert_id: int, action: str) -> None: ...
-
     def alerts(self, *, agent: str = "", after_id: int = 0,
                limit: int = 100) -> tuple[AlertRecord, ...]:
         """Alerts with an id above ``after_id``, oldest first."""
@@ -152,10 +150,6 @@ class SqliteDetectStore:
             if alert_id > MAX_ALERTS and alert_id % 1000 == 0:
                 db.execute("DELETE FROM alerts WHERE id <= ?", (alert_id - MAX_ALERTS,))
         return alert_id
-
-    def set_alert_action(self, alert_id: int, action: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE alerts SET action = ? WHERE id = ?", (action, alert_id))
 
     def alerts(self, *, agent: str = "", after_id: int = 0,
                limit: int = 100) -> tuple[AlertRecord, ...]:

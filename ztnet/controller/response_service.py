@@ -19,7 +19,7 @@ from ztnet.controller.authz import Authorizer
 from ztnet.controller.detect.response import Responder
 from ztnet.controller.detectstore import AlertRecord, QuarantineRecord
 from ztnet.controller.enrollment import check_host
-from ztnet.controller.hub import Hub
+from ztnet.controller.hub import HostResult, Hub
 from ztnet.controller.publisher import Publication
 from ztnet.controller.store import Store
 from ztnet.grants.model import AGENT_NAME_RE
@@ -118,7 +118,7 @@ class ResponseService:
         body = json.dumps(baseline.to_json(), sort_keys=True) if baseline else ""
         return admin_pb2.BaselineResponse(agent=agent, baseline_json=body)
 
-    async def _collect(self, publication: Publication) -> list[Any]:
+    async def _collect(self, publication: Publication) -> list[HostResult]:
         return await self.hub.collect(publication.answers, publication.epoch.version,
                                       self.wait)
 
