@@ -237,12 +237,13 @@ def wait_records(log: FlowLog, baseline: int, expected: int,
 
 
 def generate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port: int,
-             agents: list[str], per_agent: int) -> dict[str, int]:
+             agents: list[str], per_agent: int, agent_nice: int = 0) -> dict[str, int]:
     """``rate`` connections a second, spread over ceil(rate / per_agent) agents, each its
     own flowgen; their counts summed (``behind_ns``: the latest of them)."""
     count = min(len(agents), -(-rate // per_agent))
     shares = [rate // count + (1 if i < rate % count else 0) for i in range(count)]
-    procs = [subprocess.Popen(agent_argv(instance, agent, [
+    nice = ["nice", "-n", str(agent_nice)] if agent_nice else []
+    procs = [subprocess.Popen(nice + agent_argv(instance, agent, [
         str(flowgen), "rate", LOOPBACK, str(port), str(share), str(seconds)]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for agent, share in zip(agents, shares, strict=False)]
@@ -261,14 +262,15 @@ def generate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port
 
 def run_rate(rate: int, seconds: int, *, instance: Instance, flowgen: Path, port: int,
              daemon: DaemonProcess, log: FlowLog, metrics_port: int, mode: str,
-             drain: float, agents: list[str], per_agent: int) -> dict[str, Any]:
+             drain: float, agents: list[str], per_agent: int,
+             agent_nice: int = 0) -> dict[str, Any]:
     assert daemon.proc is not None
     load = os.getloadavg()[0]
     before, lines_before = scrape(metrics_port), log.lines
     cpu_before, machine_before = cpu_seconds(daemon.proc.pid), busy_cpus()
     started = time.monotonic()
     gen = generate(rate, seconds, instance=instance, flowgen=flowgen, port=port,
-                   agents=agents, per_agent=per_agent)
+                   agents=agents, per_agent=per_agent, agent_nice=agent_nice)
     generated = time.monotonic()
     expected = 2 * int(gen["ok"])
     records, complete = wait_records(log, lines_before, expected)
@@ -373,7 +375,7 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, flowgen: Path,
             result = run_rate(rate, seconds, instance=instance, flowgen=flowgen, port=port,
                               daemon=daemon, log=log, metrics_port=metrics_port,
                               mode=mode, drain=args.drain, agents=agents,
-                              per_agent=args.per_agent)
+                              per_agent=args.per_agent, agent_nice=args.agent_nice)
             print(json.dumps({"mode": mode, **result}), flush=True)
             return result
 
@@ -445,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rates", default=DEFAULT_RATES,
                         help=f"connections per second, in order (default {DEFAULT_RATES})")
     parser.add_argument("--seconds", type=int, default=10, help="length of each rate's run")
+    parser.add_argument("--agent-nice", type=int, default=0,
+                        help="run the load generators this much nicer than the daemon (0: "
+                        "the same priority; see docs/performance.md)")
     parser.add_argument("--per-agent", type=int, default=800,
                         help="connections a second per agent (each agent's allowed-side "
                         "events are budgeted at 2,000 a second by the kernel)")

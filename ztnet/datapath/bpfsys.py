@@ -9,6 +9,7 @@ import ctypes.util
 import enum
 import errno
 import os
+import select
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
@@ -71,6 +72,23 @@ def _lib() -> ctypes.CDLL:
         "ring_buffer__free": ([vp], None),
     }
     for fn_name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, fn_name)
+        fn.argtypes = argtypes
+        fn.restype = restype
+    return lib
+
+
+@cache
+def _lib_holding_gil() -> ctypes.PyDLL:
+    """The same libbpf, called without releasing the GIL: for ``ring_buffer__consume``,
+    whose callback runs Python once per record. Through ``CDLL`` each callback would have to
+    take the GIL back, and with another thread busy (the flow dispatcher) that waits up to
+    the interpreter's switch interval (5 ms) per record: a few hundred records a second."""
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    lib = ctypes.PyDLL(name, use_errno=True)
+    for fn_name, argtypes, restype in (("ring_buffer__consume", [ctypes.c_void_p], ctypes.c_int),
+                                       ("ring_buffer__epoll_fd", [ctypes.c_void_p],
+                                        ctypes.c_int)):
         fn = getattr(lib, fn_name)
         fn.argtypes = argtypes
         fn.restype = restype
@@ -422,6 +440,7 @@ class RingBuffers:
             raise DatapathError(f"datapath: cannot open ring buffer {self._maps[0].name}: "
                                 f"{os.strerror(ctypes.get_errno() or errno.EINVAL)}")
         self._handle: int | None = handle
+        self._waiter: select.poll | None = None
         for ring in self._maps[1:]:
             rc = lib.ring_buffer__add(handle, ring.fd, self._callback, None)
             if rc < 0:
@@ -438,11 +457,25 @@ class RingBuffers:
                                 f"{os.strerror(_err(rc))}")
         return max(rc, 0)
 
+    def wait(self, timeout_ms: int) -> bool:
+        """Until a ring has data (the GIL released meanwhile); False on timeout."""
+        if self._handle is None:
+            return False
+        if self._waiter is None:
+            self._waiter = select.poll()  # libbpf's epoll descriptor is itself pollable
+            self._waiter.register(_lib_holding_gil().ring_buffer__epoll_fd(self._handle),
+                                  select.POLLIN)
+        try:
+            return bool(self._waiter.poll(timeout_ms))
+        except InterruptedError:
+            return False
+
     def consume(self) -> int:
-        """Read every record waiting, whether or not the kernel woke the reader for it."""
+        """Every record waiting, whether or not the kernel woke the reader for it, without
+        waiting, the GIL held throughout (see ``_lib_holding_gil``); how many."""
         if self._handle is None:
             return 0
-        rc = int(_lib().ring_buffer__consume(self._handle))
+        rc = int(_lib_holding_gil().ring_buffer__consume(self._handle))
         if rc < 0 and _err(rc) != errno.EINTR:
             raise DatapathError(f"datapath: reading ring buffers failed: "
                                 f"{os.strerror(_err(rc))}")

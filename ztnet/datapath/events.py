@@ -167,13 +167,16 @@ class EventReader:
     """Reads both rings from ``poll()``: ``on_batch`` gets each batch of events (up to
     READ_BATCH) as a list, else ``on_event`` each event.
 
-    libbpf's ring_buffer consumes the rings (no bcc in the daemon); its callback only copies
-    each record's bytes, and the batch is decoded after the poll with one ``struct`` call per
-    record (``Decoder``), instead of a ctypes cast and a field access per value. (A reader
-    that walked the rings' memory maps itself, without the callback, was tried: on this
-    kernel, 6.18, reservations then failed now and then, one or two a second at 8,000
-    events a second, with the ring empty; libbpf's consumer loses none. See
-    docs/performance.md.)"""
+    libbpf's ring_buffer consumes the rings (no bcc in the daemon). ``poll`` waits with the
+    GIL released, then consumes with the GIL held (``RingBuffers.consume``: a callback that
+    had to take the GIL back for every record waited up to 5 ms each whenever the
+    dispatcher's thread was busy). The callback only copies each record's bytes; every
+    READ_BATCH records, and after the poll, the batch is decoded with one ``struct`` call per
+    record (``Decoder``) instead of a ctypes cast and an attribute access per value. (A
+    reader walking the rings' memory maps itself, with no callback at all, was tried: on
+    this kernel, 6.18, reservations then failed now and then with the ring empty, one or
+    two a second at 8,000 events a second, where libbpf's consumer lost none; the cause was
+    not found. docs/performance.md.)"""
 
     def __init__(self, rings: Sequence[PinnedMap], clock: BootClock,
                  on_event: Callable[[KernelEvent], None] | None = None, *,
@@ -211,10 +214,11 @@ class EventReader:
     def poll(self, timeout_ms: int) -> int:
         """Deliver what the rings hold, waiting up to ``timeout_ms`` for the first record;
         how many records were read."""
-        count = self._rings.poll(timeout_ms)
+        rings = self._rings
+        rings.wait(timeout_ms)  # the GIL released meanwhile
         # records the kernel queued without a wake-up (the daemon's wake-up policy,
-        # Datapath.set_wakeup_every) signal nothing to epoll: read them after the timeout
-        count += self._rings.consume()
+        # Datapath.set_wakeup_every) signal nothing to epoll: read them after the timeout too
+        count = rings.consume()
         if self._raw:
             self._flush()
         return count

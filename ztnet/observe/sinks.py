@@ -110,6 +110,7 @@ class Dispatcher:
     def __init__(self, sinks: Iterable[Sink], *, queue_size: int = 65536,
                  batch_size: int = 4096) -> None:
         self.sinks = list(sinks)
+        self._kinds: list[tuple[bool, bool]] | None = None
         self._queue: deque[list[FlowRecord] | None] = deque()  # batches; None: stop
         self._queue_size = queue_size  # in records
         self._queued = 0
@@ -205,22 +206,29 @@ class Dispatcher:
         while True:
             batch, stop = self._take()
             if batch:
-                for sink in self.sinks:
-                    if isinstance(sink, BatchSink):
-                        self._safecall(sink, "on_flows", sink.on_flows, batch)
-                    else:
-                        on_flow = sink.on_flow
-                        for record in batch:
-                            self._safecall(sink, "on_flow", on_flow, record)
-                for sink in self.sinks:
-                    if isinstance(sink, Flushable):
-                        self._safecall(sink, "flush", sink.flush)
+                self._fan_out(batch)
                 with self._idle:
                     self._delivered += len(batch)
                     self._pending -= len(batch)
                     self._idle.notify_all()
             if stop:
                 return
+
+    def _fan_out(self, batch: list[FlowRecord]) -> None:
+        if self._kinds is None:  # Protocol isinstance checks are slow: once per sink
+            self._kinds = [(isinstance(s, BatchSink), isinstance(s, Flushable))
+                           for s in self.sinks]
+        safecall = self._safecall
+        for sink, (batched, _) in zip(self.sinks, self._kinds, strict=True):
+            if batched:
+                safecall(sink, "on_flows", sink.on_flows, batch)  # type: ignore[attr-defined]
+            else:
+                on_flow = sink.on_flow
+                for record in batch:
+                    safecall(sink, "on_flow", on_flow, record)
+        for sink, (_, flushable) in zip(self.sinks, self._kinds, strict=True):
+            if flushable:
+                safecall(sink, "flush", sink.flush)  # type: ignore[attr-defined]
 
 
 class JsonlSink:
