@@ -263,3 +263,24 @@ def test_ztnet_agents_shows_the_mode(datapath: Datapath, audited: list[Grant]) -
     out = io.StringIO()
     agents(datapath.instance, out=out)
     assert out.getvalue().splitlines()[-1].split()[-1] == "enforce"
+
+
+def test_an_audited_flow_is_kept_across_installs_and_cut_by_quarantine(
+        datapath: Datapath, pair: NetnsPair, server: ServerProcess,
+        audited: list[Grant]) -> None:
+    holder = LineProcess.start(agent_argv(datapath.instance, AGENT, traffic_argv(
+        "hold", pair.b.ipv4, str(DENIED), "--limit", "30"), netns=pair.a.netns, user="nobody"))
+    try:
+        assert holder.read()["event"] == "connected"
+        datapath.install_unverified(audited, audit={AGENT})
+        assert datapath.cut_unauthorized() == []  # audit mode: nothing to cut
+        datapath.set_quarantined(AGENT, True)
+        try:
+            cut = datapath.cut_unauthorized()
+            assert [flow.remote[1] for flow in cut] == [DENIED]
+            broken = holder.read()
+        finally:
+            datapath.set_quarantined(AGENT, False)
+    finally:
+        holder.kill()
+    assert (broken["event"], broken["result"]) == ("broken", "ECONNABORTED"), broken

@@ -160,3 +160,12 @@ def test_policy_check_says_an_agent_is_in_audit_mode() -> None:
     assert "note: agents.watched is in AUDIT mode" in text and "open egress" in text
     assert "(no rules: no network access)" in text  # plain and strict enforce
     assert "audit-mode agents excepted" in text
+
+
+def test_a_quarantined_agent_is_not_audited() -> None:
+    from ztnet.grants.payload import Quarantine
+
+    policy = parse_policy(POLICY, "p.toml")
+    bundle = issue_bundle(policy, host="web-1", version=3, now=NOW, issuer="t",
+                          quarantine=(Quarantine("watched"),))
+    assert bundle.audit_agents == () and bundle.grants == ()

@@ -545,10 +545,11 @@ class Datapath:
                 if cgid in by_id}
 
     def cut_unauthorized(self, *, now: float | None = None) -> list[sockets.FlowSocket]:
-        """Destroy agent sockets whose flows the installed grants no longer allow."""
+        """Destroy agent sockets whose flows the installed grants no longer allow (an
+        agent in audit mode keeps them, unless it is quarantined: quarantine wins)."""
         return sockets.cut_unauthorized(self.instance, self.grants(),
                                         time.time() if now is None else now,
-                                        audited=self._audit)
+                                        audited=frozenset(self._audit - self.quarantined()))
 
     def live_grant_counts(self) -> dict[str, int]:
         return {agent: len(ids) for agent, ids in self.live_grant_ids().items()}

@@ -73,8 +73,9 @@ def issue_bundle(
     lifetime = bundle_ttl
     if lifetime is None:
         lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
+    # quarantine overrides audit mode: a quarantined agent is enforced (and has no grants)
     audit_agents = tuple(sorted(agent.name for agent in policy.agents
-                                if agent.mode is AgentMode.AUDIT))
+                                if agent.mode is AgentMode.AUDIT and agent.name not in quarantined))
     if len(grants) + len(audit_agents) > MAX_BUNDLE_GRANTS:
         audited = f" and {len(audit_agents)} audited agents" if audit_agents else ""
         raise ConfigError(f"bundle: {len(grants)} grants{audited} for host {audience}, more "
