@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from ztnet.grants.bundle import VerifiedBundle
 from ztnet.grants.model import Grant, format_grant_id
 from ztnet.instance import AUDIT_FILE, FLOWS_FILE
 from ztnet.observe import audit, metrics, records, sinks
+from ztnet.observe.context import GrantInfo
 
 if TYPE_CHECKING:
     from ztnet.observe.otlp import OtlpExporter
@@ -67,6 +69,38 @@ def _grant_fields(grant: Grant) -> dict[str, object]:
             "not_before": grant.not_before, "not_after": grant.not_after}
 
 
+class GrantInfos(Mapping[int, GrantInfo]):
+    """Grant id -> GrantInfo for flow records, as ``{**before, **bundle's}`` would be
+    after each bundle, without a 100,000-entry dict per bundle: the grants of the
+    bundle in force share its one GrantInfo, and only ids that left it are kept
+    apart (with the info they last had)."""
+
+    def __init__(self) -> None:
+        self._current: Mapping[int, object] = {}
+        self._info = GrantInfo(0, "")
+        self._earlier: dict[int, GrantInfo] = {}
+
+    def applied(self, grants: Mapping[int, object], info: GrantInfo) -> GrantInfos:
+        view = GrantInfos()
+        view._earlier = dict(self._earlier)
+        for grant_id in self._current.keys() - grants.keys():
+            view._earlier[grant_id] = self._info
+        for grant_id in view._earlier.keys() & grants.keys():
+            del view._earlier[grant_id]
+        view._current, view._info = grants, info
+        return view
+
+    def __getitem__(self, grant_id: int) -> GrantInfo:
+        return self._info if grant_id in self._current else self._earlier[grant_id]
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._current
+        yield from self._earlier
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._earlier)
+
+
 class FlowPipeline:
     def __init__(self, datapath: Datapath, state: Path, *, host: str, trust_domain: str,
                  metrics_listen: str | None, upload: UploadSettings | None = None,
@@ -92,6 +126,7 @@ class FlowPipeline:
         self.server = (metrics.start_http_server(metrics_listen, self.metrics.registry)
                        if metrics_listen else None)
         self._granted: dict[int, Grant] = {}
+        self._infos = GrantInfos()
         self._reader = datapath.event_reader(on_batch=self._on_events)
         self.cutter = BudgetCutter(datapath.instance)
         datapath.set_wakeup_every(_WAKEUP_EVERY)
@@ -129,11 +164,10 @@ class FlowPipeline:
     def bundle_applied(self, verified: VerifiedBundle) -> None:
         """New grant metadata for records; the grant changes into the audit trail."""
         names = {**self.context.agent_names, **self.datapath.agent_names()}
+        new = {g.grant_id: g for g in verified.grants}
         self.context = dataclasses.replace(
             self.context, agent_names=names,
-            grants={**self.context.grants, **records.grant_infos(
-                (g.grant_id for g in verified.grants), verified.version, verified.key_id)})
-        new = {g.grant_id: g for g in verified.grants}
+            grants=self._infos.applied(new, GrantInfo(verified.version, verified.key_id)))
         try:
             self.audit_log.append(audit.BUNDLE_APPLIED, {
                 "version": verified.version, "key_id": verified.key_id,
