@@ -32,6 +32,12 @@ def register(sub: SubParsers) -> None:
     _name_option(p)
     p.add_argument("--hosts", type=checked(host_count), default=2, metavar="N",
                    help="number of agent hosts (1-8, default 2)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="controller replicas (1-4, default 1; more need --database postgres); "
+                   "daemons follow them all (--controller A,B,…)")
+    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                   help="the controller's store: its SQLite file (default), or a PostgreSQL "
+                   "server started in the controller's namespace")
 
     p = add_command(group, "down", "Remove everything the lab owns (processes, namespaces, "
                     "daemon instances, run directory), even after a crashed `lab up`.",
@@ -68,7 +74,7 @@ def host_count(text: str) -> int:
 
 
 def handle_up(args: argparse.Namespace) -> int:
-    return lab_up(args.name, args.hosts)
+    return lab_up(args.name, args.hosts, replicas=args.replicas, database=args.database)
 
 
 def handle_down(args: argparse.Namespace) -> int:
@@ -82,7 +88,8 @@ def handle_status(args: argparse.Namespace) -> int:
 # --- what the commands print -----------------------------------------------------------
 
 
-def lab_up(name: str, hosts: int, out: TextIO | None = None) -> int:
+def lab_up(name: str, hosts: int, out: TextIO | None = None, *, replicas: int = 1,
+           database: str = "sqlite") -> int:
     from ztnet.lab.cluster import Lab
     from ztnet.lab.topology import Topology
 
@@ -93,7 +100,7 @@ def lab_up(name: str, hosts: int, out: TextIO | None = None) -> int:
         out.flush()
 
     start = time.monotonic()
-    lab = Lab(Topology(name, hosts), progress=progress)
+    lab = Lab(Topology(name, hosts), progress=progress, replicas=replicas, database=database)
     if not lab.up():
         out.write(f"lab {name} is already up\n")
         return 0
@@ -138,7 +145,9 @@ def lab_status(name: str, *, as_json: bool = False, out: TextIO | None = None) -
 
     out = out or sys.stdout
     state = Lab(Topology(name)).read_state() or {}
-    lab = Lab(Topology(name, int(state.get("agent_hosts", 2)) or 2))
+    lab = Lab(Topology(name, int(state.get("agent_hosts", 2)) or 2),
+              replicas=int(state.get("replicas", 1)), database=str(state.get("database",
+                                                                             "sqlite")))
     rows = lab.status()
     healthy = bool(state.get("complete")) and all(
         r.netns_up and all(alive for _, _, alive in r.processes) and r.enforcing is not False

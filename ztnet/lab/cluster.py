@@ -37,6 +37,7 @@ from ztnet.fsutil import replace_atomic
 from ztnet.identity.launch import DYNAMIC_USER, run_user_flags
 from ztnet.instance import BPFFS, FLOWS_FILE, Instance, find_cgroup2_mount
 from ztnet.lab import procs
+from ztnet.lab import replicas as replicas_mod
 from ztnet.lab.netns import list_netns, nsenter_argv, poll_until
 from ztnet.lab.policy import lab_policy
 from ztnet.lab.procs import ProcRecord
@@ -72,11 +73,21 @@ class HostStatus:
 
 class Lab:
     """One lab, by name: everything it owns is found from its Topology (see the module doc).
-    ``progress`` receives one line per stage of ``up``."""
+    ``progress`` receives one line per stage of ``up``. ``replicas`` controllers serve one
+    ``database`` ("sqlite": one controller; "postgres": any number, ztnet.lab.replicas)."""
 
-    def __init__(self, topology: Topology, *, progress: Callable[[str], None] | None = None
-                 ) -> None:
+    def __init__(self, topology: Topology, *, progress: Callable[[str], None] | None = None,
+                 replicas: int = 1, database: str = "sqlite") -> None:
+        if database not in replicas_mod.DATABASES:
+            raise LabError(f"lab: database {database!r} is not one of "
+                           f"{', '.join(replicas_mod.DATABASES)}")
+        if not 1 <= replicas <= replicas_mod.MAX_REPLICAS or (replicas > 1 and
+                                                              database != "postgres"):
+            raise LabError(f"lab: --replicas {replicas}: 1 to {replicas_mod.MAX_REPLICAS}, "
+                           "and more than one needs --database postgres")
         self.topology = topology
+        self.replicas = replicas
+        self.database = database
         self.progress = progress or (lambda message: None)
         self.run_dir = topology.run_dir
         self._lock = threading.Lock()
@@ -120,6 +131,7 @@ class Lab:
 
     def _write_state(self, complete: bool) -> None:
         state = {"name": self.topology.name, "agent_hosts": self.topology.agent_hosts,
+                 "replicas": self.replicas, "database": self.database,
                  "complete": complete, "processes": [r.to_json() for r in self._records]}
         replace_atomic(self.run_dir / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode(),
                        0o644)
@@ -148,7 +160,8 @@ class Lab:
         state = self.read_state()
         if not state or not state.get("complete"):
             return False
-        if state.get("agent_hosts") != self.topology.agent_hosts:
+        if (state.get("agent_hosts"), state.get("replicas", 1), state.get("database", "sqlite")) \
+                != (self.topology.agent_hosts, self.replicas, self.database):
             return False
         names = set(lab_namespaces(self.topology.name))
         return set(self.topology.namespaces()) <= names and all(map(procs.alive, self.records()))
@@ -187,28 +200,43 @@ class Lab:
             procs.run_ok(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"],
                          "sysctl", netns=topo.netns(host))
         ctl = topo.controller
+        database = self._start_database()
+        # with PostgreSQL, commands that open the store run where the database is
+        where = {"netns": topo.netns(ctl)} if database else {}
         procs.run_ok(procs.ztnet_argv(
             "controller", "init", "--state", str(self.controller_state), "--trust-domain",
-            TRUST_DOMAIN, "--san", ctl.ipv4, "--san", ctl.ipv6, "--san", ctl.fqdn),
-            "controller init")
+            TRUST_DOMAIN, "--san", ctl.ipv4, "--san", ctl.ipv6, "--san", ctl.fqdn,
+            *self._database_args()), "controller init", **where)
         procs.run_ok(procs.ztnet_argv(
             "controller", "admin-cert", "--state", str(self.controller_state),
-            "--out", str(self.admin_dir), "--name", "lab-operator"), "controller admin-cert")
+            "--out", str(self.admin_dir), "--name", "lab-operator", *self._database_args()),
+            "controller admin-cert", **where)
         self.policy_file.write_text(lab_policy(topo))
-        ready_file = self.run_dir / "controller.ready.json"
-        controller = self._spawn("controller", ctl, procs.ztnet_argv(
-            "controller", "serve", "--state", str(self.controller_state),
-            "--listen", topo.controller_address, "--enroll-listen", topo.enroll_address,
-            "--policy", str(self.policy_file), "--ready-file", str(ready_file),
-            "--log-format", "json"))
+        controllers = []
+        for replica in range(self.replicas):
+            listen, enroll = replicas_mod.listen_addresses(topo, replica)
+            ready_file = self.run_dir / f"controller{'-' + str(replica) if replica else ''}" \
+                ".ready.json"
+            state = replicas_mod.replica_state(self.controller_state, replica)
+            name = "controller" if replica == 0 else f"controller {replica}"
+            controllers.append((ready_file, self._spawn(name, ctl, procs.ztnet_argv(
+                "controller", "serve", "--state", str(state), "--listen", listen,
+                "--enroll-listen", enroll, "--policy", str(self.policy_file),
+                "--ready-file", str(ready_file), "--log-format", "json",
+                *self._database_args()))))
         services = self._start_services()
         self.progress(f"controller: {topo.controller_address} (mutual TLS), enrollment "
-                      f"{topo.enroll_address}")
+                      f"{topo.enroll_address}" + (
+                          f"; {self.replicas} replicas over PostgreSQL "
+                          f"({replicas_mod.controller_list(topo, self.replicas)})"
+                          if self.replicas > 1 else ""))
 
         def serving() -> bool | None:
-            if not procs.alive(controller):
-                raise LabError(f"lab: the controller exited:\n{procs.log_text(controller)}")
-            return True if ready_file.exists() else None
+            for _, controller in controllers:
+                if not procs.alive(controller):
+                    raise LabError(f"lab: the controller exited:\n"
+                                   f"{procs.log_text(controller)}")
+            return True if all(ready.exists() for ready, _ in controllers) else None
 
         poll_until(serving, READY_TIMEOUT, "the controller to serve")
         with ThreadPoolExecutor(max_workers=len(topo.agent_hosts_list)) as pool:
@@ -216,6 +244,23 @@ class Lab:
                 future.result()
         for record in services:
             procs.wait_log(record, lambda line: line == "READY", READY_TIMEOUT, "READY")
+
+    def _database_args(self) -> list[str]:
+        return ["--database", replicas_mod.database_url()] if self.database == "postgres" \
+            else []
+
+    def _start_database(self) -> bool:
+        """Start PostgreSQL (``--database postgres``) in the controller's namespace."""
+        if self.database != "postgres":
+            return False
+        server = replicas_mod.prepare_database(self.run_dir)
+        ctl = self.topology.controller
+        record = self._spawn("postgres", ctl, server.foreground_argv())
+        replicas_mod.wait_database(server, self.topology.netns(ctl),
+                                   lambda: procs.alive(record), READY_TIMEOUT)
+        self.progress(f"database: PostgreSQL {replicas_mod.database_url()} in "
+                      f"{self.topology.netns(ctl)}")
+        return True
 
     def _start_services(self) -> list[ProcRecord]:
         topo = self.topology
@@ -243,9 +288,10 @@ class Lab:
     def _start_host(self, host: LabHost) -> None:
         """Enroll ``host`` as an operator would, then run its daemon until it enforces."""
         topo = self.topology
+        where = {"netns": topo.netns(topo.controller)} if self.database == "postgres" else {}
         token = json.loads(procs.run_ok(procs.ztnet_argv(
             "controller", "token", "create", "--state", str(self.controller_state),
-            "--host", host.name, "--json"), "token create"))
+            "--host", host.name, "--json", *self._database_args()), "token create", **where))
         state = self.host_state(host)
         procs.run_ok(procs.ztnet_argv(
             "enroll", "--controller", topo.enroll_address, f"--token={token['token']}",
@@ -253,7 +299,8 @@ class Lab:
             "--host", host.name), f"enroll {host.name}", netns=topo.netns(host))
         instance = topo.instance_name(host)
         daemon = self._spawn(f"daemon {host.name}", host, procs.ztnet_argv(
-            "daemon", "--instance", instance, "--controller", topo.controller_address,
+            "daemon", "--instance", instance, "--controller",
+            replicas_mod.controller_list(topo, self.replicas),
             "--state", str(state), "--log-format", "json", "--backoff-max", "2"))
         procs.wait_log(daemon, procs.json_event("bundle applied"), READY_TIMEOUT,
                        "its first bundle")
@@ -365,10 +412,11 @@ class Lab:
                            f"{done.stderr.strip()}")
         return results
 
-    def operator(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def operator(self, *args: str, replica: int = 0) -> subprocess.CompletedProcess[str]:
         """``ztnet ARGS`` as the lab operator: from the controller's namespace, with the lab's
-        admin credentials."""
-        argv = procs.ztnet_argv(*args, "--controller", self.topology.controller_address,
+        admin credentials, through controller replica ``replica``."""
+        address = replicas_mod.listen_addresses(self.topology, replica)[0]
+        argv = procs.ztnet_argv(*args, "--controller", address,
                                 "--credentials", str(self.admin_dir))
         return procs.run(argv, netns=self.topology.netns(self.topology.controller))
 
