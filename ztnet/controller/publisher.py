@@ -121,20 +121,24 @@ class Publisher:
             return self._publish(version, "jit grant", wait=True)
 
     async def host_enrolled(self, host: str) -> None:
-        """A host enrolled with its token's labels. New to the current epoch: the epoch
-        takes its labels (it cannot have been sent anything of this version yet). Known
-        with other labels (re-enrolled): a new epoch, so that no (version, host) pair ever
-        selects two different sets of agents."""
+        """A host enrolled with its token's labels. Known to the current epoch with other
+        labels (re-enrolled): a new epoch, so that no (version, host) pair ever selects two
+        different sets of agents. New to it: it learns them when the host subscribes."""
         async with self._lock:
             epoch = self.current
-            if epoch is None:
-                return
-            labels = self.store.host_labels().get(host, {})
-            if host not in epoch.labels:
-                self.current = replace(epoch, labels={**epoch.labels, host: labels})
-                self._changed.set()
-            elif dict(epoch.labels[host]) != labels:
+            if epoch is not None and host in epoch.labels and \
+                    dict(epoch.labels[host]) != self.store.host_labels().get(host, {}):
                 self._publish(self.store.next_version(), "enrollment", wait=False)
+
+    def _know(self, host: str) -> Epoch | None:
+        """The current epoch, knowing ``host``'s labels: a host enrolled since it began
+        (here or through another replica) cannot have been sent this version yet, so the
+        epoch takes the labels it has now."""
+        epoch = self.current
+        if epoch is not None and host not in epoch.labels:
+            labels = {**epoch.labels, host: self.store.host_labels().get(host, {})}
+            epoch = self.current = replace(epoch, labels=labels)
+        return epoch
 
     async def quarantine(self, record: QuarantineRecord) -> Publication:
         """Store a quarantine and push it (deny-all, no grants) to every host it names."""
@@ -159,7 +163,7 @@ class Publisher:
             if self.shared and self.current is not None and \
                     version_held > self.current.version:
                 self._follow()  # the host was served by a replica that is ahead of us
-            host, now, epoch = session.host, self.clock(), self.current
+            host, now, epoch = session.host, self.clock(), self._know(session.host)
             self._changed.set()  # the renewal loop now has someone to renew for
             if epoch is None:
                 self.store.record_seen(host, now)
