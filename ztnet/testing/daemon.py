@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import sign_bundle
+from ztnet.grants.payload import Quarantine
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.policy.document import parse_policy
@@ -44,12 +45,12 @@ ttl = "{ttl}"
 
 def make_bundle(key: Ed25519PrivateKey, version: int, to: str, ports: list[str], *,
                 host: str = HOST, ttl: str = "1h", now: float | None = None,
-                bundle_ttl: float | None = None) -> bytes:
+                bundle_ttl: float | None = None, quarantine: Sequence[Quarantine] = ()) -> bytes:
     rules = "".join(RULE.format(to=to, ports=p, ttl=ttl) for p in ports)
     policy = parse_policy(POLICY.format(rules=rules), "test-policy.toml")
     bundle = issue_bundle(policy, host=host, version=version,
                           now=time.time() if now is None else now, issuer="tests",
-                          default_ttl=3600, bundle_ttl=bundle_ttl)
+                          default_ttl=3600, bundle_ttl=bundle_ttl, quarantine=tuple(quarantine))
     return sign_bundle(bundle, key)
 
 

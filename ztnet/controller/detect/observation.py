@@ -55,7 +55,8 @@ def _dns(record: FlowRecord) -> tuple[str, str]:
     if dns is None:
         return "", ""
     name = getattr(dns, "query", None) or getattr(dns, "name", None) or ""
-    rcode = getattr(dns, "rcode", None) or ""
+    # the resolver's trace says "verdict" (answered, refused, nxdomain …) where DNS says rcode
+    rcode = getattr(dns, "rcode", None) or getattr(dns, "verdict", None) or ""
     if not isinstance(name, str) or not isinstance(rcode, str):
         return "", ""
     return name.lower().rstrip(".")[:MAX_DNS_NAME], rcode.upper()[:16]
