@@ -215,3 +215,64 @@ def test_suggest_without_records_needs_a_trust_domain() -> None:
     out = io.StringIO()
     policy_suggest(Flows([], "x", None), agent="bot", trust_domain="example.org", out=out)
     assert "[agents.bot]" in out.getvalue()
+
+
+# --- the commands, through ztnet.cli.main -------------------------------------------------
+
+
+def _log(tmp_path: Path) -> Path:
+    log = tmp_path / "flows.jsonl"
+    log.write_text("".join(to_json(r) + "\n" for r in SUGGEST_RECORDS))
+    return log
+
+
+def test_plan_and_suggest_through_the_cli(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from ztnet.cli import main
+
+    log = _log(tmp_path)
+    candidate = tmp_path / "candidate.toml"
+    candidate.write_text(CANDIDATE)
+    since = "2027-01-01T00:00:00Z"
+    assert main(["policy", "plan", str(candidate), "--flows", str(log), "--since", since,
+                 "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    bot = next(a for a in document["agents"] if a["agent"] == "bot")
+    assert {(o["destination"], o["port"]) for o in bot["refused"]} == {
+        ("10.0.2.8", 8080), ("10.0.2.7", 444), ("10.0.2.7", 53), ("fd00::5", None),
+        ("10.4.4.4", None)}
+    out = tmp_path / "bot.toml"
+    assert main(["policy", "suggest", "--agent", "bot", "--flows", str(log), "--since", since,
+                 "--collapse", "/24", "--out", str(out)]) == 0
+    assert "review it before applying it" in capsys.readouterr().err
+    assert main(["policy", "check", str(out)]) == 0
+    assert "1 agent, 5 rules" in capsys.readouterr().out
+    # the suggestion, planned against the same records, refuses nothing that went ahead
+    assert main(["policy", "plan", str(out), "--flows", str(log), "--since", since,
+                 "--json"]) == 0
+    replanned = json.loads(capsys.readouterr().out)
+    assert all(not agent["refused"] for agent in replanned["agents"]
+               if agent["agent"] == "bot")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--flows", "F", "--controller", "ctl:1"], "give it or --controller, not both"),
+    (["--flows", "F", "--since", "soon"], "--since: "),
+    (["--flows", "F", "--collapse", "24"], "--collapse: '24' is not a prefix"),
+])
+def test_bad_suggest_arguments_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         argv: list[str], message: str) -> None:
+    from ztnet.cli import main
+
+    argv = [str(_log(tmp_path)) if a == "F" else a for a in argv]
+    with pytest.raises(SystemExit) as exited:
+        main(["policy", "suggest", "--agent", "bot", *argv])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_flow_log_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ztnet.cli import main
+
+    assert main(["policy", "suggest", "--agent", "bot", "--flows", str(tmp_path / "no")]) != 0
+    assert f"flows: {tmp_path / 'no'}: no such flow log" in capsys.readouterr().err
