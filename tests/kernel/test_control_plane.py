@@ -95,3 +95,40 @@ def _attached_ids(instance: Instance) -> dict[str, list[int]]:
                 for spec in loader.PROGRAMS}
     finally:
         os.close(fd)
+
+
+def test_a_resync_that_finds_nothing_writes_nothing_and_drift_is_still_found(
+        instance: Instance) -> None:
+    import ctypes
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ztnet.datapath import abi
+    from ztnet.datapath.bpfsys import PinnedMap
+    from ztnet.datapath.datapath import Datapath
+    from ztnet.grants.bundle import verify_bundle
+    from ztnet.testing.daemon import HOST, make_bundle
+
+    key = Ed25519PrivateKey.generate()
+    ports = [str(port) for port in range(7000, 7040)]
+    verified = verify_bundle(make_bundle(key, 1, "10.77.0.0/16", ports),
+                             trusted=[key.public_key()], host=HOST, min_version=0,
+                             now=time.time())
+    with Datapath.open(instance) as datapath:
+        installed = datapath.install(verified)
+        for _ in range(3):  # the first compares in full, the next ones by digest
+            synced = datapath.resync(verified)
+            assert synced.drift.total == 0
+            assert (synced.applied.written, synced.applied.deleted) == (0, 0)
+        entries = datapath.kernel_entries()
+        assert len(entries) == installed.entries
+        victim, value = next(iter(entries.items()))
+        rogue = abi.EntryKey(victim.agent, victim.proto, victim.family, victim.port_bits,
+                             9999, victim.addr, victim.addr_bits)
+        with PinnedMap(instance.pin_dir / "zt_grants_v1") as trie:  # as another writer would
+            trie.update(ctypes.c_buffer(rogue.packed(datapath.generation), abi.GRANT_KEY_SIZE),
+                        ctypes.c_buffer(value.packed(), abi.GRANT_VALUE_SIZE))
+        synced = datapath.resync(verified)
+        assert synced.drift.extra == 1 and rogue not in datapath.kernel_entries()
+        assert datapath.resync(verified).drift.total == 0
