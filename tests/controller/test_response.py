@@ -165,3 +165,33 @@ def test_a_reported_scan_raises_an_alert_and_quarantines_on_that_host_only(
     kinds = [json.loads(line)["kind"] for line in
              (controller.state.root / "audit.jsonl").read_text().splitlines()]
     assert kinds.count("quarantine") == 2 and "release" in kinds and "alert" in kinds
+
+
+def test_baselines_are_learnt_shown_and_seeded_from_the_policy(
+        controller: ControllerProcess) -> None:
+    import io
+
+    from ztnet.cli.response import baseline_reset, baseline_show
+
+    one = enroll(controller, "web-1")
+    allowed = [make_record("web-1", destination="10.0.0.1", port=443)]
+    assert report(controller, one, [(1, allowed)]).error is None
+    with controller.admin() as admin:
+        out = io.StringIO()
+        baseline_show(admin, "bot", out=out)
+        text = out.getvalue()
+        assert "learned baseline, learning until" in text and "proto 6 10.0.0.1 port 443" in text
+        assert baseline_reset(admin, "bot", from_policy=True, out=io.StringIO()) == 0
+        seeded = json.loads(admin.get_baseline("bot").baseline_json)
+        assert seeded["source"] == "policy" and seeded["ranges"] == [[6, "10.0.0.1/32", 443, 443]]
+        # complete at once: an attempt outside the rules is news
+        assert report(controller, one, [(2, [make_record(
+            "web-1", destination="10.0.0.9", port=22)])]).error is None
+        assert [a.detector for a in alerts(admin, agent="bot")] == ["new-destination"]
+        baseline_reset(admin, "bot", out=io.StringIO())
+        assert admin.get_baseline("bot").baseline_json == ""
+        with pytest.raises(ControllerError, match="NOT_FOUND"):
+            admin.reset_baseline("nobody-here", from_policy=True)
+    kinds = [json.loads(line)["kind"] for line in
+             (controller.state.root / "audit.jsonl").read_text().splitlines()]
+    assert kinds.count("baseline.reset") == 2
