@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 
 from ztnet import logs
 from ztnet.controller.detect.baseline import Baseline, from_policy
@@ -74,7 +75,7 @@ class Responder:
                             finding.summary, finding.evidence, action,
                             finding.first_evidence_ns)
         alert_id = self.store.add_alert(alert)
-        alert = AlertRecord(alert_id, *(getattr(alert, f) for f in AlertRecord.__slots__[1:]))
+        alert = replace(alert, id=alert_id)
         self.metrics.alerts.labels(finding.detector, action.split(" ")[0]).inc()
         self.metrics.detection_seconds.observe(max(0.0, now - finding.first_evidence_ns / 1e9))
         self._audit("alert", alert.as_json())
