@@ -147,6 +147,9 @@ def _choose_window(windows: list[_Window], now: float) -> _Window | None:
     return None
 
 
+_NO_BUDGET = (0, 0, 0)
+
+
 def compile_desired_state(
     grants: Iterable[Grant],
     agent_index: Mapping[str, int],
@@ -167,11 +170,18 @@ def compile_desired_state(
     blocks_of: dict[PortRange | None, list[tuple[int, int]]] = {None: [(0, 0)]}
     cutoff = bundle_expires + BUNDLE_GRACE_SECONDS  # kernel_not_after, inlined
     valid_until = math.inf
+    # The byte budgets of the grants that have one, as the kernel entry carries them: an
+    # entry gets the budgets of the grant it reports (the most specific one live).
+    budgets: dict[int, tuple[int, int, int]] = {}
     for grant in grants:
         try:
             agent = agent_index[grant.agent]
         except KeyError:
             raise DatapathError(f"datapath: agent {grant.agent!r} has no index") from None
+        if grant.budget is not None:
+            budgets[grant.grant_id] = (grant.budget.max_bytes_out,
+                                       grant.budget.max_bytes_out_window,
+                                       grant.budget.window * 1_000_000_000)
         network = grant.network
         blocks = blocks_of.get(grant.ports)
         if blocks is None:
@@ -218,7 +228,8 @@ def compile_desired_state(
             start_ns = U64_MAX if start == math.inf else max(0, int(start * 1e9) - offset)
             stop_ns = U64_MAX if stop == math.inf else max(0, int(stop * 1e9) - offset)
             entries[pack_key(agent, proto, family, bits, port, address, length)] = pack_value(
-                min(start_ns, U64_MAX), min(stop_ns, U64_MAX), chosen[2])
+                min(start_ns, U64_MAX), min(stop_ns, U64_MAX), chosen[2],
+                *budgets.get(chosen[2], _NO_BUDGET))
             used = True
         if used:
             levels[agent][PROTO_CLASS[ZtProto(proto)]] |= 1 << bits

@@ -22,6 +22,10 @@ from ztnet.identity import cgroups
 from ztnet.instance import Instance
 
 _TCP_ESTABLISHED, _TCP_SYN_SENT = 0x01, 0x02
+_FLOWING = frozenset({_TCP_ESTABLISHED, _TCP_SYN_SENT})
+# A cut flow may be half-closed by now (its holder's data waits in the send buffer):
+# FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
+_OPEN = _FLOWING | {0x04, 0x05, 0x08, 0x09, 0x0B}
 _TABLES = (("tcp", 6), ("tcp6", 6), ("udp", 17), ("udp6", 17))
 
 
@@ -59,8 +63,8 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def agent_flows(instance: Instance) -> list[FlowSocket]:
-    """Connected TCP and UDP sockets owned by agent processes."""
+def agent_flows(instance: Instance, states: frozenset[int] = _FLOWING) -> list[FlowSocket]:
+    """Connected TCP and UDP sockets owned by agent processes (TCP: in ``states``)."""
     flows: dict[tuple[str, str], FlowSocket] = {}
     for agent, path in cgroups.agent_cgroups(instance).items():
         for pid in cgroups.pids(path):
@@ -79,7 +83,7 @@ def agent_flows(instance: Instance) -> list[FlowSocket]:
                     state, inode = int(fields[3], 16), fields[9]
                     if inode not in inodes or (netns, inode) in flows:
                         continue
-                    if state not in (_TCP_ESTABLISHED, _TCP_SYN_SENT):
+                    if state not in states:
                         continue
                     flows[(netns, inode)] = FlowSocket(
                         agent, pid, netns, proto,
@@ -119,7 +123,7 @@ def destroy_matching(instance: Instance, proto: int, local: tuple[IPAddress, int
     (the kernel already drops their packets). Returns those destroyed."""
     want = ((_plain(local[0]), local[1]), (_plain(remote[0]), remote[1]))
     cut = []
-    for flow in agent_flows(instance):
+    for flow in agent_flows(instance, _OPEN):
         have = ((_plain(flow.local[0]), flow.local[1]), (_plain(flow.remote[0]), flow.remote[1]))
         if flow.proto == proto and have == want and destroy(flow):
             cut.append(flow)

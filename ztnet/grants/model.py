@@ -105,6 +105,35 @@ def normalize_address(address: IPAddress) -> IPAddress:
     return address
 
 
+# Byte budgets (bytes; the kernel counts in 64 bits) and their window (seconds).
+MAX_BUDGET_BYTES = 2**62
+MAX_BUDGET_WINDOW = 365 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class ByteBudget:
+    """How many bytes a grant may carry out on this host (docs/policy.md, "Byte budgets"):
+    ``max_bytes_out`` per connection, ``max_bytes_out_window`` over all its connections in
+    each ``window`` seconds. 0: no such budget. Counted by the kernel as ``skb->len``
+    (headers and retransmissions included), so a budget bounds the payload from above."""
+
+    max_bytes_out: int = 0
+    max_bytes_out_window: int = 0
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes_out", "max_bytes_out_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= MAX_BUDGET_BYTES:
+                raise ValueError(f"{name} must be a number of bytes up to 2**62 (0: none)")
+        if not self.max_bytes_out and not self.max_bytes_out_window:
+            raise ValueError("a byte budget needs max_bytes_out or max_bytes_out_window")
+        if bool(self.max_bytes_out_window) != bool(self.window):
+            raise ValueError("max_bytes_out_window and its budget_window go together")
+        if not isinstance(self.window, int) or not 0 <= self.window <= MAX_BUDGET_WINDOW:
+            raise ValueError(f"budget window must be between 1s and {MAX_BUDGET_WINDOW}s")
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """Agent ``agent`` may reach ``network`` over ``proto`` on ``ports``
@@ -119,6 +148,7 @@ class Grant:
     ports: PortRange | None
     not_before: float
     not_after: float
+    budget: ByteBudget | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.grant_id <= MAX_GRANT_ID:

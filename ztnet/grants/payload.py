@@ -36,6 +36,7 @@ from ztnet.grants.limits import (
 )
 from ztnet.grants.model import (
     AGENT_NAME_RE,
+    ByteBudget,
     Grant,
     IPNetwork,
     PortRange,
@@ -75,6 +76,10 @@ GRANT_KEYS = frozenset(
         "not_after_ms",
     }
 )
+# Optional on a grant, present only when it has a byte budget (so grants without one keep
+# the bytes they always had): {"max_bytes_out":…,"max_bytes_out_window":…,"window_ms":…}.
+BUDGET_KEY = "budget"
+BUDGET_KEYS = frozenset({"max_bytes_out", "max_bytes_out_window", "window_ms"})
 # Host names as hosts really have them (underscores occur), in lower case.
 _HOST_LABEL = r"[a-z0-9_][a-z0-9_-]{0,62}"
 _HOST_RE = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\Z")
@@ -229,7 +234,7 @@ def encode_payload(bundle: Bundle) -> bytes:
 
 def _encode_grant(bundle: Bundle, record: GrantRecord) -> dict[str, object]:
     grant = record.grant
-    return {
+    encoded: dict[str, object] = {
         "id": format_grant_id(grant.grant_id),
         "serial": record.serial,
         "agent": bundle.agent_id(grant.agent),
@@ -239,6 +244,11 @@ def _encode_grant(bundle: Bundle, record: GrantRecord) -> dict[str, object]:
         "not_before_ms": to_ms(grant.not_before),
         "not_after_ms": to_ms(grant.not_after),
     }
+    if grant.budget is not None:
+        encoded[BUDGET_KEY] = {"max_bytes_out": grant.budget.max_bytes_out,
+                               "max_bytes_out_window": grant.budget.max_bytes_out_window,
+                               "window_ms": grant.budget.window * 1000}
+    return encoded
 
 
 def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
@@ -301,8 +311,21 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
     return bundle
 
 
+def _decode_budget(raw: Any, where: str) -> ByteBudget:
+    obj = _object(raw, BUDGET_KEYS, where)
+    window_ms = _integer(obj, "window_ms", where)
+    if window_ms % 1000:
+        raise _malformed(f"{where}.window_ms: not a whole number of seconds")
+    try:
+        return ByteBudget(_integer(obj, "max_bytes_out", where),
+                          _integer(obj, "max_bytes_out_window", where), window_ms // 1000)
+    except ValueError as exc:
+        raise _malformed(f"{where}: {exc}") from None
+
+
 def _decode_grant(raw: Any, where: str, trust_domain: str) -> GrantRecord:
-    obj = _object(raw, GRANT_KEYS, where)
+    optional = {BUDGET_KEY} & set(raw) if isinstance(raw, dict) else set()
+    obj = _object(raw, GRANT_KEYS | optional, where)
     try:
         grant_id = parse_grant_id(_string(obj, "id", where))
         agent = parse_spiffe_agent_id(_string(obj, "agent", where), trust_domain)
@@ -320,6 +343,8 @@ def _decode_grant(raw: Any, where: str, trust_domain: str) -> GrantRecord:
             ports=_ports(_string(obj, "ports", where), f"{where}.ports"),
             not_before=_integer(obj, "not_before_ms", where) / 1000,
             not_after=_integer(obj, "not_after_ms", where) / 1000,
+            budget=_decode_budget(obj[BUDGET_KEY], f"{where}.{BUDGET_KEY}")
+            if BUDGET_KEY in obj else None,
         )
         return GrantRecord(grant, _integer(obj, "serial", where))
     except ValueError as exc:

@@ -58,6 +58,7 @@ def compile_grants(policy: Policy, *, now: float, default_ttl: float = 300.0) ->
                 ports=rule.ports,
                 not_before=now,
                 not_after=now + ttl,
+                budget=rule.budget,
             )
             previous = grants.get(grant_id)
             if previous is None or grant.not_after > previous.not_after:

@@ -12,6 +12,7 @@ A policy names a trust domain and, per agent, the network paths it may use::
     proto = "tcp"
     ttl = "5m"
     comment = "internal API"
+    max_bytes_out = "50MB"             # optional byte budgets (docs/policy.md)
 
 Validation is all-or-nothing: every problem in the file is collected and
 reported at once (one line each, naming file, agent, rule and field), and a
@@ -28,12 +29,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ztnet.durations import parse_duration
+from ztnet.durations import parse_duration, parse_size
 from ztnet.errors import PolicyError
 from ztnet.fsutil import FileTooLarge, read_bounded
 from ztnet.grants.model import (
     AGENT_NAME_RE,
     AgentMode,
+    ByteBudget,
     IPNetwork,
     PortRange,
     Proto,
@@ -52,7 +54,11 @@ from ztnet.policy.selectors import HostSelector, parse_selector
 
 POLICY_KEYS = ("trust_domain", "agents", "jit", "detection")
 AGENT_KEYS = ("mode", "allow", "hosts")
-RULE_KEYS = ("to", "ports", "proto", "ttl", "comment")
+# A rule's byte budget (ztnet.grants.model.ByteBudget): per connection, and/or a total over
+# every connection of the grant per budget_window.
+BUDGET_KEYS = ("max_bytes_out", "max_bytes_out_window", "budget_window")
+
+RULE_KEYS = ("to", "ports", "proto", "ttl", "comment", *BUDGET_KEYS)
 
 MAX_COMMENT = 200
 # A policy is a hand-written file; anything this large is a mistake, not a policy.
@@ -76,6 +82,7 @@ class AllowRule:
     ports: PortRange | None
     ttl: int | None = None
     comment: str = ""
+    budget: ByteBudget | None = None
 
     def __post_init__(self) -> None:
         if normalize_network(self.to) != self.to:
@@ -308,9 +315,41 @@ def _parse_rule(raw: Mapping[str, Any], where: str, errors: _Errors) -> AllowRul
     elif len(comment) > MAX_COMMENT:
         errors.add(f"{where}.comment", f"longer than {MAX_COMMENT} characters")
 
+    budget = _parse_budget(raw, where, errors)
+
     if len(errors.lines) != before or network is None or proto is None:
         return None
-    return AllowRule(network, proto, ports, ttl, comment)
+    return AllowRule(network, proto, ports, ttl, comment, budget)
+
+
+def _parse_budget(raw: Mapping[str, Any], where: str, errors: _Errors) -> ByteBudget | None:
+    """``max_bytes_out = "50MB"`` and/or ``max_bytes_out_window = "1GB"`` with
+    ``budget_window = "1h"``; None when the rule has neither."""
+    before = len(errors.lines)
+    sizes = {}
+    for key in ("max_bytes_out", "max_bytes_out_window"):
+        text = _string_field(raw, key, where, errors)
+        if text is not None:
+            size = _field(parse_size, text, f"{where}.{key}", errors)
+            if size is not None and size <= 0:
+                errors.add(f"{where}.{key}", "must be at least one byte")
+            sizes[key] = size or 0
+    window_text = _string_field(raw, "budget_window", where, errors)
+    window = _field(parse_duration, window_text, f"{where}.budget_window", errors) \
+        if window_text is not None else None
+    if "max_bytes_out_window" in sizes and window_text is None:
+        errors.add(f"{where}.budget_window",
+                   'missing: max_bytes_out_window needs budget_window = "1h" (or another length)')
+    if window_text is not None and "max_bytes_out_window" not in sizes:
+        errors.add(f"{where}.budget_window", "only means something with max_bytes_out_window")
+    if not sizes or len(errors.lines) != before:
+        return None
+    try:
+        return ByteBudget(sizes.get("max_bytes_out", 0), sizes.get("max_bytes_out_window", 0),
+                          window or 0)
+    except ValueError as exc:
+        errors.add(f"{where}.max_bytes_out", str(exc))
+        return None
 
 
 def _string_field(

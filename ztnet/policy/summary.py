@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ztnet.durations import format_duration
-from ztnet.grants.model import AgentMode
+from ztnet.grants.model import AgentMode, ByteBudget
 from ztnet.policy.document import Policy
 from ztnet.text import format_table
 
@@ -40,6 +40,9 @@ def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:
                     "they become one grant with the longer ttl"
                 )
             ttl = format_duration(rule.ttl) if rule.ttl is not None else "default"
+            if rule.budget is not None:
+                notes.append(f"note: agents.{agent.name}.allow[{index}] has a byte budget: "
+                             + _budget_text(rule.budget))
             rows.append(
                 [
                     agent.name,
@@ -63,3 +66,20 @@ def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:
                                                  for a in policy.agents) else "")
     )
     return "\n".join(parts)
+
+
+def _size(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size and count % size == 0:
+            return f"{count // size} {unit}"
+    return f"{count} bytes"
+
+
+def _budget_text(budget: ByteBudget) -> str:
+    parts = []
+    if budget.max_bytes_out:
+        parts.append(f"{_size(budget.max_bytes_out)} out per connection")
+    if budget.max_bytes_out_window:
+        parts.append(f"{_size(budget.max_bytes_out_window)} out per "
+                     f"{format_duration(budget.window)} over all its connections")
+    return "; ".join(parts) + " (headers and retransmissions count)"

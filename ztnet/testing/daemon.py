@@ -40,13 +40,15 @@ to = "{to}"
 ports = "{ports}"
 proto = "tcp"
 ttl = "{ttl}"
-"""
+{extra}"""
 
 
 def make_bundle(key: Ed25519PrivateKey, version: int, to: str, ports: list[str], *,
                 host: str = HOST, ttl: str = "1h", now: float | None = None,
-                bundle_ttl: float | None = None, quarantine: Sequence[Quarantine] = ()) -> bytes:
-    rules = "".join(RULE.format(to=to, ports=p, ttl=ttl) for p in ports)
+                bundle_ttl: float | None = None, quarantine: Sequence[Quarantine] = (),
+                extra: str = "") -> bytes:
+    """``extra``: more TOML lines for every rule (e.g. a byte budget)."""
+    rules = "".join(RULE.format(to=to, ports=p, ttl=ttl, extra=extra) for p in ports)
     policy = parse_policy(POLICY.format(rules=rules), "test-policy.toml")
     bundle = issue_bundle(policy, host=host, version=version,
                           now=time.time() if now is None else now, issuer="tests",
