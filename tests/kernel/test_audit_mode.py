@@ -284,3 +284,35 @@ def test_an_audited_flow_is_kept_across_installs_and_cut_by_quarantine(
     finally:
         holder.kill()
     assert (broken["event"], broken["result"]) == ("broken", "ECONNABORTED"), broken
+
+
+def test_a_resync_puts_a_cleared_audit_flag_back(datapath: Datapath, pair: NetnsPair,
+                                                 server: ServerProcess) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ztnet.grants.bundle import sign_bundle, verify_bundle
+    from ztnet.identity import cgroups
+    from ztnet.policy.document import parse_policy
+    from ztnet.policy.issue import issue_bundle
+
+    key = Ed25519PrivateKey.generate()
+    policy = parse_policy(f'trust_domain = "test.example"\n[agents.{AGENT}]\nmode = "audit"\n'
+                          f'[[agents.{AGENT}.allow]]\nto = "{pair.b.ipv4}"\nports = "{ALLOWED}"\n',
+                          "p.toml")
+    bundle = issue_bundle(policy, host="h", version=1, now=time.time(), issuer="t",
+                          default_ttl=600)
+    verified = verify_bundle(sign_bundle(bundle, key), trusted=[key.public_key()], host="h",
+                             min_version=0, now=time.time())
+    datapath.install(verified)
+    assert datapath.audited() == {AGENT}
+    assert _traffic(datapath, pair, "tcp", pair.b.ipv4, str(DENIED)) == "OK"
+    # someone with CAP_BPF clears the flag behind the daemon's back
+    key_id = ctypes.c_uint64(cgroups.cgroup_id(datapath.instance.agent_cgroup(AGENT)))
+    value = abi.ZtAgent()
+    datapath.maps["zt_agents_v1"].lookup(key_id, value)
+    value.flags &= ~abi.AGENT_AUDIT
+    datapath.maps["zt_agents_v1"].update(key_id, value)
+    assert _traffic(datapath, pair, "tcp", pair.b.ipv4, str(DENIED)) == "EPERM"
+    datapath.resync(verified)
+    assert datapath.audited() == {AGENT}
+    assert _traffic(datapath, pair, "tcp", pair.b.ipv4, str(DENIED)) == "OK"

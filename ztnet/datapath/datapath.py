@@ -401,6 +401,9 @@ class Datapath:
         registered = self._registered()
         if registered.keys() != by_id.keys():  # a cgroup gone, recreated or not registered
             return False
+        if frozenset(by_id[cgid] for cgid, agent in registered.items()
+                     if agent.flags & abi.AGENT_AUDIT) != audit:  # audit flags put right
+            return False
         indices = tuple(sorted((by_id[cgid], int(agent.index))
                                for cgid, agent in registered.items()))
         return self._compiled_for == (grants, bundle_expires, audit, self._boot_clock(),
