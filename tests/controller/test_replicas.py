@@ -5,6 +5,7 @@ and a replica that lost its database issues nothing."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ztnet.controller.pgstore import PgStore
 from ztnet.errors import ControllerError
+from ztnet.observe.audit import Head, verify
 from ztnet.testing.controller import (
     ControllerProcess,
     ControllerState,
@@ -181,3 +184,31 @@ def test_without_its_database_a_replica_issues_nothing_and_resumes_after(
                 applied = admin.apply_policy(policy("10.0.0.3"), wait=0.001).version
             push = latest(back, applied, REACH_WITHIN)
             assert destinations(back, push) == {"10.0.0.3/32"}
+
+
+def test_each_replica_anchors_its_audit_head_in_the_database(
+        replicas: tuple[ControllerProcess, ControllerProcess]) -> None:
+    a, b = replicas
+    with a.admin() as admin:
+        admin.apply_policy(policy("10.0.0.5"), wait=0.001)
+    with b.admin() as admin:
+        admin.revoke("bot")
+    assert a.state.database is not None
+    store = PgStore.open(a.state.database)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            heads = store.audit_heads()
+            files = {f"{socket.gethostname()}:{r.state.root.resolve()}":
+                     Head.parse((r.state.root / "audit.jsonl.head").read_text())
+                     for r in (a, b) if (r.state.root / "audit.jsonl.head").exists()}
+            if len(files) == 2 and heads == {k: (h.seq, h.hash) for k, h in files.items()}:
+                break
+            assert time.monotonic() < deadline, (heads, files)
+            time.sleep(0.05)
+    finally:
+        store.close()
+    for replica in (a, b):  # and the anchor verifies the replica's own log
+        anchored = heads[f"{socket.gethostname()}:{replica.state.root.resolve()}"]
+        report = verify(replica.state.root / "audit.jsonl", head=Head(*anchored))
+        assert report.problem is None and report.last == Head(*anchored), report

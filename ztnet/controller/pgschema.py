@@ -33,7 +33,8 @@ import psycopg
 #    bindings, flows partitioned by receive day, per-host flow counts)
 # 2: SQLite schemas 5 and 6: host and token labels, just-in-time grants, grant requests
 # 3: SQLite schema 7: quarantines, alerts, baselines (ztnet.controller.pgdetect)
-PG_SCHEMA_VERSION = 3
+# 4: each replica's audit chain head (an anchor off the replica's host; PostgreSQL only)
+PG_SCHEMA_VERSION = 4
 # pg_advisory_lock key: "ztnet" in ASCII, a fixed number every replica agrees on
 MIGRATION_LOCK = 0x7A746E6574
 CHANNEL = "ztnet_changes"
@@ -115,6 +116,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX alerts_by_agent ON alerts (agent, id)",
         """CREATE TABLE baselines (agent TEXT PRIMARY KEY, body TEXT NOT NULL,
             updated_at DOUBLE PRECISION NOT NULL)""",
+    ),
+    4: (
+        """CREATE TABLE audit_heads (replica TEXT PRIMARY KEY, seq BIGINT NOT NULL,
+            hash TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL)""",
     ),
 }
 

@@ -346,6 +346,21 @@ class PgStore(PgFlowStore, PgJitStore, PgDetectStore):
                              "nack_reason = %s WHERE name = %s",
                              (now, version, nack_reason, host))
 
+    # --- audit chain heads (PostgreSQL only: ztnet.controller.replicas anchors them) ----
+
+    def record_audit_head(self, replica: str, seq: int, digest: str, now: float) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT INTO audit_heads VALUES (%s, %s, %s, %s) ON CONFLICT "
+                         "(replica) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+                         "updated_at = excluded.updated_at WHERE audit_heads.seq <= "
+                         "excluded.seq", (replica, seq, digest, now))
+
+    def audit_heads(self) -> dict[str, tuple[int, str]]:
+        """replica → (seq, hash) of its audit trail's last anchored record."""
+        with self._tx() as conn:
+            rows = conn.execute("SELECT replica, seq, hash FROM audit_heads").fetchall()
+        return {str(r): (int(seq), str(h)) for r, seq, h in rows}
+
     def hosts(self) -> tuple[HostRecord, ...]:
         with self._tx() as conn:
             rows = conn.execute(

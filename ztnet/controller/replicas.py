@@ -9,6 +9,11 @@ the store's snapshot and pushes the new epoch to this replica's hosts. Notificat
 can be lost (a dropped connection, a replica restarting), so the listener also wakes
 the publisher every ``POLL_INTERVAL`` seconds, and once after each reconnection.
 
+Each replica also anchors its audit trail's head (ztnet.observe.audit: the last seq and
+hash) in the database's ``audit_heads`` every ``POLL_INTERVAL`` when it moved, so a
+replica's log cut short or rewritten on its own host shows against a copy it cannot
+reach (`ztnet audit verify --head SEQ:HASH`).
+
 The same connection is the replica's view of the database's health: when it fails,
 the store is marked unavailable (every RPC is then UNAVAILABLE at once, health says
 NOT_SERVING) and the listener reconnects every ``RETRY_INTERVAL`` until it is back.
@@ -28,6 +33,7 @@ from ztnet import logs
 from ztnet.controller.pgschema import CHANNEL
 from ztnet.controller.pgstore import CONNECT_TIMEOUT, PgStore
 from ztnet.controller.publisher import Publisher
+from ztnet.observe.audit import AuditLog
 
 POLL_INTERVAL = 2.0
 RETRY_INTERVAL = 1.0
@@ -89,3 +95,18 @@ async def follow_changes(publisher: Publisher, wake: asyncio.Event) -> None:
             raise
         except Exception as exc:  # the database went away, a policy we cannot parse …
             logs.event("following the database failed", logging.WARNING, error=repr(exc))
+
+
+async def anchor_audit(store: PgStore, audit: AuditLog, replica: str,
+                       clock: Callable[[], float], interval: float = POLL_INTERVAL) -> None:
+    """Copy the audit trail's head into the database whenever it moved."""
+    anchored = (-1, "")
+    while True:
+        head = audit.head
+        if (head.seq, head.hash) != anchored and store.available:
+            try:
+                store.record_audit_head(replica, head.seq, head.hash, clock())
+                anchored = (head.seq, head.hash)
+            except Exception as exc:  # the database went away: next time
+                logs.event("anchoring the audit head failed", logging.DEBUG, error=repr(exc))
+        await asyncio.sleep(interval)

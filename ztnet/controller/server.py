@@ -63,7 +63,7 @@ from ztnet.controller.metrics import ControllerMetrics
 from ztnet.controller.node_service import NodeService
 from ztnet.controller.pgstore import PgStore
 from ztnet.controller.publisher import Publisher
-from ztnet.controller.replicas import ChangeListener, follow_changes
+from ztnet.controller.replicas import ChangeListener, anchor_audit, follow_changes
 from ztnet.controller.response_service import ResponseService, response_handlers
 from ztnet.controller.status import DatabaseUnavailable
 from ztnet.controller.store import SqliteStore, Store
@@ -213,6 +213,7 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: Store) ->
         await publisher.start()
         if isinstance(store, PgStore):
             replica = _Replica(store, publisher, hub, checks)
+            replica.anchor(audit, f"{socket.gethostname()}:{config.state.resolve()}")
         pruning = asyncio.create_task(pruner.run(), name="ztnet-flow-prune")
         for name in ("", NODE_SERVICE, ADMIN_SERVICE):
             await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -258,12 +259,19 @@ class _Replica:
         self.hub, self.checks = hub, checks
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._anchoring: asyncio.Task[None] | None = None
         self._following = asyncio.create_task(follow_changes(publisher, self._wake),
                                               name="ztnet-follow")
         store.watch_availability(
             lambda available: loop.call_soon_threadsafe(self._availability, available))
         self.listener = ChangeListener(store, lambda: loop.call_soon_threadsafe(self._wake.set))
         self.listener.start()
+        self.store = store
+
+    def anchor(self, audit: AuditLog, replica: str) -> None:
+        """Keep this replica's audit head in the database (``replica``: its name there)."""
+        self._anchoring = asyncio.create_task(anchor_audit(self.store, audit, replica,
+                                                           time.time), name="ztnet-anchor")
 
     def _availability(self, available: bool) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING if available else \
@@ -279,8 +287,10 @@ class _Replica:
                                                   "database; reconnect to another"))
 
     async def stop(self) -> None:
-        self._following.cancel()
-        await asyncio.gather(self._following, return_exceptions=True)
+        tasks = [self._following, *([self._anchoring] if self._anchoring else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(self.listener.stop)
 
 
