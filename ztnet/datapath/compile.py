@@ -224,7 +224,7 @@ def compile_desired_state(
             chosen = _choose_window(candidates, now)
             if chosen is None:
                 continue
-            start, stop = chosen[0], chosen[1]
+            start, stop = chosen[0], chosen[1]  # BootClock.to_boot_ns, inlined for this loop
             start_ns = U64_MAX if start == math.inf else max(0, int(start * 1e9) - offset)
             stop_ns = U64_MAX if stop == math.inf else max(0, int(stop * 1e9) - offset)
             entries[pack_key(agent, proto, family, bits, port, address, length)] = pack_value(

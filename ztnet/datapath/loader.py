@@ -153,9 +153,11 @@ def compile_in_child(instance: Instance, stamp: str) -> None:
         "pin_dir": str(instance.pin_dir), "programs_dir": str(programs_dir(instance, stamp)),
         "programs": [[s.function, int(s.attach_type), s.prog_type] for s in PROGRAMS],
     }
-    result = subprocess.run([sys.executable, "-m", "ztnet.datapath.build"],
+    # -I and cwd "/": the child (root, like its parent) imports ztnet from where this
+    # interpreter has it, never from the working directory or PYTHON* variables
+    result = subprocess.run([sys.executable, "-I", "-m", "ztnet.datapath.build"],
                             input=json.dumps(request), capture_output=True, text=True,
-                            check=False)
+                            check=False, cwd="/")
     lines = result.stdout.strip().splitlines()
     try:
         reply = json.loads(lines[-1]) if lines else {}
