@@ -163,6 +163,8 @@ def test_an_operator_grant_reaches_the_agents_hosts_clamped_listed_and_audited(
             admin.issue_grant("bot", "10.0.0.9/8", "443", ttl=60, reason="x")
         with pytest.raises(ControllerError, match="INVALID_ARGUMENT: ttl_seconds"):
             admin.issue_grant("bot", "10.0.0.9", "443", ttl=0, reason="x")
+        with pytest.raises(ControllerError, match="NOT_FOUND: hosts: not enrolled: web-9"):
+            admin.issue_grant("bot", "10.0.0.9", "443", ttl=60, reason="x", hosts=["web-9"])
     assert all(host.node.no_push_within(0.3) for host in hosts.values())  # refusals push nothing
     records = [json.loads(line) for line in (state.root / "audit.jsonl").read_text().splitlines()]
     issued = [r["fields"] for r in records if r["kind"] == "jit.issued"]

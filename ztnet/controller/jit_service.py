@@ -53,6 +53,9 @@ class JitService:
         ttl = policy.jit.clamp(jit.check_ttl(request.ttl_seconds))
         reason = jit.clean_text(request.reason, "reason", jit.MAX_REASON, required=True)
         hosts = tuple(sorted({check_host(h, "hosts") for h in request.hosts}))
+        unknown = set(hosts) - {record.name for record in self.store.hosts()}
+        if unknown:
+            raise status.not_found(f"hosts: not enrolled: {', '.join(sorted(unknown))}")
         grant = jit.make_grant(grant_id=self._new_id(), agent=request.agent, path=path,
                                ttl=ttl, now=self.clock(), hosts=hosts, reason=reason,
                                approver=admin.name, requested_by=f"admin:{admin.name}")
