@@ -6,8 +6,8 @@ daemon's dispatcher and the controller's ingest never wait for the collector, ne
 for it, and a full queue drops the *newest* record and counts it (``queue_full``), as the
 SDK's own batch processor does. A thread of its own ("ztnet-otlp") takes up to
 ``batch_size`` records at a time (or what is there after ``delay`` seconds), turns each into
-an SDK log record through a ``LoggerProvider`` (resource: ``service.name`` and
-``host.name``), and hands the batch to the SDK's ``OTLPLogExporter``, which retries
+an SDK ``ReadableLogRecord`` (resource: ``service.name``, ``host.name``, ``process.pid``;
+scope ``ztnet.flows``), and hands the batch to the SDK's ``OTLPLogExporter``, which retries
 transient gRPC errors (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED …) with
 exponential backoff within its ``timeout``. A batch that still fails is tried again up to
 ``attempts`` times in all, then dropped and counted (``export_failed``). While the
@@ -31,16 +31,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from opentelemetry._logs import SeverityNumber
+from opentelemetry._logs import LogRecord, SeverityNumber
+from opentelemetry.context import set_value
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-from opentelemetry.sdk._logs import (
-    LoggerProvider,
-    LogRecordProcessor,
-    ReadableLogRecord,
-    ReadWriteLogRecord,
-)
+from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk._logs.export import LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -141,25 +138,6 @@ class LogExporter(Protocol):
     def shutdown(self) -> None: ...
 
 
-class _Collect(LogRecordProcessor):
-    """The provider's one processor: the records the worker just emitted, for its batch."""
-
-    def __init__(self) -> None:
-        self.batch: list[ReadableLogRecord] = []
-
-    def on_emit(self, log_record: ReadWriteLogRecord) -> None:
-        resource = log_record.resource or Resource.get_empty()
-        self.batch.append(ReadableLogRecord(log_record.log_record, resource,
-                                            log_record.instrumentation_scope,
-                                            log_record.limits))
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
 @dataclass(frozen=True, slots=True)
 class OtlpStats:
     submitted: int              # accepted into the queue
@@ -186,11 +164,11 @@ class OtlpExporter:
         # the SDK exporter logs every retry at WARNING: keep our own rate-limited summary
         logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(
             logging.CRITICAL)
-        self._collect = _Collect()
-        self._provider = LoggerProvider(resource=Resource.create(
-            {"service.name": service, "host.name": host, "process.pid": os.getpid()}))
-        self._provider.add_log_record_processor(self._collect)
-        self._logger = self._provider.get_logger(SCOPE)
+        self._resource = Resource.create(
+            {"service.name": service, "host.name": host, "process.pid": os.getpid()})
+        self._scope = InstrumentationScope(SCOPE)
+        # a non-empty context: LogRecord then skips looking up the current one per record
+        self._context = set_value("ztnet.flows", True)
         self._queue: deque[FlowRecord] = deque()
         self._cond = threading.Condition()
         self._submitted = self._exported = self._failed_exports = self._in_flight = 0
@@ -260,7 +238,6 @@ class OtlpExporter:
         with self._cond:
             self._dropped[DROP_CLOSED] += len(self._queue)
             self._queue.clear()
-        self._provider.shutdown()
 
     # --- the worker ----------------------------------------------------------------------------
 
@@ -292,16 +269,19 @@ class OtlpExporter:
                 logs.event("otlp export error", logging.ERROR, reason=repr(exc))
 
     def _send(self, records: list[FlowRecord]) -> None:
-        emit = self._logger.emit
-        self._collect.batch = []
+        # The SDK's records, built directly: Logger.emit would wrap every record's attributes
+        # in BoundedAttributes and check each value (a quarter of the cost), and attributes()
+        # only ever makes str and int values, within the limits.
         now = time.time_ns()
+        resource, scope, context = self._resource, self._scope, self._context
+        batch = []
         for record in records:
             denied = record.verdict == Verdict.DENIED
-            emit(timestamp=record.time_ns, observed_timestamp=now,
-                 severity_number=SeverityNumber.WARN if denied else SeverityNumber.INFO,
-                 severity_text="WARN" if denied else "INFO", body=_body(record),
-                 attributes=attributes(record), event_name=EVENT_NAME)
-        batch = self._collect.batch
+            batch.append(ReadableLogRecord(LogRecord(
+                timestamp=record.time_ns, observed_timestamp=now, context=context,
+                severity_number=SeverityNumber.WARN if denied else SeverityNumber.INFO,
+                severity_text="WARN" if denied else "INFO", body=_body(record),
+                attributes=attributes(record), event_name=EVENT_NAME), resource, scope))
         for attempt in range(1, self.attempts + 1):
             if self._exporter.export(batch) == LogRecordExportResult.SUCCESS:
                 self._finish(len(batch), exported=True)
