@@ -165,6 +165,12 @@ def test_a_reported_scan_raises_an_alert_and_quarantines_on_that_host_only(
     kinds = [json.loads(line)["kind"] for line in
              (controller.state.root / "audit.jsonl").read_text().splitlines()]
     assert kinds.count("quarantine") == 2 and "release" in kinds and "alert" in kinds
+    controller.stop()
+    controller.start()  # the brakes are recalled from the stored alerts
+    assert report(controller, two, [(2, scan("web-2", "fourth"))]).error is None
+    with controller.admin() as admin:
+        recalled = [a for a in alerts(admin, agent="fourth") if a.detector == "fan-out"][-1]
+        assert "rate limit" in recalled.action, recalled.action
 
 
 def test_baselines_are_learnt_shown_and_seeded_from_the_policy(

@@ -61,6 +61,14 @@ class ControllerMetrics:
                                     "quarantines the hourly rate limit refused.", registry=r)
         self.quarantined = Gauge("ztnet_controller_quarantines", "Quarantines in force "
                                  "(agent and host, or every host).", registry=r)
+        self.alerts_held_back = Gauge("ztnet_controller_alerts_held_back", "Repeats of an "
+                                      "alert (same detector, agent and host within a minute) "
+                                      "not raised again, since the controller started.",
+                                      registry=r)
+        self.observations_untracked = Gauge(
+            "ztnet_controller_detection_untracked", "Flow records the detectors did not "
+            "judge because their agent-host window limit was reached (since start).",
+            registry=r)
         # exported from the start, at 0, so rate() and alerts see them
         for limit in ("subscribe", "renew", "flow_records", "streams"):
             self.host_limited.labels(limit)

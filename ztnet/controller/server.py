@@ -166,6 +166,8 @@ async def _run(config: ServeConfig, paths: statedir.StatePaths, store: Store) ->
     # scraped in the exporter's thread: read the epoch, never the event loop's database
     metrics.quarantined.set_function(
         lambda: len(publisher.current.quarantines) if publisher.current else 0)
+    metrics.alerts_held_back.set_function(lambda: responder.engine.held_back)
+    metrics.observations_untracked.set_function(lambda: responder.engine.untracked)
 
     async def detect(records: list[FlowRecord]) -> None:
         await responder.on_batch([observe(record) for record in records])

@@ -51,6 +51,18 @@ class Responder:
         self.cooldown_until: dict[str, float] = {}
         self.auto_quarantines: deque[float] = deque()
         self.followers: set[asyncio.Queue[AlertRecord]] = set()
+        self._recall_brakes()
+
+    def _recall_brakes(self) -> None:
+        """The brakes survive a restart: the last hour's automatic quarantines (stored as
+        alerts whose action is "quarantine") count against the hourly limit, and each
+        agent's cool-down runs from its latest one."""
+        now, cooldown = self.clock(), self.detection().cooldown
+        for alert in self.store.alerts(limit=10_000):
+            if alert.action == "quarantine" and alert.time > now - HOUR:
+                self.auto_quarantines.append(alert.time)
+                self.cooldown_until[alert.agent] = max(
+                    self.cooldown_until.get(alert.agent, 0.0), alert.time + cooldown)
 
     def detection(self) -> Detection:
         policy = self.publisher.policy
