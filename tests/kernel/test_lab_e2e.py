@@ -232,8 +232,9 @@ def test_the_demo_tells_the_story_and_its_summary_adds_up() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert took < 60, took
     out = done.stdout
-    assert "FAIL" not in out and "all 19 steps behaved as described" in out
+    assert "FAIL" not in out and "all 20 steps behaved as described" in out
     assert "the held connection was cut: ECONNABORTED" in out  # the quarantine chapter
+    assert "the upload failed with ECONNABORTED" in out  # the byte-budget chapter
     # AGENT HOST ATTEMPTS ALLOWED DENIED ALERTS BYTES-OUT BYTES-IN
     rows: dict[tuple[str, str], list[int]] = {}
     for line in out[out.index("\nsummary"):].splitlines():

@@ -49,6 +49,7 @@ from ztnet.lab.topology import (
     METADATA_PORT,
     PEER_PORT,
     TRUST_DOMAIN,
+    UPLOAD_PORT,
     LabHost,
     Role,
     Topology,
@@ -270,7 +271,8 @@ class Lab:
         echo = [sys.executable, "-m", "ztnet.lab.servers"]
         started = [
             self._spawn("api", api, [*echo, "--bind", api.ipv4, api.ipv6,
-                                     "--tcp", str(API_PORT), str(API_ALT_PORT)]),
+                                     "--tcp", str(API_PORT), str(API_ALT_PORT),
+                                     str(UPLOAD_PORT)]),
             # every address, so it also answers as the metadata service (169.254.169.254)
             self._spawn("exfil", exfil, [*echo, "--bind", "0.0.0.0", "::", "--tcp",
                                          str(EXFIL_PORT), str(METADATA_PORT),

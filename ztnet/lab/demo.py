@@ -8,7 +8,8 @@ another host enforces another policy. Finally the operator revokes the agent's g
 established connection is cut. After the summary, chapters of their own: an agent scans, a
 detector fires, the controller quarantines it on its host, the operator releases it
 (ztnet/lab/demo_response.py); the operator grants research-bot a path just in time and it
-disappears when its ttl ends (ztnet/lab/demo_jit.py). Every step is checked three ways — the
+disappears when its ttl ends (ztnet/lab/demo_jit.py); a byte budget cuts an upload
+(ztnet/lab/demo_budget.py). Every step is checked three ways — the
 traffic agent's errno,
 the flow record the host's daemon wrote (printed live), and the sniffers on the api and exfil
 hosts — and the closing summary is computed from the flow records. Any deviation makes the command
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 from ztnet.errors import LabError
 from ztnet.identity.launch import DYNAMIC_USER
 from ztnet.lab.cluster import Lab
+from ztnet.lab.demo_budget import budget_chapter
 from ztnet.lab.demo_jit import jit_chapter
 from ztnet.lab.demo_response import response_chapter
 from ztnet.lab.netns import poll_until
@@ -334,6 +336,7 @@ def run_demo(name: str = "ztlab", *, keep: bool = False, out: TextIO | None = No
         demo.summary()
         response_chapter(demo)
         jit_chapter(demo)
+        budget_chapter(demo)
         if keep and demo.grant:  # leave the lab as `lab up` makes it
             lab.operator("revoke", "--agent", RESEARCH_BOT, "--grant", demo.grant, "--restore")
     except LabError as exc:

@@ -13,11 +13,13 @@ from ztnet.lab.topology import (
     API_PORT,
     DNS_PORT,
     TRUST_DOMAIN,
+    UPLOAD_PORT,
     Role,
     Topology,
 )
 
 RESEARCH_BOT, OPS_BOT = "research-bot", "ops-bot"
+UPLOAD_BUDGET = "1M"  # research-bot's byte budget per upload connection (docs/policy.md)
 
 
 def _rule(agent: str, to: str, ports: str, proto: str, comment: str) -> str:
@@ -37,6 +39,9 @@ def lab_policy(topology: Topology) -> str:
         f"[agents.{RESEARCH_BOT}]",
         _rule(RESEARCH_BOT, api.ipv4, str(API_PORT), "tcp", f"{api.fqdn}:{API_PORT}"),
         _rule(RESEARCH_BOT, dns.ipv4, str(DNS_PORT), "udp", "the lab resolver"),
+        _rule(RESEARCH_BOT, api.ipv4, str(UPLOAD_PORT), "tcp",
+              f"report uploads, {UPLOAD_BUDGET} per connection")
+        + f'max_bytes_out = "{UPLOAD_BUDGET}"\n',
         f"# {OPS_BOT} (host-b): the API's admin port over IPv4 and IPv6, ping it, resolve",
         f"[agents.{OPS_BOT}]",
         _rule(OPS_BOT, api.ipv4, str(API_ALT_PORT), "tcp", f"{api.fqdn}:{API_ALT_PORT}"),

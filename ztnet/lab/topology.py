@@ -56,6 +56,8 @@ MAX_AGENT_HOSTS = 8
 # ports of the services the hosts run
 CONTROLLER_PORT, ENROLL_PORT = 7443, 7444
 API_PORT, API_ALT_PORT = 443, 8443
+# where research-bot may upload reports, at most a byte budget per connection (demo_budget.py)
+UPLOAD_PORT = 9443
 EXFIL_PORT = 4444
 METADATA_PORT = 80
 DNS_PORT = 53
@@ -128,7 +130,8 @@ class Topology:
                     (f"ztnet daemon (instance {self.instance_name_for(i)})",
                      f"tcp/{PEER_PORT} echo"), agent=agent_for(i))
             for i in range(self.agent_hosts))
-        api = LabHost("api", Role.API, 30, (f"tcp/{API_PORT} echo", f"tcp/{API_ALT_PORT} echo"))
+        api = LabHost("api", Role.API, 30, (f"tcp/{API_PORT} echo", f"tcp/{API_ALT_PORT} echo",
+                                              f"tcp/{UPLOAD_PORT} echo"))
         exfil = LabHost("exfil", Role.EXFIL, 40,
                         (f"tcp/{EXFIL_PORT} + udp/{EXFIL_PORT} sink",
                          f"tcp/{METADATA_PORT} on {METADATA_IPV4} (metadata stand-in)"),

@@ -67,6 +67,22 @@ def tcp_exchange(host: str, port: int, timeout: float, payload: bytes) -> dict[s
     return {"result": "OK", "sport": sport, "received": len(received)}
 
 
+def tcp_upload(host: str, port: int, timeout: float, size: int) -> dict[str, object]:
+    """Send ``size`` bytes (never reading the echo): how many went out, how it ended."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sent = 0
+        try:
+            sock.connect((host, port))
+            chunk = b"r" * 65536
+            while sent < size:
+                sent += sock.send(chunk[:size - sent])
+        except OSError as exc:
+            result = _errname(exc) if not isinstance(exc, TimeoutError) else "TIMEOUT"
+            return {"result": result, "sent": sent}
+    return {"result": "OK", "sent": sent}
+
+
 def dns_lookup(server: str, name: str, qtype: str, timeout: float) -> dict[str, object]:
     """One real DNS query over UDP to ``server``:53; the answer's addresses."""
     from ztnet.lab.dns import TYPE_A, TYPE_AAAA, build_query, parse_answer
@@ -88,12 +104,14 @@ def dns_lookup(server: str, name: str, qtype: str, timeout: float) -> dict[str, 
 
 
 def attempt(spec: dict[str, object], timeout: float) -> dict[str, object]:
-    """One attempt of a ``many`` script: ``{"kind": tcp|udp|icmp|raw|dns, "host", "port",
-    "payload", "name", "qtype"}``."""
+    """One attempt of a ``many`` script: ``{"kind": tcp|upload|udp|icmp|raw|dns, "host",
+    "port", "payload", "size", "name", "qtype"}``."""
     kind, host = str(spec["kind"]), str(spec["host"])
     port = int(str(spec.get("port", 0)))
     if kind == "tcp":
         return tcp_exchange(host, port, timeout, str(spec.get("payload", "")).encode())
+    if kind == "upload":
+        return tcp_upload(host, port, timeout, int(str(spec.get("size", 0))))
     if kind == "udp":
         return {"result": udp_send(host, port, False)}
     if kind == "icmp":

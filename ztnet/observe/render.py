@@ -58,6 +58,8 @@ def cells(record: FlowRecord) -> list[str]:
     process = record.process
     if record.grant is not None:
         why = record.grant.name
+        if record.drop_reason == "BUDGET":  # a byte budget of that grant cut the flow
+            why += " BUDGET"
     else:
         why = record.drop_reason
     if record.suppressed:
