@@ -11,7 +11,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
-#include "events.h"
+#include "names.h"
 
 #define ZT_IPV6_NEXTHDR_TCP 6
 #define ZT_IPV6_NEXTHDR_UDP 17
@@ -243,7 +243,8 @@ static __always_inline int zt_egress_judge(struct __sk_buff *skb, struct zt_conf
 		return 0;
 	}
 	struct zt_grant_value match = {};
-	if (!zt_allowed(&subject, pkt.proto, pkt.family, pkt.addr, pkt.port, now, &match)) {
+	if (!zt_allowed(&subject, pkt.proto, pkt.family, pkt.addr, pkt.port, now, &match) &&
+	    !zt_names_egress(&subject, pkt.proto, pkt.family, pkt.addr, pkt.port, now, &match)) {
 		if (zt_audit_admits(&subject, pkt.family, pkt.addr))
 			return zt_egress_audited(skb, &subject, &pkt, cgroup_id, now);
 		zt_count_drop(subject.agent.index, zt_refusal(&subject));

@@ -5,7 +5,7 @@
  */
 #include <uapi/linux/in.h>   /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP */
 #include <uapi/linux/in6.h>  /* IPPROTO_ICMPV6 */
-#include "events.h"
+#include "names.h"
 
 static __always_inline __u8 zt_socket_proto(struct bpf_sock_addr *ctx)
 {
@@ -119,6 +119,8 @@ static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
 	d.agent = subject.agent.index;
 	struct zt_grant_value match = {};
 	d.allowed = zt_allowed(&subject, d.proto, family, addr, d.dport, d.now, &match);
+	if (!d.allowed)  /* DNS redirect, learned addresses (names.h) */
+		d.allowed = zt_names_decide(ctx, &subject, &d, &match);
 	if (!d.allowed) {
 		d.reason = zt_refusal(&subject);
 		if (zt_audit_admits(&subject, family, addr))
@@ -159,20 +161,20 @@ static __always_inline int zt_decide6(struct bpf_sock_addr *ctx,
 
 int zt_connect4(struct bpf_sock_addr *ctx)
 {
-	return zt_decide4(ctx, ZT_CONNECT_COUNTERS, ZT_EV_CONNECT);
+	return zt_dns_finish4(ctx, zt_decide4(ctx, ZT_CONNECT_COUNTERS, ZT_EV_CONNECT));
 }
 
 int zt_connect6(struct bpf_sock_addr *ctx)
 {
-	return zt_decide6(ctx, ZT_CONNECT_COUNTERS, ZT_EV_CONNECT);
+	return zt_dns_finish6(ctx, zt_decide6(ctx, ZT_CONNECT_COUNTERS, ZT_EV_CONNECT));
 }
 
 int zt_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return zt_decide4(ctx, ZT_SENDMSG_COUNTERS, ZT_EV_SENDMSG);
+	return zt_dns_finish4(ctx, zt_decide4(ctx, ZT_SENDMSG_COUNTERS, ZT_EV_SENDMSG));
 }
 
 int zt_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return zt_decide6(ctx, ZT_SENDMSG_COUNTERS, ZT_EV_SENDMSG);
+	return zt_dns_finish6(ctx, zt_decide6(ctx, ZT_SENDMSG_COUNTERS, ZT_EV_SENDMSG));
 }

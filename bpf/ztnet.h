@@ -197,6 +197,7 @@ enum zt_reason {
 	ZT_REASON_QUARANTINED = 3,
 	ZT_REASON_UNPARSED = 4,
 	ZT_REASON_BUDGET = 5,  /* the grant's byte budget is spent */
+	ZT_REASON_DNS_REDIRECT = 6,  /* allowed: a DNS attempt sent to ztnet's resolver */
 };
 
 /*
@@ -392,5 +393,7 @@ _Static_assert(sizeof(struct zt_event) == 160, "zt_event layout");
 _Static_assert(sizeof(struct zt_flow) == 136, "zt_flow layout");
 _Static_assert(sizeof(struct zt_deny_budget) == 16, "zt_deny_budget layout");
 _Static_assert(sizeof(struct zt_agent_events) == 32, "zt_agent_events layout");
+
+#include "dns_abi.h"
 
 #endif /* ZTNET_H */

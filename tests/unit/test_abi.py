@@ -39,7 +39,8 @@ def _probe_source() -> str:
                  "ZT_DROP_SLOT_AUDIT": "drop_slot_audit",
                  "ZT_PROTO_PORT_UNKNOWN": "proto_port_unknown", "ZT_EVF_CUT": "evf_cut",
                  "ZT_CFG_CLOCK_OFFSET": "cfg_clock_offset",
-                 "ZT_CFG_WAKEUP_RECORDS": "cfg_wakeup_records"}
+                 "ZT_CFG_WAKEUP_RECORDS": "cfg_wakeup_records", "ZT_MAX_LEARNED": "max_learned",
+                 "ZT_DNS_PORT": "dns_port"}
     for macro, key in constants.items():
         lines.append(f'  printf(", \\"{key}\\": %d", (int)({macro}));')
     for counter in abi.ZtCounter:
@@ -98,6 +99,8 @@ def test_constants_and_enums_match_header(layout: dict[str, int]) -> None:
     assert layout["evf_cut"] == abi.EVF_CUT
     assert (layout["cfg_clock_offset"], layout["cfg_wakeup_records"]) == (
         abi.CFG_CLOCK_OFFSET, abi.CFG_WAKEUP_RECORDS)
+    assert layout["max_learned"] == abi.MAX_LEARNED
+    assert layout["dns_port"] == abi.DNS_PORT
     assert abi.PROTO_PORT_UNKNOWN not in set(abi.ZtProto), "the sentinel must name no grant"
     for counter in abi.ZtCounter:
         assert layout[f"ZT_CNT_{counter.name}"] == counter

@@ -17,6 +17,7 @@ from ztnet.grants.bundle import (
     BUNDLE_PAYLOAD_TYPE,
     Bundle,
     GrantRecord,
+    NameRecord,
     decode_payload,
     encode_payload,
     sign_bundle,
@@ -24,6 +25,7 @@ from ztnet.grants.bundle import (
 )
 from ztnet.grants.envelope import sign_envelope, verify_envelope
 from ztnet.grants.model import MAX_GRANT_ID, Grant, PortRange, Proto
+from ztnet.grants.names import MAX_NAME_PORTS, HostPattern, NameGrant
 from ztnet.grants.payload import MAX_INT64, MAX_TIME_MS
 from ztnet.policy import issue as issue_module
 from ztnet.policy.document import parse_policy
@@ -35,7 +37,8 @@ LONGEST_DNS_NAME = ".".join([_LABEL] * 3 + ["b" * 61])  # 253 characters
 LAST_MS = MAX_TIME_MS / 1000
 
 
-def worst_case_bundle(grants: int, quarantined: int = limits.MAX_QUARANTINED) -> Bundle:
+def worst_case_bundle(grants: int, quarantined: int = limits.MAX_QUARANTINED,
+                      names: int = 0) -> Bundle:
     """Every field at its longest: what the byte limits must admit."""
     network = ipaddress.ip_network("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127")
     records = tuple(
@@ -44,8 +47,14 @@ def worst_case_bundle(grants: int, quarantined: int = limits.MAX_QUARANTINED) ->
         for i in range(grants))
     quarantine = tuple(payload.Quarantine(f"{i:03d}{_LABEL[3:]}", False)
                        for i in range(quarantined))
+    pattern = HostPattern("*." + LONGEST_DNS_NAME[2:])
+    name_records = tuple(
+        NameRecord(NameGrant(MAX_GRANT_ID - grants - i, _LABEL, Proto.TCP, pattern,
+                             PortRange(65535 - MAX_NAME_PORTS + 1, 65535), LAST_MS - 0.001,
+                             LAST_MS, allow_private=False), MAX_INT64 - grants - i)
+        for i in range(names))
     return Bundle(LONGEST_DNS_NAME, "~" * limits.MAX_ISSUER, LONGEST_DNS_NAME, MAX_INT64,
-                  NOW, LAST_MS, records, quarantine=quarantine)
+                  NOW, LAST_MS, records, quarantine=quarantine, names=name_records)
 
 
 def test_the_limits_are_the_size_of_the_largest_bundle_of_100000_grants() -> None:
@@ -56,7 +65,12 @@ def test_the_limits_are_the_size_of_the_largest_bundle_of_100000_grants() -> Non
     q1, q2 = (len(encode_payload(worst_case_bundle(1, n))) for n in (1, 2))
     assert q2 - q1 <= limits.MAX_QUARANTINE_RECORD_BYTES < q2 - q1 + 8
     assert q1 - one <= limits.MAX_QUARANTINE_RECORD_BYTES + 16  # the key and its list
-    largest = worst_case_bundle(limits.MAX_BUNDLE_GRANTS)
+    name_one, name_two = (len(encode_payload(worst_case_bundle(1, 0, names=n))) for n in (1, 2))
+    name_record = name_two - name_one
+    assert name_record <= limits.MAX_NAME_RECORD_BYTES < name_record + 8
+    # the first hostname grant also brings the "names" key and its list
+    assert name_one - one - name_record <= limits.MAX_PAYLOAD_HEADER_BYTES - (one - record)
+    largest = worst_case_bundle(limits.MAX_BUNDLE_GRANTS, names=limits.MAX_BUNDLE_NAMES)
     data = encode_payload(largest)
     envelope = sign_bundle(largest, KEY)
     print(f"\nworst-case 100,000-grant bundle: payload {len(data):,} bytes "

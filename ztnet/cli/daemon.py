@@ -59,6 +59,17 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--request-socket", metavar="PATH|off", default=None,
                    help="controller mode: where `ztnet request-grant` asks for just-in-time "
                    "grants (default <state>/grant-requests.sock; off: none)")
+    p.add_argument("--dns", action="store_true",
+                   help="run ztnet's resolver for hostname grants: every agent's DNS is "
+                   "redirected to it (docs/daemon.md)")
+    p.add_argument("--dns-upstream", action="append", default=[], metavar="ADDR",
+                   type=upstream, help="resolver to ask (ADDR or ADDR:PORT, repeatable; "
+                   "default: the nameservers of /etc/resolv.conf); implies --dns")
+    p.add_argument("--dns-floor", type=float, default=5.0, metavar="SECONDS",
+                   help="shortest life of a learned address, whatever the answer's TTL "
+                   "(default 5)")
+    p.add_argument("--dns-max-addresses", type=int, default=32, metavar="N",
+                   help="most addresses live at once per agent and name (default 32)")
 
 
 def spool_size(text: str) -> int:
@@ -68,8 +79,30 @@ def spool_size(text: str) -> int:
     return value
 
 
+def upstream(text: str) -> tuple[str, int]:
+    from ztnet.daemon.resolver import parse_upstream
+
+    try:
+        return parse_upstream(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad resolver address {text!r}: {exc}") from None
+
+
+def dns_settings(args: argparse.Namespace) -> object | None:
+    """The resolver's settings (ztnet.daemon.resolver.ResolverSettings), or None if off."""
+    if not args.dns and not args.dns_upstream:
+        return None
+    from ztnet.daemon.resolver import ResolverSettings, upstreams_from_resolv_conf
+
+    if not 0 < args.dns_floor <= 3600 or not 0 < args.dns_max_addresses <= 1024:
+        raise SystemExit("ztnet daemon: --dns-floor must be in (0, 3600] and "
+                         "--dns-max-addresses in 1..1024")
+    return ResolverSettings(tuple(args.dns_upstream) or upstreams_from_resolv_conf(),
+                            floor_seconds=args.dns_floor, max_addresses=args.dns_max_addresses)
+
+
 def handle_daemon(args: argparse.Namespace) -> int:
-    return run_daemon(
+    return run_daemon(dns=dns_settings(args),
         instance=args.instance, state=daemon_state(args.state, args.instance),
         controller=args.controller, trust=args.trust, bundle=args.bundle, host=args.host,
         log_format=args.log_format, resync=args.resync, backoff_max=args.backoff_max,
@@ -82,7 +115,7 @@ def run_daemon(*, instance: str | None, state: Path, controller: str | None,
                log_format: str = "text", resync: float = 30.0, backoff_max: float = 30.0,
                metrics: str | None = None, flows: bool = True,
                spool_max: int | None = None, otlp_endpoint: str | None = None,
-               request_socket: str | None = None) -> int:
+               request_socket: str | None = None, dns: object | None = None) -> int:
     """Run the daemon until it is stopped: following ``controller`` with the credentials
     enrolled in ``state``, else enforcing the ``bundle`` file signed by a ``trust`` key.
     ``spool_max``: the bound of the upload spool (default: the daemon's); ``otlp_endpoint``:
@@ -91,8 +124,11 @@ def run_daemon(*, instance: str | None, state: Path, controller: str | None,
     import socket
 
     from ztnet import logs
+    from ztnet.daemon.resolver import ResolverSettings
     from ztnet.daemon.service import Daemon, DaemonConfig
     from ztnet.daemon.spool import DEFAULT_MAX_BYTES
+
+    assert dns is None or isinstance(dns, ResolverSettings)
 
     logs.setup(log_format)
     if otlp_endpoint is not None:  # a bad address fails here, before anything starts
@@ -112,10 +148,10 @@ def run_daemon(*, instance: str | None, state: Path, controller: str | None,
                               backoff_cap=backoff_max, flows=flows,
                               metrics_listen=metrics, otlp_endpoint=otlp_endpoint,
                               spool_max_bytes=DEFAULT_MAX_BYTES if spool_max is None else spool_max,
-                              request_socket=sock)
+                              request_socket=sock, dns=dns)
     else:
         config = DaemonConfig(trust=trust, bundle=bundle, state=state,
                               host=host or socket.gethostname(), instance=instance,
                               resync_seconds=resync, flows=flows, metrics_listen=metrics,
-                              otlp_endpoint=otlp_endpoint)
+                              otlp_endpoint=otlp_endpoint, dns=dns)
     return Daemon(config).run()

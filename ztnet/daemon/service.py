@@ -35,11 +35,13 @@ from ztnet.daemon.flows import FlowPipeline
 from ztnet.daemon.memory import return_large_buffers
 from ztnet.daemon.notify import notify
 from ztnet.daemon.requests import RequestSocket
+from ztnet.daemon.resolver import QueryRecord, Resolver, ResolverSettings
 from ztnet.daemon.spool import DEFAULT_MAX_BYTES
 from ztnet.daemon.state import Applied, StateDir
 from ztnet.daemon.uploader import UploadSettings
 from ztnet.daemon.watch import FileWatch
-from ztnet.datapath.datapath import Datapath
+from ztnet.datapath.compile import kernel_not_after
+from ztnet.datapath.datapath import Datapath, instance_lock
 from ztnet.datapath.probe import probe
 from ztnet.errors import ConfigError, DatapathError, GrantError, IdentityError
 from ztnet.fsutil import FileTooLarge, read_bounded
@@ -75,6 +77,9 @@ class DaemonConfig:
     otlp_endpoint: str | None = None
     # Controller mode: the local grant-request socket (ztnet.daemon.requests); None: off.
     request_socket: Path | None = None
+    # ztnet's resolver for hostname grants (docs/daemon.md): None leaves agents' DNS to
+    # address grants (and denied without one).
+    dns: ResolverSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,7 @@ class Daemon:
             self.credentials = HostCredentials(config.state)  # missing or corrupt: fail now
         self.client: ControllerClient | None = None
         self.flows: FlowPipeline | None = None
+        self.resolver: Resolver | None = None
         self._stop = False
         self._reload = False
         self._reported_step_ns = 0  # the wall-clock step last logged
@@ -163,6 +169,7 @@ class Daemon:
                               f"{self.state.path}: {exc.strerror or exc}; a restart "
                               "re-verifies the bundle it is given")
         previous, self.current = self.current, verified
+        self._configure_resolver(verified)  # learned entries of vanished grants go first
         cut = self.datapath.cut_unauthorized(now=now)  # a quarantined agent has no grants
         self._freeze(verified, previous)
         if self.flows is not None:
@@ -196,6 +203,35 @@ class Daemon:
                     cgroups.set_frozen(path, False)
             except IdentityError as exc:
                 logs.event("freeze failed", logging.ERROR, agent=agent, reason=str(exc))
+    def _configure_resolver(self, verified: VerifiedBundle) -> None:
+        """Hand the bundle's hostname grants to the resolver; every agent of the bundle
+        gets a resolver port (also agents that have only hostname grants, registered here)."""
+        if self.datapath is None:
+            return
+        if self.resolver is None:
+            if verified.names:
+                logs.event("hostname grants not enforced", logging.WARNING,
+                           grants=len(verified.names),
+                           reason="daemon: the resolver is off (start with --dns); these "
+                                  "agents' DNS stays denied unless an address grant allows it")
+            return
+        with instance_lock(self.instance):
+            self.datapath.ensure_agents({g.agent for g in verified.grants} |
+                                        {g.agent for g in verified.names})
+        agents = self.datapath.agent_names()
+        removed = self.resolver.configure(verified.names, verified.bundle.expires, agents,
+                                          kernel_not_after=kernel_not_after)
+        if removed:
+            logs.event("learned addresses removed", entries=removed, version=verified.version)
+
+    def _on_dns_query(self, record: QueryRecord) -> None:
+        level = logging.INFO if record.verdict in ("answered", "nodata", "nxdomain") \
+            else logging.WARNING
+        logs.event("dns query", level, agent=record.agent, qname=record.name,
+                   type=record.qtype, verdict=record.verdict, answers=list(record.answers),
+                   stripped=list(record.stripped), chain=list(record.chain), ttl=record.ttl,
+                   reason=record.reason or None, transport=record.transport,
+                   upstream_ms=record.upstream_ms, install_ms=record.install_ms)
 
     def _rejected(self, source: str, reason: str, floor: int,
                   level: int = logging.WARNING) -> Outcome:
@@ -256,6 +292,8 @@ class Daemon:
             self._reported_step_ns = step_ns
             logs.event("wall clock stepped; kernel deadlines keep the pinned offset",
                        logging.WARNING, step_seconds=round(step_ns / 1e9, 3))
+        if self.resolver is not None:
+            self.resolver.sweep()
         try:
             synced = self.datapath.resync(self.current)
         except DatapathError as exc:  # the kernel keeps what it has; try again next period
@@ -289,6 +327,12 @@ class Daemon:
                    programs=programs.stamp if programs else None,
                    compiled=programs.compiled if programs else None,
                    open_ms=round((time.monotonic() - started) * 1000, 1))
+        if self.config.dns is not None:
+            self.resolver = Resolver(self.datapath.learned(), self.datapath.boot_deadline_ns,
+                                     self.config.dns, on_query=self._on_dns_query)
+            self.resolver.start()
+            logs.event("dns resolver started",
+                       upstreams=[f"{h}:{p}" for h, p in self.config.dns.upstreams])
         if self.config.flows:
             upload = None
             if self.config.controller is not None and self.credentials is not None:
@@ -381,6 +425,8 @@ class Daemon:
                 watch.close()
             if self.flows is not None:
                 self.flows.close()
+            if self.resolver is not None:
+                self.resolver.close()  # kernel entries stay and lapse on their own
             if self.datapath is not None:
                 self.datapath.close()  # programs stay attached: enforcement outlives us
             logs.event("daemon stopped; enforcement stays in place")

@@ -110,6 +110,7 @@ class ZtReason(enum.IntEnum):
     QUARANTINED = 3
     UNPARSED = 4
     BUDGET = 5
+    DNS_REDIRECT = 6
 
 
 AGENT_QUARANTINED = 1
@@ -302,6 +303,57 @@ def address_from(raw: bytes, family: int) -> str:
     return str(ipaddress.IPv6Address(bytes(raw[:16])))
 
 
+MAX_LEARNED = 65536  # ZT_MAX_LEARNED
+DNS_PORT = 53  # ZT_DNS_PORT
+
+
+class ZtLearnedKey(ctypes.Structure):
+    """struct zt_learned_key (bpf/dns_abi.h)"""
+
+    _fields_ = [
+        ("agent", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("port_be", ctypes.c_uint16),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class ZtLearnedValue(ctypes.Structure):
+    """struct zt_learned_value (bpf/dns_abi.h)"""
+
+    _fields_ = [
+        ("not_after_ns", ctypes.c_uint64),
+        ("grant_not_after_ns", ctypes.c_uint64),
+        ("grant_id", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64),
+    ]
+
+
+class ZtResolver(ctypes.Structure):
+    """struct zt_resolver (bpf/dns_abi.h)"""
+
+    _fields_ = [("port_be", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("flags", ctypes.c_uint32)]
+
+
+class ZtDnsPeer(ctypes.Structure):
+    """struct zt_dns_peer (bpf/dns_abi.h)"""
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port_be", ctypes.c_uint16),
+        ("redirect_port_be", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+def port_to_be(port: int) -> int:
+    """A port as the __be16 a little-endian host stores (the inverse of port_from_be)."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_grant_key": ZtGrantKey,
     "zt_grant_value": ZtGrantValue,
@@ -316,6 +368,10 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_window": ZtWindow,
     "zt_deny_budget": ZtDenyBudget,
     "zt_agent_events": ZtAgentEvents,
+    "zt_learned_key": ZtLearnedKey,
+    "zt_learned_value": ZtLearnedValue,
+    "zt_resolver": ZtResolver,
+    "zt_dns_peer": ZtDnsPeer,
 }
 
 

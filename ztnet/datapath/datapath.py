@@ -34,6 +34,7 @@ from ztnet.datapath.compile import (
 )
 from ztnet.datapath.drift import Drift, find_drift
 from ztnet.datapath.grantmaps import GrantMaps, Snapshot
+from ztnet.datapath.learned import LearnedTable
 from ztnet.datapath.probe import probe
 from ztnet.errors import MapUpdateError, NotAttached
 from ztnet.grants.bundle import VerifiedBundle
@@ -131,6 +132,7 @@ class Datapath:
         self._active: int | None = None
         self._checked_digest: bytes | None = None  # trie dump that matched _written
         self._compiled_for: tuple[object, ...] | None = None  # inputs of _written[_active]
+        self._learned: LearnedTable | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -548,11 +550,40 @@ class Datapath:
                 if cgid in by_id}
 
     def cut_unauthorized(self, *, now: float | None = None) -> list[sockets.FlowSocket]:
-        """Destroy agent sockets whose flows the installed grants no longer allow (an
-        agent in audit mode keeps them, unless it is quarantined: quarantine wins)."""
+        """Destroy agent sockets whose flows the installed grants no longer allow, nor a
+        learned address of a hostname grant still in force (an agent in audit mode keeps
+        them, unless it is quarantined: quarantine wins, over learned addresses too)."""
+        learned = self.learned()
+        index = {name: agent for agent, name in self.agent_names().items()}
+        resolvers = learned.resolver_ports()
+        quarantined = self.quarantined()
+
+        def learned_allows(flow: sockets.FlowSocket) -> bool:
+            agent = index.get(flow.agent)
+            if agent is None or flow.agent in quarantined:
+                return False
+            address, port = flow.remote
+            if address.is_loopback and resolvers.get(agent) == port:
+                return True  # a DNS exchange over TCP with the agent's own resolver
+            return learned.allows(agent, flow.proto, address, port, established=True) is not None
+
         return sockets.cut_unauthorized(self.instance, self.grants(),
                                         time.time() if now is None else now,
-                                        audited=frozenset(self._audit - self.quarantined()))
+                                        audited=frozenset(self._audit - quarantined),
+                                        also_allowed=learned_allows)
+
+    # --- hostname grants -----------------------------------------------------------
+
+    def learned(self) -> LearnedTable:
+        """Learned addresses and resolver ports (ztnet.datapath.learned)."""
+        if self._learned is None:
+            self._learned = LearnedTable(self.maps)
+        return self._learned
+
+    def boot_deadline_ns(self, unix_seconds: float) -> int:
+        """A Unix time as the kernel's CLOCK_BOOTTIME deadline, on the pinned offset that
+        every grant window uses."""
+        return self._boot_clock().to_boot_ns(unix_seconds)
 
     def live_grant_counts(self) -> dict[str, int]:
         return {agent: len(ids) for agent, ids in self.live_grant_ids().items()}

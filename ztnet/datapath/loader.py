@@ -42,8 +42,8 @@ from ztnet.datapath.bpfsys import (
 from ztnet.errors import DatapathError, LoadError
 from ztnet.instance import Instance
 
-SOURCES = ("maps.h", "verdict.h", "socket.h", "events.h", "sock_addr.c", "egress.c", "ingress.c",
-           "sock_release.c")
+SOURCES = ("maps.h", "verdict.h", "socket.h", "events.h", "names.h", "sock_addr.c", "egress.c",
+           "ingress.c", "sock_release.c", "dns.c")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,11 @@ PROGRAMS = (
     ProgramSpec("zt_egress", AttachType.CGROUP_INET_EGRESS, "CGROUP_SKB"),
     ProgramSpec("zt_ingress", AttachType.CGROUP_INET_INGRESS, "CGROUP_SKB"),
     ProgramSpec("zt_sock_release", AttachType.CGROUP_INET_SOCK_RELEASE, "CGROUP_SOCK"),
+    # the reverse half of the DNS redirect (bpf/dns.c)
+    ProgramSpec("zt_recvmsg4", AttachType.CGROUP_UDP4_RECVMSG, "CGROUP_SOCK_ADDR"),
+    ProgramSpec("zt_recvmsg6", AttachType.CGROUP_UDP6_RECVMSG, "CGROUP_SOCK_ADDR"),
+    ProgramSpec("zt_getpeername4", AttachType.CGROUP_INET4_GETPEERNAME, "CGROUP_SOCK_ADDR"),
+    ProgramSpec("zt_getpeername6", AttachType.CGROUP_INET6_GETPEERNAME, "CGROUP_SOCK_ADDR"),
 )
 
 # The maps without which nothing is enforced; the datapath opens every other pinned map

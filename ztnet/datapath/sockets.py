@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,16 +131,20 @@ def destroy_matching(instance: Instance, proto: int, local: tuple[IPAddress, int
 
 
 def cut_unauthorized(instance: Instance, grants: Iterable[Grant], now: float, *,
-                     audited: frozenset[str] = frozenset()) -> list[FlowSocket]:
-    """Destroy every agent flow that ``grants`` no longer allow at ``now``. Agents in
-    audit mode keep their flows (the kernel lets them through: nothing to cut)."""
+                     audited: frozenset[str] = frozenset(),
+                     also_allowed: Callable[[FlowSocket], bool] | None = None,
+                     ) -> list[FlowSocket]:
+    """Destroy every agent flow that ``grants`` no longer allow at ``now`` (and that
+    ``also_allowed``, if given, does not admit either). Agents in audit mode keep their
+    flows (the kernel lets them through: nothing to cut)."""
     grants = tuple(grants)
     cut = []
     for flow in agent_flows(instance):
         address, port = flow.remote
         if flow.agent in audited and not audit_protected(address):
             continue
-        if allowed_by(grants, flow.agent, flow.proto, address, port, now) is None:
+        if allowed_by(grants, flow.agent, flow.proto, address, port, now) is None \
+                and not (also_allowed is not None and also_allowed(flow)):
             if destroy(flow):
                 cut.append(flow)
     return cut

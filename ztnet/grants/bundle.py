@@ -23,10 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ztnet.errors import BundleRejected, ConfigError, GrantExpired
 from ztnet.grants.envelope import TrustedKeys, sign_envelope, verify_envelope
-from ztnet.grants.model import Grant
+from ztnet.grants.model import Grant, format_grant_id
+from ztnet.grants.names import NameGrant
 from ztnet.grants.payload import (
     Bundle,
     GrantRecord,
+    NameRecord,
     decode_payload,
     encode_payload,
     normalize_host,
@@ -38,6 +40,7 @@ __all__ = [
     "BUNDLE_PAYLOAD_TYPE",
     "Bundle",
     "GrantRecord",
+    "NameRecord",
     "VerifiedBundle",
     "decode_payload",
     "encode_payload",
@@ -61,6 +64,7 @@ class VerifiedBundle:
     grants: tuple[Grant, ...]
     key_id: str
     payload_sha256: str
+    names: tuple[NameGrant, ...] = ()  # hostname grants, for the daemon's resolver
 
     @property
     def version(self) -> int:
@@ -121,9 +125,18 @@ def verify_bundle(
                 f"{grant.network}) expired at {format_time(grant.not_after)}; "
                 "refusing the whole bundle"
             )
+    for name_record in bundle.names:
+        name_grant = name_record.grant
+        if name_grant.not_after <= now:
+            raise GrantExpired(
+                f"bundle: grant {format_grant_id(name_grant.grant_id)} (agent "
+                f"{name_grant.agent}, {name_grant.proto} {name_grant.pattern}) expired at "
+                f"{format_time(name_grant.not_after)}; refusing the whole bundle"
+            )
     return VerifiedBundle(
         bundle=bundle,
         grants=tuple(record.grant for record in bundle.grants),
         key_id=verified.key_id,
         payload_sha256=hashlib.sha256(verified.payload).hexdigest(),
+        names=tuple(record.grant for record in bundle.names),
     )

@@ -26,6 +26,8 @@ checked out, is held to the same rule scaled to MAX_BUNDLE_GRANTS.
 from __future__ import annotations
 
 MAX_BUNDLE_GRANTS = 100_000
+# Hostname grants (ztnet.grants.names) travel in a list of their own, with their own cap.
+MAX_BUNDLE_NAMES = 10_000
 MAX_ISSUER = 256
 MAX_PAYLOAD_TYPE = 256
 MAX_SIGNATURES = 8
@@ -36,8 +38,10 @@ MAX_PAYLOAD_HEADER_BYTES = 1024  # every payload field but the grants
 # Quarantined agents a bundle may name (docs/detection.md), each one small object.
 MAX_QUARANTINED = 256
 MAX_QUARANTINE_RECORD_BYTES = 360  # {"agent":"spiffe://<253>/agent/<63>","freeze":false},
+MAX_NAME_RECORD_BYTES = 776  # one encoded hostname grant (a 253-character name) and its comma
 MAX_PAYLOAD_BYTES = (MAX_PAYLOAD_HEADER_BYTES + MAX_BUNDLE_GRANTS * MAX_GRANT_RECORD_BYTES
-                     + MAX_QUARANTINED * MAX_QUARANTINE_RECORD_BYTES)
+                     + MAX_QUARANTINED * MAX_QUARANTINE_RECORD_BYTES
+                     + MAX_BUNDLE_NAMES * MAX_NAME_RECORD_BYTES)
 # The envelope: the payload in base64 (4 bytes per 3), its type, up to
 # MAX_SIGNATURES signatures (about 150 bytes each) and the JSON around them.
 MAX_ENVELOPE_BYTES = 4 * -(-MAX_PAYLOAD_BYTES // 3) + MAX_PAYLOAD_TYPE + 4096
@@ -45,11 +49,12 @@ MAX_ENVELOPE_BYTES = 4 * -(-MAX_PAYLOAD_BYTES // 3) + MAX_PAYLOAD_TYPE + 4096
 # Structural characters ({ [ , :) an envelope may hold: 2 per signature object
 # and the envelope itself, plus whatever its payloadType spells out.
 MAX_ENVELOPE_STRUCTURE = 16 * (MAX_SIGNATURES + 1) + MAX_PAYLOAD_TYPE
-# Objects ({) and lists ([) a payload may hold: one object per grant and the
-# payload, two lists (grants, audit agents) and the quarantine list; the issuer's printable
-# name may contain either. An audited agent's id (at most ~330 bytes) takes the room of one
-# grant record: grants and audited agents together are at most MAX_BUNDLE_GRANTS.
-MAX_PAYLOAD_OBJECTS = MAX_BUNDLE_GRANTS + MAX_QUARANTINED + 1 + MAX_ISSUER
+# Objects ({) and lists ([) a payload may hold: one object per grant, per hostname grant
+# and the payload, three lists (grants, audit agents, hostname grants) and the quarantine
+# list; the issuer's printable name may contain either. An audited agent's id (at most ~330
+# bytes) takes the room of one grant record: grants and audited agents together are at most
+# MAX_BUNDLE_GRANTS.
+MAX_PAYLOAD_OBJECTS = MAX_BUNDLE_GRANTS + MAX_QUARANTINED + MAX_BUNDLE_NAMES + 1 + MAX_ISSUER
 MAX_PAYLOAD_LISTS = 3 + MAX_ISSUER
 # What a gRPC channel must carry for one pushed bundle: the envelope and the
 # few fields of the message around it.

@@ -28,6 +28,7 @@ from ztnet.errors import BundleRejected
 from ztnet.grants import strictjson
 from ztnet.grants.limits import (
     MAX_BUNDLE_GRANTS,
+    MAX_BUNDLE_NAMES,
     MAX_ISSUER,
     MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_LISTS,
@@ -46,6 +47,7 @@ from ztnet.grants.model import (
     normalize_network,
     parse_grant_id,
 )
+from ztnet.grants.names import HostPattern, NameGrant
 from ztnet.pki import SCHEME as SPIFFE_SCHEME
 from ztnet.pki import spiffe_agent_id
 
@@ -80,6 +82,22 @@ GRANT_KEYS = frozenset(
 # the bytes they always had): {"max_bytes_out":…,"max_bytes_out_window":…,"window_ms":…}.
 BUDGET_KEY = "budget"
 BUDGET_KEYS = frozenset({"max_bytes_out", "max_bytes_out_window", "window_ms"})
+# Hostname grants: a list of their own, present only when non-empty, so that a bundle
+# without any keeps the encoding (and the signatures) it always had.
+NAMES_KEY = "names"
+NAME_KEYS = frozenset(
+    {
+        "id",
+        "serial",
+        "agent",
+        "name",
+        "proto",
+        "ports",
+        "private",
+        "not_before_ms",
+        "not_after_ms",
+    }
+)
 # Host names as hosts really have them (underscores occur), in lower case.
 _HOST_LABEL = r"[a-z0-9_][a-z0-9_-]{0,62}"
 _HOST_RE = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\Z")
@@ -111,6 +129,20 @@ class Quarantine:
 
 
 @dataclass(frozen=True, slots=True)
+class NameRecord:
+    """A hostname grant as issued, with its serial (unique among all of the bundle's)."""
+
+    grant: NameGrant
+    serial: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.serial <= MAX_INT64:
+            raise ValueError(f"serial {self.serial} is not a 64-bit non-negative number")
+        to_ms(self.grant.not_before, "not_before")
+        to_ms(self.grant.not_after, "not_after")
+
+
+@dataclass(frozen=True, slots=True)
 class Bundle:
     """Everything one host may enforce for one policy version. ``expires`` is
     the bundle's own freshness limit: past it the bundle is refused even if
@@ -127,6 +159,7 @@ class Bundle:
     audit_agents: tuple[str, ...] = ()  # agent names in audit mode, sorted, unique
     # Agents quarantined on this host, sorted by name (one entry each).
     quarantine: tuple[Quarantine, ...] = ()
+    names: tuple[NameRecord, ...] = ()
 
     def __post_init__(self) -> None:
         names = [entry.agent for entry in self.quarantine]
@@ -148,12 +181,12 @@ class Bundle:
         # One id, one grant: the kernel reports decisions by id, and two grants
         # under one id would make "which grant allowed this" ambiguous.
         seen: set[int] = set()
-        for record in self.grants:
-            if record.grant.grant_id in seen:
-                label = format_grant_id(record.grant.grant_id)
-                raise ValueError(f"grant id {label} appears more than once")
-            seen.add(record.grant.grant_id)
-        serials = [record.serial for record in self.grants]
+        for grant_id in [r.grant.grant_id for r in self.grants] + \
+                [r.grant.grant_id for r in self.names]:
+            if grant_id in seen:
+                raise ValueError(f"grant id {format_grant_id(grant_id)} appears more than once")
+            seen.add(grant_id)
+        serials = [record.serial for record in self.grants] + [r.serial for r in self.names]
         if len(set(serials)) != len(serials):
             raise ValueError("grant serials must be unique")
         if list(self.audit_agents) != sorted(set(self.audit_agents)):
@@ -215,7 +248,7 @@ def parse_spiffe_agent_id(uri: str, trust_domain: str) -> str:
 
 
 def encode_payload(bundle: Bundle) -> bytes:
-    document = {
+    document: dict[str, object] = {
         "trust_domain": bundle.trust_domain,
         "issuer": bundle.issuer,
         "audience": bundle.audience,
@@ -229,7 +262,24 @@ def encode_payload(bundle: Bundle) -> bytes:
     if bundle.quarantine:
         document[QUARANTINE_KEY] = [{"agent": bundle.agent_id(entry.agent),
                                      "freeze": entry.freeze} for entry in bundle.quarantine]
+    if bundle.names:
+        document[NAMES_KEY] = [_encode_name(bundle, record) for record in bundle.names]
     return strictjson.dumps(document)
+
+
+def _encode_name(bundle: Bundle, record: NameRecord) -> dict[str, object]:
+    grant = record.grant
+    return {
+        "id": format_grant_id(grant.grant_id),
+        "serial": record.serial,
+        "agent": bundle.agent_id(grant.agent),
+        "name": str(grant.pattern),
+        "proto": str(grant.proto),
+        "ports": "any" if grant.ports is None else str(grant.ports),
+        "private": grant.allow_private,
+        "not_before_ms": to_ms(grant.not_before),
+        "not_after_ms": to_ms(grant.not_after),
+    }
 
 
 def _encode_grant(bundle: Bundle, record: GrantRecord) -> dict[str, object]:
@@ -270,8 +320,9 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
         document = strictjson.loads(data)
     except strictjson.StrictJSONError as exc:
         raise _malformed(str(exc)) from None
-    optional = {AUDIT_KEY, QUARANTINE_KEY} & set(document) if isinstance(document, dict) \
-        else set()
+    optional = {AUDIT_KEY, QUARANTINE_KEY, NAMES_KEY} & set(document) \
+        if isinstance(document, dict) else set()
+    has_names = NAMES_KEY in optional
     obj = _object(document, BUNDLE_KEYS | optional, "payload")
     trust_domain = _string(obj, "trust_domain", "")
     if not is_dns_name(trust_domain):
@@ -289,6 +340,16 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
     records = tuple(
         _decode_grant(raw, f"grants[{index}]", trust_domain) for index, raw in enumerate(raw_grants)
     )
+    names: tuple[NameRecord, ...] = ()
+    if has_names:
+        raw_names = obj[NAMES_KEY]
+        if not isinstance(raw_names, list) or not raw_names:
+            raise _malformed("names: expected a non-empty list (absent when there are none)")
+        if len(raw_names) > MAX_BUNDLE_NAMES:
+            raise _malformed(f"names: {len(raw_names)} hostname grants, more than the limit "
+                             f"of {MAX_BUNDLE_NAMES}")
+        names = tuple(_decode_name(raw, f"names[{index}]", trust_domain)
+                      for index, raw in enumerate(raw_names))
     try:
         bundle = Bundle(
             trust_domain=trust_domain,
@@ -300,6 +361,7 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
             grants=records,
             audit_agents=audit_agents,
             quarantine=_quarantine(obj.get(QUARANTINE_KEY, []), trust_domain),
+            names=names,
         )
     except ValueError as exc:
         raise _malformed(str(exc)) from None
@@ -380,6 +442,36 @@ def _quarantine(raw: Any, trust_domain: str) -> tuple[Quarantine, ...]:
             raise _malformed(f"{where}.freeze: expected true or false")
         entries.append(Quarantine(agent, obj["freeze"]))
     return tuple(entries)
+
+
+def _decode_name(raw: Any, where: str, trust_domain: str) -> NameRecord:
+    obj = _object(raw, NAME_KEYS, where)
+    try:
+        grant_id = parse_grant_id(_string(obj, "id", where))
+        agent = parse_spiffe_agent_id(_string(obj, "agent", where), trust_domain)
+        pattern = HostPattern(_string(obj, "name", where))
+    except ValueError as exc:
+        raise _malformed(f"{where}: {exc}") from None
+    proto_text = _string(obj, "proto", where)
+    if proto_text not in _PROTOS:
+        raise _malformed(f"{where}.proto: {proto_text!r} is not tcp, udp or any")
+    private = obj["private"]
+    if not isinstance(private, bool):
+        raise _malformed(f"{where}.private: expected true or false")
+    try:
+        grant = NameGrant(
+            grant_id=grant_id,
+            agent=agent,
+            proto=_PROTOS[proto_text],
+            pattern=pattern,
+            ports=_ports(_string(obj, "ports", where), f"{where}.ports"),
+            not_before=_integer(obj, "not_before_ms", where) / 1000,
+            not_after=_integer(obj, "not_after_ms", where) / 1000,
+            allow_private=private,
+        )
+        return NameRecord(grant, _integer(obj, "serial", where))
+    except ValueError as exc:
+        raise _malformed(f"{where}: {exc}") from None
 
 
 def _network(text: str, where: str) -> IPNetwork:

@@ -13,6 +13,7 @@ import hashlib
 
 from ztnet.errors import PolicyError
 from ztnet.grants.model import Grant
+from ztnet.grants.names import HostPattern, NameGrant
 from ztnet.policy.document import MAX_TTL, AllowRule, Policy
 
 # Domain separation: no other hash in ztnet can collide with a grant id.
@@ -32,12 +33,26 @@ def grant_id_for(trust_domain: str, agent: str, rule: AllowRule) -> int:
 
 
 def compile_grants(policy: Policy, *, now: float, default_ttl: float = 300.0) -> list[Grant]:
-    """One grant per distinct allow rule, valid from ``now`` for the rule's
+    """One grant per distinct address allow rule, valid from ``now`` for the rule's
     ttl (or ``default_ttl`` seconds). Identical rules of one agent become one
-    grant with the longest ttl. Sorted by agent, destination, protocol, ports."""
+    grant with the longest ttl. Sorted by agent, destination, protocol, ports.
+    Hostname rules are compile_name_grants'."""
+    return compile_all(policy, now=now, default_ttl=default_ttl)[0]
+
+
+def compile_name_grants(policy: Policy, *, now: float,
+                        default_ttl: float = 300.0) -> list[NameGrant]:
+    """The hostname rules' grants, as compile_grants makes the address rules'."""
+    return compile_all(policy, now=now, default_ttl=default_ttl)[1]
+
+
+def compile_all(policy: Policy, *, now: float,
+                default_ttl: float = 300.0) -> tuple[list[Grant], list[NameGrant]]:
+    """Address grants and hostname grants of ``policy``; ids are unique across both."""
     if not 0 < default_ttl <= MAX_TTL:
         raise PolicyError(f"policy: default ttl must be between 1s and 365d, got {default_ttl}s")
     grants: dict[int, Grant] = {}
+    names: dict[int, NameGrant] = {}
     content: dict[int, tuple[str, ...]] = {}
     for agent in policy.agents:
         for rule in agent.allow:
@@ -50,6 +65,14 @@ def compile_grants(policy: Policy, *, now: float, default_ttl: float = 300.0) ->
                     f"policy: grant id collision between {content[grant_id]} and {key}"
                 )
             ttl = float(rule.ttl) if rule.ttl is not None else default_ttl
+            if isinstance(rule.to, HostPattern):
+                name = NameGrant(grant_id=grant_id, agent=agent.name, proto=rule.proto,
+                                 pattern=rule.to, ports=rule.ports, not_before=now,
+                                 not_after=now + ttl, allow_private=rule.allow_private)
+                earlier = names.get(grant_id)
+                if earlier is None or name.not_after > earlier.not_after:
+                    names[grant_id] = name
+                continue
             grant = Grant(
                 grant_id=grant_id,
                 agent=agent.name,
@@ -63,7 +86,8 @@ def compile_grants(policy: Policy, *, now: float, default_ttl: float = 300.0) ->
             previous = grants.get(grant_id)
             if previous is None or grant.not_after > previous.not_after:
                 grants[grant_id] = grant
-    return sorted(grants.values(), key=grant_sort_key)
+    ordered_names = sorted(names.values(), key=lambda g: (g.agent, g.pattern.text, g.grant_id))
+    return sorted(grants.values(), key=grant_sort_key), ordered_names
 
 
 def grant_sort_key(grant: Grant) -> tuple[str, int, int, int, int, int, int, int]:

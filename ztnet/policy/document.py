@@ -14,6 +14,10 @@ A policy names a trust domain and, per agent, the network paths it may use::
     comment = "internal API"
     max_bytes_out = "50MB"             # optional byte budgets (docs/policy.md)
 
+    [[agents.research-bot.allow]]
+    to = "api.github.com"          # a hostname grant (ztnet.grants.names)
+    ports = "443"
+
 Validation is all-or-nothing: every problem in the file is collected and
 reported at once (one line each, naming file, agent, rule and field), and a
 file with any problem produces no policy. docs/policy.md is the reference.
@@ -42,12 +46,14 @@ from ztnet.grants.model import (
     is_dns_name,
     normalize_network,
 )
+from ztnet.grants.names import MAX_NAME_PORTS, HostPattern
 from ztnet.policy.detection import Detection, parse_detection
 from ztnet.policy.fields import (
     MAX_TTL,
     parse_destination,
     parse_ports,
     parse_proto,
+    parse_target,
 )
 from ztnet.policy.jit import JitPolicy, parse_jit
 from ztnet.policy.selectors import HostSelector, parse_selector
@@ -58,7 +64,7 @@ AGENT_KEYS = ("mode", "allow", "hosts")
 # every connection of the grant per budget_window.
 BUDGET_KEYS = ("max_bytes_out", "max_bytes_out_window", "budget_window")
 
-RULE_KEYS = ("to", "ports", "proto", "ttl", "comment", *BUDGET_KEYS)
+RULE_KEYS = ("to", "ports", "proto", "ttl", "comment", "allow_private", *BUDGET_KEYS)
 
 MAX_COMMENT = 200
 # A policy is a hand-written file; anything this large is a mistake, not a policy.
@@ -74,19 +80,29 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class AllowRule:
-    """One ``[[agents.NAME.allow]]`` entry. ``ports`` None means any port;
-    ``ttl`` None means the compiler's default lifetime (seconds)."""
+    """One ``[[agents.NAME.allow]]`` entry. ``to`` is a network or a host name pattern;
+    ``ports`` None means any port; ``ttl`` None means the compiler's default lifetime
+    (seconds). ``allow_private`` (hostname rules only): keep answers in private, loopback,
+    link-local and metadata ranges."""
 
-    to: IPNetwork
+    to: IPNetwork | HostPattern
     proto: Proto
     ports: PortRange | None
     ttl: int | None = None
     comment: str = ""
     budget: ByteBudget | None = None
+    allow_private: bool = False
 
     def __post_init__(self) -> None:
-        if normalize_network(self.to) != self.to:
+        if isinstance(self.to, HostPattern):
+            if self.proto is Proto.ICMP:
+                raise ValueError("a hostname rule is for tcp, udp or any, not icmp")
+            if self.budget is not None:
+                raise ValueError("a hostname rule has no byte budget")
+        elif normalize_network(self.to) != self.to:
             raise ValueError(f"{self.to} is IPv4-mapped: write it as IPv4")
+        elif self.allow_private:
+            raise ValueError("allow_private is for hostname rules only")
         if self.proto is Proto.ICMP and self.ports is not None:
             raise ValueError("an icmp rule cannot name ports")
         if self.ttl is not None and not 0 < self.ttl <= MAX_TTL:
@@ -101,7 +117,8 @@ class AllowRule:
     def canonical(self) -> tuple[str, str, str]:
         """What the rule allows, independent of how it was written and of its
         lifetime: the identity a grant id is derived from."""
-        return (str(self.to), self.ports_text, str(self.proto))
+        to = str(self.to) + (" allow_private" if self.allow_private else "")
+        return (to, self.ports_text, str(self.proto))
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +208,7 @@ __all__ = [
     "load_policy",
     "parse_destination",
     "parse_policy",
+    "parse_target",
     "parse_ports",
     "parse_proto",
 ]
@@ -280,10 +298,11 @@ def _parse_rule(raw: Mapping[str, Any], where: str, errors: _Errors) -> AllowRul
     before = len(errors.lines)
     _check_keys(raw, RULE_KEYS, where, errors)
 
-    network: IPNetwork | None = None
+    network: IPNetwork | HostPattern | None = None
     to = _string_field(raw, "to", where, errors, required='to = "10.0.2.0/24"')
     if to is not None:
-        network = _field(parse_destination, to, f"{where}.to", errors)
+        network = _field(parse_target, to, f"{where}.to", errors)
+    hostname = isinstance(network, HostPattern)
 
     proto: Proto | None = Proto.TCP
     proto_text = _string_field(raw, "proto", where, errors)
@@ -304,6 +323,23 @@ def _parse_rule(raw: Mapping[str, Any], where: str, errors: _Errors) -> AllowRul
             f'missing: {proto} rules need ports = "443", a range like "8000-8100", or "any"',
         )
 
+    if hostname and proto is Proto.ICMP:
+        errors.add(f"{where}.proto", "a hostname rule is for tcp, udp or any, not icmp")
+    if hostname and ports is not None and ports.last - ports.first + 1 > MAX_NAME_PORTS:
+        errors.add(f"{where}.ports", f"a hostname rule names at most {MAX_NAME_PORTS} ports "
+                   "(each resolved address becomes one kernel entry per port)")
+
+    allow_private = False
+    if "allow_private" in raw:
+        value = raw["allow_private"]
+        if not isinstance(value, bool):
+            errors.add(f"{where}.allow_private", f"expected true or false, got {_type_name(value)}")
+        elif value and not hostname:
+            errors.add(f"{where}.allow_private", "only hostname rules (to = \"api.example.com\") "
+                       "have answers to keep; an address rule already says where it goes")
+        else:
+            allow_private = value
+
     ttl: int | None = None
     ttl_text = _string_field(raw, "ttl", where, errors)
     if ttl_text is not None:
@@ -316,10 +352,13 @@ def _parse_rule(raw: Mapping[str, Any], where: str, errors: _Errors) -> AllowRul
         errors.add(f"{where}.comment", f"longer than {MAX_COMMENT} characters")
 
     budget = _parse_budget(raw, where, errors)
+    if hostname and budget is not None:
+        errors.add(f"{where}.max_bytes_out", "byte budgets are for address rules; a hostname "
+                   "rule has none (docs/policy.md)")
 
     if len(errors.lines) != before or network is None or proto is None:
         return None
-    return AllowRule(network, proto, ports, ttl, comment, budget)
+    return AllowRule(network, proto, ports, ttl, comment, budget, allow_private)
 
 
 def _parse_budget(raw: Mapping[str, Any], where: str, errors: _Errors) -> ByteBudget | None:

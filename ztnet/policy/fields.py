@@ -9,6 +9,7 @@ import re
 
 from ztnet.durations import MAX_DURATION
 from ztnet.grants.model import IPNetwork, PortRange, Proto, normalize_network
+from ztnet.grants.names import HostPattern
 
 MAX_TTL = MAX_DURATION  # a rule's ttl is any duration parse_duration accepts
 
@@ -35,6 +36,20 @@ def parse_destination(text: str) -> IPNetwork:
             ) from None
         raise ValueError(f"{text} has host bits set; did you mean {loose}?") from None
     return normalize_network(network)
+
+
+_ADDRESS_CHARS = frozenset("0123456789.:/%")
+
+
+def parse_target(text: str) -> IPNetwork | HostPattern:
+    """What ``to`` names: an IP address or CIDR (parse_destination), or a host name
+    pattern (``api.github.com``, ``*.githubusercontent.com``)."""
+    try:
+        return parse_destination(text)
+    except ValueError:
+        if set(text) <= _ADDRESS_CHARS or ":" in text or "/" in text:
+            raise  # meant as an address: its own explanation
+    return HostPattern(text)
 
 
 def parse_ports(text: str) -> PortRange | None:

@@ -11,24 +11,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from ztnet.errors import ConfigError
-from ztnet.grants.limits import MAX_BUNDLE_GRANTS
+from ztnet.grants.limits import MAX_BUNDLE_GRANTS, MAX_BUNDLE_NAMES
 from ztnet.grants.model import AgentMode, Grant
 from ztnet.grants.payload import (
     MAX_INT64,
     Bundle,
     GrantRecord,
+    NameRecord,
     Quarantine,
     floor_ms,
     normalize_host,
 )
-from ztnet.policy.compile import compile_grants
+from ztnet.policy.compile import compile_all
 from ztnet.policy.document import MAX_TTL, Policy
 from ztnet.policy.selectors import for_host
 
 # Serial of a bundle's i-th grant: version * SERIALS_PER_VERSION + i. Serials
 # are thus unique across versions as long as versions only grow, and a serial
 # says which policy version issued it.
-SERIALS_PER_VERSION = 1_000_000  # > MAX_BUNDLE_GRANTS, so serials never collide
+SERIALS_PER_VERSION = 1_000_000  # > MAX_BUNDLE_GRANTS + MAX_BUNDLE_NAMES: no collisions
 MAX_ISSUE_VERSION = (MAX_INT64 - SERIALS_PER_VERSION) // SERIALS_PER_VERSION
 
 
@@ -67,12 +68,15 @@ def issue_bundle(
     if labels is not None:
         policy = for_host(policy, audience, labels)
     start = floor_ms(now)
-    grants = compile_grants(policy, now=start, default_ttl=default_ttl) + list(extra)
+    grants, names = compile_all(policy, now=start, default_ttl=default_ttl)
+    grants = grants + list(extra)
     quarantined = {entry.agent for entry in quarantine}
     grants = [grant for grant in grants if grant.agent not in quarantined]
+    names = [name for name in names if name.agent not in quarantined]
     lifetime = bundle_ttl
     if lifetime is None:
-        lifetime = min([default_ttl, *(grant.not_after - start for grant in grants)])
+        lifetime = min([default_ttl, *(grant.not_after - start for grant in grants),
+                        *(name.not_after - start for name in names)])
     # quarantine overrides audit mode: a quarantined agent is enforced (and has no grants)
     audit_agents = tuple(sorted(agent.name for agent in policy.agents
                                 if agent.mode is AgentMode.AUDIT and agent.name not in quarantined))
@@ -80,6 +84,9 @@ def issue_bundle(
         audited = f" and {len(audit_agents)} audited agents" if audit_agents else ""
         raise ConfigError(f"bundle: {len(grants)} grants{audited} for host {audience}, more "
                           f"than the {MAX_BUNDLE_GRANTS} one bundle can carry")
+    if len(names) > MAX_BUNDLE_NAMES:
+        raise ConfigError(f"bundle: {len(names)} hostname grants for host {audience}, more "
+                          f"than the {MAX_BUNDLE_NAMES} one bundle can carry")
     records = tuple(
         GrantRecord(
             # start + ttl is a float sum; snap it back to the millisecond grid.
@@ -87,6 +94,12 @@ def issue_bundle(
             serial=version * SERIALS_PER_VERSION + index,
         )
         for index, grant in enumerate(grants)
+    )
+    # hostname grants' serials follow the address grants' (unique within the version)
+    name_records = tuple(
+        NameRecord(replace(name, not_after=round(name.not_after * 1000) / 1000),
+                   serial=version * SERIALS_PER_VERSION + len(grants) + index)
+        for index, name in enumerate(names)
     )
     try:
         return Bundle(
@@ -99,6 +112,7 @@ def issue_bundle(
             grants=records,
             audit_agents=audit_agents,
             quarantine=tuple(sorted(quarantine, key=lambda entry: entry.agent)),
+            names=name_records,
         )
     except ValueError as exc:
         raise ConfigError(f"bundle: cannot issue: {exc}") from None

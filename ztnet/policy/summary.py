@@ -48,7 +48,7 @@ def summarize(policy: Policy, *, default_ttl: float = 300.0) -> str:
                     agent.name,
                     str(index),
                     str(rule.proto),
-                    str(rule.to),
+                    str(rule.to) + (" (private answers kept)" if rule.allow_private else ""),
                     rule.ports_text,
                     ttl,
                     rule.comment,

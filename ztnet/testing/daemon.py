@@ -25,7 +25,7 @@ from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import sign_bundle
 from ztnet.grants.payload import Quarantine
 from ztnet.instance import Instance
-from ztnet.lab.netns import NetnsPair
+from ztnet.lab.netns import NetnsPair, nsenter_argv
 from ztnet.policy.document import parse_policy
 from ztnet.policy.issue import issue_bundle
 from ztnet.testing.agents import run_traffic
@@ -60,7 +60,7 @@ class DaemonProcess:
     def __init__(self, instance: Instance, trust: Path | None, bundle: Path | None,
                  state: Path, *, controller: str | None = None,
                  capabilities: Sequence[str] | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), netns: str | None = None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="ztnet-notify-"))
         self.notify_path = self._dir / "notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -81,6 +81,8 @@ class DaemonProcess:
             bounding = ",".join(["-all", *(f"+{c.lower()}" for c in capabilities)])
             self.argv = ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all",
                          "--no-new-privs", *self.argv]
+        if netns is not None:  # e.g. beside its agents, whose loopback its resolver serves
+            self.argv = nsenter_argv(netns, self.argv)
         self.events: list[dict[str, object]] = []
         self.stderr_text: list[str] = []
         self._cond = threading.Condition()
