@@ -70,10 +70,6 @@ class PgDetectStore:
                 conn.execute("DELETE FROM alerts WHERE id <= %s", (alert_id - MAX_ALERTS,))
         return alert_id
 
-    def set_alert_action(self, alert_id: int, action: str) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE alerts SET action = %s WHERE id = %s", (action, alert_id))
-
     def alerts(self, *, agent: str = "", after_id: int = 0,
                limit: int = 100) -> tuple[AlertRecord, ...]:
         where, args = "id > %s", list[object]([after_id])
