@@ -21,7 +21,9 @@ from tests.kernel.conftest import require, require_bpf
 from tests.kernel.support import new_instance
 from ztnet.datapath.datapath import Datapath, teardown
 from ztnet.datapath.learned import LearnedKey, LearnedValue, boot_ns
+from ztnet.instance import Instance
 from ztnet.lab.sniff import Sniffer
+from ztnet.testing.agents import agent_argv
 from ztnet.testing.dnslab import (
     API_V4,
     API_V6,
@@ -247,3 +249,44 @@ def test_a_truncated_upstream_answer_is_fetched_over_tcp(lab: DnsLab) -> None:
 def test_aaaa_answers_admit_ipv6_connects(lab: DnsLab) -> None:
     assert lab.dnsagent("resolve", "api.lab.test", "--family", "6")["addresses"] == [API_V6]
     assert lab.dnsagent("connect", API_V6, str(ECHO_PORT)) == {"result": "OK"}
+
+
+def test_daemon_restart_under_query_load_answers_nothing_wrong_and_leaks_no_entries(
+        instance: Instance) -> None:
+    with dns_lab(instance) as lab:
+        lab.dnsagent("resolve", "short.lab.test")
+        short_id = entry_for(lab, "bot", SHORT).grant_id
+        port_before = lab.daemon.wait_event(
+            lambda e: e.get("event") == "dns resolver listening" and e.get("agent") == "bot")
+        load = subprocess.Popen(
+            agent_argv(lab.instance, "bot", [sys.executable, "-m", "ztnet.testing.dnsagent",
+                                             "loop", "api.lab.test", str(ECHO_PORT), "0",
+                                             "--seconds", "12"],
+                       netns=lab.pair.a.netns, user="nobody"),
+            stdout=subprocess.PIPE, text=True)
+        try:
+            lab.daemon.wait_event(lambda e: e.get("event") == "dns query" and
+                                  e.get("qname") == "api.lab.test", start=lab.daemon.mark())
+            # the new policy drops short.lab.test; the daemon is killed, not told
+            lab.publish_file(policy().replace('to = "short.lab.test"', 'to = "gone.lab.test"'))
+            lab.restart_daemon()
+            out, _ = load.communicate(timeout=300)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        outcomes = json.loads(out.splitlines()[-1])["outcomes"]
+        print(f"\nresolve-then-connect across a daemon SIGKILL + restart: {outcomes}")
+        # a query may go unanswered while no daemon runs; an answer is never unusable
+        assert "EPERM" not in outcomes, outcomes
+        assert outcomes.get("OK", 0) > 0, outcomes
+        port_after = lab.daemon.wait_event(
+            lambda e: e.get("event") == "dns resolver listening" and e.get("agent") == "bot")
+        assert port_after["port"] == port_before["port"]  # the kernel's redirect stayed right
+        index = agent_index(lab, "bot")
+        leaked = [k for k, v in learned(lab).items() if v.grant_id == short_id]
+        assert not leaked, leaked
+        assert lab.dnsagent("connect", SHORT, str(ECHO_PORT)) == {"result": "EPERM"}
+        assert [k for k in learned(lab) if k.agent == index and str(k.address) == API_V4]
+        assert lab.dnsagent("loop", "api.lab.test", str(ECHO_PORT), "20")["outcomes"] == \
+            {"OK": 20}

@@ -3,8 +3,8 @@
 ``python -m ztnet.testing.dnsagent COMMAND ...`` prints one JSON object:
 
 * ``resolve NAME [--family 4|6]``: socket.getaddrinfo (glibc's stub resolver);
-* ``loop NAME PORT COUNT``: COUNT times resolve NAME and connect at once to the first
-  address; counts outcomes by errno name (``{"OK": 1000}`` is the goal);
+* ``loop NAME PORT COUNT [--seconds S]``: COUNT times (or for S seconds) resolve NAME and
+  connect at once to the first address; counts outcomes by errno name (``{"OK": 1000}``);
 * ``query NAME TYPE SERVER [--tcp]``: one raw DNS query (dnspython) to SERVER:53;
 * ``connect ADDR PORT``: one TCP connect;
 * ``forge NAME ADDR PORT``: sends itself a forged DNS reply saying NAME is ADDR, from
@@ -21,6 +21,7 @@ import errno
 import json
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import dns.message
@@ -50,13 +51,18 @@ def connect(address: str, port: int, timeout: float = 5.0) -> str:
     return "OK"
 
 
-def loop(name: str, port: int, count: int) -> dict[str, object]:
+def loop(name: str, port: int, count: int, seconds: float = 0.0) -> dict[str, object]:
+    """``count`` iterations, or (``seconds`` > 0) as many as fit in that time."""
     outcomes: collections.Counter[str] = collections.Counter()
-    for _ in range(count):
+    deadline = time.monotonic() + seconds
+    done = 0
+    while done < count if seconds <= 0 else time.monotonic() < deadline:
+        done += 1
         try:
             addresses = resolve(name, socket.AF_INET)
         except socket.gaierror as exc:
             outcomes[f"gaierror {exc.errno}"] += 1
+            time.sleep(0.02)  # no resolver for the moment: do not spin
             continue
         outcomes[connect(addresses[0], port)] += 1
     return {"outcomes": dict(outcomes)}
@@ -78,6 +84,45 @@ def query(name: str, rdtype: str, server: str, tcp: bool) -> dict[str, object]:
             "answers": [[rrset.name.to_text(omit_final_dot=True),
                          dns.rdatatype.to_text(rrset.rdtype), rrset.ttl,
                          [rd.to_text() for rd in rrset]] for rrset in response.answer]}
+
+
+def bench(name: str, server: str, count: int, threads: int) -> dict[str, object]:
+    """``count`` A queries per thread over UDP, each waiting for its answer: latencies (ms)
+    of the first thread's queries, and answers per second over all threads."""
+    import threading
+
+    latencies: list[float] = []
+    failures = [0]
+
+    def worker(record: bool) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2)
+            sock.connect((server, 53))
+            for _ in range(count):
+                request = dns.message.make_query(name, "A")
+                started = time.perf_counter()
+                try:
+                    sock.send(request.to_wire())
+                    while dns.message.from_wire(sock.recv(4096)).id != request.id:
+                        pass
+                except OSError:
+                    failures[0] += 1
+                    continue
+                if record:
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(i == 0,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"p50_ms": latencies[len(latencies) // 2],
+            "p99_ms": latencies[int(len(latencies) * 0.99)],
+            "qps": round((count * threads - failures[0]) / elapsed), "failures": failures[0],
+            "queries": count * threads}
 
 
 def forge(name: str, address: str, port: int) -> dict[str, object]:
@@ -123,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("port", type=int)
     p.add_argument("count", type=int)
+    p.add_argument("--seconds", type=float, default=0.0)
     p = sub.add_parser("query")
     p.add_argument("name")
     p.add_argument("type")
@@ -131,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("connect")
     p.add_argument("address")
     p.add_argument("port", type=int)
+    p = sub.add_parser("bench")
+    p.add_argument("name")
+    p.add_argument("server")
+    p.add_argument("count", type=int)
+    p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("forge")
     p.add_argument("name")
     p.add_argument("address")
@@ -147,11 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except socket.gaierror as exc:
             result = {"gaierror": exc.errno, "message": str(exc)}
     elif args.command == "loop":
-        result = loop(args.name, args.port, args.count)
+        result = loop(args.name, args.port, args.count, args.seconds)
     elif args.command == "query":
         result = query(args.name, args.type, args.server, args.tcp)
     elif args.command == "connect":
         result = {"result": connect(args.address, args.port)}
+    elif args.command == "bench":
+        result = bench(args.name, args.server, args.count, args.threads)
     elif args.command == "forge":
         result = forge(args.name, args.address, args.port)
     else:

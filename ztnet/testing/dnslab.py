@@ -90,6 +90,7 @@ class DnsLab:
     upstream: NetnsProcess
     servers: ServerProcess
     daemon: DaemonProcess
+    daemon_args: tuple[str, ...] = ()
     version: int = 1
 
     @property
@@ -110,6 +111,20 @@ class DnsLab:
         return subprocess.run(agent_argv(self.instance, agent, argv, netns=self.pair.a.netns,
                                          user="nobody"),
                               capture_output=True, text=True, timeout=timeout, check=False)
+
+    def publish_file(self, text: str) -> None:
+        """Sign ``text`` as the next version into the bundle file, telling no daemon."""
+        self.version += 1
+        _write_bundle(self.key, self.bundle, text, self.version, 3600.0)
+
+    def restart_daemon(self) -> None:
+        """SIGKILL the daemon (no goodbye) and start a new one on the same state."""
+        self.daemon.kill()
+        self.daemon.__exit__(None, None, None)
+        self.daemon = DaemonProcess(
+            self.instance, self.workdir / "signing.pub", self.bundle, self.workdir / "state",
+            netns=self.pair.a.netns, extra_args=self.daemon_args).__enter__()
+        self.daemon.wait_event(bundle_applied(self.version))
 
     def agent(self, argv: Sequence[str], agent: str = "bot", *,
               timeout: float = 120.0) -> dict[str, Any]:
@@ -182,8 +197,10 @@ def dns_lab(instance: Instance, *, daemon_args: Sequence[str] = ("--dns-floor", 
                                                      PublicFormat.SubjectPublicKeyInfo))
         bundle = workdir / "bundle.json"
         _write_bundle(key, bundle, policy_text or policy(), 1, 3600.0)
-        daemon = stack.enter_context(DaemonProcess(
-            instance, pub, bundle, workdir / "state", netns=pair.a.netns,
-            extra_args=["--dns-upstream", pair.b.ipv4, *daemon_args]))
-        daemon.wait_event(bundle_applied(1))
-        yield DnsLab(instance, pair, workdir, key, upstream, servers, daemon)
+        args = ("--dns-upstream", pair.b.ipv4, *daemon_args)
+        lab = DnsLab(instance, pair, workdir, key, upstream, servers,
+                     DaemonProcess(instance, pub, bundle, workdir / "state", netns=pair.a.netns,
+                                   extra_args=args).__enter__(), args)
+        stack.callback(lambda: lab.daemon.__exit__(None, None, None))
+        lab.daemon.wait_event(bundle_applied(1))
+        yield lab
