@@ -148,6 +148,7 @@ class Resolver:
         self._grants: tuple[NameGrant, ...] = ()
         self._grant_end_ns: dict[int, int] = {}
         self._agents: dict[int, _Agent] = {}
+        self._by_socket: dict[int, _Agent] = {}  # listening socket's fd -> its agent
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -209,12 +210,14 @@ class Resolver:
         if sockets is None:
             raise DatapathError(f"dns: no free loopback port for agent {name}'s resolver")
         bound = sockets[0].getsockname()[1]
+        agent = _Agent(index, name, bound, sockets)
         for sock in sockets:
+            self._by_socket[sock.fileno()] = agent
             self._selector.register(sock, selectors.EVENT_READ)
         # only now, with every socket listening, may the kernel send the agent's DNS here
         self.table.set_resolver_port(index, bound)
         logs.event("dns resolver listening", agent=name, port=bound)
-        return _Agent(index, name, bound, sockets)
+        return agent
 
     def _bind_all(self, port: int) -> list[socket.socket] | None:
         """UDP and TCP on 127.0.0.1 and ::1, one port number; None if it is taken."""
@@ -252,6 +255,7 @@ class Resolver:
 
     def _close_agent(self, agent: _Agent) -> None:
         for sock in agent.sockets:
+            self._by_socket.pop(sock.fileno(), None)
             try:
                 self._selector.unregister(sock)
             except (KeyError, ValueError):
@@ -325,10 +329,7 @@ class Resolver:
 
     def _agent_of(self, sock: socket.socket) -> _Agent | None:
         with self._lock:
-            for agent in self._agents.values():
-                if sock in agent.sockets:
-                    return agent
-        return None
+            return self._by_socket.get(sock.fileno())
 
     # --- serving -------------------------------------------------------------------------
 
