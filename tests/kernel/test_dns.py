@@ -290,3 +290,24 @@ def test_daemon_restart_under_query_load_answers_nothing_wrong_and_leaks_no_entr
         assert [k for k in learned(lab) if k.agent == index and str(k.address) == API_V4]
         assert lab.dnsagent("loop", "api.lab.test", str(ECHO_PORT), "20")["outcomes"] == \
             {"OK": 20}
+
+
+def test_flow_records_and_observe_name_the_host_with_the_address(lab: DnsLab) -> None:
+    from ztnet.instance import FLOWS_FILE
+    from ztnet.observe.records import from_json
+    from ztnet.observe.render import cells
+
+    assert lab.dnsagent("resolve", "api.lab.test")["addresses"]
+    assert lab.dnsagent("connect", API_V4, str(ECHO_PORT)) == {"result": "OK"}
+    path = lab.workdir / "state" / FLOWS_FILE
+    deadline = time.monotonic() + 30
+    named = []
+    while not named:  # the flow log is written by the daemon's pipeline thread
+        assert time.monotonic() < deadline, "no named flow record for api.lab.test"
+        lines = path.read_text().splitlines() if path.exists() else []
+        named = [r for r in map(from_json, lines)
+                 if r.destination == API_V4 and r.destination_port == ECHO_PORT
+                 and r.destination_names == ("api.lab.test",)]
+        time.sleep(0.2)
+    shown = [" ".join(cells(r)) for r in named]
+    assert any(f"api.lab.test ({API_V4}):{ECHO_PORT}" in line for line in shown), shown

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,8 +104,11 @@ class GrantInfos(Mapping[int, GrantInfo]):
 class FlowPipeline:
     def __init__(self, datapath: Datapath, state: Path, *, host: str, trust_domain: str,
                  metrics_listen: str | None, upload: UploadSettings | None = None,
-                 otlp_endpoint: str | None = None) -> None:
+                 otlp_endpoint: str | None = None,
+                 hostname_of: Callable[[int, str], str | None] | None = None) -> None:
         self.datapath = datapath
+        # ztnet's resolver: the name an agent resolved to an address (hostname grants)
+        self.hostname_of = hostname_of
         self.audit_log = audit.AuditLog(state / AUDIT_FILE)
         self.metrics = metrics.FlowMetrics()
         # controller mode: every record is also spooled and uploaded (uploader.py)
@@ -141,9 +144,19 @@ class FlowPipeline:
             if event.cut:
                 self.cutter.submit(event)
         batch = records.from_events(events, self.context)
+        if self.hostname_of is not None:
+            batch = [self._named(record) for record in batch]
         self.dispatcher.submit_many(batch)
         if self.otlp is not None:
             self.otlp.submit_many(batch)
+
+    def _named(self, record: records.FlowRecord) -> records.FlowRecord:
+        """The record with the host name ztnet's resolver handed its agent for its
+        destination, if any (a dict lookup; records without one are returned as they are)."""
+        assert self.hostname_of is not None
+        name = self.hostname_of(record.agent.index, record.destination) \
+            if record.agent.index else None
+        return dataclasses.replace(record, destination_names=(name,)) if name else record
 
     def _run(self) -> None:
         snapshot = time.monotonic() + _COUNTERS_EVERY

@@ -341,7 +341,9 @@ class Daemon:
             self.flows = FlowPipeline(self.datapath, self.state.path, host=self.config.host,
                                       trust_domain=self.config.trust_domain or "",
                                       metrics_listen=self.config.metrics_listen, upload=upload,
-                                      otlp_endpoint=self.config.otlp_endpoint)
+                                      otlp_endpoint=self.config.otlp_endpoint,
+                                      hostname_of=self.resolver.hostname if self.resolver
+                                      else None)
         persisted = self.state.bundle()
         if persisted is not None:
             # the persisted bundle first, re-verified, before any other input

@@ -153,6 +153,9 @@ class FlowRecord:
     grant: GrantRef | None
     flow: FlowCounters | None
     suppressed: int
+    # the host names ztnet's resolver handed this agent for ``destination`` (hostname
+    # grants), Hubble's ``destination_names``; empty for addresses no name led to
+    destination_names: tuple[str, ...] = ()
 
     @property
     def time(self) -> float:
@@ -319,6 +322,7 @@ def to_dict(record: FlowRecord) -> dict[str, Any]:
             "first_seen": format_rfc3339(flow.first_seen_ns),
             "last_seen": format_rfc3339(flow.last_seen_ns), "duration_ns": flow.duration_ns},
         "suppressed": record.suppressed,
+        "destination_names": list(record.destination_names),
     }
 
 
@@ -408,4 +412,12 @@ def _from_dict(d: JsonObject) -> FlowRecord:
             flow.integer("bytes_in"), parse_time(flow.string("first_seen")),
             parse_time(flow.string("last_seen"))),
         suppressed=d.integer("suppressed"),
+        destination_names=_names(d.data.get("destination_names", [])),
     )
+
+
+def _names(value: object) -> tuple[str, ...]:
+    """``destination_names`` of a record (absent in records written before it existed)."""
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise TypeError("record.destination_names must be a list of strings")
+    return tuple(value)

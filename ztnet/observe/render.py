@@ -31,6 +31,16 @@ def _fit(text: str, title: str, width: int) -> str:
     return text.ljust(width)
 
 
+def _destination(record: FlowRecord) -> str:
+    """``api.github.com (140.82.112.5):443`` when ztnet's resolver named the address."""
+    where = _host_port(record.destination, record.destination_port, record.ip_version)
+    if not record.destination_names:
+        return where
+    host = f"[{record.destination}]" if record.ip_version == 6 else record.destination
+    named = f"{record.destination_names[0]} ({host})"
+    return f"{named}:{record.destination_port}" if record.destination_port else named
+
+
 def _host_port(address: str, port: int, ip_version: int) -> str:
     if not address:
         return "-"
@@ -68,7 +78,7 @@ def cells(record: FlowRecord) -> list[str]:
     if record.flow is not None:
         size = f"out {human_bytes(record.flow.bytes_out)} in {human_bytes(record.flow.bytes_in)}"
     flow = (f"{_host_port(record.source, record.source_port, record.ip_version)} -> "
-            f"{_host_port(record.destination, record.destination_port, record.ip_version)}")
+            f"{_destination(record)}")
     # Every cell may hold what an agent chose (its process name, above all): escaped.
     return [escape(cell) for cell in (
         format_clock(record.time_ns),
