@@ -5,10 +5,11 @@ and with two replicas; failover; CPU and RSS per replica; flow ingest into Postg
 
 Everything is real except the hosts: a PostgreSQL server (ztnet.testing.postgres, its
 own cluster in a temporary directory), `ztnet controller serve --database` processes on
-loopback, and one helper process (this module with ``--simulate``) holding one mutual-TLS
-grant stream per host (each host enrolled with its own token and certificate) and ACKing
-every push as it arrives; with two replicas, even hosts follow replica 0 and odd ones
-replica 1. No BPF is involved: what is measured is the control plane.
+loopback, and one helper process (ztnet.testing.simhosts, which
+tests/controller/test_replicas.py uses too) holding one mutual-TLS grant stream per host
+(each host enrolled with its own token and certificate) and ACKing every push as it
+arrives; with two replicas, even hosts follow replica 0 and odd ones replica 1.
+No BPF is involved: what is measured is the control plane.
 
 1. **apply → all hosts acknowledged**: ApplyPolicy through replica 0 (not waiting for the
    answers); the clock starts before the call, and each host's time is when the helper read
@@ -27,36 +28,29 @@ replica 1. No BPF is involved: what is measured is the control plane.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 
 from benchmarks.flowstore_fleet import AGENTS, Fleet
-from ztnet.controller.enrollment import create_token
 from ztnet.controller.pgstore import PgStore
 from ztnet.controller.store import SqliteStore, Store
 from ztnet.testing.controller import (
-    ROOT,
     ControllerProcess,
-    ControllerState,
     init_controller,
     policy_toml,
     replica_state,
 )
-from ztnet.testing.nodes import enroll
 from ztnet.testing.postgres import PostgresServer
-from ztnet.v1 import node_pb2, node_pb2_grpc
+from ztnet.testing.simhosts import Simulator, enroll_hosts
 
 READY_TIMEOUT = 300.0
 
@@ -66,116 +60,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-# --- the simulated hosts (the --simulate helper) --------------------------------------
-
-
-async def _host(host: dict[str, str], addresses: list[str], ca: bytes,
-                seen: dict[int, dict[str, float]], held: dict[str, int],
-                changed: asyncio.Event) -> None:
-    """One host: subscribe with the version held, ACK each push, on a lost stream try the
-    next replica after the daemon's first backoff step."""
-    turn = int(host["replica"])
-    credentials = grpc.ssl_channel_credentials(ca, host["key"].encode(), host["cert"].encode())
-    while True:
-        address = addresses[turn % len(addresses)]
-        try:
-            async with grpc.aio.secure_channel(address, credentials) as channel:
-                call = node_pb2_grpc.NodeServiceStub(channel).StreamGrants()
-                await call.write(node_pb2.GrantStreamRequest(subscribe=node_pb2.Subscribe(
-                    host=host["host"], version_held=held[host["host"]])))
-                while True:
-                    push = await call.read()
-                    if push is grpc.aio.EOF:
-                        break
-                    now = time.monotonic()
-                    await call.write(node_pb2.GrantStreamRequest(
-                        ack=node_pb2.Ack(version=push.version, nonce=push.nonce)))
-                    held[host["host"]] = push.version
-                    seen.setdefault(push.version, {}).setdefault(host["host"], now)
-                    changed.set()
-        except grpc.RpcError:
-            pass
-        turn += 1
-        await asyncio.sleep(0.25 + 0.25 * (hash(host["host"]) % 100) / 100)
-
-
-async def simulate(spec_path: Path) -> int:
-    """stdin: ``wait V`` lines; stdout: {"version": V, "times": {host: t}} once every host
-    has version V or later."""
-    spec = json.loads(spec_path.read_text())
-    hosts: list[dict[str, str]] = spec["hosts"]
-    seen: dict[int, dict[str, float]] = {}
-    held = {h["host"]: 0 for h in hosts}
-    changed = asyncio.Event()
-    tasks = [asyncio.create_task(_host(h, spec["addresses"], spec["ca"].encode(), seen, held,
-                                       changed)) for h in hosts]
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    print(json.dumps({"started": len(tasks)}), flush=True)
-    while line := (await reader.readline()).decode().strip():
-        version = int(line.split()[1])
-        while True:
-            times: dict[str, float] = {}
-            for v, at in seen.items():
-                if v >= version:
-                    for name, t in at.items():
-                        times[name] = min(t, times.get(name, t))
-            if len(times) == len(hosts):
-                break
-            changed.clear()
-            await changed.wait()
-        print(json.dumps({"version": version, "times": times}), flush=True)
-    for task in tasks:
-        task.cancel()
-    return 0
-
-
-class Simulator:
-    def __init__(self, spec: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.replicas", "--simulate",
-                                      str(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=ROOT)
-        self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the simulator exited")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def wait(self, version: int) -> dict[str, float]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"wait {version}\n")
-        self.proc.stdin.flush()
-        times: dict[str, float] = self._read()["times"]
-        return times
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
 # --- the run ----------------------------------------------------------------------------
-
-
-def enroll_hosts(state: ControllerState, replicas: list[ControllerProcess],
-                 count: int) -> list[dict[str, str]]:
-    store = PgStore.open(str(state.database))
-    try:
-        tokens = [create_token(store, f"sim-{i:04d}", ttl=3600, now=time.time())
-                  for i in range(count)]
-    finally:
-        store.close()
-    hosts = []
-    for i, token in enumerate(tokens):
-        identity = enroll(replicas[i % len(replicas)], f"sim-{i:04d}", token=token)
-        hosts.append({"host": identity.host, "key": identity.key_pem.decode(),
-                      "cert": identity.cert_pem.decode(), "replica": str(i % len(replicas))})
-    return hosts
 
 
 def apply_series(replica: ControllerProcess, simulator: Simulator, applies: int,
@@ -219,12 +104,9 @@ def run_replicas(work: Path, server: PostgresServer, count: int, hosts: int,
         for replica in replicas:
             replica.start()
         enrolled = time.monotonic()
-        spec = work / f"hosts-{count}.json"
-        spec.write_text(json.dumps({"addresses": [r.address for r in replicas],
-                                    "ca": state.ca_pem.decode(),
-                                    "hosts": enroll_hosts(state, replicas, hosts)}))
+        identities = enroll_hosts(state, replicas, hosts)
         enroll_s = time.monotonic() - enrolled
-        simulator = Simulator(spec)
+        simulator = Simulator(work / f"hosts-{count}.json", replicas, identities)
         processes = [psutil.Process(r.pid) for r in replicas]
         with replicas[0].admin() as admin:
             simulator.wait(admin.get_policy().version)  # everyone connected and current
@@ -289,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--applies", type=int, default=20)
     parser.add_argument("--flows", type=int, default=100_000)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--simulate", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.simulate:
-        return asyncio.run(simulate(args.simulate))
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp, \

@@ -1,6 +1,7 @@
 """Two controller replicas over one real PostgreSQL (`serve --database`): a change made
 through either reaches the hosts of both, versions stay unique under concurrent applies,
-and a replica that lost its database issues nothing."""
+a replica that lost its database issues nothing, and 1,000 simulated hosts split across
+the two converge after an apply."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztnet.controller.pgstore import PgStore
 from ztnet.errors import ControllerError
+from ztnet.grants.bundle import verify_bundle
+from ztnet.grants.keys import key_id
 from ztnet.observe.audit import Head, verify
 from ztnet.testing.controller import (
     ControllerProcess,
@@ -28,6 +34,7 @@ from ztnet.testing.controller import (
 )
 from ztnet.testing.nodes import FakeNode, HostIdentity, Push, enroll
 from ztnet.testing.postgres import PostgresServer
+from ztnet.testing.simhosts import Simulator, enroll_hosts
 
 # a change reaches the other replica's hosts within this (the issue's bound)
 REACH_WITHIN = 2.0
@@ -37,17 +44,25 @@ def policy(destination: str) -> str:
     return policy_toml({"bot": [(destination, "443")]})
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, postgres_server: PostgresServer,
-             ) -> Iterator[tuple[ControllerProcess, ControllerProcess]]:
-    state = init_controller(tmp_path / "a", database=postgres_server.create_database())
+@contextmanager
+def two_replicas(tmp_path: Path, server: PostgresServer, extra_args: Sequence[str] = (),
+                 ) -> Iterator[tuple[ControllerProcess, ControllerProcess]]:
+    """Replicas A (started with a first policy) and B on one fresh database."""
+    state = init_controller(tmp_path / "a", database=server.create_database())
     other = replica_state(state, tmp_path / "b")
     first = write_policy(tmp_path, {"bot": [("10.0.0.1", "443")]})
     # applies wait for the hosts' answers, which these tests give only afterwards
-    quick = ["--apply-timeout", "1s"]
+    quick = ["--apply-timeout", "1s", *extra_args]
     with ControllerProcess(state, policy=first, extra_args=quick) as a, \
             ControllerProcess(other, extra_args=quick) as b:
         yield a, b
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_server: PostgresServer,
+             ) -> Iterator[tuple[ControllerProcess, ControllerProcess]]:
+    with two_replicas(tmp_path, postgres_server) as pair:
+        yield pair
 
 
 def latest(node: FakeNode, version: int, timeout: float) -> Push:
@@ -212,3 +227,50 @@ def test_each_replica_anchors_its_audit_head_in_the_database(
         anchored = heads[f"{socket.gethostname()}:{replica.state.root.resolve()}"]
         report = verify(replica.state.root / "audit.jsonl", head=Head(*anchored))
         assert report.problem is None and report.last == Head(*anchored), report
+
+
+FLEET = 1000
+# a failure bound only (the wait is for the hosts' pushes); it takes seconds
+CONVERGE_WITHIN = 120.0
+
+
+def test_a_thousand_simulated_hosts_split_across_two_replicas_converge_after_an_apply(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    # 1,000 streams from one address: the per-peer subscribe limits are for real fleets
+    fleet = ["--host-subscribe-rate", "off", "--host-max-streams", "0"]
+    with two_replicas(tmp_path, postgres_server, fleet) as (a, b):
+        identities = enroll_hosts(a.state, (a, b), FLEET)  # host i follows (a, b)[i % 2]
+        with Simulator(tmp_path / "hosts.json", (a, b), identities) as simulator:
+            with a.admin() as admin:
+                simulator.wait_within(admin.get_policy().version, CONVERGE_WITHIN)
+                applied = admin.apply_policy(policy("10.0.0.2"), wait=0.001).version
+            times = simulator.wait_within(applied, CONVERGE_WITHIN)
+            held = simulator.held()
+            # every ACK recorded, and each replica serving its own half
+            deadline = time.monotonic() + CONVERGE_WITHIN
+            while True:
+                with a.admin() as admin:
+                    rows = {h.name: h for h in admin.list_hosts().hosts}
+                behind = [n for n, h in rows.items() if h.applied_version != applied]
+                if len(rows) == FLEET and not behind:
+                    break
+                assert time.monotonic() < deadline, (len(rows), behind[:10])
+                time.sleep(0.05)
+            for i, replica in enumerate((a, b)):
+                with replica.admin() as admin:
+                    assert admin.get_policy().version == applied
+                    connected = {h.name for h in admin.list_hosts().hosts if h.connected}
+                assert connected == {h.host for h in identities[i::2]}
+        assert len(times) == FLEET
+        assert {name: version for name, (version, _) in held.items()} == {
+            h.host: applied for h in identities}
+        signing = serialization.load_pem_public_key(identities[0].signing_pub_pem)
+        assert isinstance(signing, Ed25519PublicKey)
+        now = time.time()
+        for identity in identities:
+            bundle = verify_bundle(held[identity.host][1], trusted={key_id(signing): signing},
+                                   host=identity.host, min_version=applied, now=now,
+                                   trust_domain=identity.trust_domain)
+            assert bundle.version == applied
+            assert {(g.agent, str(g.network), g.ports and (g.ports.first, g.ports.last))
+                    for g in bundle.grants} == {("bot", "10.0.0.2/32", (443, 443))}, identity.host
