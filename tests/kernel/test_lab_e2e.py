@@ -4,8 +4,9 @@ A real controller and two agent hosts, each enrolled with a one-time token and r
 own daemon instance, with different agents and so different policies (ztnet/lab/policy.py).
 From each agent host, its agent tries every other role — the API (v4/v6, both ports, ping),
 the exfil sink (TCP and UDP, v4 and v6), the metadata address, the DNS resolver (v4 and v6),
-the controller's two listeners, the other agent host — and, as root, raw packets. Three
-witnesses must agree:
+the controller's two listeners, the other agent host — and, as root, raw packets. The
+daemons run ztnet's resolver (--dns), so a DNS attempt no address grant covers goes to it and
+is REFUSED (no hostname grant names api.lab.internal). Three witnesses must agree:
 
 * the traffic agent's errno (EPERM at once for what is denied);
 * sniffers on the api and exfil hosts: every allowed attempt arrived, no denied packet did
@@ -99,8 +100,8 @@ def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
             results = lab.run_attempts(host, host.agent, [a.spec(topo, host) for a in MATRIX])
             results += lab.run_attempts(host, host.agent, [a.spec(topo, host) for a in RAW],
                                         user=None)
-            outcomes += [Outcome(host, a, r) for a, r in zip((*MATRIX, *RAW), results,
-                                                              strict=True)]
+            outcomes += [Outcome(host, a, r, dns_redirect=True)
+                         for a, r in zip((*MATRIX, *RAW), results, strict=True)]
         # positive controls: unconfined, from each agent host, after all agent traffic
         for host in topo.agent_hosts_list:
             lab.run_attempts(host, None, control_attempts(topo), timeout=1.0)
@@ -116,7 +117,10 @@ def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
         what = f"{o.agent}@{o.host.name} {o.attempt}"
         if o.attempt.kind == "raw":
             continue  # sendto() of a raw socket reports nothing useful; the wire decides
-        if not o.allowed:
+        if o.redirected:  # RCODE 5: REFUSED by ztnet's resolver
+            assert o.result == {"index": o.result["index"], "result": "RCODE5",
+                                "addresses": []}, (what, o.result)
+        elif not o.allowed:
             assert o.result["result"] == "EPERM", (what, o.result)
         elif o.attempt.kind == "tcp":
             assert (o.result["result"], o.result["received"]) == ("OK", len(PAYLOAD)), what
@@ -232,9 +236,14 @@ def test_the_demo_tells_the_story_and_its_summary_adds_up() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert took < 60, took
     out = done.stdout
-    assert "FAIL" not in out and "all 20 steps behaved as described" in out
+    assert "FAIL" not in out and "all 23 steps behaved as described" in out
     assert "the held connection was cut: ECONNABORTED" in out  # the quarantine chapter
     assert "the upload failed with ECONNABORTED" in out  # the byte-budget chapter
+    # the hostname chapter: the flow trace names the CDN's addresses, a second edge after
+    # the TTL, the ungranted name REFUSED
+    assert "cdn.example.com (198.51.100.1):443" in out
+    assert "cdn.example.com (198.51.100.2):443" in out
+    assert "the name is REFUSED" in out
     # AGENT HOST ATTEMPTS ALLOWED DENIED ALERTS BYTES-OUT BYTES-IN
     rows: dict[tuple[str, str], list[int]] = {}
     for line in out[out.index("\nsummary"):].splitlines():

@@ -268,6 +268,9 @@ class Lab:
         api = topo.by_role(Role.API)[0]
         exfil = topo.by_role(Role.EXFIL)[0]
         dns = topo.by_role(Role.DNS)[0]
+        inet = topo.by_role(Role.INTERNET)[0]
+        zone = self.run_dir / "internet-zone.json"
+        zone.write_text(json.dumps(topo.internet_zone(), indent=1) + "\n")
         echo = [sys.executable, "-m", "ztnet.lab.servers"]
         started = [
             self._spawn("api", api, [*echo, "--bind", api.ipv4, api.ipv6,
@@ -281,6 +284,12 @@ class Lab:
                                      dns.ipv4, dns.ipv6, "--port", str(DNS_PORT), "--record",
                                      *(f"{name}={address}" for name, addresses in
                                        topo.zone().items() for address in addresses)]),
+            # "the internet": the daemons' upstream resolver, and the servers its names lead to
+            self._spawn("upstream", inet, [sys.executable, "-m", "ztnet.lab.upstream", "--bind",
+                                           inet.ipv4, "--port", str(DNS_PORT), "--zone",
+                                           str(zone)]),
+            self._spawn("inet", inet, [*echo, "--bind", *inet.extra_ipv4, "--tcp",
+                                       str(API_PORT)]),
         ]
         for host in topo.agent_hosts_list:
             started.append(self._spawn(f"peer {host.name}", host, [
@@ -303,7 +312,9 @@ class Lab:
         daemon = self._spawn(f"daemon {host.name}", host, procs.ztnet_argv(
             "daemon", "--instance", instance, "--controller",
             replicas_mod.controller_list(topo, self.replicas),
-            "--state", str(state), "--log-format", "json", "--backoff-max", "2"))
+            "--state", str(state), "--log-format", "json", "--backoff-max", "2",
+            # hostname grants: ztnet's resolver, asking the inet host's upstream
+            "--dns-upstream", topo.by_role(Role.INTERNET)[0].ipv4))
         procs.wait_log(daemon, procs.json_event("bundle applied"), READY_TIMEOUT,
                        "its first bundle")
         self.progress(f"{host.name}: enrolled, daemon (instance {instance}) enforcing")

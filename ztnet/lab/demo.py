@@ -9,11 +9,11 @@ established connection is cut. After the summary, chapters of their own: an agen
 detector fires, the controller quarantines it on its host, the operator releases it
 (ztnet/lab/demo_response.py); the operator grants research-bot a path just in time and it
 disappears when its ttl ends (ztnet/lab/demo_jit.py); a byte budget cuts an upload
-(ztnet/lab/demo_budget.py). Every step is checked three ways — the
-traffic agent's errno,
-the flow record the host's daemon wrote (printed live), and the sniffers on the api and exfil
-hosts — and the closing summary is computed from the flow records. Any deviation makes the command
-exit 1, so `make demo` doubles as a smoke test.
+(ztnet/lab/demo_budget.py); research-bot reaches a CDN granted by name, through ztnet's
+resolver, and not a name nobody granted (ztnet/lab/demo_names.py). Every step is checked
+three ways — the traffic agent's errno, the flow record the host's daemon wrote (printed
+live), and the sniffers on the api and exfil hosts — and the closing summary is computed from
+the flow records. Any deviation makes the command exit 1, so `make demo` doubles as a smoke test.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ztnet.identity.launch import DYNAMIC_USER
 from ztnet.lab.cluster import Lab
 from ztnet.lab.demo_budget import budget_chapter
 from ztnet.lab.demo_jit import jit_chapter
+from ztnet.lab.demo_names import names_chapter
 from ztnet.lab.demo_response import response_chapter
 from ztnet.lab.netns import poll_until
 from ztnet.lab.policy import OPS_BOT, RESEARCH_BOT, lab_policy
@@ -337,6 +338,7 @@ def run_demo(name: str = "ztlab", *, keep: bool = False, out: TextIO | None = No
         response_chapter(demo)
         jit_chapter(demo)
         budget_chapter(demo)
+        names_chapter(demo)
         if keep and demo.grant:  # leave the lab as `lab up` makes it
             lab.operator("revoke", "--agent", RESEARCH_BOT, "--grant", demo.grant, "--restore")
     except LabError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ztnet.lab.topology import (
     API_ALT_PORT,
     API_PORT,
+    CDN_NAME,
     DNS_PORT,
     TRUST_DOMAIN,
     UPLOAD_PORT,
@@ -42,6 +43,8 @@ def lab_policy(topology: Topology) -> str:
         _rule(RESEARCH_BOT, api.ipv4, str(UPLOAD_PORT), "tcp",
               f"report uploads, {UPLOAD_BUDGET} per connection")
         + f'max_bytes_out = "{UPLOAD_BUDGET}"\n',
+        _rule(RESEARCH_BOT, CDN_NAME, str(API_PORT), "tcp",
+              "a CDN by name: whatever addresses ztnet's resolver hands out"),
         f"# {OPS_BOT} (host-b): the API's admin port over IPv4 and IPv6, ping it, resolve",
         f"[agents.{OPS_BOT}]",
         _rule(OPS_BOT, api.ipv4, str(API_ALT_PORT), "tcp", f"{api.fqdn}:{API_ALT_PORT}"),

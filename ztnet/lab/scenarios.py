@@ -44,6 +44,9 @@ class Attempt:
     v6: bool
     port: int
     allowed: frozenset[str]  # the agents whose policy allows it
+    # a DNS attempt no address grant covers: with ztnet's resolver on (`ztnet daemon --dns`,
+    # as in the lab) the kernel sends it there, which REFUSES the name (no hostname grant)
+    redirected: bool = False
 
     def address(self, topology: Topology, me: LabHost) -> str:
         if self.role == "metadata":
@@ -68,8 +71,9 @@ class Attempt:
         return {"tcp": 6, "udp": 17, "dns": 17}.get(self.kind, 58 if self.v6 else 1)
 
 
-def _a(kind: str, role: str, port: int = 0, *allowed: str, v6: bool = False) -> Attempt:
-    return Attempt(kind, role, v6, port, frozenset(allowed))
+def _a(kind: str, role: str, port: int = 0, *allowed: str, v6: bool = False,
+       redirected: bool = False) -> Attempt:
+    return Attempt(kind, role, v6, port, frozenset(allowed), redirected)
 
 
 MATRIX = (
@@ -79,7 +83,7 @@ MATRIX = (
     _a("tcp", "exfil", 4444), _a("tcp", "exfil", 4444, v6=True),
     _a("udp", "exfil", 4444), _a("udp", "exfil", 4444, v6=True),
     _a("tcp", "metadata", 80),
-    _a("dns", "dns", 53, RESEARCH, OPS), _a("dns", "dns", 53, v6=True),
+    _a("dns", "dns", 53, RESEARCH, OPS), _a("dns", "dns", 53, v6=True, redirected=True),
     _a("tcp", "ctl", CONTROLLER_PORT), _a("tcp", "ctl", ENROLL_PORT),
     _a("tcp", "peer", PEER_PORT), _a("tcp", "peer", PEER_PORT, v6=True),
 )
@@ -99,6 +103,7 @@ class Outcome:
     host: LabHost
     attempt: Attempt
     result: dict[str, Any]
+    dns_redirect: bool = False  # the host's daemon runs ztnet's resolver (--dns)
 
     @property
     def agent(self) -> str:
@@ -107,6 +112,12 @@ class Outcome:
     @property
     def allowed(self) -> bool:
         return self.agent in self.attempt.allowed
+
+    @property
+    def redirected(self) -> bool:
+        """Sent to ztnet's resolver instead (allowed by the kernel, REFUSED by the resolver,
+        nothing on the wire); otherwise denied like any attempt no grant covers."""
+        return self.dns_redirect and self.attempt.redirected and not self.allowed
 
 
 def sniffed_target(outcome: Outcome) -> str | None:
@@ -150,6 +161,6 @@ def expected_key(topology: Topology, o: Outcome) -> VerdictKey | None:
     if o.attempt.kind in ("icmp", "raw"):
         return None
     kind = EventType.CONNECT if o.attempt.kind == "tcp" else EventType.SENDMSG
-    verdict = Verdict.ALLOWED if o.allowed else Verdict.DENIED
+    verdict = Verdict.ALLOWED if o.allowed or o.redirected else Verdict.DENIED
     return (o.host.name, o.agent, kind.value, verdict.value, o.attempt.address(topology, o.host),
             o.attempt.port)

@@ -10,12 +10,16 @@ own network::
                     ├─ api    ── eth0 10.77.0.30  fd00:77::30   internal API
                     ├─ exfil  ── eth0 10.77.0.40  fd00:77::40   exfiltration sink, and
                     │                  169.254.169.254/32       the cloud-metadata stand-in
-                    └─ dns    ── eth0 10.77.0.53  fd00:77::53   DNS resolver (lab.internal)
+                    ├─ dns    ── eth0 10.77.0.53  fd00:77::53   DNS resolver (lab.internal)
+                    └─ inet   ── eth0 10.77.0.60  fd00:77::60   "the internet": upstream resolver,
+                                       198.51.100.1-3/32, .66/32   CDN edges, an ungranted server
 
 docs/lab.md is the same table for people (and for the Vagrant topology, which mirrors it).
 Everything is on one link; agent hosts also route 169.254.169.254 onto it, as a cloud VM
-would reach its metadata service. Labs with different names are disjoint (own namespaces,
-own bridge, own daemon instances), so they may reuse the same addresses.
+would reach its metadata service, and 198.51.100.0/24 (documentation addresses standing in
+for public ones: ztnet's resolver strips private answers) towards the inet host. Labs with
+different names are disjoint (own namespaces, own bridge, own daemon instances), so they may
+reuse the same addresses.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ RUN_ROOT = Path("/run/ztnet-lab")
 IPV4_NET = ipaddress.IPv4Network("10.77.0.0/24")
 IPV6_NET = ipaddress.IPv6Network("fd00:77::/64")
 METADATA_IPV4 = "169.254.169.254"
+# "the internet" (inet host): the upstream of the daemons' resolvers (`ztnet daemon --dns`),
+# a CDN-like name answering one of its edges per query with a short TTL, and a name no
+# policy grants (demo_names.py)
+INTERNET_NET = "198.51.100.0/24"
+CDN_NAME, CDN_TTL = "cdn.example.com", 2
+CDN_ADDRESSES = ("198.51.100.1", "198.51.100.2", "198.51.100.3")
+UNGRANTED_NAME, UNGRANTED_ADDRESS = "files.example.com", "198.51.100.66"
 ZONE = "lab.internal"
 TRUST_DOMAIN = "lab.ztnet.internal"
 BRIDGE = "br0"
@@ -77,6 +88,7 @@ class Role(enum.StrEnum):
     API = "api"
     EXFIL = "exfil"
     DNS = "dns"
+    INTERNET = "internet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +149,11 @@ class Topology:
                          f"tcp/{METADATA_PORT} on {METADATA_IPV4} (metadata stand-in)"),
                         extra_ipv4=(METADATA_IPV4,))
         dns = LabHost("dns", Role.DNS, 53, (f"udp/{DNS_PORT} DNS for {ZONE}",))
-        return (ctl, *agents, api, exfil, dns)
+        inet = LabHost("inet", Role.INTERNET, 60,
+                       (f"udp+tcp/{DNS_PORT} upstream resolver ({CDN_NAME}, {UNGRANTED_NAME})",
+                        f"tcp/{API_PORT} echo on {INTERNET_NET.rsplit('.', 1)[0]}.*"),
+                       extra_ipv4=(*CDN_ADDRESSES, UNGRANTED_ADDRESS))
+        return (ctl, *agents, api, exfil, dns, inet)
 
     def host(self, name: str) -> LabHost:
         for host in self.hosts:
@@ -190,6 +206,11 @@ class Topology:
         records = {h.fqdn: [h.ipv4, h.ipv6] for h in self.hosts}
         records["metadata.google.internal"] = [METADATA_IPV4]
         return records
+
+    def internet_zone(self) -> dict[str, dict[str, Any]]:
+        """What the inet host's upstream resolver answers (ztnet.lab.upstream's zone)."""
+        return {CDN_NAME: {"A": list(CDN_ADDRESSES), "ttl": CDN_TTL, "rotate": 1},
+                UNGRANTED_NAME: {"A": [UNGRANTED_ADDRESS], "ttl": 60}}
 
     def namespaces(self) -> list[str]:
         return [self.switch_netns, *(self.netns(h) for h in self.hosts)]
@@ -250,6 +271,7 @@ def _attach_host(topology: Topology, switch: Any, bridge: int, host: LabHost) ->
         if host.role == Role.AGENT_HOST:
             # as on a cloud VM: the metadata service is one hop away, on the host's own link
             ipr.route("add", dst=f"{METADATA_IPV4}/32", oif=index, scope=253)  # 253: link
+            ipr.route("add", dst=INTERNET_NET, oif=index, scope=253)
 
 
 def lab_namespaces(name: str) -> list[str]:
