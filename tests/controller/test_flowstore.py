@@ -226,3 +226,24 @@ def test_decode_keeps_columns_and_refuses_bad_bounds() -> None:
 
 def row_json(record: FlowRecord) -> bytes:
     return to_json(record).encode()
+
+
+def test_dns_query_records_are_stored_and_read_back_whole(store: Store) -> None:
+    from ztnet.daemon.dnsflows import DnsRecords
+    from ztnet.daemon.resolver import QueryRecord
+    from ztnet.observe.records import RecordContext, from_json
+
+    ctx = RecordContext(host="h1", trust_domain="test.example", agent_names={1: "bot"})
+    made = DnsRecords()
+    records = [made.record(QueryRecord("bot", "api.lab.test", "A", "answered",
+                                       answers=("203.0.113.10",), grant_ids=(7,),
+                                       rcode="NOERROR"), ctx),
+               made.record(QueryRecord("bot", "evil.lab.test", "A", "refused",
+                                       rcode="REFUSED"), ctx)]
+    batch = flows.decode_batch("h1", [to_json(r).encode() for r in records], BASE)
+    assert store.store_flows("h1", 1, batch).stored == 2
+    store.store_flows("h1", 2, rows("h1", 3))
+    page = store.query_flows(FlowQuery(event_type=EventType.DNS.value))
+    assert sorted(map(from_json, page.records), key=lambda r: r.time_ns) == records
+    denied = store.query_flows(FlowQuery(event_type="dns", verdict=Verdict.DENIED.value))
+    assert [from_json(r).dns for r in denied.records] == [records[1].dns]

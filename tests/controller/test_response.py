@@ -17,7 +17,7 @@ from tests.controller.flow_support import make_record
 from ztnet.controller.admin_client import AdminClient
 from ztnet.errors import ControllerError
 from ztnet.observe.audit import verify
-from ztnet.observe.records import Verdict
+from ztnet.observe.records import Verdict, to_json
 from ztnet.testing.controller import ControllerProcess, init_controller
 from ztnet.testing.flows import report
 from ztnet.testing.nodes import FakeNode, enroll
@@ -171,6 +171,36 @@ def test_a_reported_scan_raises_an_alert_and_quarantines_on_that_host_only(
     with controller.admin() as admin:
         recalled = [a for a in alerts(admin, agent="fourth") if a.detector == "fan-out"][-1]
         assert "rate limit" in recalled.action, recalled.action
+
+
+def test_reported_dns_query_records_reach_the_dns_detectors(
+        controller: ControllerProcess) -> None:
+    from ztnet.daemon.dnsflows import DnsRecords
+    from ztnet.daemon.resolver import QueryRecord
+    from ztnet.observe.records import RecordContext
+
+    one = enroll(controller, "web-1")
+    ctx = RecordContext(host="web-1", trust_domain="test.example", agent_names={1: "bot"})
+    made = DnsRecords()
+    tunnel = [made.record(QueryRecord("bot", f"c{i:03d}.exfil.example", "TXT", "refused",
+                                      rcode="REFUSED"), ctx) for i in range(60)]
+    with controller.admin() as admin:
+        assert not [a for a in alerts(admin) if a.detector.startswith("dns-")]
+        assert report(controller, one, [(1, tunnel)]).error is None
+        found = {a.detector: a for a in alerts(admin, agent="bot")}
+        assert {"dns-subdomains", "dns-failures"} <= found.keys()
+        subdomains = found["dns-subdomains"]
+        assert subdomains.host == "web-1" and "exfil.example" in subdomains.summary
+        assert set(subdomains.evidence) <= {r.uuid for r in tunnel}
+        stored = admin.query_flows(event_type="dns", agent="bot", limit=100)
+        assert len(stored.records) == 60
+        assert all(json.loads(r)["dns"]["rcode"] == "REFUSED" for r in stored.records)
+    # a record whose dns object breaks the bounds refuses the whole batch
+    bad = json.loads(to_json(made.record(QueryRecord("bot", "x.example", "A", "refused",
+                                                     rcode="REFUSED"), ctx)))
+    bad["dns"]["name"] = "a" * 300
+    refused = report(controller, one, [(2, [json.dumps(bad).encode()])])
+    assert refused.error is not None and "dns.name" in str(refused.error.details())
 
 
 def test_baselines_are_learnt_shown_and_seeded_from_the_policy(

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -23,6 +23,7 @@ from ztnet.datapath.datapath import Datapath, teardown
 from ztnet.datapath.learned import LearnedKey, LearnedValue, boot_ns
 from ztnet.instance import Instance
 from ztnet.lab.sniff import Sniffer
+from ztnet.observe.records import FlowRecord
 from ztnet.testing.agents import agent_argv
 from ztnet.testing.dnslab import (
     API_V4,
@@ -311,3 +312,51 @@ def test_flow_records_and_observe_name_the_host_with_the_address(lab: DnsLab) ->
         time.sleep(0.2)
     shown = [" ".join(cells(r)) for r in named]
     assert any(f"api.lab.test ({API_V4}):{ECHO_PORT}" in line for line in shown), shown
+
+
+def wait_records(lab: DnsLab, what: str, match: Callable[[FlowRecord], bool]) -> list[FlowRecord]:
+    """The flow log's records ``match`` accepts, once there are any (the daemon's pipeline
+    thread writes the log)."""
+    from ztnet.instance import FLOWS_FILE
+    from ztnet.observe.records import from_json
+
+    path = lab.workdir / "state" / FLOWS_FILE
+    deadline = time.monotonic() + 30
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        found = [r for r in map(from_json, lines) if match(r)]
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"no flow record of {what} in {path}"
+        time.sleep(0.2)
+
+
+def test_queries_through_the_redirect_are_dns_flow_records_answered_and_refused(
+        lab: DnsLab) -> None:
+    from ztnet.observe.records import EventType, Verdict
+    from ztnet.observe.render import cells
+
+    since = time.time_ns()  # the records of earlier tests' queries are in the log too
+    assert lab.dnsagent("query", "api.lab.test", "A", STUB)["rcode"] == "NOERROR"
+    assert lab.dnsagent("query", "evil.lab.test", "A", STUB)["rcode"] == "REFUSED"
+
+    def of(name: str) -> Callable[[FlowRecord], bool]:
+        return lambda r: r.event_type is EventType.DNS and r.dns is not None \
+            and r.dns.name == name and r.agent.name == "bot" and r.time_ns >= since
+
+    (answered, *_) = wait_records(lab, "the api.lab.test query", of("api.lab.test"))
+    assert answered.dns is not None
+    assert (answered.dns.type, answered.dns.rcode, answered.dns.verdict) == \
+        ("A", "NOERROR", "answered")
+    assert API_V4 in answered.dns.answers
+    assert answered.verdict is Verdict.ALLOWED and answered.grant is not None
+    assert (answered.destination, answered.destination_port, answered.proto) == \
+        ("127.0.0.1", 53, 17)
+    assert answered.agent.index == agent_index(lab, "bot")
+    (refused, *_) = wait_records(lab, "the evil.lab.test query", of("evil.lab.test"))
+    assert refused.dns is not None
+    assert (refused.dns.rcode, refused.dns.verdict, refused.dns.answers) == \
+        ("REFUSED", "refused", ())
+    assert (refused.verdict, refused.drop_reason, refused.grant) == \
+        (Verdict.DENIED, "NO_GRANT", None)
+    assert "REFUSED" in " ".join(cells(refused))

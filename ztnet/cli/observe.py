@@ -35,7 +35,7 @@ def register(sub: SubParsers) -> None:
                    help="only this agent (repeat for several)")
     p.add_argument("--verdict", metavar="allowed|denied|audit", help="only this verdict")
     p.add_argument("--kind", action="append", default=[], metavar="KIND",
-                   help="only connect, sendmsg or flow_end records (repeat for several)")
+                   help="only connect, sendmsg, flow_end or dns records (repeat for several)")
     p.add_argument("--since", metavar="WHEN",
                    help="only flows since then: a duration ago (30s, 10m, 2h) or RFC 3339")
     p.add_argument("--last", type=int, default=None, metavar="N",

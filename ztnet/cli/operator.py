@@ -60,7 +60,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--host", default="", help="only flows of this host")
     p.add_argument("--agent", default="", metavar="NAME", help="only this agent")
     p.add_argument("--verdict", metavar="allowed|denied|audit", help="only this verdict")
-    p.add_argument("--kind", metavar="KIND", help="only connect, sendmsg or flow_end records")
+    p.add_argument("--kind", metavar="KIND", help="only connect, sendmsg, flow_end or dns records")
     p.add_argument("--since", metavar="WHEN",
                    help="only flows since then: a duration ago (30s, 10m, 2h) or RFC 3339")
     p.add_argument("--until", metavar="WHEN", help="only flows before then (same forms)")

@@ -158,7 +158,7 @@ class AdminClient:
                     limit: int = 0) -> admin_pb2.QueryFlowsResponse:
         """The newest ``limit`` matching records (0: the controller's default), newest
         first. Empty strings and zeros match everything; the controller checks the values
-        (``verdict``: allowed|denied|audit, ``event_type``: connect|sendmsg|flow_end)."""
+        (``verdict``: allowed|denied|audit, ``event_type``: connect|sendmsg|flow_end|dns)."""
         request = admin_pb2.QueryFlowsRequest(host=host, agent=agent, verdict=verdict,
                                               event_type=event_type, since_ns=since_ns,
                                               until_ns=until_ns, limit=limit)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from ztnet import logs
 from ztnet.daemon.cutter import BudgetCutter
+from ztnet.daemon.dnsflows import DnsRecords
+from ztnet.daemon.resolver import QueryRecord
 from ztnet.daemon.uploader import FlowUpload, UploadSettings
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.drift import Drift
@@ -130,6 +132,7 @@ class FlowPipeline:
                        if metrics_listen else None)
         self._granted: dict[int, Grant] = {}
         self._infos = GrantInfos()
+        self._dns = DnsRecords()
         self._reader = datapath.event_reader(on_batch=self._on_events)
         self.cutter = BudgetCutter(datapath.instance)
         datapath.set_wakeup_every(_WAKEUP_EVERY)
@@ -146,6 +149,14 @@ class FlowPipeline:
         batch = records.from_events(events, self.context)
         if self.hostname_of is not None:
             batch = [self._named(record) for record in batch]
+        self.dispatcher.submit_many(batch)
+        if self.otlp is not None:
+            self.otlp.submit_many(batch)
+
+    def dns_query(self, query: QueryRecord) -> None:
+        """A query ztnet's resolver answered (from one of its worker threads): a record of
+        event type dns, to the same sinks as the kernel's."""
+        batch = [self._dns.record(query, self.context)]
         self.dispatcher.submit_many(batch)
         if self.otlp is not None:
             self.otlp.submit_many(batch)

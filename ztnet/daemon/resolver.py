@@ -21,6 +21,7 @@ Other query types for a granted name get an empty answer (NOERROR, no records).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -125,6 +126,7 @@ class QueryRecord:
     upstream_ms: float = 0.0
     install_ms: float = 0.0   # from the upstream answer to every entry in the kernel
     transport: str = "udp"
+    rcode: str = ""           # the reply's: NOERROR, REFUSED, SERVFAIL, NXDOMAIN ...
 
 
 @dataclass
@@ -499,7 +501,7 @@ class Resolver:
                              answers=tuple(str(a) for a in answered), stripped=tuple(stripped),
                              chain=chain.names, grant_ids=ids, ttl=ttl,
                              upstream_ms=round(upstream_ms, 3), install_ms=round(install_ms, 3),
-                             transport=transport)
+                             transport=transport, rcode="NOERROR")
         self._trace(record)
         return query, reply.to_wire()
 
@@ -512,7 +514,7 @@ class Resolver:
 
     def _finish(self, query: dns.message.Message, rcode: int,
                 record: QueryRecord) -> tuple[dns.message.Message, bytes]:
-        self._trace(record)
+        self._trace(dataclasses.replace(record, rcode=dns.rcode.Rcode.to_text(rcode)))
         return query, build_reply(query, rcode).to_wire()
 
     def _trace(self, record: QueryRecord) -> None:

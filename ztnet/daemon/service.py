@@ -232,6 +232,8 @@ class Daemon:
                    stripped=list(record.stripped), chain=list(record.chain), ttl=record.ttl,
                    reason=record.reason or None, transport=record.transport,
                    upstream_ms=record.upstream_ms, install_ms=record.install_ms)
+        if self.flows is not None:
+            self.flows.dns_query(record)
 
     def _rejected(self, source: str, reason: str, floor: int,
                   level: int = logging.WARNING) -> Outcome:

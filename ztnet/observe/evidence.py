@@ -95,7 +95,8 @@ def group_flows(records: Iterable[FlowRecord]) -> dict[FlowKey, FlowGroup]:
         group.add(record)
 
     for record in records:
-        if not record.agent.name or not record.destination:
+        if not record.agent.name or not record.destination \
+                or record.event_type is EventType.DNS:  # the resolver, not a destination
             continue
         if record.event_type is EventType.FLOW_END:
             ends.append(record)

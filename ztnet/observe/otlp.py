@@ -120,6 +120,12 @@ def attributes(record: FlowRecord) -> dict[str, Any]:
         attrs["ztnet.flow.bytes_in"] = flow.bytes_in
         attrs["ztnet.flow.first_seen_ns"] = flow.first_seen_ns
         attrs["ztnet.flow.duration_ns"] = flow.duration_ns
+    dns = record.dns
+    if dns is not None:
+        attrs["dns.question.name"] = dns.name
+        attrs["dns.answers"] = list(dns.answers)
+        attrs["ztnet.dns.type"] = dns.type
+        attrs["ztnet.dns.rcode"] = dns.rcode
     return attrs
 
 

@@ -7,7 +7,9 @@ The JSON follows Hubble's flow layout where Hubble has a field (``time``,
 ``uuid``, ``verdict``, ``drop_reason``, ``IP``, ``l4``, ``source``,
 ``destination``, ``traffic_direction``) and adds ``process``, ``agent``,
 ``grant``, ``flow`` and ``suppressed``. Every key is always present;
-``grant`` and ``flow`` are null on records that have none.
+``grant`` and ``flow`` are null on records that have none. A DNS query an agent made
+through ztnet's resolver is a record too (``event_type`` ``dns``, its ``dns`` object; null
+on every other record).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from ztnet.observe.jsonfields import JsonObject, format_rfc3339, parse_time
 from ztnet.pki import spiffe_agent_id
 
 __all__ = [
-    "SCHEMA_VERSION", "AgentRef", "CachedExe", "EventType", "FlowCounters", "FlowRecord",
-    "GrantInfo", "GrantRef", "Process", "RecordContext", "Verdict", "format_rfc3339",
-    "encode_lines", "from_event", "from_events", "from_json", "grant_infos", "parse_time",
-    "proc_exe", "to_dict", "to_json",
+    "MAX_DNS_NAME", "SCHEMA_VERSION", "AgentRef", "CachedExe", "DnsQuery", "EventType",
+    "FlowCounters", "FlowRecord", "GrantInfo", "GrantRef", "Process", "RecordContext",
+    "Verdict", "format_rfc3339", "encode_lines", "from_event", "from_events", "from_json",
+    "grant_infos", "parse_time", "proc_exe", "spiffe_of", "to_dict", "to_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -65,6 +67,7 @@ class EventType(enum.StrEnum):
     CONNECT = "connect"
     SENDMSG = "sendmsg"
     FLOW_END = "flow_end"
+    DNS = "dns"  # a query to ztnet's resolver (ztnet.daemon.resolver), not a kernel event
 
 
 _KINDS = {ZtEventKind.CONNECT: EventType.CONNECT, ZtEventKind.SENDMSG: EventType.SENDMSG,
@@ -128,6 +131,30 @@ class FlowCounters:
         return max(0, self.last_seen_ns - self.first_seen_ns)
 
 
+# Bounds of a record's ``dns`` object (checked when a record is read, so also at the
+# controller's ingest): a DNS name has at most 253 characters, and the resolver answers at
+# most its per-name cap of addresses (32 by default).
+MAX_DNS_NAME = 253
+MAX_DNS_ITEMS = 64
+MAX_DNS_ITEM = 160   # an address, or a stripped address with its reason
+MAX_DNS_WORD = 16    # type, rcode, verdict
+
+
+@dataclass(frozen=True, slots=True)
+class DnsQuery:
+    """A DNS query and what ztnet's resolver did with it: ``rcode`` is the reply's
+    (NOERROR, REFUSED, SERVFAIL, NXDOMAIN ...), ``verdict`` the resolver's word (answered,
+    refused, nodata, servfail, or the upstream's rcode in lower case); ``answers`` the
+    addresses handed to the agent, ``stripped`` those withheld, each with its reason."""
+
+    name: str
+    type: str
+    rcode: str
+    verdict: str
+    answers: tuple[str, ...] = ()
+    stripped: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class FlowRecord:
     """One verdict (connect, sendmsg) or one flow end. Times are Unix ns;
@@ -156,6 +183,7 @@ class FlowRecord:
     # the host names ztnet's resolver handed this agent for ``destination`` (hostname
     # grants), Hubble's ``destination_names``; empty for addresses no name led to
     destination_names: tuple[str, ...] = ()
+    dns: DnsQuery | None = None  # event_type dns only
 
     @property
     def time(self) -> float:
@@ -181,6 +209,11 @@ def record_uuid(host: str, cookie: int, event_type: str, time_ns: int, destinati
 def _spiffe(trust_domain: str, name: str) -> str:
     # agents are few and their ids never change: validate and build each once
     return spiffe_agent_id(trust_domain, name) if name and trust_domain else ""
+
+
+def spiffe_of(trust_domain: str, name: str) -> str:
+    """The agent's SPIFFE id, "" for no agent or no trust domain."""
+    return _spiffe(trust_domain, name)
 
 
 def unix_ns(seconds: float) -> int:
@@ -323,6 +356,10 @@ def to_dict(record: FlowRecord) -> dict[str, Any]:
             "last_seen": format_rfc3339(flow.last_seen_ns), "duration_ns": flow.duration_ns},
         "suppressed": record.suppressed,
         "destination_names": list(record.destination_names),
+        "dns": None if record.dns is None else {
+            "name": record.dns.name, "type": record.dns.type, "rcode": record.dns.rcode,
+            "verdict": record.dns.verdict, "answers": list(record.dns.answers),
+            "stripped": list(record.dns.stripped)},
     }
 
 
@@ -394,9 +431,13 @@ def _from_dict(d: JsonObject) -> FlowRecord:
     proto = l4.integer("protocol") if key == "OTHER" else _L4[key]
     process, agent = d.obj("process"), d.obj("agent")
     grant, flow = d.optional("grant"), d.optional("flow")
+    event_type = EventType(d.string("event_type"))
+    dns = _dns(d.data.get("dns"))
+    if (dns is None) != (event_type is not EventType.DNS):
+        raise ValueError("record.dns: present exactly on records of event_type dns")
     return FlowRecord(
         uuid=d.string("uuid"), time_ns=parse_time(d.string("time")), host=d.string("host"),
-        event_type=EventType(d.string("event_type")), verdict=Verdict(d.string("verdict")),
+        event_type=event_type, verdict=Verdict(d.string("verdict")),
         drop_reason=d.string("drop_reason"), ip_version=ip_version, proto=proto,
         source=ip.string("source"), source_port=l4.integer("source_port"),
         destination=ip.string("destination"), destination_port=l4.integer("destination_port"),
@@ -413,6 +454,7 @@ def _from_dict(d: JsonObject) -> FlowRecord:
             parse_time(flow.string("last_seen"))),
         suppressed=d.integer("suppressed"),
         destination_names=_names(d.data.get("destination_names", [])),
+        dns=dns,
     )
 
 
@@ -421,3 +463,28 @@ def _names(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         raise TypeError("record.destination_names must be a list of strings")
     return tuple(value)
+
+
+def _dns(value: object) -> DnsQuery | None:
+    """``dns`` of a record (absent in records written before it existed), bounded."""
+    if value is None:
+        return None
+    d = JsonObject(value, "record.dns")
+    words = {key: d.string(key) for key in ("type", "rcode", "verdict")}
+    for key, word in words.items():
+        if len(word) > MAX_DNS_WORD:
+            raise ValueError(f"record.dns.{key}: longer than {MAX_DNS_WORD} characters")
+    name = d.string("name")
+    if len(name) > MAX_DNS_NAME:
+        raise ValueError(f"record.dns.name: longer than {MAX_DNS_NAME} characters")
+    lists = {}
+    for key in ("answers", "stripped"):
+        items = d.data.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise TypeError(f"record.dns.{key} must be a list of strings")
+        if len(items) > MAX_DNS_ITEMS or any(len(i) > MAX_DNS_ITEM for i in items):
+            raise ValueError(f"record.dns.{key}: more than {MAX_DNS_ITEMS} entries or one "
+                             f"longer than {MAX_DNS_ITEM} characters")
+        lists[key] = tuple(items)
+    return DnsQuery(name, words["type"], words["rcode"], words["verdict"], lists["answers"],
+                    lists["stripped"])

@@ -17,7 +17,7 @@ from ztnet.text import escape
 _GREEN, _RED, _YELLOW, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[0m"
 _PROTOS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 _KINDS = {EventType.CONNECT: "connect", EventType.SENDMSG: "sendmsg",
-          EventType.FLOW_END: "end"}
+          EventType.FLOW_END: "end", EventType.DNS: "dns"}
 # (title, width); only AGENT is ever cut (names may be 63 characters): other long
 # cells push the row out rather than lose an address or a grant id
 COLUMNS = (("TIME", 19), ("AGENT", 14), ("PROCESS", 20), ("TYPE", 7), ("VERDICT", 7),
@@ -32,7 +32,11 @@ def _fit(text: str, title: str, width: int) -> str:
 
 
 def _destination(record: FlowRecord) -> str:
-    """``api.github.com (140.82.112.5):443`` when ztnet's resolver named the address."""
+    """``api.github.com (140.82.112.5):443`` when ztnet's resolver named the address; a DNS
+    query's name, type and answers: ``api.github.com A = 140.82.112.5``."""
+    if record.dns is not None:
+        answers = f" = {','.join(record.dns.answers)}" if record.dns.answers else ""
+        return f"{record.dns.name} {record.dns.type}{answers}"
     where = _host_port(record.destination, record.destination_port, record.ip_version)
     if not record.destination_names:
         return where
@@ -72,6 +76,8 @@ def cells(record: FlowRecord) -> list[str]:
             why += " BUDGET"
     else:
         why = record.drop_reason
+    if record.dns is not None and record.dns.rcode != "NOERROR":
+        why = record.dns.rcode  # REFUSED, SERVFAIL, NXDOMAIN ...
     if record.suppressed:
         why += f" (+{record.suppressed} suppressed)"
     size = ""

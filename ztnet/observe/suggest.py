@@ -22,7 +22,7 @@ from ztnet.errors import PolicyError
 from ztnet.grants.model import IPNetwork
 from ztnet.observe.evidence import FlowGroup, group_flows
 from ztnet.observe.jsonfields import format_rfc3339
-from ztnet.observe.records import FlowRecord
+from ztnet.observe.records import EventType, FlowRecord, Verdict
 from ztnet.policy.document import MAX_COMMENT, parse_policy
 
 _PROTO_WORDS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
@@ -86,13 +86,34 @@ def hostname_rules_supported() -> bool:
 
 
 def dns_names(records: Iterable[FlowRecord]) -> dict[str, tuple[str, ...]]:
-    """Address -> the host names DNS answered it for, from the agent's DNS query records.
-
-    Hook for ztnet's resolver (hostname grants): today's flow records carry no DNS
-    answers, so there is no evidence and this is empty. When DNS query records exist, this
-    is where they are read; ``suggest`` already uses what it returns."""
-    del records
-    return {}
+    """Address -> the host names DNS answered it for, from the records: an address reached
+    (an allowed or audited attempt) after a recorded DNS answer (event type ``dns``, verdict
+    answered) of the same agent on the same host that handed it out, or a record ztnet's
+    resolver named (``destination_names``). ``suggest`` names the host where there is
+    exactly one."""
+    answered: dict[tuple[str, str, str], tuple[int, set[str]]] = {}
+    attempts: list[FlowRecord] = []
+    for record in records:
+        dns = record.dns
+        if dns is not None:
+            if dns.verdict == "answered" and dns.name:
+                for address in dns.answers:
+                    key = (record.agent.name, record.host, address)
+                    first, names = answered.get(key, (record.time_ns, set()))
+                    names.add(dns.name)
+                    answered[key] = (min(first, record.time_ns), names)
+        elif record.verdict is not Verdict.DENIED and record.event_type is not \
+                EventType.FLOW_END:
+            attempts.append(record)
+    found: dict[str, set[str]] = {}
+    for record in attempts:
+        names = set(record.destination_names)
+        hit = answered.get((record.agent.name, record.host, record.destination))
+        if hit is not None and hit[0] <= record.time_ns:
+            names |= hit[1]
+        if names:
+            found.setdefault(record.destination, set()).update(names)
+    return {address: tuple(sorted(names)) for address, names in found.items()}
 
 
 def _ranges(ports: list[int]) -> list[tuple[int, int]]:

@@ -11,7 +11,7 @@ defaults: ztnet.policy.detection (docs/detection.md explains each).
                     more than it receives
 * sensitive-destination  a refused attempt toward the metadata service, link-local or
                     loopback (granted ones are the operator's choice)
-* dns-entropy, dns-subdomains, dns-failures  on records with a DNS answer (inert without)
+* dns-entropy, dns-subdomains, dns-failures  on DNS query records (event type dns)
 """
 
 from __future__ import annotations

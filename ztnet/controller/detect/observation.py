@@ -1,18 +1,16 @@
 """What the detectors see of a flow record: the few fields they use, taken from a
 record ingest already checked (``ztnet.controller.flows.decode_batch``).
 
-DNS fields come from records that carry a DNS answer (``record.dns`` with a query name
-and a response code, from the daemon's resolver). Records without one leave them empty
-and the DNS detectors stay inert.
+DNS fields come from the records of DNS queries (event type ``dns``, ``record.dns`` with
+the query name and the reply's rcode, made by the daemon's resolver). Other records leave
+them empty, and the DNS detectors pass them by.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ztnet.observe.records import EventType, FlowRecord, Verdict
-
-MAX_DNS_NAME = 253
+from ztnet.observe.records import MAX_DNS_NAME, EventType, FlowRecord, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +49,7 @@ def observe(record: FlowRecord) -> Observation:
 
 
 def _dns(record: FlowRecord) -> tuple[str, str]:
-    dns = getattr(record, "dns", None)
+    dns = record.dns
     if dns is None:
         return "", ""
-    name = getattr(dns, "query", None) or getattr(dns, "name", None) or ""
-    # the resolver's trace says "verdict" (answered, refused, nxdomain …) where DNS says rcode
-    rcode = getattr(dns, "rcode", None) or getattr(dns, "verdict", None) or ""
-    if not isinstance(name, str) or not isinstance(rcode, str):
-        return "", ""
-    return name.lower().rstrip(".")[:MAX_DNS_NAME], rcode.upper()[:16]
+    return dns.name.lower().rstrip(".")[:MAX_DNS_NAME], dns.rcode.upper()[:16]
