@@ -122,9 +122,12 @@ class Lab:
 
     def daemon_log(self, host: LabHost | str) -> str:
         """What ``host``'s daemon has logged so far (JSON lines)."""
-        name = host if isinstance(host, str) else host.name
+        return self.process_log(f"daemon {host if isinstance(host, str) else host.name}")
+
+    def process_log(self, name: str) -> str:
+        """What the lab's process ``name`` (``upstream``, ``api``…) has written so far."""
         try:
-            return self._log(f"daemon {name}").read_text(errors="replace")
+            return self._log(name).read_text(errors="replace")
         except FileNotFoundError:
             return ""
 

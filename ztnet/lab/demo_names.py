@@ -13,6 +13,7 @@ Self-contained: it runs after the summary and uses only its own names and addres
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -96,13 +97,18 @@ def names_chapter(demo: Demo) -> None:
     since = demo.step(f"{RESEARCH_BOT} tries {UNGRANTED_NAME}, which no policy grants, and "
                       "its address looked up out of band")
     refused = resolve(UNGRANTED_NAME)
+    # the upstream logs each query before it answers: had ztnet's resolver asked, it is there
+    asked = sum(json.loads(line).get("name") == UNGRANTED_NAME
+                for line in lab.process_log("upstream").splitlines() if line.startswith("{"))
     direct = lab.run_attempts(a, None, [{"kind": "dns", "host": resolver, "port": DNS_PORT,
                                          "name": UNGRANTED_NAME}])[0]
     address = (direct.get("addresses") or [UNGRANTED_ADDRESS])[0]
     got = reach(address)
     denied = demo.expect(since, "the ungranted address", record(
         a, RESEARCH_BOT, EventType.CONNECT, Verdict.DENIED, address, API_PORT))
-    demo.check(_rcode(refused) == "REFUSED" and address == UNGRANTED_ADDRESS
+    demo.check(_rcode(refused) == "REFUSED" and asked == 0 and address == UNGRANTED_ADDRESS
                and got["result"] == "EPERM" and denied is not None,
-               f"the name is {_rcode(refused)}; unconfined, host-a "
+               f"the name is {_rcode(refused)} ("
+               + ("never asked upstream" if asked == 0 else f"{asked} queries upstream!")
+               + f"); unconfined, host-a "
                f"learns {address}; connect() to it fails with {got['result']}")
