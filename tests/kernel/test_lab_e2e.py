@@ -148,16 +148,26 @@ def test_two_agent_hosts_every_role_three_witnesses_agree(lab: Lab) -> None:
     expected = sorted(k for o in outcomes if (k := expected_key(topo, o)) is not None)
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started - 1))
 
+    kernel = (EventType.CONNECT, EventType.SENDMSG)  # FLOW_END and DNS are checked below
+    refusals = sorted((o.host.name, o.agent) for o in outcomes if o.redirected)
+
     def stored() -> list[FlowRecord] | None:
         records = lab.controller_flows(since=since)
-        verdicts = sorted(verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
+        verdicts = sorted(verdict_key(r) for r in records if r.event_type in kernel)
         ends = [r for r in records if r.event_type == EventType.FLOW_END]
         tcp_allowed = sum(o.allowed for o in outcomes if o.attempt.kind == "tcp")
-        return records if verdicts == expected and len(ends) >= tcp_allowed else None
+        queries = sum(r.event_type == EventType.DNS for r in records)
+        return records if verdicts == expected and len(ends) >= tcp_allowed \
+            and queries >= len(refusals) else None
 
     records = poll_until(stored, 20.0, "the controller's flow store to hold every attempt")
-    verdicts = sorted(verdict_key(r) for r in records if r.event_type != EventType.FLOW_END)
+    verdicts = sorted(verdict_key(r) for r in records if r.event_type in kernel)
     assert verdicts == expected
+    # each redirected DNS attempt: one query record from ztnet's resolver, REFUSED
+    queries = [r for r in records if r.event_type == EventType.DNS]
+    assert sorted((r.host, r.agent.name) for r in queries) == refusals, queries
+    assert all(r.dns is not None and r.dns.rcode == "REFUSED"
+               and r.dns.name == topo.host("api").fqdn for r in queries), queries
     ends = [r for r in records if r.event_type == EventType.FLOW_END]
     for o in outcomes:
         if o.attempt.kind != "tcp" or not o.allowed:
@@ -212,7 +222,9 @@ def test_each_daemon_owns_its_programs_maps_and_agents(lab: Lab) -> None:
                                     cgroups.agent_cgroups(instance).values()}
         records = poll_until(partial(_local_flows_or_none, lab, host), 10.0,
                              f"{host.name}'s flow log")
-        assert {r.cgroup_id for r in records} <= agent_cgroups[host.name]
+        # (DNS query records come from ztnet's resolver, not a socket hook: no cgroup id)
+        assert {r.cgroup_id for r in records if r.event_type != EventType.DNS} \
+            <= agent_cgroups[host.name]
         assert {r.host for r in records} == {host.name}
     a, b = (lab.topology.agent_hosts_list[i].name for i in (0, 1))
     assert not programs[a] & programs[b]
