@@ -33,6 +33,8 @@ class Tally:
     grants: set[str] = field(default_factory=set)
 
     def add(self, record: FlowRecord) -> None:
+        if record.event_type == EventType.DNS:
+            return  # a query to ztnet's resolver: not an attempt on the network
         if record.event_type == EventType.FLOW_END:
             if record.flow is not None:
                 self.bytes_out += record.flow.bytes_out
