@@ -59,6 +59,14 @@ def names_chapter(demo: Demo) -> None:
 
         return match
 
+    def query(name: str, rcode: str) -> Any:
+        def match(r: FlowRecord) -> bool:  # the resolver's own record of the query
+            return (r.host == a.name and r.agent.name == RESEARCH_BOT
+                    and r.event_type == EventType.DNS and r.dns is not None
+                    and r.dns.name == name and r.dns.rcode == rcode)
+
+        return match
+
     def reach(address: str) -> dict[str, Any]:
         return demo.attempt(a, RESEARCH_BOT, "tcp", address, API_PORT, payload=PAYLOAD)
 
@@ -69,9 +77,12 @@ def names_chapter(demo: Demo) -> None:
     answered = time.monotonic()
     seen = demo.expect(since, "the redirected query", record(
         a, RESEARCH_BOT, EventType.SENDMSG, Verdict.ALLOWED, resolver, DNS_PORT))
+    traced = demo.expect(since, "the resolver's query record", query(CDN_NAME, "NOERROR"))
     addresses = list(first.get("addresses", ()))
     one = addresses[0] if addresses else ""
-    demo.check(first["result"] == "OK" and len(addresses) == 1 and seen is not None,
+    demo.check(first["result"] == "OK" and len(addresses) == 1 and seen is not None
+               and traced is not None and traced.dns is not None
+               and list(traced.dns.answers) == addresses,
                f"answer {addresses or _rcode(first)} (ttl {CDN_TTL}s), entries in the kernel "
                "before the answer")
     if not one:
@@ -104,10 +115,11 @@ def names_chapter(demo: Demo) -> None:
                                          "name": UNGRANTED_NAME}])[0]
     address = (direct.get("addresses") or [UNGRANTED_ADDRESS])[0]
     got = reach(address)
+    refusal = demo.expect(since, "the resolver's refusal", query(UNGRANTED_NAME, "REFUSED"))
     denied = demo.expect(since, "the ungranted address", record(
         a, RESEARCH_BOT, EventType.CONNECT, Verdict.DENIED, address, API_PORT))
     demo.check(_rcode(refused) == "REFUSED" and asked == 0 and address == UNGRANTED_ADDRESS
-               and got["result"] == "EPERM" and denied is not None,
+               and got["result"] == "EPERM" and denied is not None and refusal is not None,
                f"the name is {_rcode(refused)} ("
                + ("never asked upstream" if asked == 0 else f"{asked} queries upstream!")
                + f"); unconfined, host-a "
