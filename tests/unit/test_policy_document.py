@@ -142,6 +142,7 @@ RULE_ERRORS = [
     ('to = "10.0.2.0/255.255.255.0"\nports = "443"', "to", "prefix length"),
     ('to = "10.0.2.0/33"\nports = "443"', "to", "is not an IP address or CIDR"),
     ('to = "*.com"\nports = "443"', "to", "a top-level domain alone cannot be granted"),
+    ('to = "nope"\nports = "443"', "to", "not an IP address or CIDR, and a top-level domain"),
     ('to = "example.com"\nproto = "icmp"', "proto", "hostname rule is for tcp, udp or any"),
     ('to = "10.0.0.0/8"\nports = "443"\nallow_private = true', "allow_private",
      "only hostname rules"),

@@ -86,8 +86,12 @@ def check_pattern(text: str) -> None:
     if "*" in body:
         raise ValueError(f"{text!r}: '*' may only stand alone as the first label ('*.example.com')")
     if not _NAME_RE.match(body):
-        if "." not in body:
+        if "." not in body and text.startswith("*."):
             raise ValueError(f"{text!r}: a top-level domain alone cannot be granted")
+        if "." not in body and re.fullmatch(_LABEL, body):
+            # a typo'd address reads as a one-label name: say both, so neither reading misleads
+            raise ValueError(f"{text!r} is not an IP address or CIDR, and a top-level domain "
+                             "alone cannot be granted as a host name")
         raise ValueError(f"{text!r} is not a host name (letters, digits, '-', "
                          "dot-separated labels)")
     if text.startswith("*."):
