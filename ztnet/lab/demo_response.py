@@ -93,7 +93,8 @@ def _chapter(demo: Demo, sniffer: Sniffer) -> None:
     try:
         sniffer.wait_for(control_from(b), 10.0, "the positive control from host-b")
         seen = [p for p in sniffer.packets() if p.src in (b.ipv4, b.ipv6)
-                and p.time >= marked and not control_from(b)(p)]
+                and p.time >= marked and not control_from(b)(p)
+                and not p.is_bare_reset]  # the host's answer to the api for the cut socket
     except LabError as exc:
         demo.check(False, str(exc))
         return

@@ -71,6 +71,14 @@ class CapturedPacket:
         """A connection attempt: SYN without ACK."""
         return self.tcp_flags is not None and "S" in self.tcp_flags and "A" not in self.tcp_flags
 
+    @property
+    def is_bare_reset(self) -> bool:
+        """A RST with no SYN, FIN or data flag: what a host's TCP stack answers, from its
+        per-namespace control socket, to a segment for a socket that no longer exists (the
+        peer of a connection ztnet cut keeps sending). No agent socket sends it, so no cgroup
+        hook sees it, and it carries nothing of the agent's."""
+        return self.tcp_flags in ("R", "RA")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
