@@ -73,11 +73,12 @@ class CapturedPacket:
 
     @property
     def is_bare_reset(self) -> bool:
-        """A RST with no SYN, FIN or data flag: what a host's TCP stack answers, from its
-        per-namespace control socket, to a segment for a socket that no longer exists (the
-        peer of a connection ztnet cut keeps sending). No agent socket sends it, so no cgroup
-        hook sees it, and it carries nothing of the agent's."""
-        return self.tcp_flags in ("R", "RA")
+        """A RST alone, without ACK: what a host's TCP stack answers (RFC 9293 3.10.7.1), from
+        its per-namespace control socket, to an ACK-bearing segment for a socket that no longer
+        exists, as when the peer of a connection ztnet cut keeps sending. No agent socket sends
+        it (a socket's own abort sends RST+ACK), so no cgroup hook sees it, and it carries
+        nothing of the agent's."""
+        return self.tcp_flags == "R"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
