@@ -52,8 +52,6 @@ from ztnet.testing.controller import (
 from ztnet.testing.postgres import PostgresServer
 from ztnet.testing.simhosts import Simulator, enroll_hosts
 
-READY_TIMEOUT = 300.0
-
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from ztnet.controller.int64 import signed64, unsigned64
 from ztnet.grants.model import Grant, IPNetwork, PortRange, Proto
 from ztnet.policy.fields import parse_destination, parse_ports
 
@@ -131,13 +132,13 @@ class SqliteJitStore:
                 cursor = db.execute(
                     "UPDATE grant_requests SET state = ?, decided_at = ?, decided_by = ?, "
                     "grant_id = ? WHERE id = ? AND state = ?",
-                    (APPROVED, grant.created_at, decided_by, _signed(grant.grant_id), approve,
+                    (APPROVED, grant.created_at, decided_by, signed64(grant.grant_id), approve,
                      PENDING))
                 if cursor.rowcount != 1:
                     return None
             version = self._bump(db)
             db.execute("INSERT INTO jit_grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
-                _signed(grant.grant_id), grant.agent, str(grant.network), str(grant.proto),
+                signed64(grant.grant_id), grant.agent, str(grant.network), str(grant.proto),
                 ports_text(grant.ports), grant.not_before, grant.not_after, ",".join(grant.hosts),
                 grant.reason, grant.approver, grant.requested_by, grant.request_id,
                 grant.created_at))
@@ -160,7 +161,7 @@ class SqliteJitStore:
                            str(request.proto), ports_text(request.ports), request.ttl,
                            request.reason, request.state, request.created_at,
                            request.decided_at, request.decided_by,
-                           _signed(request.grant_id), request.note))
+                           signed64(request.grant_id), request.note))
 
     def grant_requests(self, *, state: str = "", host: str = "") -> tuple[GrantRequest, ...]:
         rows = self._db.execute(
@@ -188,15 +189,11 @@ def ports_text(ports: PortRange | None) -> str:
     return "any" if ports is None else str(ports)
 
 
-def _signed(value: int) -> int:
-    return value - 2**64 if value >= 2**63 else value
-
-
 def jit_grant_row(row: tuple[object, ...]) -> JitGrant:
     """A ``jit_grants`` row (both backends)."""
     (grant_id, agent, destination, proto, ports, not_before, not_after, hosts, reason,
      approver, requested_by, request_id, created_at) = row
-    return JitGrant(int(str(grant_id)) & (2**64 - 1), str(agent),
+    return JitGrant(unsigned64(int(str(grant_id))), str(agent),
                     parse_destination(str(destination)), Proto.parse(str(proto)),
                     parse_ports(str(ports)), float(str(not_before)), float(str(not_after)),
                     tuple(h for h in str(hosts).split(",") if h), str(reason), str(approver),
@@ -211,4 +208,4 @@ def jit_request_row(row: tuple[object, ...]) -> GrantRequest:
                         parse_destination(str(destination)), Proto.parse(str(proto)),
                         parse_ports(str(ports)), float(str(ttl)), str(reason), str(state),
                         float(str(created_at)), float(str(decided_at)), str(decided_by),
-                        int(str(grant_id)) & (2**64 - 1), str(note))
+                        unsigned64(int(str(grant_id))), str(note))

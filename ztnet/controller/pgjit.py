@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from ztnet.controller.int64 import signed64
 from ztnet.controller.jitstore import (
     APPROVED,
     DENIED,
@@ -22,7 +23,6 @@ from ztnet.controller.jitstore import (
     jit_request_row,
     ports_text,
 )
-from ztnet.controller.store import signed64
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ztnet import logs
 from ztnet.controller import pgschema
+from ztnet.controller.int64 import signed64, unsigned64
 from ztnet.controller.pgdetect import PgDetectStore
 from ztnet.controller.pgflows import PgFlowStore
 from ztnet.controller.pgjit import PgJitStore
@@ -44,9 +45,7 @@ from ztnet.controller.store import (
     Revocation,
     TokenStatus,
     serial_key,
-    signed64,
     token_outcome,
-    unsigned64,
 )
 from ztnet.errors import ConfigError
 from ztnet.policy.selectors import decode_labels, encode_labels

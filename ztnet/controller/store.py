@@ -30,6 +30,7 @@ from typing import Protocol
 
 from ztnet.controller.detectstore import DetectStore, SqliteDetectStore
 from ztnet.controller.flowstore import FlowStore, SqliteFlowStore
+from ztnet.controller.int64 import signed64, unsigned64
 from ztnet.controller.jitstore import JitStore, SqliteJitStore
 from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, create_schema, upgrade
 from ztnet.errors import ConfigError
@@ -467,10 +468,3 @@ def serial_key(serial: int) -> str:
     return format(serial, "x")
 
 
-def signed64(value: int) -> int:
-    """A 64-bit unsigned grant id as the signed 64-bit integer both databases store."""
-    return value - 2**64 if value >= 2**63 else value
-
-
-def unsigned64(value: int) -> int:
-    return value & (2**64 - 1)

@@ -164,7 +164,6 @@ class Resolver:
         # (agent index, address) -> the name it was learned for (flow records)
         self._hostnames: collections.OrderedDict[tuple[int, str], str] = \
             collections.OrderedDict()
-        self.queries = 0
 
     # --- configuration -------------------------------------------------------------------
 
@@ -387,7 +386,6 @@ class Resolver:
     def answer(self, index: int, agent: str, data: bytes,
                transport: str = "udp") -> tuple[dns.message.Message | None, bytes] | None:
         """Decide one query of agent ``agent`` (index ``index``); see the module docstring."""
-        self.queries += 1
         if len(data) < 12 or len(data) > MAX_QUERY_BYTES:
             return None
         try:
