@@ -46,6 +46,10 @@ struct zt_learned_value {
 
 /* zt_resolvers_v1, indexed by agent index: the loopback port the daemon answers this
  * agent's DNS on (127.0.0.1 and ::1). 0: no resolver, so DNS is denied. */
+/* flags: the agent holds no hostname grant, so no learned address can be its: the hooks
+ * skip the four learned-address lookups on its refusals (the daemon sets it; 0, the
+ * default, means "look"). */
+#define ZT_RESOLVER_NO_NAMES (1u << 0)
 struct zt_resolver {
 	__be16 port_be;
 	__u16 pad;

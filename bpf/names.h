@@ -33,6 +33,16 @@ static __always_inline __be16 zt_resolver_port(__u32 agent_index)
 	return resolver ? resolver->port_be : 0;
 }
 
+/* May this agent hold learned addresses at all? Only the agent's own resolver writes
+ * them: no resolver, or one for an agent without hostname grants, means none can match,
+ * and a refusal then costs one array lookup rather than four hash lookups. */
+static __always_inline int zt_may_have_learned(__u32 agent_index)
+{
+	int index = agent_index;
+	struct zt_resolver *resolver = zt_resolvers_v1.lookup(&index);
+	return resolver && resolver->port_be && !(resolver->flags & ZT_RESOLVER_NO_NAMES);
+}
+
 /* Is (proto, family, addr, port) an address the resolver handed this agent, live at `now`?
  * ``established``: judge by the grant's end (packets of admitted sockets), else by the
  * answer's (new connects and datagrams). Four exact lookups: the protocol or any, the port
@@ -42,6 +52,8 @@ static __always_inline int zt_learned_allowed(__u32 agent_index, __u8 proto, __u
 					      const __u8 *addr, __u16 port, __u64 now,
 					      int established, struct zt_grant_value *match)
 {
+	if (!zt_may_have_learned(agent_index))
+		return 0;
 	struct zt_learned_key key = {};
 	key.agent = agent_index;
 	key.family = family;

@@ -189,6 +189,10 @@ class Resolver:
             for index in [i for i in self._agents if i not in agents]:
                 self._close_agent(self._agents.pop(index))
                 self.table.set_resolver_port(index, 0)
+            # before the lock is released, so no answer for a new name precedes its flag
+            named = {grant.agent for grant in grants}
+            for index, agent in self._agents.items():
+                self.table.set_resolver_port(index, agent.port, names=agent.name in named)
         self._wake()
         return self.table.reconcile(ends, agents.keys())
 

@@ -330,6 +330,9 @@ class ZtLearnedValue(ctypes.Structure):
     ]
 
 
+RESOLVER_NO_NAMES = 1  # ZT_RESOLVER_NO_NAMES
+
+
 class ZtResolver(ctypes.Structure):
     """struct zt_resolver (bpf/dns_abi.h)"""
 

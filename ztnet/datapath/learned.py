@@ -95,9 +95,13 @@ class LearnedTable:
                 ports[index] = abi.port_from_be(value.port_be)
         return ports
 
-    def set_resolver_port(self, agent: int, port: int) -> None:
-        """0 removes it (the agent's DNS is then denied)."""
-        self._resolvers.update(ctypes.c_int(agent), abi.ZtResolver(abi.port_to_be(port), 0, 0))
+    def set_resolver_port(self, agent: int, port: int, *, names: bool = True) -> None:
+        """0 removes it (the agent's DNS is then denied). ``names``: the agent holds
+        hostname grants; without them the hooks skip its learned-address lookups, so
+        it must be True before the resolver hands that agent any address."""
+        flags = 0 if names else abi.RESOLVER_NO_NAMES
+        self._resolvers.update(ctypes.c_int(agent),
+                               abi.ZtResolver(abi.port_to_be(port), 0, flags))
 
     # --- learned addresses ---------------------------------------------------------------
 
