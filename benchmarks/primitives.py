@@ -70,11 +70,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
                     "BPF_RINGBUF_OUTPUT(rb, 256);\n"
                     "int f(struct bpf_sock_addr *ctx) { u64 *p = rb.ringbuf_reserve(96);"
                     " if (p) { p[0] = 1; rb.ringbuf_submit(p, BPF_RB_NO_WAKEUP); } return 1; }"),
-    "ring record+wakeup": ("the same record, waking its (absent) reader",
-                           "BPF_RINGBUF_OUTPUT(rb, 256);\n"
-                           "int f(struct bpf_sock_addr *ctx) { u64 *p = rb.ringbuf_reserve(96);"
-                           " if (p) { p[0] = 1; rb.ringbuf_submit(p, BPF_RB_FORCE_WAKEUP); }"
-                           " return 1; }"),
     "hash insert": ("a preallocated hash insert keyed by socket cookie (one per socket)",
                     _COOKIE + _VALUE % 8 + "BPF_HASH(h, u64, struct value, 65536);\n"
                     "int f(struct bpf_sock_addr *ctx) { u64 k = zt_cookie(ctx);"

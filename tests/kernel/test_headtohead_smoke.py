@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.primitives import CGROUP_PREFIX, VARIANTS
 from tests.kernel.conftest import require_tools
+from ztnet.instance import find_cgroup2_mount
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = {"tcp": ("per_s", "p50_ns", "p99_ns"), "udp": ("per_s",),
@@ -56,3 +58,19 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert text.count("<!-- headtohead:begin") == 1 and text.count("<!-- headtohead:end -->") == 1
     for scenario in scenarios.values():
         assert f"| {scenario['label']} |" in text
+
+
+def test_primitives_smoke_measures_every_building_block(tmp_path: Path) -> None:
+    """benchmarks/primitives.py with tiny counts: every variant loads, runs once per connect
+    and yields a cost; the cgroup it made is gone afterwards."""
+    require_tools("cc")
+    out = tmp_path / "primitives.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.primitives", "--calls", "50",
+                           "--rounds", "1", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {row["primitive"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(VARIANTS)
+    for name, row in rows.items():
+        assert _number(row["ns_per_run"]), (name, row)
+    assert not list(find_cgroup2_mount().glob(CGROUP_PREFIX + "*"))
