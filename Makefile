@@ -31,7 +31,7 @@ test-hardening: setup
 	HARDENING_EXAMPLES=$(HARDENING_EXAMPLES) HARDENING_SOAK=1 HARDENING_FULL=1 \
 		$(PY) -m pytest $(HARDENING_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The head-to-head benchmark users read (10-20 min): writes every sample, the plot and the
+# The head-to-head benchmark users read (20-30 min): writes every sample, the plot and the
 # generated section of docs/performance.md. `make test` runs its --smoke mode.
 bench: setup
 	$(PY) -m benchmarks.headtohead --out docs/perf/headtohead.json \

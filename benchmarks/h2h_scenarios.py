@@ -19,6 +19,7 @@ entries to search.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import time
@@ -94,7 +95,7 @@ class Scenario:
     """One filter configuration. Subclasses load the filter in :meth:`start_filter`."""
 
     name: str
-    kind: str  # none | ztnet | nftables | iptables
+    kind: str  # none | ztnet | nftables | iptables | opensnitch
     size: int
     index: int
     pair: NetnsPair = field(init=False)
@@ -233,6 +234,108 @@ class Iptables(Scenario):
         run_in(self.pair.a.netns, ["iptables-restore"], stdin="\n".join(lines))
 
 
+# Debian's opensnitch package, unpacked (never installed: its postinst starts opensnitchd on
+# the host, where it would queue every connection the host makes) by scripts/setup.sh.
+OPENSNITCH_ROOT = Path(__file__).resolve().parents[1] / ".venv" / "opensnitch"
+OPENSNITCH_READY_TIMEOUT = 30.0
+
+
+def opensnitch_binary() -> Path:
+    return OPENSNITCH_ROOT / "usr" / "bin" / "opensnitchd"
+
+
+def opensnitch_library_path() -> str:
+    """Where its libnetfilter_queue was unpacked (the multiarch directory of this host)."""
+    return ":".join(str(p) for p in sorted(OPENSNITCH_ROOT.glob("usr/lib/*-linux-gnu")))
+
+
+def _opensnitch_rule(name: str, operator: dict[str, object], action: str = "allow") -> str:
+    # precedence: a matching allow rule decides at once (without it opensnitchd goes on
+    # looking for a deny or reject rule that also matches, and the catch-all would win)
+    return json.dumps({"created": "2026-01-01T00:00:00Z", "updated": "2026-01-01T00:00:00Z",
+                       "name": name, "enabled": True, "precedence": True, "action": action,
+                       "duration": "always", "operator": operator})
+
+
+def _simple(operand: str, data: str, kind: str = "simple") -> dict[str, object]:
+    return {"type": kind, "operand": operand, "sensitive": False, "data": data, "list": []}
+
+
+class OpenSnitch(Scenario):
+    """opensnitchd (Debian's 1.5 binary, unpacked by scripts/setup.sh) in the client
+    namespace, with a private mount namespace whose /etc is an overlay (its configuration
+    path is fixed at /etc/opensnitchd; the host's /etc stays untouched). It loads its own
+    iptables rules there: every new connection (conntrack NEW) goes to its netfilter queue,
+    where its rules decide in user space, process lookup by /proc included (its default
+    method). N rules: N - 1 for other destinations, then the workload's (destination and
+    ports), each in its own file as its UI writes them, tried in name order; then a rule
+    that rejects everything else (its ``DefaultAction`` cannot: 1.5 drops for ``reject``
+    there, and a denied connect would hang; a reject rule aborts the socket, ECONNABORTED).
+    No UI is connected, so nothing is ever asked."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start_filter(self, stack: ExitStack, work: Path) -> None:
+        self._plain_cgroup(stack)
+        binary = opensnitch_binary()
+        if not binary.exists():
+            raise ScenarioError(f"{self.name}: {binary} is missing (scripts/setup.sh unpacks "
+                                "Debian's opensnitch package there)")
+        home = work / f"opensnitch-{self.name}"
+        etc, rules = home / "etc", home / "rules"
+        for path in (etc, rules, home / "upper", home / "overlay-work"):
+            path.mkdir(parents=True)
+        log = home / "daemon.log"
+        (etc / "default-config.json").write_text(json.dumps({
+            "Server": {"Address": f"unix://{home}/ui.sock", "LogFile": str(log)},
+            "DefaultAction": "deny", "DefaultDuration": "always",
+            "InterceptUnknown": False, "ProcMonitorMethod": "proc", "LogLevel": 2,
+            "Firewall": "iptables", "Stats": {"MaxEvents": 150, "MaxStats": 25}}))
+        (etc / "system-fw.json").write_text(json.dumps({"SystemRules": []}))
+        for i, address in enumerate(filler_addresses(self.server, self.size - 1)):
+            (rules / f"filler-{i:06}.json").write_text(
+                _opensnitch_rule(f"filler-{i:06}", _simple("dest.ip", address)))
+        # named to sort last: the workload's rule is the last one tried, as for iptables
+        (rules / "zz-workload.json").write_text(_opensnitch_rule("zz-workload", {
+            "type": "list", "operand": "list", "sensitive": False, "data": "",
+            "list": [_simple("dest.ip", self.server),
+                     _simple("dest.port", f"^({TCP_PORT}|{UDP_PORT}|{IPERF_PORT})$",
+                             "regexp")]}))
+        (rules / "zzz-reject-the-rest.json").write_text(
+            _opensnitch_rule("zzz-reject-the-rest", _simple("dest.ip", ".*", "regexp"), "reject"))
+        self.entries = self.size
+        script = (f'mount -t overlay overlay -o lowerdir=/etc,upperdir={home}/upper,'
+                  f'workdir={home}/overlay-work /etc && mkdir -p /etc/opensnitchd && '
+                  f'cp {etc}/*.json /etc/opensnitchd/ && '
+                  f'LD_LIBRARY_PATH={opensnitch_library_path()} exec {binary} '
+                  f'-rules-path {rules} -process-monitor-method proc -queue-num 0 '
+                  f'-ui-socket unix://{home}/ui.sock -log-file {log} -no-live-reload')
+        self.proc = subprocess.Popen(self.pair.a.argv(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(self._stop)
+        deadline = time.monotonic() + OPENSNITCH_READY_TIMEOUT
+        while "NFQUEUE" not in run_in(self.pair.a.netns, ["iptables-save"]):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text()[-2000:] if log.exists() else ""
+                raise ScenarioError(f"{self.name}: opensnitchd did not queue connections "
+                                    f"(exit {self.proc.poll()}): {tail}")
+            time.sleep(0.1)  # its rules appear in the namespace's ruleset: nothing to wait on
+
+    def _stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def daemon_pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+
 def ztnet_policy(server: str, size: int) -> str:
     lines = ['trust_domain = "bench.example"', f"[agents.{AGENT}]",
              f'[[agents.{AGENT}.allow]]\nto = "{server}/32"\nports = "{TCP_PORT}-{IPERF_PORT + 1}"'
@@ -311,11 +414,14 @@ class Ztnet(Scenario):
 
 
 def make_scenarios(ztnet_sizes: Sequence[int], nft_sizes: Sequence[int],
-                   iptables_sizes: Sequence[int]) -> list[Scenario]:
+                   iptables_sizes: Sequence[int],
+                   opensnitch_sizes: Sequence[int] = ()) -> list[Scenario]:
     scenarios: list[Scenario] = [NoFilter("none", "none", 0, 1)]
-    for kind, short, cls, sizes in (("ztnet", "zt", Ztnet, ztnet_sizes),
-                                     ("nftables", "nft", Nftables, nft_sizes),
-                                     ("iptables", "ipt", Iptables, iptables_sizes)):
+    kinds: tuple[tuple[str, str, type[Scenario], Sequence[int]], ...] = (
+        ("ztnet", "zt", Ztnet, ztnet_sizes), ("nftables", "nft", Nftables, nft_sizes),
+        ("iptables", "ipt", Iptables, iptables_sizes),
+        ("opensnitch", "osn", OpenSnitch, opensnitch_sizes))
+    for kind, short, cls, sizes in kinds:
         for size in sizes:
             scenarios.append(cls(f"{short}{size}", kind, size, len(scenarios) + 1))
     return scenarios
@@ -323,10 +429,14 @@ def make_scenarios(ztnet_sizes: Sequence[int], nft_sizes: Sequence[int],
 
 def tool_versions() -> dict[str, str]:
     out = {}
-    for tool, flag in (("nft", "--version"), ("iptables", "--version"), ("iperf3", "--version")):
-        with suppress(OSError):
-            proc = subprocess.run([tool, flag], capture_output=True, text=True, check=False)
-            out[tool] = (proc.stdout or proc.stderr).splitlines()[0].strip()
+    env = {**os.environ, "LD_LIBRARY_PATH": opensnitch_library_path()}
+    for tool, argv in (("nft", ["nft", "--version"]), ("iptables", ["iptables", "--version"]),
+                       ("iperf3", ["iperf3", "--version"]),
+                       ("opensnitch", [str(opensnitch_binary()), "-version"])):
+        with suppress(OSError, IndexError):
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+            version = (proc.stdout or proc.stderr).splitlines()[0].strip()
+            out[tool] = f"opensnitchd {version}" if tool == "opensnitch" else version
     return out
 
 

@@ -7,8 +7,9 @@
 Scenarios (benchmarks/h2h_scenarios.py), each in network namespaces of its own joined by a
 veth: no filter; ztnet with 1, 1,000 and 100,000 grants, each a real `ztnet daemon` recording
 flows; nftables with a ``socket cgroupv2`` match and a set of 1, 1,000 and 100,000 elements;
-iptables with a cgroup match and 1 and 1,000 linear rules. Nothing is loaded into the host's
-network namespace.
+iptables with a cgroup match and 1 and 1,000 linear rules; OpenSnitch (Debian's opensnitchd,
+unpacked by scripts/setup.sh, run in the client namespace and a private mount namespace) with
+one rule. Nothing is loaded into the host's network namespace.
 
 Workloads, run by ``benchmarks/loadgen.c`` (compiled here with the system compiler) and
 iperf3, as the client of each scenario pinned to one CPU: TCP connect+close rate with p50/p99
@@ -80,12 +81,14 @@ class Settings:
     ztnet_sizes: tuple[int, ...]
     nft_sizes: tuple[int, ...]
     iptables_sizes: tuple[int, ...]
+    opensnitch_sizes: tuple[int, ...]
     smoke: bool
 
 
 FULL = Settings(7, 20_000, 200_000, 5_000, ("-t", "3"), 3, (1, 1_000, 100_000),
-                (1, 1_000, 100_000), (1, 1_000), False)
-SMOKE = Settings(1, 300, 3_000, 100, ("-n", "4M"), 1, (1, 10, 100), (1, 100), (1, 100), True)
+                (1, 1_000, 100_000), (1, 1_000), (1,), False)
+SMOKE = Settings(1, 300, 3_000, 100, ("-n", "4M"), 1, (1, 10, 100), (1, 100), (1, 100), (1,),
+                 True)
 
 
 def build_loadgen(work: Path) -> Path:
@@ -120,8 +123,11 @@ def _last_json(text: str) -> dict[str, Any]:
 
 def expected_denial(scenario: Scenario) -> int:
     """ztnet refuses in the connect hook; nftables and iptables reject the SYN with a reset,
-    and without a filter the server's kernel does (nothing listens there)."""
-    return errno.EPERM if scenario.kind == "ztnet" else errno.ECONNREFUSED
+    and without a filter the server's kernel does (nothing listens there); OpenSnitch's
+    reject rule aborts the socket while its SYN waits in the queue."""
+    if scenario.kind == "ztnet":
+        return errno.EPERM
+    return errno.ECONNABORTED if scenario.kind == "opensnitch" else errno.ECONNREFUSED
 
 
 def run_workload(scenario: Scenario, workload: str, settings: Settings, loadgen: Path,
@@ -234,7 +240,8 @@ def daemon_facts(scenario: Ztnet, state: Path) -> dict[str, Any]:
 def run(settings: Settings, work: Path, stack: ExitStack) -> dict[str, Any]:
     loadgen = build_loadgen(work)
     client_cpu, server_cpu = cpu_plan()
-    scenarios = make_scenarios(settings.ztnet_sizes, settings.nft_sizes, settings.iptables_sizes)
+    scenarios = make_scenarios(settings.ztnet_sizes, settings.nft_sizes, settings.iptables_sizes,
+                               settings.opensnitch_sizes)
     load_before = os.getloadavg()
     print(f"setting up {len(scenarios)} scenarios …", file=sys.stderr)
     for scenario in scenarios:

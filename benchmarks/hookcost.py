@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("benchmarks.hookcost: needs root (namespaces, cgroups, BPF)", file=sys.stderr)
         return 2
     settings = replace(FULL, pairs=0, stats_repeats=args.repeats, ztnet_sizes=(args.grants,),
-                       nft_sizes=(), iptables_sizes=())
+                       nft_sizes=(), iptables_sizes=(), opensnitch_sizes=())
     remove_stale_instances()
     with tempfile.TemporaryDirectory(prefix="ztnet-hookcost-") as tmp, ExitStack() as stack:
         work = Path(tmp)

@@ -22,8 +22,9 @@ PACKAGES=(python3 python3-venv python3-pip python3-bpfcc python3-seccomp iproute
 # The head-to-head benchmark (benchmarks/headtohead.py) compares ztnet with nftables and
 # iptables and runs iperf3; it only ever loads rules inside the namespaces it creates.
 # None of these packages loads a rule or starts a service when installed (iperf3 asks
-# whether to start its daemon; the non-interactive default is no).
-[ "${ZTNET_SETUP_NO_BENCH:-0}" = 1 ] || PACKAGES+=(iperf3 nftables iptables)
+# whether to start its daemon; the non-interactive default is no). libnfnetlink0 and libmnl0
+# are what the unpacked opensnitchd links against (below).
+[ "${ZTNET_SETUP_NO_BENCH:-0}" = 1 ] || PACKAGES+=(iperf3 nftables iptables libnfnetlink0 libmnl0)
 # TPM-bound host identity (`ztnet enroll --tpm`): the TSS bindings from the distribution
 # (like bcc, never from PyPI: they build against these tss2 libraries), and a software TPM
 # with its EK-certificate tooling for the tests. ZTNET_SETUP_NO_TPM=1 leaves them out
@@ -119,6 +120,27 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # The wire protocol lives only in proto/; its Python code is generated here.
 "$VENV/bin/python" -m ztnet.protogen >/dev/null
+
+# OpenSnitch for the head-to-head (benchmarks/h2h_scenarios.py): Debian's package is
+# downloaded and unpacked under .venv, never installed, because its postinst starts
+# opensnitchd on the host, where its rules would queue every connection the host makes. The
+# bench runs the unpacked binary inside its own network and mount namespaces only.
+OPENSNITCH="$VENV/opensnitch"
+if [ "${ZTNET_SETUP_NO_BENCH:-0}" != 1 ] && [ ! -x "$OPENSNITCH/usr/bin/opensnitchd" ]; then
+    say "unpacking Debian's opensnitch into $OPENSNITCH (not installed)"
+    debs=$(mktemp -d)
+    chmod 0755 "$debs"  # apt's download sandbox user must be able to write here
+    fetch() { (cd "$debs" && apt-get download -qq opensnitch libnetfilter-queue1); }
+    if ! fetch 2>/dev/null; then
+        apt-get update -qq
+        apt_updated=1
+        fetch
+    fi
+    mkdir -p "$OPENSNITCH.tmp"
+    for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$OPENSNITCH.tmp"; done
+    rm -rf "$debs" "$OPENSNITCH"
+    mv "$OPENSNITCH.tmp" "$OPENSNITCH"
+fi
 
 # The second-language client of tests/interop (Node.js); its test skips without npm.
 NODE_CLIENT="$ROOT/tests/interop/node_client"

@@ -11,22 +11,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.h2h_scenarios import opensnitch_binary
 from benchmarks.primitives import CGROUP_PREFIX, VARIANTS
-from tests.kernel.conftest import require_tools
+from tests.kernel.conftest import require, require_tools
 from ztnet.instance import find_cgroup2_mount
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = {"tcp": ("per_s", "p50_ns", "p99_ns"), "udp": ("per_s",),
              "bulk": ("bits_per_s",), "deny": ("p50_ns", "p99_ns")}
-KINDS = {"none", "ztnet", "nftables", "iptables"}
+KINDS = {"none", "ztnet", "nftables", "iptables", "opensnitch"}
 
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+def _host_rulesets() -> tuple[str, str]:
+    """The host's own nftables and iptables rules (counters left out)."""
+    nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True)
+    ipt = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True)
+    rules = [line for line in ipt.stdout.splitlines() if not line.startswith("#")]
+    return nft.stdout, "\n".join(line.split(" [")[0] for line in rules)
+
+
 def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
-    require_tools("cc", "nft", "iptables-restore", "iperf3", "nsenter")
+    require_tools("cc", "nft", "iptables-restore", "iperf3", "nsenter", "unshare")
+    require(opensnitch_binary().exists(),
+            f"{opensnitch_binary()} is missing (scripts/setup.sh unpacks Debian's opensnitch)")
+    host_rules = _host_rulesets()
     out, png, doc = tmp_path / "h2h.json", tmp_path / "h2h.png", tmp_path / "performance.md"
     doc.write_text("# Performance\n\nhand-written text stays\n")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.headtohead", "--smoke",
@@ -52,6 +64,7 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
             assert any(p["run_cnt"] > 0 and p["run_time_ns"] > 0 for p in programs.values()), \
                 (name, workload, programs)
         assert results["daemons"][name]["flow_records_written"] > 0
+    assert _host_rulesets() == host_rules  # every filter stayed inside its namespaces
     assert png.read_bytes().startswith(b"\x89PNG")
     text = doc.read_text()
     assert "hand-written text stays" in text
