@@ -303,7 +303,7 @@ class OpenSnitch(Scenario):
                              "regexp")]}))
         (rules / "zzz-reject-the-rest.json").write_text(
             _opensnitch_rule("zzz-reject-the-rest", _simple("dest.ip", ".*", "regexp"), "reject"))
-        self.entries = self.size
+        self.entries = self.size + 1  # and the reject rule
         script = (f'mount -t overlay overlay -o lowerdir=/etc,upperdir={home}/upper,'
                   f'workdir={home}/overlay-work /etc && mkdir -p /etc/opensnitchd && '
                   f'cp {etc}/*.json /etc/opensnitchd/ && '

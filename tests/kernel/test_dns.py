@@ -7,6 +7,7 @@ namespace: every answer they get proves the redirect."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -172,6 +173,13 @@ def test_short_ttl_new_connects_lapse_established_stream_survives(lab: DnsLab) -
         assert 1.0e9 <= entry.not_after_ns - boot_ns() <= 2.5e9
         wait_boot_past(entry.not_after_ns)
         assert lab.dnsagent("connect", SHORT, str(ECHO_PORT)) == {"result": "EPERM"}
+        # the lapsed answer stays in the kernel because this socket needs it: the sweep
+        # spares exactly the addresses an agent's socket is connected to
+        with Datapath.inspect(lab.instance) as dp:
+            in_use = dp.learned_in_use()
+        index = agent_index(lab, "bot")
+        assert in_use(LearnedKey(index, 6, ipaddress.ip_address(SHORT), ECHO_PORT))
+        assert not in_use(LearnedKey(index, 6, ipaddress.ip_address(ZERO), ECHO_PORT))
         holder.stdin.write("still here\n")
         holder.stdin.flush()
         assert json.loads(holder.stdout.readline()) == {"echo": "still here\n"}

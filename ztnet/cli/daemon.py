@@ -70,6 +70,9 @@ def register(sub: SubParsers) -> None:
                    "(default 5)")
     p.add_argument("--dns-max-addresses", type=int, default=32, metavar="N",
                    help="most addresses live at once per agent and name (default 32)")
+    p.add_argument("--dns-max-entries", type=int, default=4096, metavar="N",
+                   help="most learned-address entries (address x port x protocol) one agent "
+                   "may hold in the kernel map all agents share (default 4096 of 65536)")
 
 
 def spool_size(text: str) -> int:
@@ -93,12 +96,17 @@ def dns_settings(args: argparse.Namespace) -> object | None:
     if not args.dns and not args.dns_upstream:
         return None
     from ztnet.daemon.resolver import ResolverSettings, upstreams_from_resolv_conf
+    from ztnet.datapath.abi import MAX_LEARNED
 
     if not 0 < args.dns_floor <= 3600 or not 0 < args.dns_max_addresses <= 1024:
         raise SystemExit("ztnet daemon: --dns-floor must be in (0, 3600] and "
                          "--dns-max-addresses in 1..1024")
+    if not 0 < args.dns_max_entries <= MAX_LEARNED:
+        raise SystemExit(f"ztnet daemon: --dns-max-entries must be in 1..{MAX_LEARNED} "
+                         "(the kernel map all agents share)")
     return ResolverSettings(tuple(args.dns_upstream) or upstreams_from_resolv_conf(),
-                            floor_seconds=args.dns_floor, max_addresses=args.dns_max_addresses)
+                            floor_seconds=args.dns_floor, max_addresses=args.dns_max_addresses,
+                            max_entries_per_agent=args.dns_max_entries)
 
 
 def handle_daemon(args: argparse.Namespace) -> int:

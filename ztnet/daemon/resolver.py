@@ -10,7 +10,8 @@ chosen by the agent). For each query:
 * a matching A/AAAA query is resolved upstream (from a random port, over TCP when the UDP
   answer is truncated); the CNAME chain is followed from the query name only
   (ztnet.daemon.dnsanswer), private/metadata answers are stripped unless the grant opts
-  in, at most ``max_addresses`` addresses per (agent, name) are live at once;
+  in, at most ``max_addresses`` addresses per (agent, name) are live at once, and an agent
+  holds at most ``max_entries_per_agent`` kernel entries (the map is every agent's);
 * every kept address becomes a kernel entry for that agent, each port and the protocol of
   each matching grant, valid for ``min(max(TTL, floor), grant remaining)``; the answer is
   sent only after every entry is in the kernel, its TTLs capped so that no client caches
@@ -69,6 +70,9 @@ class ResolverSettings:
     upstreams: tuple[tuple[str, int], ...]
     floor_seconds: float = 5.0
     max_addresses: int = 32
+    # kernel entries (address x port x protocol) one agent may hold in zt_learned_v1, which
+    # all agents share (65,536 entries): 16 agents at their cap fill it
+    max_entries_per_agent: int = 4096
     max_chain: int = DEFAULT_MAX_CHAIN
     timeout: float = 2.0
     workers: int = 16
@@ -287,8 +291,10 @@ class Resolver:
         self._wake_r.close()
         self._wake_w.close()
 
-    def sweep(self) -> int:
-        """Free kernel room held by entries past their grant; forget lapsed answers."""
+    def sweep(self, in_use: Callable[[LearnedKey], bool] | None = None) -> int:
+        """Free kernel room held by entries past their grant, and (given ``in_use``: is a
+        socket of the key's agent connected to its address?) by lapsed answers no socket
+        needs; forget lapsed answers."""
         now = boot_ns()
         with self._lock:
             for key in list(self._live):
@@ -297,7 +303,7 @@ class Resolver:
                     self._live[key] = live
                 else:
                     del self._live[key]
-        return self.table.sweep(now)
+        return self.table.sweep(now, in_use=in_use)
 
     def _wake(self) -> None:
         try:
@@ -480,14 +486,19 @@ class Resolver:
                     entries[LearnedKey(index, int(g.proto), address, port)] = \
                         LearnedValue(until, end, g.grant_id)
         try:
-            self.table.add(entries)
+            refused = self.table.add(entries, per_agent=self.settings.max_entries_per_agent)
         except DatapathError as exc:
             return self._finish(query, dns.rcode.SERVFAIL, QueryRecord(
                 agent, name, qtype, "servfail", chain=chain.names, grant_ids=ids,
                 reason=f"kernel entries not installed: {exc}", upstream_ms=upstream_ms,
                 transport=transport))
         install_ms = (time.monotonic() - started) * 1000
+        if refused:
+            entries = {k: v for k, v in entries.items() if k not in refused}
+            valid_ns = [v.not_after_ns for v in entries.values()]
         answered = [a for a in kept if any(k.address == a for k in entries)]
+        stripped += [f"{a} (over the agent's cap of {self.settings.max_entries_per_agent} "
+                     "kernel entries)" for a in kept if a not in answered]
         with self._lock:
             for key, value in entries.items():
                 live[key.address] = max(live.get(key.address, 0), value.not_after_ns)

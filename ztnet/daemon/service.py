@@ -295,7 +295,7 @@ class Daemon:
             logs.event("wall clock stepped; kernel deadlines keep the pinned offset",
                        logging.WARNING, step_seconds=round(step_ns / 1e9, 3))
         if self.resolver is not None:
-            self.resolver.sweep()
+            self.resolver.sweep(in_use=self.datapath.learned_in_use())
         try:
             synced = self.datapath.resync(self.current)
         except DatapathError as exc:  # the kernel keeps what it has; try again next period

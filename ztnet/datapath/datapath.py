@@ -34,11 +34,11 @@ from ztnet.datapath.compile import (
 )
 from ztnet.datapath.drift import Drift, find_drift
 from ztnet.datapath.grantmaps import GrantMaps, Snapshot
-from ztnet.datapath.learned import LearnedTable
+from ztnet.datapath.learned import LearnedKey, LearnedTable
 from ztnet.datapath.probe import probe
 from ztnet.errors import MapUpdateError, NotAttached
 from ztnet.grants.bundle import VerifiedBundle
-from ztnet.grants.model import Grant
+from ztnet.grants.model import Grant, normalize_address
 from ztnet.identity import cgroups, uids
 from ztnet.instance import Instance
 
@@ -573,6 +573,14 @@ class Datapath:
                                         also_allowed=learned_allows)
 
     # --- hostname grants -----------------------------------------------------------
+
+    def learned_in_use(self) -> Callable[[LearnedKey], bool]:
+        """A predicate for LearnedTable.sweep: is a socket of the key's agent connected to
+        the key's address now? (read once, here, from the agents' sockets)"""
+        index = {name: agent for agent, name in self.agent_names().items()}
+        connected = {(index[flow.agent], normalize_address(flow.remote[0]))
+                     for flow in sockets.agent_flows(self.instance) if flow.agent in index}
+        return lambda key: (key.agent, normalize_address(key.address)) in connected
 
     def learned(self) -> LearnedTable:
         """Learned addresses and resolver ports (ztnet.datapath.learned)."""

@@ -7,6 +7,12 @@ floored, capped by the grant), packets of admitted sockets until ``grant_not_aft
 an answer; the agent never can (bpffs is root's), and a reply it forges to itself is never
 read by anything. Entries lapse in the kernel on their own; ``sweep`` only frees the room.
 
+The map is shared by every agent of the host, so no agent may fill it: ``add`` holds each
+agent to a cap of entries (the resolver's ``max_entries_per_agent``), and ``sweep`` frees an
+entry once its answer has lapsed and no socket of that agent is connected to its address,
+even while its grant lives on (renewals extend the grant, and without this an agent's
+entries would only ever accumulate).
+
 ``zt_resolvers_v1`` holds each agent's resolver port (loopback). It is written only after
 the resolver's sockets are bound, so the redirect never points at nothing, and it is
 pinned, so a restarted daemon binds the same ports again.
@@ -18,6 +24,7 @@ import ctypes
 import ipaddress
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -83,6 +90,8 @@ class LearnedTable:
         self._learned.check_layout(abi.ZtLearnedKey, abi.ZtLearnedValue)
         self._resolvers.check_layout(ctypes.c_int, abi.ZtResolver)
         self._lock = threading.Lock()
+        # entries per agent index in the kernel: pinned entries of an earlier run count too
+        self._held: Counter[int] = Counter(key.agent for key in self._keys())
 
     # --- resolver ports ------------------------------------------------------------------
 
@@ -105,24 +114,42 @@ class LearnedTable:
 
     # --- learned addresses ---------------------------------------------------------------
 
-    def add(self, entries: Mapping[LearnedKey, LearnedValue]) -> None:
+    def add(self, entries: Mapping[LearnedKey, LearnedValue], *,
+            per_agent: int | None = None) -> frozenset[LearnedKey]:
         """Install ``entries``; where one is already there, each deadline becomes the later
-        of the two (another answer, or another grant, may have promised longer).
-        MapUpdateError (a full table) leaves what was written so far: those entries are
-        valid, only unused."""
+        of the two (another answer, or another grant, may have promised longer). A new
+        entry that would take its agent past ``per_agent`` entries is left out; returns
+        those left out. MapUpdateError (a full table) leaves what was written so far:
+        those entries are valid, only unused."""
+        refused = set()
         with self._lock:
             for key, value in entries.items():
                 c_key = key.to_c()
                 have = abi.ZtLearnedValue()
-                if self._learned.lookup(c_key, have):
-                    # two grants may cover one address (shared CDN edges): it is allowed
-                    # while either is, and reported under the longer-lived one
-                    longer = int(have.grant_id) if int(have.grant_not_after_ns) > \
-                        value.grant_not_after_ns else value.grant_id
-                    value = LearnedValue(max(value.not_after_ns, int(have.not_after_ns)),
-                                         max(value.grant_not_after_ns,
-                                             int(have.grant_not_after_ns)), longer)
+                if not self._learned.lookup(c_key, have):
+                    if per_agent is not None and self._held[key.agent] >= per_agent:
+                        refused.add(key)
+                        continue
+                    self._learned.update(c_key, value.to_c())
+                    self._held[key.agent] += 1
+                    continue
+                # two grants may cover one address (shared CDN edges): it is allowed while
+                # either is, and reported under the longer-lived one
+                longer = int(have.grant_id) if int(have.grant_not_after_ns) > \
+                    value.grant_not_after_ns else value.grant_id
+                value = LearnedValue(max(value.not_after_ns, int(have.not_after_ns)),
+                                     max(value.grant_not_after_ns,
+                                         int(have.grant_not_after_ns)), longer)
                 self._learned.update(c_key, value.to_c())
+        return frozenset(refused)
+
+    def held(self, agent: int) -> int:
+        """How many entries ``agent`` holds in the kernel."""
+        with self._lock:
+            return self._held[agent]
+
+    def _keys(self) -> list[LearnedKey]:
+        return [LearnedKey.from_c(c_key) for c_key in self._learned.keys(abi.ZtLearnedKey)]
 
     def entries(self) -> dict[LearnedKey, LearnedValue]:
         result = {}
@@ -154,16 +181,28 @@ class LearnedTable:
             for key, value in self.entries().items():
                 new = keep(key, value)
                 if new is None:
-                    self._learned.delete(key.to_c())
+                    if self._learned.delete(key.to_c()):
+                        self._held[key.agent] -= 1
                     deleted += 1
                 elif new != value:
                     self._learned.update(key.to_c(), new.to_c())
         return deleted
 
-    def sweep(self, now_ns: int | None = None) -> int:
-        """Delete the entries the kernel no longer honours at all (past the grant)."""
+    def sweep(self, now_ns: int | None = None, *,
+              in_use: Callable[[LearnedKey], bool] | None = None) -> int:
+        """Delete the entries the kernel no longer honours at all (past the grant), and,
+        given ``in_use`` (is a socket of the key's agent connected to its address?), those
+        whose answer has lapsed and that no socket needs."""
         now_ns = boot_ns() if now_ns is None else now_ns
-        return self.prune(lambda _k, v: v if v.grant_not_after_ns > now_ns else None)
+
+        def keep(key: LearnedKey, value: LearnedValue) -> LearnedValue | None:
+            if value.grant_not_after_ns <= now_ns:
+                return None
+            if in_use is not None and value.not_after_ns <= now_ns and not in_use(key):
+                return None
+            return value
+
+        return self.prune(keep)
 
     def reconcile(self, grant_ends_ns: Mapping[int, int], agents: Iterable[int]) -> int:
         """After a bundle: entries of grants no longer in force, or of agents no longer

@@ -65,6 +65,9 @@ def zone(private: str) -> dict[str, dict[str, Any]]:
     }
 
 
+BRIEF_TTL = 'ttl = "6s"'
+
+
 def policy(extra_rules: str = "") -> str:
     """Agent ``bot``'s hostname grants, agent ``other`` with api only."""
     rules = "".join(
@@ -73,7 +76,7 @@ def policy(extra_rules: str = "") -> str:
                      "www.lab.test", "loop.lab.test", "mixed.lab.test", "big.lab.test"))
     rules += (f'[[agents.bot.allow]]\nto = "inside.lab.test"\nports = "{ECHO_PORT}"\n'
               "allow_private = true\n")
-    rules += f'[[agents.bot.allow]]\nto = "brief.lab.test"\nports = "{ECHO_PORT}"\nttl = "6s"\n'
+    rules += f'[[agents.bot.allow]]\nto = "brief.lab.test"\nports = "{ECHO_PORT}"\n{BRIEF_TTL}\n'
     # loopback UDP, so that a reply the agent forges to itself really arrives
     rules += '[[agents.bot.allow]]\nto = "127.0.0.1/32"\nproto = "udp"\nports = "any"\n'
     other = f'[[agents.other.allow]]\nto = "api.lab.test"\nports = "{ECHO_PORT}"\n'
@@ -196,7 +199,11 @@ def dns_lab(instance: Instance, *, daemon_args: Sequence[str] = ("--dns-floor", 
         pub.write_bytes(key.public_key().public_bytes(Encoding.PEM,
                                                      PublicFormat.SubjectPublicKeyInfo))
         bundle = workdir / "bundle.json"
-        _write_bundle(key, bundle, policy_text or policy(), 1, 3600.0)
+        # brief.lab.test's 6 s grant would lapse before a slow first start (the programs
+        # compile) applies the bundle, and a lapsed grant rejects it whole: the first bundle
+        # gives it an hour; the test about its expiry publishes policy() itself
+        first = policy_text or policy().replace(BRIEF_TTL, 'ttl = "1h"')
+        _write_bundle(key, bundle, first, 1, 3600.0)
         args = ("--dns-upstream", pair.b.ipv4, *daemon_args)
         lab = DnsLab(instance, pair, workdir, key, upstream, servers,
                      DaemonProcess(instance, pub, bundle, workdir / "state", netns=pair.a.netns,
