@@ -443,7 +443,8 @@ def print_report(results: dict[str, Any]) -> None:
                   f"ms, max {ms['max']} ms ({result['latency']['connects']} connects)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The settings (benchmarks/headtohead.py runs :func:`run_mode` with its own)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.flows")
     parser.add_argument("--mode", choices=("standalone", "controller", "both"),
                         default="both")
@@ -465,7 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency", type=int, default=200,
                         help="connects for the latency figure (0: skip)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("benchmarks.flows: needs root (BPF, cgroups)")
     remove_stale_instances()

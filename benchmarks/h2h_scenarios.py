@@ -166,6 +166,10 @@ class Scenario:
     def counters(self) -> dict[str, float]:
         return {}
 
+    def rss_bytes(self) -> int | None:
+        pid = self.daemon_pid()
+        return None if pid is None else int(psutil.Process(pid).memory_info().rss)
+
 
 class NoFilter(Scenario):
     pass
@@ -407,10 +411,6 @@ class Ztnet(Scenario):
         with suppress(OSError):
             return scrape(self.metrics_port)
         return {}
-
-    def rss_bytes(self) -> int | None:
-        pid = self.daemon_pid()
-        return None if pid is None else int(psutil.Process(pid).memory_info().rss)
 
 
 def make_scenarios(ztnet_sizes: Sequence[int], nft_sizes: Sequence[int],

@@ -14,12 +14,20 @@ one rule. Nothing is loaded into the host's network namespace.
 Workloads, run by ``benchmarks/loadgen.c`` (compiled here with the system compiler) and
 iperf3, as the client of each scenario pinned to one CPU: TCP connect+close rate with p50/p99
 connect latency; 64-byte UDP ``sendto`` rate on an unconnected socket; bulk TCP (iperf3)
-over the veth; denied connect latency. They run in interleaved pairs, A B A B …: in each
-round every filtered scenario runs next to a fresh no-filter sample (the order within a pair
-alternates), so each ratio compares two samples taken seconds apart. Then, with
+over the veth; denied connect latency; the daemons' CPU while each ran and their RSS. They
+run in interleaved pairs, A B A B …: in each round every filtered scenario runs next to a
+fresh no-filter sample (the order within a pair alternates), so each ratio compares two
+samples taken seconds apart. Then, with
 ``kernel.bpf_stats_enabled=1`` (restored afterwards), each workload runs again per ztnet
 scenario and the kernel's run time per program is read from the programs attached to the
 instance's cgroup.
+
+With every scenario gone, two measurements of ztnet's own, reusing their benchmarks'
+functions: the control plane (benchmarks/bundle.py: verify and apply of 1, 1,000 and
+100,000 grants, RSS, one grant revoked and added, resync with nothing changed, restart
+with the programs pinned) and the flow pipeline (benchmarks/flows.py: the highest loss-free
+record rate, held for 60 s, standalone and in controller mode; daemon CPU; connect() to
+record latency).
 
 The JSON holds every sample; the PNG and the section of docs/performance.md between the
 ``headtohead`` markers are generated from it (benchmarks/h2h_report.py).
@@ -42,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import h2h_report
+from benchmarks import bundle, flows, h2h_report
 from benchmarks.controller import cpu_seconds
 from benchmarks.datapath import bpf_stats_enabled, cpu_plan, machine_facts, remove_stale_instances
 from benchmarks.h2h_scenarios import (
@@ -50,6 +58,7 @@ from benchmarks.h2h_scenarios import (
     IPERF_PORT,
     TCP_PORT,
     UDP_PORT,
+    OpenSnitch,
     Scenario,
     Ztnet,
     child_setup,
@@ -83,12 +92,24 @@ class Settings:
     iptables_sizes: tuple[int, ...]
     opensnitch_sizes: tuple[int, ...]
     smoke: bool
+    # the control plane (benchmarks/bundle.py): grant counts, each on a daemon of its own;
+    # the largest also with one-grant changes, resync and restart
+    control_sizes: tuple[int, ...] = (1, 1_000, 100_000)
+    resync_window: float = 10.0
+    # the flow pipeline (benchmarks/flows.py's ladder): connections/s (2 records each)
+    flow_modes: tuple[str, ...] = ("standalone", "controller")
+    flow_rates: str = "5000,12500,25000"
+    flow_seconds: int = 10
+    flow_refine: int = 1
+    flow_confirm: int = 60
+    flow_latency: int = 200
 
 
 FULL = Settings(7, 20_000, 200_000, 5_000, ("-t", "3"), 3, (1, 1_000, 100_000),
                 (1, 1_000, 100_000), (1, 1_000), (1,), False)
 SMOKE = Settings(1, 300, 3_000, 100, ("-n", "4M"), 1, (1, 10, 100), (1, 100), (1, 100), (1,),
-                 True)
+                 True, control_sizes=(100,), resync_window=2.0, flow_rates="200",
+                 flow_seconds=2, flow_refine=0, flow_confirm=0, flow_latency=10)
 
 
 def build_loadgen(work: Path) -> Path:
@@ -224,7 +245,9 @@ def measure_program_cost(scenarios: Sequence[Scenario], settings: Settings, load
     return out
 
 
-def daemon_facts(scenario: Ztnet, state: Path) -> dict[str, Any]:
+def daemon_facts(scenario: Ztnet | OpenSnitch, state: Path) -> dict[str, Any]:
+    if isinstance(scenario, OpenSnitch):
+        return {"rss_bytes": scenario.rss_bytes()}
     records = 0
     for path in state.glob("flows.jsonl*"):
         with path.open("rb") as handle:
@@ -237,22 +260,63 @@ def daemon_facts(scenario: Ztnet, state: Path) -> dict[str, Any]:
                          or k.startswith("ztnet_flow_records")}}
 
 
-def run(settings: Settings, work: Path, stack: ExitStack) -> dict[str, Any]:
+def measure_control_plane(settings: Settings, work: Path) -> list[dict[str, Any]]:
+    """benchmarks/bundle.py's measurements, each size on a daemon of its own (no agents):
+    verify, apply, RSS, start; for the largest also one grant revoked and added, resync
+    with nothing changed and a restart with the programs pinned."""
+    out = []
+    (work / "control").mkdir()
+    for size in settings.control_sizes:
+        print(f"  control plane, {size:,} grants …", file=sys.stderr)
+        out.append(bundle.run_size(size, work / "control", full=size == max(
+            settings.control_sizes), resync_window=settings.resync_window))
+    return out
+
+
+def measure_flow_pipeline(settings: Settings, work: Path) -> dict[str, Any]:
+    """benchmarks/flows.py's ladder per mode: the highest connection rate (two records each)
+    a daemon traces with nothing lost, held for ``flow_confirm`` s; its CPU; connect() to
+    record latency."""
+    args = flows.parse_args(["--rates", settings.flow_rates, "--seconds",
+                             str(settings.flow_seconds), "--refine", str(settings.flow_refine),
+                             "--confirm", str(settings.flow_confirm), "--latency",
+                             str(settings.flow_latency)])
+    out: dict[str, Any] = {}
+    work = work / "flows"
+    work.mkdir()
+    with ExitStack() as stack:
+        flowgen = flows.compile_flowgen(work)
+        port = flows.start_listener(stack, work)
+        for mode in settings.flow_modes:
+            print(f"  flow pipeline, {mode} …", file=sys.stderr)
+            out[mode] = flows.run_mode(mode, args, work, flowgen, port)
+    return out
+
+
+def run(settings: Settings, work: Path) -> dict[str, Any]:
     loadgen = build_loadgen(work)
     client_cpu, server_cpu = cpu_plan()
     scenarios = make_scenarios(settings.ztnet_sizes, settings.nft_sizes, settings.iptables_sizes,
                                settings.opensnitch_sizes)
     load_before = os.getloadavg()
-    print(f"setting up {len(scenarios)} scenarios …", file=sys.stderr)
-    for scenario in scenarios:
-        scenario.start(stack, work, loadgen, server_cpu)
-        print(f"  {scenario.label}: {scenario.entries:,} entries, {scenario.load_seconds:.1f} s",
-              file=sys.stderr)
-    print(f"measuring {settings.pairs} interleaved rounds …", file=sys.stderr)
-    pairs = measure_pairs(scenarios, settings, loadgen, client_cpu)
-    print("measuring kernel program cost (bpf_stats_enabled=1) …", file=sys.stderr)
-    with bpf_stats_enabled() as previous:
-        cost = measure_program_cost(scenarios, settings, loadgen, client_cpu)
+    with ExitStack() as stack:
+        print(f"setting up {len(scenarios)} scenarios …", file=sys.stderr)
+        for scenario in scenarios:
+            scenario.start(stack, work, loadgen, server_cpu)
+            print(f"  {scenario.label}: {scenario.entries:,} entries, "
+                  f"{scenario.load_seconds:.1f} s", file=sys.stderr)
+        print(f"measuring {settings.pairs} interleaved rounds …", file=sys.stderr)
+        pairs = measure_pairs(scenarios, settings, loadgen, client_cpu)
+        print("measuring kernel program cost (bpf_stats_enabled=1) …", file=sys.stderr)
+        with bpf_stats_enabled() as previous:
+            cost = measure_program_cost(scenarios, settings, loadgen, client_cpu)
+        daemons = {s.name: daemon_facts(s, work / f"state-{s.name}")
+                   for s in scenarios if isinstance(s, Ztnet | OpenSnitch)}
+    # with every scenario gone: nothing else of the benchmark's runs beside these
+    print("measuring the control plane …", file=sys.stderr)
+    control = measure_control_plane(settings, work)
+    print("measuring the flow pipeline …", file=sys.stderr)
+    pipeline = measure_flow_pipeline(settings, work)
     return {
         "benchmark": "headtohead",
         "machine": machine_facts() | {"loadavg_before": load_before,
@@ -266,8 +330,9 @@ def run(settings: Settings, work: Path, stack: ExitStack) -> dict[str, Any]:
                        "entries": s.entries, "load_seconds": s.load_seconds} for s in scenarios],
         "pairs": pairs,
         "program_cost": cost,
-        "daemons": {s.name: daemon_facts(s, work / f"state-{s.name}")
-                    for s in scenarios if isinstance(s, Ztnet)},
+        "daemons": daemons,
+        "control_plane": control,
+        "flow_pipeline": pipeline,
     }
 
 
@@ -301,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pairs:
             settings = Settings(**(asdict(settings) | {"pairs": args.pairs}))
         remove_stale_instances()
-        with tempfile.TemporaryDirectory(prefix="ztnet-h2h-") as tmp, ExitStack() as stack:
-            results = run(settings, Path(tmp), stack)
+        with tempfile.TemporaryDirectory(prefix="ztnet-h2h-") as tmp:
+            results = run(settings, Path(tmp))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -64,6 +64,20 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
             assert any(p["run_cnt"] > 0 and p["run_time_ns"] > 0 for p in programs.values()), \
                 (name, workload, programs)
         assert results["daemons"][name]["flow_records_written"] > 0
+    for name, scenario in scenarios.items():
+        if scenario["kind"] in ("ztnet", "opensnitch"):
+            assert _number(results["daemons"][name]["rss_bytes"]), name
+    (control,) = results["control_plane"]  # the smoke's one size, measured in full
+    for key in ("verify_ms", "apply_ms", "total_ms", "daemon_rss_mib"):
+        assert _number(control[key]), (key, control)
+    for key in ("revoke_one_grant", "add_one_grant"):
+        assert _number(control[key]["total_ms"]), (key, control[key])
+    assert _number(control["restart_pinned"]["start_to_datapath_ready_ms"]), control
+    assert set(results["flow_pipeline"]) == {"standalone", "controller"}
+    for mode, pipeline in results["flow_pipeline"].items():
+        (rate,) = pipeline["ladder"]
+        assert _number(rate["records"]) and _number(rate["daemon_cpu_pct"]), (mode, rate)
+        assert _number(pipeline["latency"]["ms"]["p50"]), (mode, pipeline["latency"])
     assert _host_rulesets() == host_rules  # every filter stayed inside its namespaces
     assert png.read_bytes().startswith(b"\x89PNG")
     text = doc.read_text()
@@ -71,6 +85,9 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert text.count("<!-- headtohead:begin") == 1 and text.count("<!-- headtohead:end -->") == 1
     for scenario in scenarios.values():
         assert f"| {scenario['label']} |" in text
+    for part in ("**Control plane**", "add one grant", "**Flow pipeline**",
+                 "flow pipeline, controller"):
+        assert part in text, part
 
 
 def test_primitives_smoke_measures_every_building_block(tmp_path: Path) -> None:
