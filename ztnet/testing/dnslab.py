@@ -31,6 +31,7 @@ from ztnet.policy.document import parse_policy
 from ztnet.policy.issue import issue_bundle
 from ztnet.testing.agents import agent_argv
 from ztnet.testing.daemon import HOST, DaemonProcess, bundle_applied
+from ztnet.testing.netnsrelay import NetnsRelay
 
 ECHO_PORT = 8080
 API_V4, API_V6 = "203.0.113.10", "2001:db8::10"
@@ -182,7 +183,11 @@ def add_public_addresses(pair: NetnsPair) -> None:
 @contextmanager
 def dns_lab(instance: Instance, *, daemon_args: Sequence[str] = ("--dns-floor", "2"),
             policy_text: str | None = None,
-            zone_override: Mapping[str, dict[str, Any]] | None = None) -> Iterator[DnsLab]:
+            zone_override: Mapping[str, dict[str, Any]] | None = None,
+            controller: str | None = None, state: Path | None = None) -> Iterator[DnsLab]:
+    """The upstream, the servers and a daemon with --dns. Standalone on a signed bundle
+    file by default; with ``controller`` (its address) the daemon follows that controller
+    instead, from ``state``, a host state directory enrolled with it."""
     with ExitStack() as stack:
         pair = stack.enter_context(NetnsPair())
         add_public_addresses(pair)
@@ -205,9 +210,18 @@ def dns_lab(instance: Instance, *, daemon_args: Sequence[str] = ("--dns-floor", 
         first = policy_text or policy().replace(BRIEF_TTL, 'ttl = "1h"')
         _write_bundle(key, bundle, first, 1, 3600.0)
         args = ("--dns-upstream", pair.b.ipv4, *daemon_args)
-        lab = DnsLab(instance, pair, workdir, key, upstream, servers,
-                     DaemonProcess(instance, pub, bundle, workdir / "state", netns=pair.a.netns,
-                                   extra_args=args).__enter__(), args)
+        if controller is None:
+            daemon = DaemonProcess(instance, pub, bundle, workdir / "state", netns=pair.a.netns,
+                                   extra_args=args)
+        else:
+            assert state is not None, "a daemon following a controller needs its enrolled state"
+            # the daemon runs in the agents' namespace (its resolver answers on their
+            # loopback); the controller listens on the host's
+            relay = stack.enter_context(NetnsRelay(pair.a.netns, controller))
+            daemon = DaemonProcess(instance, None, None, state, controller=relay.address,
+                                   netns=pair.a.netns, extra_args=args)
+        lab = DnsLab(instance, pair, workdir, key, upstream, servers, daemon.__enter__(), args)
         stack.callback(lambda: lab.daemon.__exit__(None, None, None))
-        lab.daemon.wait_event(bundle_applied(1))
+        lab.daemon.wait_event(bundle_applied(1) if controller is None
+                              else lambda e: e.get("event") == "bundle applied")
         yield lab
