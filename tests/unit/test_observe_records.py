@@ -174,9 +174,14 @@ def test_times_are_rfc3339_with_nanoseconds() -> None:
     assert parse_time("2027-01-15T08:00:00.123456789Z") == 1_800_000_000_123_456_789
     assert parse_time("2027-01-15T09:30:00.5+01:30") == 1_800_000_000_500_000_000
     assert parse_time("2027-01-15T08:00:00Z") == 1_800_000_000 * 10**9
-    for bad in ("2027-01-15 08:00:00Z", "2027-13-01T00:00:00Z", "yesterday"):
-        with pytest.raises(ValueError):
+    for bad in ("2027-01-15 08:00:00Z", "2027-13-01T00:00:00Z", "yesterday",
+                # the daemon's own form (parsed by a shorter path) is checked as strictly
+                "2027-13-01T00:00:00.123456789Z", "2027-01-15 08:00:00.123456789Z",
+                "2027-01-15T08:00:00.1234-6789Z"):
+        with pytest.raises(ValueError, match=f"bad time '{bad}'"):
             parse_time(bad)
+    for ns in (0, 1, 1_800_000_000_123_456_789, 1_800_000_000_999_999_999):
+        assert parse_time(format_rfc3339(ns)) == ns
 
 
 @pytest.mark.parametrize("mutate", [

@@ -59,6 +59,8 @@ def decode_batch(host: str, records: Sequence[bytes], received_ns: int,
     thread."""
     rows = []
     decoded = []
+    # what a batch's records repeat (their addresses, agent names) is checked once per batch
+    checked: set[tuple[str, int]] = set()
     for index, raw in enumerate(records):
         field = f"records[{index}]"
         try:
@@ -66,7 +68,7 @@ def decode_batch(host: str, records: Sequence[bytes], received_ns: int,
             _check(record)
         except (ValueError, RecursionError) as exc:
             raise status.invalid(field, str(exc)) from None
-        _check_fields(record, field, received_ns)
+        _check_fields(record, field, received_ns, checked)
         if record.host != host:
             raise status.denied(f"{field}.host: host {host} may report only its own flows, "
                                 f"not {record.host!r}'s")
@@ -94,8 +96,10 @@ def _check(record: FlowRecord) -> None:
         raise ValueError("protocol or destination port out of range")
 
 
-def _check_fields(record: FlowRecord, field: str, received_ns: int) -> None:
-    """What a host could use against the operator or the other hosts."""
+def _check_fields(record: FlowRecord, field: str, received_ns: int,
+                  checked: set[tuple[str, int]]) -> None:
+    """What a host could use against the operator or the other hosts. ``checked``: the
+    (address, IP version) pairs and agent names (version 0) found good so far."""
     ahead = record.time_ns - received_ns
     if ahead > MAX_AHEAD_NS:
         raise status.invalid(f"{field}.time", f"{ahead / _NS:.0f}s ahead of the controller's "
@@ -103,12 +107,16 @@ def _check_fields(record: FlowRecord, field: str, received_ns: int) -> None:
                              "clock)")
     for name, address, required in (("destination", record.destination, True),
                                     ("source", record.source, False)):
-        if address or required:
+        if (address or required) and (address, record.ip_version) not in checked:
             _check_address(f"{field}.IP.{name}" if name == "source" else f"{field}.{name}",
                            address, record.ip_version)
-    if record.agent.name and not AGENT_NAME_RE.match(record.agent.name):
-        raise status.invalid(f"{field}.agent.name", "not an agent name (lower-case letters, "
-                             "digits and '-', at most 63)")
+            checked.add((address, record.ip_version))
+    agent = record.agent.name
+    if agent and (agent, 0) not in checked:
+        if not AGENT_NAME_RE.match(agent):
+            raise status.invalid(f"{field}.agent.name", "not an agent name (lower-case "
+                                 "letters, digits and '-', at most 63)")
+        checked.add((agent, 0))
     values = {"process.comm": record.process.comm, "process.exe": record.process.exe,
               "agent.spiffe_id": record.agent.spiffe_id,
               "grant.key_id": record.grant.key_id if record.grant else ""}

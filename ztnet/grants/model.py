@@ -174,7 +174,10 @@ def format_grant_id(grant_id: int) -> str:
     return f"g-{grant_id:016x}"
 
 
+_GRANT_ID_RE = re.compile(r"g-[0-9a-f]{16}")
+
+
 def parse_grant_id(text: str) -> int:
-    if not re.fullmatch(r"g-[0-9a-f]{16}", text):
+    if not _GRANT_ID_RE.fullmatch(text):
         raise ValueError(f"bad grant id {text!r}: expected g- and 16 hex digits")
     return int(text[2:], 16)

@@ -29,6 +29,24 @@ def _utc_second(seconds: int) -> str:
 
 def parse_time(text: str) -> int:
     """RFC 3339 (any offset, up to ns) -> Unix ns, exactly."""
+    # The form format_rfc3339 writes (every record a daemon sends): its second parsed once
+    # per second of records (the controller's ingest reads two times per record)
+    if len(text) == 30 and text[19] == "." and text[29] == "Z":
+        fraction = text[20:29]
+        if fraction.isascii() and fraction.isdigit():
+            try:
+                return _utc_seconds(text[:19]) * _NS + int(fraction)
+            except ValueError:
+                pass  # said by the full parse, naming the whole text
+    return _parse_time(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_seconds(second: str) -> int:
+    return _parse_time(second + "Z") // _NS
+
+
+def _parse_time(text: str) -> int:
     match = _TIME_RE.match(text)
     if match is None:
         raise ValueError(f"bad time {text!r}: expected RFC 3339, like 2027-01-15T08:00:00Z")
