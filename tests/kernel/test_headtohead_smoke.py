@@ -26,16 +26,21 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def _host_rulesets() -> tuple[str, str]:
-    """The host's own nftables and iptables rules (counters left out)."""
-    nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True)
-    ipt = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True)
-    rules = [line for line in ipt.stdout.splitlines() if not line.startswith("#")]
-    return nft.stdout, "\n".join(line.split(" [")[0] for line in rules)
+def _host_rulesets() -> tuple[str, ...]:
+    """The host's own nftables, iptables and ip6tables rules (counters left out):
+    opensnitchd writes both of the latter where it runs."""
+    out = [subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True,
+                          check=True).stdout]
+    for save in ("iptables-save", "ip6tables-save"):
+        text = subprocess.run([save], capture_output=True, text=True, check=True).stdout
+        rules = [line for line in text.splitlines() if not line.startswith("#")]
+        out.append("\n".join(line.split(" [")[0] for line in rules))
+    return tuple(out)
 
 
 def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
-    require_tools("cc", "nft", "iptables-restore", "iperf3", "nsenter", "unshare")
+    require_tools("cc", "nft", "iptables-restore", "ip6tables-save", "iperf3", "nsenter",
+                  "unshare")
     require(opensnitch_binary().exists(),
             f"{opensnitch_binary()} is missing (scripts/setup.sh unpacks Debian's opensnitch)")
     host_rules = _host_rulesets()
