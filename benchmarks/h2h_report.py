@@ -395,7 +395,9 @@ def section(summary: dict[str, Any], results: dict[str, Any], plot: Path | None,
              f"Workloads (`benchmarks/loadgen.c`, the client pinned to CPU "
              f"{results.get('client_cpu')}): {s['tcp_connects']:,} TCP connect+close "
              f"(connect timed), {s['udp_sends']:,} unconnected 64-byte `sendto`, iperf3 "
-             f"`{bulk}`, {s['denials']:,} denied connects. {s['pairs']} rounds of interleaved "
+             f"`{bulk}`, {s['denials']:,} denied connects (OpenSnitch's client a tenth of "
+             "each count: it decides every new connection in user space). "
+             f"{s['pairs']} rounds of interleaved "
              "pairs: each filtered sample is taken next to its own no-filter sample (order "
              "alternating), and the ratio in brackets is the range of those per-pair ratios. "
              "The first row gives the no-filter medians.", "",

@@ -164,6 +164,7 @@ def run_workload(scenario: Scenario, workload: str, settings: Settings, loadgen:
                 "seconds": float(end["sum_received"]["seconds"])}
     port, calls = {"tcp": (TCP_PORT, settings.tcp_connects), "udp": (UDP_PORT, settings.udp_sends),
                    "deny": (DENIED_PORT, settings.denials)}[workload]
+    calls = max(1, round(calls * scenario.calls_scale))
     result = _last_json(run_client(scenario, [str(loadgen), workload, server, str(port),
                                               str(calls)], cpu))
     if workload == "deny" and result["first_errno"] != expected_denial(scenario):
