@@ -167,6 +167,16 @@ static __always_inline void zt_count_drop(__u32 agent_index, int reason)
 		stats->egress_dropped += 1;
 }
 
+/* The flow's source, from its first packet: sock_release may not read it, and a
+ * connect hook runs before the kernel picks it. */
+static __always_inline void zt_learn_source(struct zt_sock *sock, const struct zt_packet *pkt)
+{
+	if (sock->flow.sport_be)
+		return;
+	sock->flow.sport_be = bpf_htons(pkt->sport);
+	__builtin_memcpy(sock->flow.saddr, pkt->saddr, 16);
+}
+
 /* A packet a byte budget refuses: dropped, its flow cut. */
 static __always_inline int zt_refuse(struct __sk_buff *skb, struct zt_sock *sock, __u64 now,
 				     const struct zt_config *cfg)
@@ -259,10 +269,7 @@ static __always_inline int zt_egress_judge(struct __sk_buff *skb, struct zt_conf
 		return zt_refuse(skb, sock, now, cfg);
 	if (!(sock->flags & ZT_SOCK_TRACKED))
 		zt_describe_from_packet(sock, &subject, &pkt, cgroup_id, match.grant_id, now);
-	if (!sock->flow.sport_be) {
-		sock->flow.sport_be = bpf_htons(pkt.sport);
-		__builtin_memcpy(sock->flow.saddr, pkt.saddr, 16);
-	}
+	zt_learn_source(sock, &pkt);
 	/* a packet whose port could not be read is never stamped */
 	if (pkt.proto != ZT_PROTO_PORT_UNKNOWN)
 		zt_stamp_set(&sock->egress, &match, cfg->generation, pkt.proto, pkt.family,
@@ -287,6 +294,12 @@ int zt_egress(struct __sk_buff *skb)
 			    pkt.addr, pkt.port))
 		return zt_egress_judge(skb, cfg, now);
 	/* the fast path: the socket's stamp stands for this packet */
+	if (!sock->flow.sport_be) {
+		/* stamped at connect (sock_addr.c): its first packet names the source */
+		struct zt_packet full = {};
+		if (zt_parse(skb, &full))
+			zt_learn_source(sock, &full);
+	}
 	if (sock->flags & ZT_SOCK_CUT)
 		return zt_refuse(skb, sock, now, cfg);
 	if (!zt_charge(sock, &sock->egress, skb->len, now))

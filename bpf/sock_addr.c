@@ -57,7 +57,8 @@ static __always_inline const struct zt_flow *zt_track_socket(struct bpf_sock_add
 							     struct zt_sock *sock,
 							     const struct zt_decision *d,
 							     const struct zt_grant_value *match,
-							     __u32 generation, const __u8 *addr)
+							     __u32 generation, const __u8 *addr,
+							     int by_grant)
 {
 	if (!sock)
 		sock = zt_sock_get(ctx->sk, 1);
@@ -68,6 +69,19 @@ static __always_inline const struct zt_flow *zt_track_socket(struct bpf_sock_add
 	/* audited datagrams are never stamped: each one is recorded */
 	if (d->kind == ZT_EV_SENDMSG && !d->audit)
 		zt_stamp_set(&sock->send, match, generation, d->proto, d->family, addr, d->dport,
+			     d->cgroup_id);
+	/* a connected socket's packets all go to this destination: stamp the
+	 * egress verdict now, so that its first packet is not judged again
+	 * (trie walk, agent lookup, a second storage lookup). Only a verdict the
+	 * egress judgement would give: an address grant (learned addresses
+	 * stamp by the answer's deadline at connect, by the grant's in egress),
+	 * not audited. The stamp is the verdict of the agent that connected (a
+	 * socket hook cannot read the socket's own cgroup, which egress judges
+	 * by); they differ only for a socket handed between agents before its
+	 * first packet, and one handed over connected carries its stamp anyway. */
+	if (d->kind == ZT_EV_CONNECT && by_grant && !d->audit &&
+	    (d->proto == ZT_PROTO_TCP || d->proto == ZT_PROTO_UDP))
+		zt_stamp_set(&sock->egress, match, generation, d->proto, d->family, addr, d->dport,
 			     d->cgroup_id);
 	if (sock->flags & ZT_SOCK_TRACKED)
 		return 0;
@@ -119,6 +133,7 @@ static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
 	d.agent = subject.agent.index;
 	struct zt_grant_value match = {};
 	d.allowed = zt_allowed(&subject, d.proto, family, addr, d.dport, d.now, &match);
+	int by_grant = d.allowed;
 	if (!d.allowed)  /* DNS redirect, learned addresses (names.h) */
 		d.allowed = zt_names_decide(ctx, &subject, &d, &match);
 	if (!d.allowed) {
@@ -129,12 +144,14 @@ static __always_inline int zt_decide(struct bpf_sock_addr *ctx, __u8 family,
 		d.allowed = 0;
 		d.reason = ZT_REASON_BUDGET;
 	}
+	by_grant = by_grant && d.allowed == 1;
 	d.grant_id = match.grant_id;
 	zt_count(d.allowed ? counters.allowed : counters.denied);
 	zt_account_decision(subject.agent.index, d.allowed);
 	const struct zt_flow *described = 0;
 	if (d.allowed)
-		described = zt_track_socket(ctx, sock, &d, &match, cfg->generation, addr);
+		described = zt_track_socket(ctx, sock, &d, &match, cfg->generation, addr,
+					    by_grant);
 	zt_emit_decision(ctx, &d, described, cfg);
 	return d.allowed;
 }
