@@ -268,6 +268,10 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
     sha1_copy = _NAMESPACE_SHA1.copy
     out: list[FlowRecord] = []
     append = out.append
+    # the parts a batch's records share (they are frozen) are built once per batch
+    agents: dict[tuple[str, int], AgentRef] = {}
+    grant_refs: dict[int, GrantRef] = {}
+    processes: dict[tuple[int, int, str, int], Process] = {}
     for e in events:
         kind, tgid, comm = e.kind, e.tgid, e.comm
         event_type = kinds[kind]
@@ -281,8 +285,11 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
         grant_id = e.grant_id
         grant = None
         if grant_id:
-            info = grants.get(grant_id, unknown)
-            grant = GrantRef(grant_id, info.policy_version, info.key_id)
+            grant = grant_refs.get(grant_id)
+            if grant is None:
+                info = grants.get(grant_id, unknown)
+                grant = grant_refs[grant_id] = GrantRef(grant_id, info.policy_version,
+                                                        info.key_id)
         flow = None
         if kind == flow_end:
             flow = FlowCounters(e.packets_out, e.bytes_out, e.packets_in, e.bytes_in,
@@ -295,13 +302,19 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
         digest[6] = (digest[6] & 0x0F) | 0x50
         digest[8] = (digest[8] & 0x3F) | 0x80
         h = digest.hex()
+        process_key = (tgid, e.pid, comm, e.uid)
+        process = processes.get(process_key)
+        if process is None:
+            process = processes[process_key] = Process(
+                tgid, e.pid, comm, exe_of(tgid, comm, now) if exe_of else ctx.exe(tgid), e.uid)
+        agent = agents.get((name, agent_index))
+        if agent is None:
+            agent = agents[(name, agent_index)] = AgentRef(
+                name, _spiffe(ctx.trust_domain, name), agent_index)
         append(FlowRecord(
             f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}", time_ns, host, event_type,
             verdicts[e.verdict], e.reason.name, int(e.family), proto, e.source,
-            e.source_port, destination, port, cookie, e.cgroup_id,
-            Process(tgid, e.pid, comm, exe_of(tgid, comm, now) if exe_of else ctx.exe(tgid),
-                    e.uid),
-            AgentRef(name, _spiffe(ctx.trust_domain, name), agent_index),
+            e.source_port, destination, port, cookie, e.cgroup_id, process, agent,
             grant, flow, e.suppressed))
     return out
 
