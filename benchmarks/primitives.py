@@ -14,8 +14,10 @@ boot clock, one that creates socket storage, ...), attached in turn to a cgroup 
 that only this benchmark's child process joins; the child makes ``--calls`` UDP
 ``connect()`` calls to 127.0.0.1:9 (no packet is sent). The rounds are interleaved
 (every variant once per round) and the median per variant is reported, with the cost it
-adds over the empty program. Nothing is attached anywhere else, and the cgroup is removed
-afterwards (also one an earlier, crashed run left).
+adds over the empty program. The programs are compiled and pinned by ztnet.datapath's build
+child (this process never imports bcc) under /sys/fs/bpf/ztnet-primitives-<pid>. Nothing is
+attached anywhere else; the cgroup and the pins are removed afterwards (also those an earlier,
+crashed run left).
 """
 
 from __future__ import annotations
@@ -23,19 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from benchmarks.datapath import bpf_stats_enabled, machine_facts
 from ztnet.datapath import bpfsys
+from ztnet.datapath.loader import ProgramSpec, build_in_child
 from ztnet.instance import find_cgroup2_mount
 
-CGROUP_PREFIX = "ztnet-primitives-"
+CGROUP_PREFIX = "ztnet-primitives-"  # the cgroup and the pins: <prefix><pid>
+BPFFS = Path("/sys/fs/bpf")
 _COOKIE = "static u64 (*zt_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;\n"
 _VALUE = "struct value { u64 words[%d]; };\n"
 
@@ -91,20 +96,31 @@ def _remove_stale(root: Path) -> None:
     for path in root.glob(CGROUP_PREFIX + "*"):
         owner = path.name.removeprefix(CGROUP_PREFIX)
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            with suppress(OSError):
-                path.rmdir()
+            if path.is_relative_to(BPFFS):
+                shutil.rmtree(path, ignore_errors=True)  # unpins
+            else:
+                with suppress(OSError):
+                    path.rmdir()
 
 
 @contextmanager
-def _cgroup() -> Iterator[Path]:
-    root = find_cgroup2_mount()
+def _own_directory(root: Path, mkdir: Callable[[Path], None],
+                   remove: Callable[[Path], None]) -> Iterator[Path]:
+    """``root/<prefix><pid>``, made afresh after removing what crashed runs left."""
     _remove_stale(root)
     path = root / f"{CGROUP_PREFIX}{os.getpid()}"
-    path.mkdir(exist_ok=True)
+    mkdir(path)
     try:
         yield path
     finally:
-        path.rmdir()
+        remove(path)
+
+
+def _load(text: str, pins: Path) -> int:
+    """Compile and pin ``text``'s program ``f`` (ztnet.datapath's build child); its fd."""
+    spec = ProgramSpec("f", bpfsys.AttachType.CGROUP_INET4_CONNECT, "CGROUP_SOCK_ADDR")
+    build_in_child(text, (), pins / "maps", pins / "programs", (spec,))
+    return bpfsys.obj_get(pins / "programs" / "f", "program")
 
 
 def _connect_loop(cgroup: Path, calls: int) -> None:
@@ -127,27 +143,24 @@ def _connect_loop(cgroup: Path, calls: int) -> None:
 
 def measure(calls: int, rounds: int) -> dict[str, list[float]]:
     """ns per run of each variant, per round."""
-    import bcc  # benchmarks load their probes directly; the daemon never imports bcc
-
-    loaded = {}
-    for name, (_, text) in VARIANTS.items():
-        bpf = bcc.BPF(text=text.encode())
-        fn = bpf.load_func(b"f", bcc.BPF.CGROUP_SOCK_ADDR,
-                           attach_type=int(bpfsys.AttachType.CGROUP_INET4_CONNECT))
-        loaded[name] = (bpf, fn)
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    with _cgroup() as cgroup:
+    connect = bpfsys.AttachType.CGROUP_INET4_CONNECT
+    with _own_directory(BPFFS, lambda p: p.mkdir(), shutil.rmtree) as pins, \
+            _own_directory(find_cgroup2_mount(), lambda p: p.mkdir(exist_ok=True),
+                           Path.rmdir) as cgroup:
+        loaded = {name: _load(text, pins / str(i))
+                  for i, (name, (_, text)) in enumerate(VARIANTS.items())}
         cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for _ in range(rounds):
-                for name, (bpf, fn) in loaded.items():
-                    before = bpfsys.prog_info(fn.fd)
-                    bpf.attach_func(fn, cgroup_fd, bcc.BPFAttachType.CGROUP_INET4_CONNECT)
+                for name, fd in loaded.items():
+                    before = bpfsys.prog_info(fd)
+                    bpfsys.attach(fd, cgroup_fd, connect, cgroup)
                     try:
                         _connect_loop(cgroup, calls)
                     finally:
-                        bpf.detach_func(fn, cgroup_fd, bcc.BPFAttachType.CGROUP_INET4_CONNECT)
-                    after = bpfsys.prog_info(fn.fd)
+                        bpfsys.detach(fd, cgroup_fd, connect)
+                    after = bpfsys.prog_info(fd)
                     runs = after.run_cnt - before.run_cnt
                     if runs != calls:
                         raise RuntimeError(f"benchmarks.primitives: {name} ran {runs} times "
@@ -155,6 +168,8 @@ def measure(calls: int, rounds: int) -> dict[str, list[float]]:
                     samples[name].append((after.run_time_ns - before.run_time_ns) / runs)
         finally:
             os.close(cgroup_fd)
+            for fd in loaded.values():
+                os.close(fd)
     return samples
 
 

@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +153,18 @@ def _complete(directory: Path) -> bool:
 
 def compile_in_child(instance: Instance, stamp: str) -> None:
     """Compile, load and pin the programs in a short-lived process (build.py)."""
+    build_in_child(translation_unit(), cflags(instance), instance.pin_dir,
+                   programs_dir(instance, stamp), PROGRAMS)
+
+
+def build_in_child(text: str, flags: Sequence[str], pin_dir: Path, directory: Path,
+                   programs: Sequence[ProgramSpec]) -> None:
+    """Compile ``text`` with bcc in a short-lived process (build.py), pin each of
+    ``programs`` as ``directory/<function>`` and its maps under ``pin_dir``."""
     request = {
-        "text": translation_unit(), "cflags": cflags(instance),
-        "pin_dir": str(instance.pin_dir), "programs_dir": str(programs_dir(instance, stamp)),
-        "programs": [[s.function, int(s.attach_type), s.prog_type] for s in PROGRAMS],
+        "text": text, "cflags": list(flags), "pin_dir": str(pin_dir),
+        "programs_dir": str(directory),
+        "programs": [[s.function, int(s.attach_type), s.prog_type] for s in programs],
     }
     # -I and cwd "/": the child (root, like its parent) imports ztnet from where this
     # interpreter has it, never from the working directory or PYTHON* variables
