@@ -22,6 +22,10 @@ For the largest size it then measures, on the running daemon:
 * one grant revoked (bundle version 2: the same grants but the last) and
   the same grant added again (version 3), each from the file change to
   "bundle applied";
+* the same as signed deltas (ztnet.grants.delta): one revoking the last grant
+  (version 4), one adding a grant (version 5), each from the file change to
+  "delta applied", with ``enforce_ms`` (the daemon read the file → the kernel
+  enforces the change) beside the whole apply;
 * the daemon's CPU per resync when nothing changed (``--resync 1`` for 10 s,
   user+system time of the process divided by the resyncs);
 * a restart with the programs pinned: process start to "datapath ready"
@@ -48,11 +52,12 @@ import psutil
 
 from ztnet.datapath.datapath import teardown
 from ztnet.fsutil import replace_atomic
-from ztnet.grants.bundle import sign_bundle
+from ztnet.grants.bundle import sign_bundle, verify_bundle
 from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.policy.document import parse_policy
 from ztnet.policy.issue import issue_bundle
+from ztnet.testing.daemon import make_delta, tcp_grant
 
 AGENTS = 10
 COMPILER_LIBRARIES = ("libLLVM", "libbcc", "libclang")
@@ -157,6 +162,36 @@ def change(daemon: Daemon, bundle_path: Path, envelope: bytes, version: int) -> 
             "total_ms": float(event["total_ms"]), "cpu_ms": float(event["cpu_ms"])}
 
 
+def change_by_delta(daemon: Daemon, bundle_path: Path, envelope: bytes,
+                    version: int) -> dict[str, float]:
+    """A delta from the file change to "delta applied": ``enforce_ms`` ends when the
+    kernel enforces it, ``total_ms`` includes audit trail, flow metadata and state."""
+    mark = daemon.mark()
+    started = time.monotonic()
+    replace_atomic(bundle_path, envelope)
+    when, event = daemon.wait(lambda e: e.get("event") == "delta applied"
+                              and e.get("version") == version, mark)
+    return {"file_to_applied_ms": round((when - started) * 1000, 1),
+            "verify_ms": float(event["verify_ms"]), "enforce_ms": float(event["enforce_ms"]),
+            "apply_ms": round(float(event["enforce_ms"]) - float(event["verify_ms"]), 3),
+            "total_ms": float(event["total_ms"]), "cpu_ms": float(event["cpu_ms"])}
+
+
+def delta_changes(daemon: Daemon, bundle_path: Path, base: bytes,
+                  key_path: Path) -> dict[str, dict[str, float]]:
+    """On the running daemon holding ``base`` (version 3): a signed delta revoking its last
+    grant (version 4), then one adding a grant to a new address (version 5)."""
+    key = load_private_key(key_path)
+    held = verify_bundle(base, trusted=[key.public_key()], host=None, min_version=0,
+                         now=time.time())
+    last = held.grants[-1]
+    revoke, revoke_delta = make_delta(key, base, 4, revoke=[last.grant_id], host="bench")
+    add, _ = make_delta(key, revoke_delta, 5, host="bench", add=[tcp_grant(
+        (1 << 62) + 1, "11.0.0.1/32", 443, agent=last.agent)])
+    return {"delta_revoke_one_grant": change_by_delta(daemon, bundle_path, revoke, 4),
+            "delta_add_one_grant": change_by_delta(daemon, bundle_path, add, 5)}
+
+
 def resync_cpu(pid: int, window: float = RESYNC_WINDOW) -> dict[str, float]:
     process = psutil.Process(pid)
     before = process.cpu_times()
@@ -203,7 +238,9 @@ def run_size(rules: int, work: Path, full: bool,
             # (a bundle carries at most 100,000 grants: revoke the last one, then add it back)
             result["revoke_one_grant"] = change(daemon, bundle_path, signed(rules - 1, 2, key_path),
                                                 2)
-            result["add_one_grant"] = change(daemon, bundle_path, signed(rules, 3, key_path), 3)
+            whole = signed(rules, 3, key_path)
+            result["add_one_grant"] = change(daemon, bundle_path, whole, 3)
+            result.update(delta_changes(daemon, bundle_path, whole, key_path))
             result["daemon_rss_mib_after_changes"] = round(
                 psutil.Process(daemon.proc.pid).memory_info().rss / 2**20, 1)
             daemon.stop()
@@ -240,10 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['start_to_datapath_ready_ms']:>9.1f} {str(r['compiler_mapped']):>5}")
     last = results[-1]
     if "add_one_grant" in last:
-        for what in ("revoke_one_grant", "add_one_grant"):
+        for what in ("revoke_one_grant", "add_one_grant", "delta_revoke_one_grant",
+                     "delta_add_one_grant"):
             change_ = last[what]
+            enforced = f", enforcing after {change_['enforce_ms']} ms" \
+                if "enforce_ms" in change_ else ""
             print(f"{what}: file→applied {change_['file_to_applied_ms']} ms (verify "
-                  f"{change_['verify_ms']}, kernel apply {change_['apply_ms']}, "
+                  f"{change_['verify_ms']}, kernel apply {change_['apply_ms']}{enforced}, "
                   f"total {change_['total_ms']} ms, CPU {change_['cpu_ms']} ms)")
         print(f"RSS after the changes and resyncs: {last['daemon_rss_mib_after_changes']} MiB")
         print(f"resync, nothing changed: {last['resync_unchanged']['resync_cpu_ms']} ms CPU "

@@ -266,12 +266,13 @@ def _control_plane(results: dict[str, Any]) -> list[str]:
     changes = one_grant_changes(largest)
     if changes:
         out += ["", f"One grant changed on the running {largest['grants']:,}-grant daemon (ms):",
-                "", "| change | file → applied | verify | kernel apply | whole apply | CPU |",
-                "|---|---:|---:|---:|---:|---:|"]
+                "", "| change | file → applied | verify | kernel apply | enforcing | whole apply "
+                "| CPU |", "|---|---:|---:|---:|---:|---:|---:|"]
         for key, c in changes.items():
             out.append(f"| {key.replace('_', ' ')} | {c.get('file_to_applied_ms', '–')} | "
                        f"{c.get('verify_ms', '–')} | {c.get('apply_ms', '–')} | "
-                       f"{c.get('total_ms', '–')} | {c.get('cpu_ms', '–')} |")
+                       f"{c.get('enforce_ms', '–')} | {c.get('total_ms', '–')} | "
+                       f"{c.get('cpu_ms', '–')} |")
     extra = []
     if "resync_unchanged" in largest:
         extra.append(f"resync with nothing changed {largest['resync_unchanged']['resync_cpu_ms']}"
@@ -331,6 +332,14 @@ def _plane_targets(results: dict[str, Any]) -> list[str]:
         lines.append(f"* {n} grants verified and applied in the daemon < {TARGET_LOAD_MS:,} ms: "
                      + _verdict(largest["total_ms"], TARGET_LOAD_MS, False, ",.0f"))
         for key, change in one_grant_changes(largest).items():
+            if "enforce_ms" in change:  # a delta: the kernel enforces before the bookkeeping
+                lines.append(f"* {key.replace('_', ' ')} on a running host < "
+                             f"{TARGET_ONE_GRANT_MS} ms once the daemon has it (kernel "
+                             "enforcing): " + _verdict(change["enforce_ms"], TARGET_ONE_GRANT_MS,
+                                                       False, ",.2f")
+                             + f"; whole apply with audit trail, flow metadata and state "
+                               f"{change.get('total_ms', '–')} ms")
+                continue
             lines.append(f"* {key.replace('_', ' ')} on a running host < {TARGET_ONE_GRANT_MS} "
                          "ms once the daemon has it (whole apply): "
                          + _verdict(change.get("total_ms"), TARGET_ONE_GRANT_MS, False, ",.1f"))

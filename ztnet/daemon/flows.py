@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,6 +94,19 @@ class GrantInfos(Mapping[int, GrantInfo]):
             view._earlier[grant_id] = self._info
         for grant_id in view._earlier.keys() & grants.keys():
             del view._earlier[grant_id]
+        view._current, view._info = grants, info
+        return view
+
+    def changed(self, grants: Mapping[int, object], revoked: Iterable[int],
+                added: Iterable[int], info: GrantInfo) -> GrantInfos:
+        """``applied`` for a delta: ``grants`` differ from this view's by ``revoked`` and
+        ``added`` only, so only those ids are looked at."""
+        view = GrantInfos()
+        view._earlier = dict(self._earlier)
+        for grant_id in revoked:
+            view._earlier[grant_id] = self._info
+        for grant_id in added:
+            view._earlier.pop(grant_id, None)
         view._current, view._info = grants, info
         return view
 
@@ -194,9 +207,8 @@ class FlowPipeline:
         """New grant metadata for records; the grant changes into the audit trail."""
         names = {**self.context.agent_names, **self.datapath.agent_names()}
         new = {g.grant_id: g for g in verified.grants}
-        self.context = dataclasses.replace(
-            self.context, agent_names=names,
-            grants=self._infos.applied(new, GrantInfo(verified.version, verified.key_id)))
+        self._infos = self._infos.applied(new, GrantInfo(verified.version, verified.key_id))
+        self.context = dataclasses.replace(self.context, agent_names=names, grants=self._infos)
         try:
             self.audit_log.append(audit.BUNDLE_APPLIED, {
                 "version": verified.version, "key_id": verified.key_id,
@@ -213,6 +225,39 @@ class FlowPipeline:
         self._granted = new
         self.metrics.bundle_applied(verified.version)
         self.metrics.set_active_grants(self.datapath.live_grant_counts())
+
+    def delta_applied(self, verified: VerifiedBundle, added: tuple[Grant, ...],
+                      revoked: tuple[Grant, ...]) -> None:
+        """bundle_applied for a delta: only the changed grants are looked at (the live
+        grant gauge moves by them instead of being read back from the kernel)."""
+        names = {**self.context.agent_names, **self.datapath.agent_names()}
+        granted = dict(self._granted)  # the reader thread may still hold the old view
+        for grant in revoked:
+            del granted[grant.grant_id]
+        for grant in added:
+            granted[grant.grant_id] = grant
+        self._infos = self._infos.changed(granted, [g.grant_id for g in revoked],
+                                          [g.grant_id for g in added],
+                                          GrantInfo(verified.version, verified.key_id))
+        self.context = dataclasses.replace(self.context, agent_names=names, grants=self._infos)
+        try:
+            self.audit_log.append(audit.BUNDLE_APPLIED, {
+                "version": verified.version, "key_id": verified.key_id,
+                "payload_sha256": verified.payload_sha256, "grants": len(granted),
+                "delta": {"added": len(added), "revoked": len(revoked)}})
+            self.audit_log.append_many(audit.GRANT_ADDED, (
+                _grant_fields(grant) for grant in sorted(added, key=lambda g: g.grant_id)))
+            self.audit_log.append_many(audit.GRANT_REMOVED, (
+                _grant_fields(grant) for grant in sorted(revoked, key=lambda g: g.grant_id)))
+            self.audit_log.sync()
+        except OSError as exc:
+            _audit_failed(f"version {verified.version} applied", exc)
+        self._granted = granted
+        self.metrics.bundle_applied(verified.version)
+        now = time.time()
+        self.metrics.move_active_grants(
+            {g.agent: 1 for g in added if g.live_at(now)},
+            {g.agent: 1 for g in revoked if g.live_at(now)})
 
     def datapath_drift(self, drift: Drift, version: int) -> None:
         """Kernel entries someone else wrote (or removed), found and repaired by a resync."""

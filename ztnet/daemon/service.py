@@ -1,7 +1,8 @@
 """`ztnet daemon`: verify signed bundles and keep the kernel enforcing the
 last good one.
 
-Nothing reaches the datapath unless ``verify_bundle`` accepted it: signed by
+Nothing reaches the datapath unless ``check_bundle`` (or, for a delta against the
+held state, ``verify_delta``) accepted it: signed by
 a trusted key, for this host, not older than what was applied (rollback), not
 expired (freeze), every grant still valid. A rejected bundle is logged with
 its reason and changes nothing. The loop is level-triggered: every resync
@@ -17,12 +18,14 @@ verifies and applies it here, on the main thread, and answers Ack or Nack with t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,7 +40,7 @@ from ztnet.daemon.notify import notify
 from ztnet.daemon.requests import RequestSocket
 from ztnet.daemon.resolver import QueryRecord, Resolver, ResolverSettings
 from ztnet.daemon.spool import DEFAULT_MAX_BYTES
-from ztnet.daemon.state import Applied, StateDir
+from ztnet.daemon.state import MAX_DELTA_CHAIN, Applied, StateDir
 from ztnet.daemon.uploader import UploadSettings
 from ztnet.daemon.watch import FileWatch
 from ztnet.datapath.compile import kernel_not_after
@@ -45,7 +48,14 @@ from ztnet.datapath.datapath import Datapath, instance_lock
 from ztnet.datapath.probe import probe
 from ztnet.errors import ConfigError, DatapathError, GrantError, IdentityError
 from ztnet.fsutil import FileTooLarge, read_bounded
-from ztnet.grants.bundle import VerifiedBundle, verify_bundle
+from ztnet.grants.bundle import (
+    BUNDLE_PAYLOAD_TYPE,
+    VerifiedBundle,
+    check_bundle,
+    verify_bundle,
+)
+from ztnet.grants.delta import DELTA_PAYLOAD_TYPE, HeldGrants, verify_delta
+from ztnet.grants.envelope import VerifiedPayload, verify_envelope
 from ztnet.grants.keys import key_id, load_public_key
 from ztnet.grants.limits import MAX_ENVELOPE_BYTES
 from ztnet.identity import cgroups
@@ -105,6 +115,7 @@ class Daemon:
         self.state = StateDir(config.state)
         self.applied = self.state.applied()
         self.current: VerifiedBundle | None = None
+        self.held: HeldGrants | None = None  # self.current's grant ids, for deltas
         self.instance = Instance.resolve(config.instance)
         self.datapath: Datapath | None = None
         self.rejected = 0
@@ -121,15 +132,20 @@ class Daemon:
     # --- applying ------------------------------------------------------------------------
 
     def apply(self, envelope: bytes, source: str) -> Outcome:
-        """Verify and apply; a rejection carries the verifier's reason."""
+        """Verify and apply a whole bundle or a delta; a rejection carries the verifier's
+        reason."""
         assert self.datapath is not None
         now = time.time()
         floor = self.applied.version if self.applied else 0
         started, cpu_started = time.monotonic(), time.thread_time()
         try:
-            verified = verify_bundle(envelope, trusted=self.trusted, host=self.config.host,
-                                     min_version=floor, now=now,
-                                     trust_domain=self.config.trust_domain)
+            signed = verify_envelope(envelope, trusted=self.trusted,
+                                     payload_type=frozenset({BUNDLE_PAYLOAD_TYPE,
+                                                             DELTA_PAYLOAD_TYPE}))
+            if signed.payload_type == DELTA_PAYLOAD_TYPE:
+                return self._apply_delta(signed, envelope, source, now, started, cpu_started)
+            verified = check_bundle(signed, host=self.config.host, min_version=floor, now=now,
+                                    trust_domain=self.config.trust_domain)
             if self.applied and verified.version == self.applied.version \
                     and verified.payload_sha256 != self.applied.payload_sha256 \
                     and self.current is not None:
@@ -147,6 +163,15 @@ class Daemon:
                 and verified.version == self.applied.version:
             logs.event("bundle unchanged", source=source, version=verified.version)
             return Outcome("unchanged")
+        applied = Applied(verified.version, verified.payload_sha256)
+        return self._enforce(verified, applied, source, now, started, cpu_started,
+                             lambda: self.state.save(envelope, applied))
+
+    def _enforce(self, verified: VerifiedBundle, applied: Applied, source: str, now: float,
+                 started: float, cpu_started: float,
+                 record: Callable[[], None] | None) -> Outcome:
+        """Make a verified state the enforced one, whole, and ``record`` it."""
+        assert self.datapath is not None
         verify_seconds = time.monotonic() - started
         try:
             # quarantine first: the agent is denied everything before anything else moves
@@ -159,9 +184,11 @@ class Daemon:
             logs.event("bundle not applied", logging.ERROR, source=source,
                        version=verified.version, reason=str(exc))
             return Outcome("rejected", str(exc))
-        self.applied = Applied(verified.version, verified.payload_sha256)
+        self.applied = applied
+        self.held = None  # built once the bookkeeping below is done
         try:
-            self.state.save(envelope, self.applied)
+            if record is not None:
+                record()
         except OSError as exc:  # e.g. ENOSPC: the kernel holds the new set regardless
             logs.event("state not recorded", logging.ERROR, version=verified.version,
                        state=str(self.state.path),
@@ -178,11 +205,111 @@ class Daemon:
             logs.event("quarantine changed", logging.WARNING, version=verified.version,
                        quarantined=sorted(quarantined), released=sorted(released),
                        flags_at=round(flags_at, 4))
+        self.held = HeldGrants(verified)
         logs.event("bundle applied", source=source, version=verified.version,
                    grants=len(verified.grants), entries=result.entries,
                    key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],
                    verify_ms=round(verify_seconds * 1000, 1),
                    apply_ms=round(result.seconds * 1000, 1), flows_cut=len(cut),
+                   total_ms=round((time.monotonic() - started) * 1000, 1),
+                   cpu_ms=round((time.thread_time() - cpu_started) * 1000, 1))
+        return Outcome("applied")
+
+    def _restore(self) -> None:
+        """Enforce the state directory's bundle and deltas again, verified like any
+        input, as one state installed whole. If any part fails, nothing of it is
+        installed: a bundle without a later delta would bring back the grants that
+        delta revoked (the kernel keeps what it enforces until a new bundle comes)."""
+        persisted = self.state.bundle()
+        if persisted is None:
+            return
+        source = f"{self.state.path}/applied-bundle.json"
+        now = time.time()
+        started, cpu_started = time.monotonic(), time.thread_time()
+        floor = self.applied.base_version if self.applied else 0
+        try:
+            state = verify_bundle(persisted, trusted=self.trusted, host=self.config.host,
+                                  min_version=floor, now=now,
+                                  trust_domain=self.config.trust_domain)
+            held = HeldGrants(state)
+            for path, envelope in self.state.deltas():
+                source = str(path)
+                signed = verify_envelope(envelope, trusted=self.trusted,
+                                         payload_type=DELTA_PAYLOAD_TYPE)
+                delta = verify_delta(signed, base=state, held=held, now=now, restoring=True)
+                state = delta.apply_to(state)
+                held.apply(delta.delta)
+        except GrantError as exc:
+            self._rejected(source, f"{exc}; the recorded state is not restored",
+                           floor, logging.ERROR)
+            return
+        except OSError as exc:
+            self._rejected(source, f"daemon: cannot read the recorded state: "
+                           f"{exc.strerror or exc}", floor, logging.ERROR)
+            return
+        self._enforce(state, Applied(state.version, state.payload_sha256,
+                                     self.applied.base_version if self.applied else 0),
+                      source, now, started, cpu_started, None)
+
+    def _apply_delta(self, signed: VerifiedPayload, envelope: bytes, source: str, now: float,
+                     started: float, cpu_started: float) -> Outcome:
+        """A signed delta against the held state: the kernel is changed entry by entry
+        (Datapath.apply_delta); audit trail, flow metadata and the state directory follow."""
+        assert self.datapath is not None
+        base, held, applied = self.current, self.held, self.applied
+        floor = applied.version if applied else 0
+        if base is None or held is None or applied is None:
+            return self._rejected(source, "delta: this host holds no bundle to apply it to; "
+                                  "send a whole bundle", floor)
+        if hashlib.sha256(signed.payload).hexdigest() == applied.payload_sha256:
+            logs.event("bundle unchanged", source=source, version=applied.version)
+            return Outcome("unchanged")
+        try:
+            verified = verify_delta(signed, base=base, held=held, now=now)
+            chain = self.state.delta_count()
+            if chain >= MAX_DELTA_CHAIN:
+                raise GrantError(f"delta: {chain} deltas already stand on version "
+                                 f"{applied.base_version}, the most one bundle may carry; "
+                                 "send a whole bundle")
+        except GrantError as exc:
+            return self._rejected(source, str(exc), floor)
+        except Exception as exc:  # noqa: BLE001 - hostile bytes, as in apply()
+            return self._rejected(source, f"delta: the verifier failed on this input "
+                                  f"({type(exc).__name__}); rejected", floor, logging.ERROR)
+        verify_seconds = time.monotonic() - started
+        try:
+            result = self.datapath.apply_delta(verified.added, verified.revoked,
+                                               bundle_expires=base.bundle.expires, now=now)
+        except (DatapathError, IdentityError) as exc:
+            logs.event("delta not applied", logging.ERROR, source=source,
+                       version=verified.version, reason=str(exc))
+            return Outcome("rejected", str(exc))
+        # the kernel enforces the change once apply_delta's own time has passed; what it
+        # does after that (its record of the grant set) and all below is bookkeeping
+        enforced = verify_seconds + result.seconds
+        self.current = current = verified.apply_to(base)
+        held.apply(verified.delta)
+        self.applied = Applied(verified.version, verified.payload_sha256,
+                               applied.base_version)
+        try:
+            self.state.save_delta(envelope, self.applied)
+        except OSError as exc:
+            logs.event("state not recorded", logging.ERROR, version=verified.version,
+                       state=str(self.state.path),
+                       reason=f"daemon: cannot record the applied delta in "
+                              f"{self.state.path}: {exc.strerror or exc}; a restart "
+                              "re-applies the bundle and deltas recorded before it")
+        cut = self.datapath.cut_unauthorized(now=now) if verified.revoked else []
+        if self.flows is not None:
+            self.flows.delta_applied(current, verified.added, verified.revoked)
+        logs.event("delta applied", source=source, version=verified.version,
+                   base_version=verified.delta.base_version, added=len(verified.added),
+                   revoked=len(verified.revoked), grants=len(current.grants),
+                   entries=result.entries, written=result.written, deleted=result.deleted,
+                   key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],
+                   verify_ms=round(verify_seconds * 1000, 3),
+                   kernel_ms=round(result.seconds * 1000, 3),
+                   enforce_ms=round(enforced * 1000, 3), flows_cut=len(cut),
                    total_ms=round((time.monotonic() - started) * 1000, 1),
                    cpu_ms=round((time.thread_time() - cpu_started) * 1000, 1))
         return Outcome("applied")
@@ -346,11 +473,9 @@ class Daemon:
                                       otlp_endpoint=self.config.otlp_endpoint,
                                       hostname_of=self.resolver.hostname if self.resolver
                                       else None)
-        persisted = self.state.bundle()
-        if persisted is not None:
-            # the persisted bundle first, re-verified, before any other input
-            self.current = None
-            self.apply(persisted, f"{self.state.path}/applied-bundle.json")
+        # the recorded bundle and its deltas first, re-verified, before any other input
+        self.current = None
+        self._restore()
         self.reload()
 
     def _start_client(self) -> ControllerClient | None:

@@ -149,6 +149,210 @@ def _choose_window(windows: list[_Window], now: float) -> _Window | None:
 
 _NO_BUDGET = (0, 0, 0)
 
+# (agent index, proto, family, port prefix bits, port): the entries one level lookup finds
+GroupKey = tuple[int, int, int, int, int]
+# (packed network address, prefix length): one entry of a group
+Where = tuple[bytes, int]
+
+
+class _Group:
+    """The grants behind one group's entries, by the network they name."""
+
+    __slots__ = ("installed", "lengths", "networks")
+
+    def __init__(self) -> None:
+        self.networks: dict[Where, list[Grant]] = {}
+        self.lengths: dict[int, int] = {}  # prefix length -> networks of that length
+        self.installed = 0  # entries of this group in the compiled state
+
+    def add(self, where: Where, grant: Grant) -> None:
+        own = self.networks.get(where)
+        if own is None:
+            own = self.networks[where] = []
+            self.lengths[where[1]] = self.lengths.get(where[1], 0) + 1
+        own.append(grant)
+
+    def remove(self, where: Where, grant_id: int) -> None:
+        own = self.networks[where]
+        own[:] = [grant for grant in own if grant.grant_id != grant_id]
+        if not own:
+            del self.networks[where]
+            self.lengths[where[1]] -= 1
+            if not self.lengths[where[1]]:
+                del self.lengths[where[1]]
+
+    def covered(self, where: Where) -> list[Where]:
+        """``where`` (whether or not a grant still names it) and the networks of this
+        group inside it: the entries whose windows a grant on ``where`` is part of."""
+        address, length = where
+        if not any(longer > length for longer in self.lengths):
+            return [where]
+        return [where] + [other for other in self.networks
+                          if other[1] > length and _mask(other[0], length) == address]
+
+
+class GrantIndex:
+    """The compiled state of one grant set and the grants behind each of its entries,
+    kept so that a change of a few grants recomputes only the entries they touch
+    (``change``) and gives the same state as compiling the changed set whole."""
+
+    def __init__(self, agent_index: Mapping[str, int], *, clock: BootClock,
+                 bundle_expires: float) -> None:
+        self.agent_index = dict(agent_index)
+        self.clock = clock
+        self.bundle_expires = bundle_expires
+        self.cutoff = bundle_expires + BUNDLE_GRACE_SECONDS  # kernel_not_after, inlined
+        self.groups: dict[GroupKey, _Group] = {}
+        # The byte budgets of the grants that have one, as the kernel entry carries them:
+        # an entry gets the budgets of the grant it reports (the most specific one live).
+        self.budgets: dict[int, tuple[int, int, int]] = {}
+        self.packed: dict[bytes, bytes] = {}
+        self.levels: dict[int, tuple[int, int, int, int]] = {}
+        self.valid_until = math.inf
+        self._blocks_of: dict[PortRange | None, list[tuple[int, int]]] = {None: [(0, 0)]}
+
+    def _places(self, grant: Grant, now: float) -> list[tuple[GroupKey, Where]]:
+        """Where ``grant`` goes; nothing if it starts after its bundle stops counting."""
+        try:
+            agent = self.agent_index[grant.agent]
+        except KeyError:
+            raise DatapathError(f"datapath: agent {grant.agent!r} has no index") from None
+        not_after = grant.not_after if grant.not_after < self.cutoff else self.cutoff
+        if not_after <= grant.not_before:
+            return []  # never installed
+        if not_after > now:
+            boundary = grant.not_before if grant.not_before > now else not_after
+            if boundary < self.valid_until:
+                self.valid_until = boundary
+        blocks = self._blocks_of.get(grant.ports)
+        if blocks is None:
+            assert grant.ports is not None
+            blocks = self._blocks_of[grant.ports] = port_blocks(grant.ports.first,
+                                                                grant.ports.last)
+        network = grant.network
+        where = (network.network_address.packed, network.prefixlen)
+        proto, family = int(grant.proto), 4 if network.version == 4 else 6
+        return [((agent, proto, family, bits, port), where) for port, bits in blocks]
+
+    def _add(self, grant: Grant, now: float) -> list[tuple[GroupKey, Where]]:
+        places = self._places(grant, now)
+        if places and grant.budget is not None:
+            self.budgets[grant.grant_id] = (grant.budget.max_bytes_out,
+                                            grant.budget.max_bytes_out_window,
+                                            grant.budget.window * 1_000_000_000)
+        groups = self.groups
+        for key, where in places:
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Group()
+            group.add(where, grant)
+        return places
+
+    def build(self, grants: Iterable[Grant], now: float) -> None:
+        """Compile ``grants`` whole (into an empty index)."""
+        for grant in grants:
+            self._add(grant, now)
+        for key, group in self.groups.items():
+            for where in group.networks:
+                self._settle(key, group, where, now)
+        self.levels = self._levels_of(self.agent_index.values())
+
+    def change(self, added: Iterable[Grant], revoked: Iterable[Grant], now: float,
+               ) -> tuple[dict[bytes, bytes], list[bytes], dict[int, tuple[int, int, int, int]]]:
+        """Revoke and add grants; returns what the kernel must change: entries to write,
+        entries to delete, and the new level masks of the agents concerned."""
+        touched: dict[GroupKey, set[Where]] = defaultdict(set)
+        for grant in revoked:
+            self.budgets.pop(grant.grant_id, None)
+            for key, where in self._places(grant, now):
+                group = self.groups.get(key)
+                if group is not None and where in group.networks:
+                    group.remove(where, grant.grant_id)
+                    touched[key].add(where)
+        for grant in added:
+            for key, where in self._add(grant, now):
+                touched[key].add(where)
+        writes: dict[bytes, bytes] = {}
+        deletes: list[bytes] = []
+        for key, wheres in touched.items():
+            group = self.groups.get(key)
+            if group is None:
+                continue
+            affected: set[Where] = set()
+            for where in wheres:
+                affected.update(group.covered(where))
+            for where in affected:
+                packed_key, value, previous = self._settle(key, group, where, now)
+                if value is None:
+                    if previous is not None:
+                        deletes.append(packed_key)
+                elif value != previous:
+                    writes[packed_key] = value
+            if not group.networks:
+                del self.groups[key]
+        agents = {key[0] for key in touched}
+        levels = self._levels_of(agents)
+        for agent in agents:
+            if agent in levels:
+                self.levels[agent] = levels[agent]
+            else:
+                self.levels.pop(agent, None)
+        return writes, deletes, {agent: levels.get(agent, (0, 0, 0, 0)) for agent in agents}
+
+    def _settle(self, key: GroupKey, group: _Group, where: Where,
+                now: float) -> tuple[bytes, bytes | None, bytes | None]:
+        """Recompute one entry from the grants that cover it; record it in ``packed``.
+        Returns its packed key, its value and the value it had (None: not there)."""
+        agent, proto, family, bits, port = key
+        address, length = where
+        packed_key = pack_grant_key(agent, proto, family, bits, port, address, length)
+        cutoff = self.cutoff
+        own = group.networks.get(where, ())
+        if not own:
+            covering: Iterable[Grant] = ()  # entries sit only where some grant names them
+        elif len(group.lengths) == 1:
+            covering = own  # nothing in this group covers anything else
+        else:
+            covering = []
+            for shorter in sorted(group.lengths):
+                if shorter > length:
+                    break
+                at = (_mask(address, shorter), shorter) if shorter < length else where
+                covering.extend(group.networks.get(at, ()))
+        windows = [(grant.not_before, grant.not_after if grant.not_after < cutoff else cutoff,
+                    grant.grant_id, grant.network.prefixlen) for grant in covering]
+        chosen = _choose_window(windows, now) if windows else None
+        previous = self.packed.get(packed_key)
+        if chosen is None:
+            if previous is not None:
+                del self.packed[packed_key]
+                group.installed -= 1
+            return packed_key, None, previous
+        start, stop = chosen[0], chosen[1]  # BootClock.to_boot_ns, inlined for this loop
+        offset = self.clock.offset_ns
+        start_ns = U64_MAX if start == math.inf else max(0, int(start * 1e9) - offset)
+        stop_ns = U64_MAX if stop == math.inf else max(0, int(stop * 1e9) - offset)
+        value = pack_grant_value(min(start_ns, U64_MAX), min(stop_ns, U64_MAX), chosen[2],
+                                 *self.budgets.get(chosen[2], _NO_BUDGET))
+        if previous is None:
+            group.installed += 1
+        self.packed[packed_key] = value
+        return packed_key, value, previous
+
+    def _levels_of(self, agents: Iterable[int]) -> dict[int, tuple[int, int, int, int]]:
+        """The level masks of ``agents``: a port-prefix size is looked up for an agent
+        when some entry of that size is installed for it."""
+        wanted = set(agents)
+        masks: dict[int, list[int]] = {}
+        for (agent, proto, _family, bits, _port), group in self.groups.items():
+            if agent in wanted and group.installed:
+                mask = masks.setdefault(agent, [0, 0, 0, 0])
+                mask[PROTO_CLASS[ZtProto(proto)]] |= 1 << bits
+        return {agent: (m[0], m[1], m[2], m[3]) for agent, m in masks.items()}
+
+    def state(self) -> DesiredState:
+        return DesiredState(self.packed, dict(self.levels), self.valid_until)
+
 
 def compile_desired_state(
     grants: Iterable[Grant],
@@ -160,81 +364,19 @@ def compile_desired_state(
 ) -> DesiredState:
     """The entries for ``grants``, each window ending by ``kernel_not_after``
     (``bundle_expires`` is the expiry of the bundle that carried them; inf for
-    grants that came in none, as in tests). Networks are handled as (packed
-    address, prefix length) pairs: this loop runs once per grant, and
-    ipaddress objects are slow to hash and to mask."""
-    # group key: (agent, proto, family, port_bits, port) -> (address, length) -> windows
-    groups: dict[tuple[int, int, int, int, int], dict[tuple[bytes, int], list[_Window]]] = (
-        defaultdict(lambda: defaultdict(list))
-    )
-    blocks_of: dict[PortRange | None, list[tuple[int, int]]] = {None: [(0, 0)]}
-    cutoff = bundle_expires + BUNDLE_GRACE_SECONDS  # kernel_not_after, inlined
-    valid_until = math.inf
-    # The byte budgets of the grants that have one, as the kernel entry carries them: an
-    # entry gets the budgets of the grant it reports (the most specific one live).
-    budgets: dict[int, tuple[int, int, int]] = {}
-    for grant in grants:
-        try:
-            agent = agent_index[grant.agent]
-        except KeyError:
-            raise DatapathError(f"datapath: agent {grant.agent!r} has no index") from None
-        if grant.budget is not None:
-            budgets[grant.grant_id] = (grant.budget.max_bytes_out,
-                                       grant.budget.max_bytes_out_window,
-                                       grant.budget.window * 1_000_000_000)
-        network = grant.network
-        blocks = blocks_of.get(grant.ports)
-        if blocks is None:
-            assert grant.ports is not None
-            blocks = blocks_of[grant.ports] = port_blocks(grant.ports.first, grant.ports.last)
-        not_before = grant.not_before
-        not_after = grant.not_after if grant.not_after < cutoff else cutoff
-        if not_after <= not_before:
-            continue  # starts after its bundle stops counting: never installed
-        if not_after > now:
-            boundary = not_before if not_before > now else not_after
-            if boundary < valid_until:
-                valid_until = boundary
-        prefixlen = network.prefixlen
-        window = (not_before, not_after, grant.grant_id, prefixlen)
-        where = (network.network_address.packed, prefixlen)
-        proto = int(grant.proto)
-        family = 4 if network.version == 4 else 6
-        for port, bits in blocks:
-            groups[(agent, proto, family, bits, port)][where].append(window)
+    grants that came in none, as in tests)."""
+    return compile_index(grants, agent_index, now=now, clock=clock,
+                         bundle_expires=bundle_expires).state()
 
-    entries: dict[bytes, bytes] = {}
-    levels: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    offset = clock.offset_ns
-    pack_key, pack_value = pack_grant_key, pack_grant_value
-    for (agent, proto, family, bits, port), networks in groups.items():
-        prefix_lengths = sorted({length for _, length in networks})
-        used = False
-        for (address, length), own in networks.items():
-            if len(prefix_lengths) == 1:
-                candidates = own  # nothing in this group covers anything else
-            else:
-                candidates = []
-                for shorter in prefix_lengths:
-                    if shorter > length:
-                        break
-                    covering = (_mask(address, shorter), shorter) if shorter < length \
-                        else (address, length)
-                    candidates.extend(networks.get(covering, ()))
-            chosen = _choose_window(candidates, now)
-            if chosen is None:
-                continue
-            start, stop = chosen[0], chosen[1]  # BootClock.to_boot_ns, inlined for this loop
-            start_ns = U64_MAX if start == math.inf else max(0, int(start * 1e9) - offset)
-            stop_ns = U64_MAX if stop == math.inf else max(0, int(stop * 1e9) - offset)
-            entries[pack_key(agent, proto, family, bits, port, address, length)] = pack_value(
-                min(start_ns, U64_MAX), min(stop_ns, U64_MAX), chosen[2],
-                *budgets.get(chosen[2], _NO_BUDGET))
-            used = True
-        if used:
-            levels[agent][PROTO_CLASS[ZtProto(proto)]] |= 1 << bits
-    return DesiredState(entries, {agent: (m[0], m[1], m[2], m[3]) for agent, m in levels.items()},
-                        valid_until)
+
+def compile_index(grants: Iterable[Grant], agent_index: Mapping[str, int], *, now: float,
+                  clock: BootClock, bundle_expires: float) -> GrantIndex:
+    """compile_desired_state, keeping the index a later change works on. Networks are
+    handled as (packed address, prefix length) pairs: ipaddress objects are slow to hash
+    and to mask."""
+    index = GrantIndex(agent_index, clock=clock, bundle_expires=bundle_expires)
+    index.build(grants, now)
+    return index
 
 
 def _mask(address: bytes, length: int) -> bytes:

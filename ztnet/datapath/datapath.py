@@ -30,7 +30,8 @@ from ztnet.datapath.compile import (
     BootClock,
     DecodedEntries,
     DesiredState,
-    compile_desired_state,
+    GrantIndex,
+    compile_index,
 )
 from ztnet.datapath.drift import Drift, find_drift
 from ztnet.datapath.grantmaps import GrantMaps, Snapshot
@@ -132,6 +133,9 @@ class Datapath:
         self._active: int | None = None
         self._checked_digest: bytes | None = None  # trie dump that matched _written
         self._compiled_for: tuple[object, ...] | None = None  # inputs of _written[_active]
+        # The active generation's grants behind each entry (its packed contents are
+        # _written[_active].packed), so that a delta recomputes only what it touches.
+        self._index: GrantIndex | None = None
         self._learned: LearnedTable | None = None
 
     # --- lifecycle -----------------------------------------------------------------
@@ -437,8 +441,9 @@ class Datapath:
         now = time.time() if now is None else now
         indices = self.ensure_agents({grant.agent for grant in grants} | audit)
         clock = self._boot_clock()
-        desired = compile_desired_state(grants, indices, now=now, clock=clock,
-                                        bundle_expires=bundle_expires)
+        index = compile_index(grants, indices, now=now, clock=clock,
+                              bundle_expires=bundle_expires)
+        desired = index.state()
         if len(desired.packed) > abi.MAX_ENTRIES // 2:
             raise MapUpdateError(
                 f"datapath: grant set needs {len(desired.packed)} entries, "
@@ -449,6 +454,7 @@ class Datapath:
         target = 1 - (int(config.generation) & 1)
         if snapshot is None and (repair or target not in self._written):
             snapshot = self.grant_maps.snapshot()
+        self._index = None  # until the generation it describes is written and live
         written, deleted = self._write(target, desired, snapshot)
         self._set_audit(audit, enable=True)
         self._advance(config, 1)  # audited verdicts are never stamped: the flip suffices
@@ -459,8 +465,67 @@ class Datapath:
         self._checked_digest = None  # the next resync compares in full, once
         self._compiled_for = (grants, bundle_expires, audit, clock,
                               tuple(sorted(indices.items())))
+        self._index = index
         return ApplyResult(target, len(desired.packed), written, deleted,
                            time.monotonic() - started)
+
+    def apply_delta(self, added: tuple[Grant, ...], revoked: tuple[Grant, ...], *,
+                    bundle_expires: float, now: float | None = None) -> ApplyResult:
+        """Add and revoke a few grants of the installed set (a verified delta's), writing
+        only the entries they change, into the active generation, in place: every entry
+        update is atomic, new entries and levels go in before what goes away is removed,
+        so each entry is always the old or the new one and nothing outside the old and
+        new sets together is ever allowed; then every socket's stamp goes stale, so an
+        established flow a revoked grant carried is judged again at its next packet.
+        ``ApplyResult.seconds`` ends when the kernel enforces the new set. The inactive
+        generation is no longer known to this process (the next whole install reads it
+        from the kernel). Without an index of the active set (another process installed
+        it, the clock offset or an agent's index moved, or ``bundle_expires`` is not
+        the installed one) the changed set is installed whole instead."""
+        started = time.monotonic()
+        with instance_lock(self.instance):
+            now = time.time() if now is None else now
+            index = self._index
+            # An agent new to the set gets its cgroup and index first (a known one's
+            # cgroup, if recreated meanwhile, is the resync's to register again).
+            new_agents = {g.agent for g in added} - index.agent_index.keys() if index else set()
+            indices = self.ensure_agents(new_agents) if new_agents else None
+            if index is None or self._active is None or self._active not in self._written \
+                    or index.bundle_expires != bundle_expires \
+                    or index.clock != self._boot_clock() or self.generation != self._active \
+                    or (indices is not None and any(indices.get(name) != number for name,
+                                                    number in index.agent_index.items())):
+                return self._replace_locked(_changed(self._grants, added, revoked),
+                                            bundle_expires, now, self._audit, repair=False)
+            if indices is not None:
+                index.agent_index = indices
+            active = self._active
+            try:
+                writes, deletes, levels = index.change(added, revoked, now)
+                if len(index.packed) > abi.MAX_ENTRIES // 2:
+                    raise MapUpdateError(
+                        f"datapath: grant set needs {len(index.packed)} entries, "
+                        f"more than the {abi.MAX_ENTRIES // 2} a generation holds",
+                        "zt_grants_v1")
+                self.grant_maps.write_changes(active, writes, deletes,
+                                              dict(self._written[active].levels), levels)
+            except Exception:
+                # The kernel and this process's record of it may differ now: the next
+                # resync dumps, compares and rewrites the set it is given, whole.
+                self._index = None
+                self._written.clear()
+                self._compiled_for = None
+                raise
+            self.invalidate_stamps()
+            enforced = time.monotonic() - started
+            self._written.pop(1 - active, None)  # may share the dict just changed
+            self._written[active] = index.state()
+            grants = self._grants = _changed(self._grants, added, revoked)
+            self._checked_digest = None
+            assert self._compiled_for is not None
+            self._compiled_for = (grants, bundle_expires, *self._compiled_for[2:4],
+                                  tuple(sorted(index.agent_index.items())))
+            return ApplyResult(active, len(index.packed), len(writes), len(deletes), enforced)
 
     def _write(self, generation: int, desired: DesiredState,
                snapshot: Snapshot | None) -> tuple[int, int]:
@@ -635,3 +700,11 @@ def teardown(instance: Instance) -> None:
         instance.run_dir.rmdir()
     except OSError:
         pass
+
+
+def _changed(grants: tuple[Grant, ...], added: tuple[Grant, ...],
+             revoked: tuple[Grant, ...]) -> tuple[Grant, ...]:
+    """``grants`` without ``revoked``, then ``added``: the order a delta's result keeps
+    (ztnet.grants.delta.VerifiedDelta.apply_to), so that the two compare by identity."""
+    gone = frozenset(grant.grant_id for grant in revoked)
+    return tuple(grant for grant in grants if grant.grant_id not in gone) + added

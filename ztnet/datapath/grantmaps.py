@@ -110,6 +110,31 @@ class GrantMaps:
         for index in have_levels.keys() | levels.keys():
             want = levels.get(index, ZERO_LEVELS)
             if have_levels.get(index, ZERO_LEVELS) != want:
-                slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
-                self.levels.update(slot, abi.ZtLevels((ctypes.c_uint32 * 4)(*want)))
+                self._set_levels(generation, index, want)
         return len(changed), len(removed)
+
+    def write_changes(self, generation: int, writes: Mapping[bytes, bytes],
+                      deletes: list[bytes], have_levels: Levels,
+                      levels: Mapping[int, tuple[int, int, int, int]]) -> None:
+        """Change some entries of a generation that may be live: levels widened first
+        (each agent's old and new masks together), then entries written, then deleted,
+        then levels narrowed to the new masks, so that no lookup ever misses an entry
+        that is in the old set and the new one."""
+        for index, want in levels.items():
+            have = have_levels.get(index, ZERO_LEVELS)
+            wider = tuple(old | new for old, new in zip(have, want, strict=True))
+            if wider != have:
+                self._set_levels(generation, index, wider)
+        if writes:
+            self.trie.update_batch(_with_generation(list(writes), generation),
+                                   b"".join(writes.values()))
+        if deletes:
+            self.trie.delete_batch(_with_generation(deletes, generation))
+        for index, want in levels.items():
+            have = have_levels.get(index, ZERO_LEVELS)
+            if tuple(old | new for old, new in zip(have, want, strict=True)) != want:
+                self._set_levels(generation, index, want)
+
+    def _set_levels(self, generation: int, index: int, masks: tuple[int, ...]) -> None:
+        slot = ctypes.c_int(generation * abi.MAX_AGENTS + index)
+        self.levels.update(slot, abi.ZtLevels((ctypes.c_uint32 * 4)(*masks)))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ztnet.errors import BundleRejected, ConfigError, GrantExpired
-from ztnet.grants.envelope import TrustedKeys, sign_envelope, verify_envelope
+from ztnet.grants.envelope import TrustedKeys, VerifiedPayload, sign_envelope, verify_envelope
 from ztnet.grants.model import Grant, format_grant_id
 from ztnet.grants.names import NameGrant
 from ztnet.grants.payload import (
@@ -42,6 +42,7 @@ __all__ = [
     "GrantRecord",
     "NameRecord",
     "VerifiedBundle",
+    "check_bundle",
     "decode_payload",
     "encode_payload",
     "normalize_host",
@@ -93,6 +94,22 @@ def verify_bundle(
     pins the bundle's trust domain. Expired bundle → BundleRejected; a grant
     already past its window → GrantExpired."""
     verified = verify_envelope(envelope, trusted=trusted, payload_type=BUNDLE_PAYLOAD_TYPE)
+    return check_bundle(verified, host=host, min_version=min_version, now=now,
+                        trust_domain=trust_domain)
+
+
+def check_bundle(
+    verified: VerifiedPayload,
+    *,
+    host: str | None,
+    min_version: int,
+    now: float,
+    trust_domain: str | None = None,
+) -> VerifiedBundle:
+    """verify_bundle's checks of a payload whose signature ``verify_envelope`` checked."""
+    if verified.payload_type != BUNDLE_PAYLOAD_TYPE:
+        raise BundleRejected(f"bundle: payload type {verified.payload_type!r} is not "
+                             f"{BUNDLE_PAYLOAD_TYPE!r}")
     bundle = decode_payload(verified.payload)  # only bytes the signature covered
     if trust_domain is not None and bundle.trust_domain != trust_domain:
         raise BundleRejected(

@@ -89,10 +89,11 @@ def trusted_key_map(trusted: TrustedKeys) -> dict[str, Ed25519PublicKey]:
     return {key_id(key): key for key in trusted}
 
 
-def verify_envelope(data: bytes, *, trusted: TrustedKeys, payload_type: str) -> VerifiedPayload:
-    """Check size, shape, signer and signature, then the payload type; return
-    the payload. Raises BundleRejected (malformed, wrong type), UnknownKey or
-    SignatureInvalid."""
+def verify_envelope(data: bytes, *, trusted: TrustedKeys,
+                    payload_type: str | frozenset[str]) -> VerifiedPayload:
+    """Check size, shape, signer and signature, then the payload type (one, or any of a
+    set: the caller dispatches on ``VerifiedPayload.payload_type``); return the payload.
+    Raises BundleRejected (malformed, wrong type), UnknownKey or SignatureInvalid."""
     keys = trusted_key_map(trusted)
     if len(data) > MAX_ENVELOPE_BYTES:
         raise BundleRejected(
@@ -124,8 +125,10 @@ def verify_envelope(data: bytes, *, trusted: TrustedKeys, payload_type: str) -> 
         listed = ", ".join(keyid for keyid, _ in signatures)
         trusted_ids = ", ".join(sorted(keys)) or "none"
         raise UnknownKey(f"bundle: signed by untrusted key {listed} (trusted: {trusted_ids})")
-    if claimed_type != payload_type:
-        raise BundleRejected(f"bundle: payload type {claimed_type!r} is not {payload_type!r}")
+    accepted = {payload_type} if isinstance(payload_type, str) else payload_type
+    if claimed_type not in accepted:
+        expected = " or ".join(repr(kind) for kind in sorted(accepted))
+        raise BundleRejected(f"bundle: payload type {claimed_type!r} is not {expected}")
     return VerifiedPayload(claimed_type, payload, signer)
 
 

@@ -56,6 +56,10 @@ MAX_ENVELOPE_STRUCTURE = 16 * (MAX_SIGNATURES + 1) + MAX_PAYLOAD_TYPE
 # MAX_BUNDLE_GRANTS.
 MAX_PAYLOAD_OBJECTS = MAX_BUNDLE_GRANTS + MAX_QUARANTINED + MAX_BUNDLE_NAMES + 1 + MAX_ISSUER
 MAX_PAYLOAD_LISTS = 3 + MAX_ISSUER
+# A delta (ztnet.grants.delta) changes at most this many grants (additions and revocations
+# together); a larger change is a whole bundle. A revoked id takes far less room than a grant.
+MAX_DELTA_CHANGES = 10_000
+MAX_DELTA_PAYLOAD_BYTES = MAX_PAYLOAD_HEADER_BYTES + MAX_DELTA_CHANGES * MAX_GRANT_RECORD_BYTES
 # What a gRPC channel must carry for one pushed bundle: the envelope and the
 # few fields of the message around it.
 MAX_BUNDLE_MESSAGE_BYTES = MAX_ENVELOPE_BYTES + 64 * 1024

@@ -198,6 +198,20 @@ class Bundle:
     def agent_id(self, agent: str) -> str:
         return spiffe_agent_id(self.trust_domain, agent)
 
+    def with_grants(self, version: int, issued_at: float,
+                    grants: tuple[GrantRecord, ...]) -> Bundle:
+        """This bundle with other grants, without checking all of them again: for the
+        state a verified delta leads to (ztnet.grants.delta.verify_delta checked that its
+        additions' ids and serials are new and that the version moves up), where
+        __post_init__ would pass over 100,000 grants for the one that changed."""
+        bundle = object.__new__(Bundle)
+        for name in self.__slots__:
+            object.__setattr__(bundle, name, getattr(self, name))
+        object.__setattr__(bundle, "version", version)
+        object.__setattr__(bundle, "issued_at", issued_at)
+        object.__setattr__(bundle, "grants", grants)
+        return bundle
+
 
 # --- helpers shared with issuing and verifying -----------------------------------
 
@@ -255,7 +269,7 @@ def encode_payload(bundle: Bundle) -> bytes:
         "version": bundle.version,
         "issued_at_ms": to_ms(bundle.issued_at),
         "expires_ms": to_ms(bundle.expires),
-        "grants": [_encode_grant(bundle, record) for record in bundle.grants],
+        "grants": [encode_grant_record(bundle.trust_domain, record) for record in bundle.grants],
     }
     if bundle.audit_agents:
         document[AUDIT_KEY] = [bundle.agent_id(name) for name in bundle.audit_agents]
@@ -282,12 +296,13 @@ def _encode_name(bundle: Bundle, record: NameRecord) -> dict[str, object]:
     }
 
 
-def _encode_grant(bundle: Bundle, record: GrantRecord) -> dict[str, object]:
+def encode_grant_record(trust_domain: str, record: GrantRecord) -> dict[str, object]:
+    """One grant as the payloads carry it (a bundle's list, a delta's additions)."""
     grant = record.grant
     encoded: dict[str, object] = {
         "id": format_grant_id(grant.grant_id),
         "serial": record.serial,
-        "agent": bundle.agent_id(grant.agent),
+        "agent": spiffe_agent_id(trust_domain, grant.agent),
         "destination": str(grant.network),
         "proto": str(grant.proto),
         "ports": "any" if grant.ports is None else str(grant.ports),
@@ -338,7 +353,8 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
         raise _malformed(f"{len(raw_grants)} grants and {len(audit_agents)} audited agents, "
                          f"more than the limit of {MAX_BUNDLE_GRANTS} together")
     records = tuple(
-        _decode_grant(raw, f"grants[{index}]", trust_domain) for index, raw in enumerate(raw_grants)
+        decode_grant_record(raw, f"grants[{index}]", trust_domain)
+        for index, raw in enumerate(raw_grants)
     )
     names: tuple[NameRecord, ...] = ()
     if has_names:
@@ -385,7 +401,8 @@ def _decode_budget(raw: Any, where: str) -> ByteBudget:
         raise _malformed(f"{where}: {exc}") from None
 
 
-def _decode_grant(raw: Any, where: str, trust_domain: str) -> GrantRecord:
+def decode_grant_record(raw: Any, where: str, trust_domain: str) -> GrantRecord:
+    """One grant of a payload, strictly (the inverse of ``encode_grant_record``)."""
     optional = {BUDGET_KEY} & set(raw) if isinstance(raw, dict) else set()
     obj = _object(raw, GRANT_KEYS | optional, where)
     try:

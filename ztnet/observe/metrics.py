@@ -210,6 +210,14 @@ class FlowMetrics:
                 self.active_grants.labels(agent).set(count)
             self._agents = set(counts)
 
+    def move_active_grants(self, added: Mapping[str, int], removed: Mapping[str, int]) -> None:
+        """Live grants per agent changed by a delta (counts, by agent)."""
+        with self._lock:
+            for agent in added.keys() | removed.keys():
+                gauge = self.active_grants.labels(agent)
+                gauge.inc(added.get(agent, 0) - removed.get(agent, 0))
+                self._agents.add(agent)
+
     def bundle_applied(self, version: int) -> None:
         self.bundle_version.set(version)
 

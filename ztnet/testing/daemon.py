@@ -4,6 +4,8 @@ on host ``HOST``, for a daemon run without a controller."""
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
 import signal
@@ -22,12 +24,14 @@ from typing import Self
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ztnet.fsutil import replace_atomic
-from ztnet.grants.bundle import sign_bundle
-from ztnet.grants.payload import Quarantine
+from ztnet.grants.bundle import sign_bundle, verify_bundle
+from ztnet.grants.delta import BundleDelta, encode_delta, sign_delta
+from ztnet.grants.model import Grant, PortRange, Proto
+from ztnet.grants.payload import GrantRecord, Quarantine, floor_ms
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair, nsenter_argv
 from ztnet.policy.document import parse_policy
-from ztnet.policy.issue import issue_bundle
+from ztnet.policy.issue import SERIALS_PER_VERSION, issue_bundle
 from ztnet.testing.agents import run_traffic
 
 HOST = "testhost"
@@ -54,6 +58,43 @@ def make_bundle(key: Ed25519PrivateKey, version: int, to: str, ports: list[str],
                           now=time.time() if now is None else now, issuer="tests",
                           default_ttl=3600, bundle_ttl=bundle_ttl, quarantine=tuple(quarantine))
     return sign_bundle(bundle, key)
+
+
+def tcp_grant(grant_id: int, to: str, port: int, *, agent: str = "bot",
+              ttl: float = 3600, now: float | None = None) -> Grant:
+    """A grant as a delta adds it: TCP ``port`` on ``to``, from now for ``ttl`` seconds."""
+    start = floor_ms(time.time() if now is None else now)
+    return Grant(grant_id, agent, Proto.TCP, ipaddress.ip_network(to), PortRange(port, port),
+                 start, floor_ms(start + ttl))
+
+
+def make_delta(key: Ed25519PrivateKey, base: bytes | BundleDelta, version: int, *,
+               add: Sequence[Grant] = (), revoke: Sequence[int] = (), host: str = HOST,
+               base_version: int | None = None, base_sha256: str | None = None,
+               now: float | None = None, sign_with: Ed25519PrivateKey | None = None,
+               ) -> tuple[bytes, BundleDelta]:
+    """A signed delta to ``version`` against ``base``: a bundle envelope or the previous
+    delta (its version and payload digest are the base). ``base_version`` and
+    ``base_sha256`` override what the base says (for tests of a wrong base);
+    ``sign_with``: another key than the base's ``key``."""
+    when = floor_ms(time.time() if now is None else now)
+    if isinstance(base, bytes):
+        held = verify_bundle(base, trusted=[key.public_key()], host=None, min_version=0,
+                             now=when)
+        version_of, sha_of = held.version, held.payload_sha256
+        trust_domain, issuer = held.bundle.trust_domain, held.bundle.issuer
+    else:
+        version_of, sha_of = base.version, hashlib.sha256(encode_delta(base)).hexdigest()
+        trust_domain, issuer = base.trust_domain, base.issuer
+    delta = BundleDelta(
+        trust_domain=trust_domain, issuer=issuer, audience=host,
+        base_version=version_of if base_version is None else base_version,
+        base_sha256=sha_of if base_sha256 is None else base_sha256,
+        version=version, issued_at=when,
+        add=tuple(GrantRecord(grant, version * SERIALS_PER_VERSION + index)
+                  for index, grant in enumerate(add)),
+        revoke=tuple(sorted(revoke)))
+    return sign_delta(delta, sign_with or key), delta
 
 
 class DaemonProcess:
