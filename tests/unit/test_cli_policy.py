@@ -196,10 +196,54 @@ def test_verify_missing_file(
 
 @pytest.mark.parametrize(
     "argv",
-    [["keys", "init"], ["policy", "check"], ["policy", "compile"], ["policy", "verify"]],
+    [["keys", "init"], ["policy", "check"], ["policy", "compile"], ["policy", "delta"],
+     ["policy", "verify"]],
 )
 def test_help_has_an_example(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([*argv, "--help"])
     assert info.value.code == 0
     assert f"example:\n  ztnet {' '.join(argv)}" in capsys.readouterr().out
+
+
+def test_delta_from_an_edited_policy_chains_on_the_held_state(
+        tmp_path: Path, keys: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ztnet.errors import GrantError
+    from ztnet.grants.bundle import verify_bundle
+    from ztnet.grants.delta import DELTA_PAYLOAD_TYPE, HeldGrants, verify_delta
+    from ztnet.grants.envelope import verify_envelope
+    from ztnet.grants.keys import load_public_key
+
+    base = compile_example(tmp_path, keys, "--version", "10")
+    text = EXAMPLE.read_text()
+    edited = tmp_path / "edited.toml"
+    # one rule more: a new grant; the held ones stay
+    edited.write_text(text + '\n[[agents.research-bot.allow]]\nto = "192.0.2.7/32"\n'
+                      'ports = "8443"\nproto = "tcp"\n')
+    first = tmp_path / "1.delta"
+    argv = ["policy", "delta", str(edited), "--base", str(base), "--key",
+            str(keys / "signing.key"), "--out", str(first), "--version", "11"]
+    assert main(argv) == 0
+    assert "version 10 → 11 for host web-1, 1 added, 0 revoked, 10 grants" in \
+        capsys.readouterr().out
+    # back to the original policy, on top of that delta: the new grant is revoked
+    second = tmp_path / "2.delta"
+    assert main(["policy", "delta", str(EXAMPLE), "--base", str(base), "--after", str(first),
+                 "--key", str(keys / "signing.key"), "--out", str(second),
+                 "--version", "12"]) == 0
+    assert "1 added" not in capsys.readouterr().out
+    trusted = [load_public_key(keys / "signing.pub")]
+    state = verify_bundle(base.read_bytes(), trusted=trusted, host="web-1", min_version=1,
+                          now=time.time())
+    held = HeldGrants(state)
+    for path in (first, second):
+        signed = verify_envelope(path.read_bytes(), trusted=trusted,
+                                 payload_type=DELTA_PAYLOAD_TYPE)
+        applied = verify_delta(signed, base=state, held=held, now=time.time())
+        state = applied.apply_to(state)
+        held.apply(applied.delta)
+    assert (state.version, len(state.grants)) == (12, 9)
+    # a delta on the wrong base is an error that names the file
+    with pytest.raises(GrantError, match=r"2\.delta: delta: applies to version 11"):
+        commands.policy_delta(EXAMPLE, base_path=base, after=[second], key_path=keys /
+                              "signing.key", out_path=tmp_path / "3.delta", version=13)

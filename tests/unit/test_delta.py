@@ -156,13 +156,19 @@ def test_a_delta_is_bounded_before_it_is_parsed() -> None:
         delta(held_state(), add=(), revoke=tuple(range(1, MAX_DELTA_CHANGES + 2)))
 
 
-def test_diff_bundles_finds_the_grant_changes_and_refuses_the_rest() -> None:
+def test_diff_bundles_keeps_held_grants_and_refuses_what_a_delta_cannot_say() -> None:
     base = held_state()
-    target = make_bundle(BASE_GRANTS[1], make_grant(grant_id=5), version=9)
+    # grant 2 re-issued with a later window: held as it is; grant 1 gone; grant 5 new
+    target = make_bundle(version=9, expires=NOW + 400, grants=(
+        GrantRecord(replace(BASE_GRANTS[1], not_after=NOW + 250), 9_000_000),
+        GrantRecord(make_grant(grant_id=5), 9_000_001)))
     change = diff_bundles(base, target)
     assert ([r.grant.grant_id for r in change.add], change.revoke) == ([5], (1,))
     assert (change.base_version, change.version) == (7, 9)
-    with pytest.raises(ValueError, match="differ in expires"):
-        diff_bundles(base, replace(target, expires=NOW + 400))
-    with pytest.raises(ValueError, match="changed under its id"):
-        diff_bundles(base, make_bundle(make_grant(grant_id=1, ports=None), version=9))
+    after = check(change, base).apply_to(base)
+    assert after.bundle.expires == base.bundle.expires  # a delta renews nothing
+    assert after.grants[0] is base.grants[1]
+    with pytest.raises(ValueError, match="differ in audit_agents"):
+        diff_bundles(base, replace(target, audit_agents=("bot",)))
+    with pytest.raises(ValueError, match="must be above the held version"):
+        diff_bundles(base, replace(target, version=7))

@@ -1,4 +1,4 @@
-"""`ztnet policy check|compile|verify` (a policy file and signed bundles, no controller)
+"""`ztnet policy check|compile|delta|verify` (a policy file and signed bundles, no controller)
 and `ztnet policy apply|show` (the controller's policy, through ztnet.cli.operator).
 
 The functions below the handlers are what the local commands do, callable by tests:
@@ -86,6 +86,29 @@ def register(sub: SubParsers) -> None:
                    help="the host's labels (repeat): agents with a hosts selector are "
                    "issued only if it matches the host (default: no labels)")
 
+    p = add_command(group, "delta",
+                    "Compile POLICY into a signed delta against what a host holds (BASE and "
+                    "the deltas already applied on it, in order): grants the host holds "
+                    "stay as they are, new rules are added, removed rules revoked. Only "
+                    "address grants change; anything else needs a whole bundle (compile).",
+                    "ztnet policy delta examples/policy.toml --base web-1.bundle --key "
+                    "keys/signing.key --out web-1.delta", handle_delta)
+    p.add_argument("policy", metavar="POLICY", help="policy file (TOML)")
+    p.add_argument("--base", required=True, metavar="BUNDLE",
+                   help="the whole bundle the host holds")
+    p.add_argument("--after", action="append", default=[], metavar="DELTA",
+                   help="a delta already applied on BASE (repeat, oldest first)")
+    p.add_argument("--key", required=True, help="signing key (signing.key); it also "
+                   "verifies BASE and the deltas")
+    p.add_argument("--out", required=True, metavar="DELTA", help="delta file to write")
+    p.add_argument("--version", type=int,
+                   help="version the delta leads to (default: current Unix time, s)")
+    p.add_argument("--ttl", type=duration, default=300,
+                   help="lifetime of new rules without a ttl (default 5m)")
+    p.add_argument("--issuer", default=DEFAULT_ISSUER, help="issuer name recorded in the delta")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="the host's labels (repeat), as for compile")
+
     p = add_command(group, "verify", "Verify BUNDLE against trusted public keys and show its "
                     "grants; exits nonzero with the reason if it would be refused.",
                     "ztnet policy verify web-1.bundle --trust keys/signing.pub --host web-1",
@@ -127,6 +150,18 @@ def handle_compile(args: argparse.Namespace) -> int:
     return policy_compile(args.policy, key_path=args.key, host=args.host, out_path=args.out,
                           version=args.version, default_ttl=args.ttl,
                           bundle_ttl=args.bundle_ttl, issuer=args.issuer, labels=labels)
+
+
+def handle_delta(args: argparse.Namespace) -> int:
+    from ztnet.policy.selectors import parse_labels
+
+    try:
+        labels = parse_labels(args.label)
+    except ValueError as exc:
+        raise UsageError(f"--label: {exc}") from None
+    return policy_delta(args.policy, base_path=args.base, after=args.after, key_path=args.key,
+                        out_path=args.out, version=args.version, default_ttl=args.ttl,
+                        issuer=args.issuer, labels=labels)
 
 
 def handle_verify(args: argparse.Namespace) -> int:
@@ -202,6 +237,72 @@ def policy_compile(
         f"{count} grant{'s' if count != 1 else ''}, expires {format_time(bundle.expires)}, "
         f"signed by key {verified.key_id}",
     )
+    return 0
+
+
+def policy_delta(
+    policy_path: PathLike,
+    *,
+    base_path: PathLike,
+    after: Sequence[PathLike] = (),
+    key_path: PathLike,
+    out_path: PathLike,
+    version: int | None = None,
+    default_ttl: float = 300.0,
+    issuer: str = DEFAULT_ISSUER,
+    now: float | None = None,
+    out: TextIO | None = None,
+    labels: dict[str, str] | None = None,
+) -> int:
+    """`ztnet policy delta`: the policy's address grants as a signed delta against the
+    state BASE and ``after`` lead to (each verified with the key's public half, as the host
+    will; a delta of the chain that does not verify is an error naming it)."""
+    from ztnet.errors import GrantError
+    from ztnet.grants.bundle import verify_bundle
+    from ztnet.grants.delta import (
+        DELTA_PAYLOAD_TYPE,
+        HeldGrants,
+        diff_bundles,
+        sign_delta,
+        verify_delta,
+    )
+    from ztnet.grants.envelope import verify_envelope
+    from ztnet.grants.keys import load_private_key
+    from ztnet.policy.document import load_policy
+    from ztnet.policy.issue import issue_bundle
+
+    now = time.time() if now is None else now
+    private_key = load_private_key(key_path)
+    trusted = [private_key.public_key()]
+    state = verify_bundle(_read_bundle(base_path), trusted=trusted, host=None, min_version=1,
+                          now=now)
+    held = HeldGrants(state)
+    for path in after:
+        try:
+            signed = verify_envelope(_read_bundle(path), trusted=trusted,
+                                     payload_type=DELTA_PAYLOAD_TYPE)
+            applied = verify_delta(signed, base=state, held=held, now=now, restoring=True)
+        except GrantError as exc:
+            raise GrantError(f"{os.fspath(path)}: {exc}") from None
+        state = applied.apply_to(state)
+        held.apply(applied.delta)
+    target = issue_bundle(load_policy(policy_path), host=state.bundle.audience,
+                          version=int(now) if version is None else version, now=now,
+                          issuer=issuer, default_ttl=default_ttl, labels=labels or {})
+    try:
+        delta = diff_bundles(state, target)
+    except ValueError as exc:
+        raise ConfigError(f"delta: {exc}; write a whole bundle with `ztnet policy compile`") \
+            from None
+    envelope = sign_delta(delta, private_key)
+    # Never write a delta this very code would refuse.
+    verify_delta(verify_envelope(envelope, trusted=trusted, payload_type=DELTA_PAYLOAD_TYPE),
+                 base=state, held=held, now=now)
+    _write_bundle(Path(out_path), envelope)
+    _print(out, f"wrote {os.fspath(out_path)}: version {delta.base_version} → {delta.version} "
+                f"for host {delta.audience}, {len(delta.add)} added, {len(delta.revoke)} "
+                f"revoked, {len(held.by_id) - len(delta.revoke) + len(delta.add)} grants after "
+                f"it, the bundle still expires {format_time(state.bundle.expires)}")
     return 0
 
 

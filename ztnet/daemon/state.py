@@ -42,6 +42,7 @@ class Applied:
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._deltas: int | None = None
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             path.chmod(0o700)
@@ -75,9 +76,13 @@ class StateDir:
         return [(p, read_bounded(p, MAX_DELTA_ENVELOPE_BYTES)) for p in files]
 
     def delta_count(self) -> int:
-        directory = self.path / DELTA_DIR
-        return sum(1 for p in directory.iterdir() if p.suffix == ".json") \
-            if directory.is_dir() else 0
+        """Deltas standing on the recorded bundle (counted once, then kept: this process
+        is the directory's only writer)."""
+        if self._deltas is None:
+            directory = self.path / DELTA_DIR
+            self._deltas = sum(1 for p in directory.iterdir() if p.suffix == ".json") \
+                if directory.is_dir() else 0
+        return self._deltas
 
     def save(self, envelope: bytes, applied: Applied) -> None:
         """A whole bundle: it replaces the bundle and every delta."""
@@ -86,12 +91,15 @@ class StateDir:
         if directory.is_dir():
             for path in directory.iterdir():
                 path.unlink()
+        self._deltas = 0
         self._save_version(Applied(applied.version, applied.payload_sha256))
 
     def save_delta(self, envelope: bytes, applied: Applied) -> None:
         directory = self.path / DELTA_DIR
         directory.mkdir(mode=0o700, exist_ok=True)
-        replace_atomic(directory / f"{self.delta_count() + 1:06d}.json", envelope)
+        count = self.delta_count() + 1
+        replace_atomic(directory / f"{count:06d}.json", envelope)
+        self._deltas = count
         self._save_version(applied)
 
     def _save_version(self, applied: Applied) -> None:

@@ -490,9 +490,11 @@ class Datapath:
             # cgroup, if recreated meanwhile, is the resync's to register again).
             new_agents = {g.agent for g in added} - index.agent_index.keys() if index else set()
             indices = self.ensure_agents(new_agents) if new_agents else None
+            config = self._config()  # one read for the live generation and the clock
             if index is None or self._active is None or self._active not in self._written \
                     or index.bundle_expires != bundle_expires \
-                    or index.clock != self._boot_clock() or self.generation != self._active \
+                    or index.clock.offset_ns != int(config.reserved[abi.CFG_CLOCK_OFFSET]) \
+                    or int(config.generation) & 1 != self._active \
                     or (indices is not None and any(indices.get(name) != number for name,
                                                     number in index.agent_index.items())):
                 return self._replace_locked(_changed(self._grants, added, revoked),

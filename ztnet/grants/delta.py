@@ -166,26 +166,30 @@ def sign_delta(delta: BundleDelta, private_key: Ed25519PrivateKey) -> bytes:
 
 
 def diff_bundles(base: VerifiedBundle, target: Bundle) -> BundleDelta:
-    """The delta that turns the host state ``base`` into ``target``'s grants, for an
-    issuer that has both. ValueError when only a whole bundle can say it (anything but the
-    address grants differs) or when it would be larger than a delta may be."""
+    """The delta that gives the state ``base`` the address grants of ``target`` (a bundle
+    issued later, e.g. from an edited policy): grant ids ``base`` holds stay as they are
+    (a delta never changes a grant in place; grant ids follow the rule's content), new
+    ids are added as ``target`` issued them, ids it no longer has are revoked. The bundle's
+    expiry stays ``base``'s. ValueError when only a whole bundle can say it: another host
+    or trust domain, other audited or quarantined agents or hostname grants."""
     held = base.bundle
-    for field in ("trust_domain", "audience", "expires", "audit_agents", "quarantine", "names"):
+    for field in ("trust_domain", "audience", "audit_agents", "quarantine"):
         if getattr(held, field) != getattr(target, field):
             raise ValueError(f"the bundles differ in {field}: only a whole bundle changes it")
-    before = {record.grant.grant_id: record for record in held.grants}
-    after = {record.grant.grant_id: record for record in target.grants}
-    changed = {grant_id for grant_id in before.keys() & after.keys()
-               if before[grant_id].grant != after[grant_id].grant}
-    if changed:
-        raise ValueError(f"grant {format_grant_id(min(changed))} changed under its id: "
-                         "a changed grant needs a new id")
+    if {r.grant.grant_id for r in held.names} != {r.grant.grant_id for r in target.names}:
+        raise ValueError("the bundles differ in hostname grants: only a whole bundle "
+                         "changes them")
+    if target.version <= base.version:
+        raise ValueError(f"version {target.version} must be above the held version "
+                         f"{base.version}")
+    before = {record.grant.grant_id for record in held.grants}
+    after = {record.grant.grant_id for record in target.grants}
     return BundleDelta(
         trust_domain=target.trust_domain, issuer=target.issuer, audience=target.audience,
         base_version=base.version, base_sha256=base.payload_sha256, version=target.version,
         issued_at=target.issued_at,
-        add=tuple(after[grant_id] for grant_id in after if grant_id not in before),
-        revoke=tuple(sorted(before.keys() - after.keys())))
+        add=tuple(record for record in target.grants if record.grant.grant_id not in before),
+        revoke=tuple(sorted(before - after)))
 
 
 class HeldGrants:
@@ -194,22 +198,18 @@ class HeldGrants:
 
     def __init__(self, verified: VerifiedBundle) -> None:
         bundle = verified.bundle
-        self.by_id: dict[int, Grant] = {record.grant.grant_id: record.grant
-                                        for record in bundle.grants}
+        self.by_id: dict[int, GrantRecord] = {record.grant.grant_id: record
+                                              for record in bundle.grants}
         self.name_ids = frozenset(record.grant.grant_id for record in bundle.names)
         self.serials = {record.serial for record in bundle.grants} | \
             {record.serial for record in bundle.names}
-        self.serial_of: dict[int, int] = {record.grant.grant_id: record.serial
-                                          for record in bundle.grants}
 
     def apply(self, delta: BundleDelta) -> None:
         for grant_id in delta.revoke:
-            del self.by_id[grant_id]
-            self.serials.discard(self.serial_of.pop(grant_id))
+            self.serials.discard(self.by_id.pop(grant_id).serial)
         for record in delta.add:
-            self.by_id[record.grant.grant_id] = record.grant
+            self.by_id[record.grant.grant_id] = record
             self.serials.add(record.serial)
-            self.serial_of[record.grant.grant_id] = record.serial
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,12 +270,12 @@ def verify_delta(verified: VerifiedPayload, *, base: VerifiedBundle, held: HeldG
             "a policy, send a whole bundle")
     revoked = []
     for grant_id in delta.revoke:
-        grant = held.by_id.get(grant_id)
-        if grant is None:
+        record = held.by_id.get(grant_id)
+        if record is None:
             what = "a hostname grant (those change with a whole bundle)" \
                 if grant_id in held.name_ids else "not held"
             raise BundleRejected(f"delta: revoke {format_grant_id(grant_id)}: {what}")
-        revoked.append(grant)
+        revoked.append(record.grant)
     for index, record in enumerate(delta.add):
         grant = record.grant
         if grant.grant_id in held.by_id or grant.grant_id in held.name_ids:
