@@ -6,38 +6,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
+from tests.kernel import test_daemon
 from ztnet.datapath.datapath import teardown
 from ztnet.fsutil import replace_atomic
 from ztnet.grants.bundle import verify_bundle
 from ztnet.grants.keys import generate_keypair, load_private_key
-from ztnet.instance import Instance
-from ztnet.lab.netns import NetnsPair
-from ztnet.lab.servers import ServerProcess
 from ztnet.testing.agents import LineProcess, agent_argv, traffic_argv
 from ztnet.testing.daemon import BundleFileHost as Setup
 from ztnet.testing.daemon import DaemonProcess, bundle_applied, make_bundle, make_delta, tcp_grant
 
-A, B, C, NEVER = 8080, 7070, 6060, 9090
+A, B, C, NEVER = test_daemon.A, test_daemon.B, test_daemon.C, test_daemon.NEVER
+setup = test_daemon.setup  # the same fixture: a bundle-file daemon, servers on A, B, C, NEVER
 AGENT = "bot"
 NEW_ID = 0x5EED_0000_0000_0001
-
-
-@pytest.fixture
-def setup(instance: Instance, tmp_path: Path) -> Iterator[Setup]:
-    key_path, pub = generate_keypair(tmp_path / "keys")
-    with NetnsPair() as pair, ServerProcess(pair.b.netns, bind=[pair.b.ipv4],
-                                            tcp=[A, B, C, NEVER]):
-        yield Setup(instance, pair, load_private_key(key_path), pub, tmp_path / "bundle.json",
-                    tmp_path / "state")
-
-
-def delta_applied(version: int):  # type: ignore[no-untyped-def]
-    return lambda e: e.get("event") == "delta applied" and e.get("version") == version
 
 
 def _bundle_outcome(e: dict[str, object]) -> bool:

@@ -140,25 +140,24 @@ def handle_check(args: argparse.Namespace) -> int:
     return policy_check(args.policy)
 
 
-def handle_compile(args: argparse.Namespace) -> int:
+def _labels(args: argparse.Namespace) -> dict[str, str]:
     from ztnet.policy.selectors import parse_labels
 
     try:
-        labels = parse_labels(args.label)
+        return parse_labels(args.label)
     except ValueError as exc:
         raise UsageError(f"--label: {exc}") from None
+
+
+def handle_compile(args: argparse.Namespace) -> int:
+    labels = _labels(args)
     return policy_compile(args.policy, key_path=args.key, host=args.host, out_path=args.out,
                           version=args.version, default_ttl=args.ttl,
                           bundle_ttl=args.bundle_ttl, issuer=args.issuer, labels=labels)
 
 
 def handle_delta(args: argparse.Namespace) -> int:
-    from ztnet.policy.selectors import parse_labels
-
-    try:
-        labels = parse_labels(args.label)
-    except ValueError as exc:
-        raise UsageError(f"--label: {exc}") from None
+    labels = _labels(args)
     return policy_delta(args.policy, base_path=args.base, after=args.after, key_path=args.key,
                         out_path=args.out, version=args.version, default_ttl=args.ttl,
                         issuer=args.issuer, labels=labels)
