@@ -54,7 +54,7 @@ from ztnet.grants.bundle import (
     check_bundle,
     verify_bundle,
 )
-from ztnet.grants.delta import DELTA_PAYLOAD_TYPE, HeldGrants, verify_delta
+from ztnet.grants.delta import DELTA_PAYLOAD_TYPE, HeldGrants, VerifiedDelta, verify_delta
 from ztnet.grants.envelope import VerifiedPayload, verify_envelope
 from ztnet.grants.keys import key_id, load_public_key
 from ztnet.grants.limits import MAX_ENVELOPE_BYTES
@@ -143,7 +143,11 @@ class Daemon:
                                      payload_type=frozenset({BUNDLE_PAYLOAD_TYPE,
                                                              DELTA_PAYLOAD_TYPE}))
             if signed.payload_type == DELTA_PAYLOAD_TYPE:
-                return self._apply_delta(signed, envelope, source, now, started, cpu_started)
+                delta = self._check_delta(signed, now)
+                if delta is None:
+                    logs.event("bundle unchanged", source=source, version=floor)
+                    return Outcome("unchanged")
+                return self._apply_delta(delta, envelope, source, now, started, cpu_started)
             verified = check_bundle(signed, host=self.config.host, min_version=floor, now=now,
                                     trust_domain=self.config.trust_domain)
             if self.applied and verified.version == self.applied.version \
@@ -168,8 +172,8 @@ class Daemon:
                              lambda: self.state.save(envelope, applied))
 
     def _enforce(self, verified: VerifiedBundle, applied: Applied, source: str, now: float,
-                 started: float, cpu_started: float,
-                 record: Callable[[], None] | None) -> Outcome:
+                 started: float, cpu_started: float, record: Callable[[], None] | None,
+                 held: HeldGrants | None = None) -> Outcome:
         """Make a verified state the enforced one, whole, and ``record`` it."""
         assert self.datapath is not None
         verify_seconds = time.monotonic() - started
@@ -205,7 +209,7 @@ class Daemon:
             logs.event("quarantine changed", logging.WARNING, version=verified.version,
                        quarantined=sorted(quarantined), released=sorted(released),
                        flags_at=round(flags_at, 4))
-        self.held = HeldGrants(verified)
+        self.held = held or HeldGrants(verified)
         logs.event("bundle applied", source=source, version=verified.version,
                    grants=len(verified.grants), entries=result.entries,
                    key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],
@@ -249,33 +253,32 @@ class Daemon:
             return
         self._enforce(state, Applied(state.version, state.payload_sha256,
                                      self.applied.base_version if self.applied else 0),
-                      source, now, started, cpu_started, None)
+                      source, now, started, cpu_started, None, held)
 
-    def _apply_delta(self, signed: VerifiedPayload, envelope: bytes, source: str, now: float,
+    def _check_delta(self, signed: VerifiedPayload, now: float) -> VerifiedDelta | None:
+        """A signed delta checked against the held state (None: it is the one applied
+        last); GrantError names why it cannot be applied."""
+        base, held, applied = self.current, self.held, self.applied
+        if base is None or held is None or applied is None:
+            raise GrantError("delta: this host holds no bundle to apply it to; "
+                             "send a whole bundle")
+        if hashlib.sha256(signed.payload).hexdigest() == applied.payload_sha256:
+            return None
+        verified = verify_delta(signed, base=base, held=held, now=now)
+        chain = self.state.delta_count()
+        if chain >= MAX_DELTA_CHAIN:
+            raise GrantError(f"delta: {chain} deltas already stand on version "
+                             f"{applied.base_version}, the most one bundle may carry; "
+                             "send a whole bundle")
+        return verified
+
+    def _apply_delta(self, verified: VerifiedDelta, envelope: bytes, source: str, now: float,
                      started: float, cpu_started: float) -> Outcome:
-        """A signed delta against the held state: the kernel is changed entry by entry
-        (Datapath.apply_delta); audit trail, flow metadata and the state directory follow."""
+        """A checked delta: the kernel is changed entry by entry (Datapath.apply_delta);
+        audit trail, flow metadata and the state directory follow."""
         assert self.datapath is not None
         base, held, applied = self.current, self.held, self.applied
-        floor = applied.version if applied else 0
-        if base is None or held is None or applied is None:
-            return self._rejected(source, "delta: this host holds no bundle to apply it to; "
-                                  "send a whole bundle", floor)
-        if hashlib.sha256(signed.payload).hexdigest() == applied.payload_sha256:
-            logs.event("bundle unchanged", source=source, version=applied.version)
-            return Outcome("unchanged")
-        try:
-            verified = verify_delta(signed, base=base, held=held, now=now)
-            chain = self.state.delta_count()
-            if chain >= MAX_DELTA_CHAIN:
-                raise GrantError(f"delta: {chain} deltas already stand on version "
-                                 f"{applied.base_version}, the most one bundle may carry; "
-                                 "send a whole bundle")
-        except GrantError as exc:
-            return self._rejected(source, str(exc), floor)
-        except Exception as exc:  # noqa: BLE001 - hostile bytes, as in apply()
-            return self._rejected(source, f"delta: the verifier failed on this input "
-                                  f"({type(exc).__name__}); rejected", floor, logging.ERROR)
+        assert base is not None and held is not None and applied is not None
         verify_seconds = time.monotonic() - started
         try:
             result = self.datapath.apply_delta(verified.added, verified.revoked,
