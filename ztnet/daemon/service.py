@@ -247,9 +247,10 @@ class Daemon:
             self._rejected(source, f"{exc}; the recorded state is not restored",
                            floor, logging.ERROR)
             return
-        except OSError as exc:
-            self._rejected(source, f"daemon: cannot read the recorded state: "
-                           f"{exc.strerror or exc}", floor, logging.ERROR)
+        except (OSError, FileTooLarge) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self._rejected(source, f"daemon: cannot read the recorded state: {reason}",
+                           floor, logging.ERROR)
             return
         self._enforce(state, Applied(state.version, state.payload_sha256,
                                      self.applied.base_version if self.applied else 0),
