@@ -13,14 +13,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kernel.conftest import require
+from ztnet.datapath.datapath import Datapath
+from ztnet.fsutil import replace_atomic
 from ztnet.grants.keys import generate_keypair, load_private_key
+from ztnet.identity.cgroups import ensure_agent_cgroup
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair, poll_until
 from ztnet.lab.servers import ServerProcess
 from ztnet.testing.agents import LineProcess, agent_argv, run_traffic, traffic_argv
-from ztnet.testing.daemon import DaemonProcess, make_bundle
+from ztnet.testing.daemon import DaemonProcess, make_bundle, make_delta, tcp_grant
 from ztnet.testing.ports import free_port
 
 ALLOWED, DENIED = 8080, 9090
@@ -29,9 +33,18 @@ AGENT = "bot"
 
 class Setup:
     def __init__(self, instance: Instance, pair: NetnsPair, state: Path, daemon: DaemonProcess,
-                 metrics_port: int) -> None:
+                 metrics_port: int, key_path: Path, bundle: Path) -> None:
         self.instance, self.pair, self.state = instance, pair, state
         self.daemon, self.metrics_port = daemon, metrics_port
+        self.key_path, self.bundle = key_path, bundle
+
+    def metric(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """One metric's samples from the daemon's endpoint, by their labels."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        return {tuple(sorted(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(text) if family.name == name
+                for sample in family.samples}
 
     def observe(self, *args: str) -> list[dict[str, object]]:
         out = subprocess.run([sys.executable, "-m", "ztnet.cli", "observe", "--state",
@@ -52,13 +65,14 @@ def setup(instance: Instance, tmp_path: Path) -> Iterator[Setup]:
     state = tmp_path / "state"
     with NetnsPair() as pair, ServerProcess(pair.b.netns, bind=[pair.b.ipv4],
                                             tcp=[ALLOWED, DENIED]):
+        ensure_agent_cgroup(instance, AGENT)  # so the first bundle's grants count as live
         bundle.write_bytes(make_bundle(load_private_key(key_path), 1, f"{pair.b.ipv4}/32",
                                        [str(ALLOWED)]))
         port = free_port()
         with DaemonProcess(instance, pub, bundle, state,
                            extra_args=["--metrics", f"127.0.0.1:{port}"]) as daemon:
             daemon.wait_event(lambda e: e.get("event") == "bundle applied")
-            yield Setup(instance, pair, state, daemon, port)
+            yield Setup(instance, pair, state, daemon, port, key_path, bundle)
 
 
 def test_allowed_and_denied_flows_are_recorded_with_process_agent_grant_and_bytes(
@@ -144,3 +158,27 @@ def test_a_modified_audit_log_fails_verification(setup: Setup) -> None:
     bad = subprocess.run([sys.executable, "-m", "ztnet.cli", "audit", "verify", str(audit)],
                          capture_output=True, text=True)
     assert bad.returncode != 0
+
+
+def test_the_active_grants_gauge_is_what_the_kernel_holds_after_a_bundle_and_a_delta(
+        setup: Setup) -> None:
+    def gauge_and_kernel() -> tuple[dict[str, float], dict[str, int]]:
+        gauge = {dict(labels)["agent"]: value
+                 for labels, value in setup.metric("ztnet_active_grants").items()}
+        with Datapath.open(setup.instance) as datapath:
+            return gauge, datapath.live_grant_counts()
+
+    gauge, kernel = gauge_and_kernel()
+    assert kernel == {AGENT: 1} and gauge == {AGENT: 1.0}
+    key = load_private_key(setup.key_path)
+    # two grants of the same agent in one delta move the gauge by two
+    delta, _ = make_delta(key, setup.bundle.read_bytes(), 2, add=[
+        tcp_grant(0x5EED_0000_0000_0001, f"{setup.pair.b.ipv4}/32", DENIED),
+        tcp_grant(0x5EED_0000_0000_0002, f"{setup.pair.b.ipv4}/32", DENIED + 1)])
+    mark = setup.daemon.mark()
+    replace_atomic(setup.bundle, delta)
+    event = setup.daemon.wait_event(lambda e: str(e.get("event")).startswith("delta "),
+                                    start=mark)
+    assert event["event"] == "delta applied", event
+    gauge, kernel = gauge_and_kernel()
+    assert kernel == {AGENT: 3} and gauge == {AGENT: 3.0}

@@ -35,7 +35,7 @@ from ztnet import logs
 from ztnet.daemon.client import ControllerClient
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.flows import FlowPipeline
-from ztnet.daemon.memory import return_large_buffers
+from ztnet.daemon.memory import collector_paused, return_large_buffers, settle_long_lived
 from ztnet.daemon.notify import notify
 from ztnet.daemon.requests import RequestSocket
 from ztnet.daemon.resolver import QueryRecord, Resolver, ResolverSettings
@@ -134,6 +134,10 @@ class Daemon:
     def apply(self, envelope: bytes, source: str) -> Outcome:
         """Verify and apply a whole bundle or a delta; a rejection carries the verifier's
         reason."""
+        with collector_paused():  # see ztnet.daemon.memory: the collector doubles a verify
+            return self._apply(envelope, source)
+
+    def _apply(self, envelope: bytes, source: str) -> Outcome:
         assert self.datapath is not None
         now = time.time()
         floor = self.applied.version if self.applied else 0
@@ -217,6 +221,8 @@ class Daemon:
                    apply_ms=round(result.seconds * 1000, 1), flows_cut=len(cut),
                    total_ms=round((time.monotonic() - started) * 1000, 1),
                    cpu_ms=round((time.thread_time() - cpu_started) * 1000, 1))
+        del previous  # the replaced state goes now, before the survivors are frozen
+        settle_long_lived()
         return Outcome("applied")
 
     def _restore(self) -> None:
@@ -479,7 +485,8 @@ class Daemon:
                                       else None)
         # the recorded bundle and its deltas first, re-verified, before any other input
         self.current = None
-        self._restore()
+        with collector_paused():
+            self._restore()
         self.reload()
 
     def _start_client(self) -> ControllerClient | None:
@@ -497,7 +504,15 @@ class Daemon:
             self._stop = True
 
     def run(self) -> int:
-        self.start()
+        # Watched before the first apply: a bundle file replaced while it is read would
+        # otherwise wait for the next SIGHUP.
+        watch = FileWatch(self.config.bundle) if self.config.bundle else None
+        try:
+            self.start()
+        except BaseException:
+            if watch is not None:
+                watch.close()
+            raise
         signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -505,7 +520,6 @@ class Daemon:
         signal.set_wakeup_fd(wake_w)
         selector = selectors.DefaultSelector()
         selector.register(wake_r, selectors.EVENT_READ)
-        watch = FileWatch(self.config.bundle) if self.config.bundle else None
         if watch is not None:
             selector.register(watch, selectors.EVENT_READ)
         # Ready once the persisted bundle is enforced again: not waiting for the controller,
