@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DNS_NAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*\Z")
 MAX_DNS_NAME = 253
 MAX_GRANT_ID = 2**64 - 1
+_INF, _NEG_INF = math.inf, -math.inf
 
 
 class Proto(enum.IntEnum):
@@ -159,8 +161,10 @@ class Grant:
             raise ValueError("an icmp grant cannot name ports")
         if normalize_network(self.network) is not self.network:  # a new object: it was mapped
             raise ValueError(f"{self.network} is IPv4-mapped: write it as IPv4")
-        if self.not_after <= self.not_before:
-            raise ValueError("not_after must be later than not_before")
+        if not _NEG_INF < self.not_before < self.not_after < _INF:  # false for a NaN too
+            if not self.not_before < self.not_after:
+                raise ValueError("not_after must be later than not_before")
+            raise ValueError("not_before and not_after must be finite")
 
     def live_at(self, when: float) -> bool:
         return self.not_before <= when < self.not_after

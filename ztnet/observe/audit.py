@@ -142,15 +142,22 @@ class AuditLog:
         """``append(kind, fields, sync=False)`` for each of ``many``, written in
         large chunks (one lock, a few writes); the caller calls ``sync()``. Each
         line is the bytes ``canonical`` gives, built from one encoding of the
-        fields (the 100,000 grant.added records of a first bundle)."""
+        fields."""
+        return self.append_encoded(kind, (_ENCODE(dict(fields)) for fields in many))
+
+    def append_encoded(self, kind: str, encoded: Iterable[str]) -> Head:
+        """``append_many`` for fields already encoded: each of ``encoded`` must be
+        exactly ``canonical(fields)`` (the 100,000 grant.added records of a first
+        bundle, from a template). One time for the batch: its records were
+        written at one moment."""
         kind_json, chunk = _ENCODE(kind), []
         with self._lock:
             seq, prev = self._head.seq, self._head.hash
-            for fields in many:
+            stamp = f',"time":{_ENCODE(format_rfc3339(time.time_ns()))}}}'
+            for fields_json in encoded:
                 seq += 1
-                head = f'{{"fields":{_ENCODE(dict(fields))}'
-                tail = (f',"kind":{kind_json},"prev":"{prev}","seq":{seq},'
-                        f'"time":{_ENCODE(format_rfc3339(time.time_ns()))}}}')
+                head = f'{{"fields":{fields_json}'
+                tail = f',"kind":{kind_json},"prev":"{prev}","seq":{seq}{stamp}'
                 prev = hashlib.sha256((head + tail).encode()).hexdigest()
                 chunk.append(f'{head},"hash":"{prev}"{tail}\n')
                 if len(chunk) >= 4096:
