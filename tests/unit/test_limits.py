@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.unit.grant_factories import KEY, NOW, make_bundle, make_grant
 from ztnet.errors import BundleRejected, ConfigError
@@ -144,3 +146,22 @@ def test_grant_count_limit_on_decode_and_issue(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(issue_module, "MAX_BUNDLE_GRANTS", 2)
     with pytest.raises(ConfigError, match="3 grants for host web-1, more than the 2"):
         issue_bundle(policy, host="web-1", version=1, now=NOW, issuer="t")
+
+
+@given(st.binary(max_size=3 * 16 * 1024), st.sampled_from([b"{[,:", b"{[", b"{"]))
+def test_structure_kept_is_what_counting_each_character_gives(data: bytes, chars: bytes) -> None:
+    kept = limits.structure_kept(data, chars, stop_above=len(data))
+    assert sorted(kept) == sorted(byte for byte in data if byte in chars)
+    assert limits.structure_count(data, stop_above=len(data)) == sum(
+        data.count(bytes([byte])) for byte in limits.STRUCTURE)
+
+
+def test_structure_counting_stops_early_but_still_says_too_many() -> None:
+    assert limits.structure_count(HOSTILE, stop_above=400) > 400
+    tracemalloc.start()
+    try:
+        limits.structure_count(HOSTILE, stop_above=400)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024  # a chunk or two, never a copy of the 4 MiB

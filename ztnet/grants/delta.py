@@ -40,6 +40,7 @@ from ztnet.grants.limits import (
     MAX_DELTA_CHANGES,
     MAX_DELTA_PAYLOAD_BYTES,
     MAX_ISSUER,
+    structure_kept,
 )
 from ztnet.grants.model import Grant, format_grant_id, parse_grant_id
 from ztnet.grants.payload import (
@@ -123,7 +124,8 @@ def decode_delta(data: bytes) -> BundleDelta:
     if len(data) > MAX_DELTA_PAYLOAD_BYTES:
         raise _malformed(f"{len(data)} bytes, more than the limit of {MAX_DELTA_PAYLOAD_BYTES}")
     # at most one object per added grant (two with a budget) and the payload itself
-    if data.count(b"{") + data.count(b"[") > 2 * MAX_DELTA_CHANGES + 3:
+    limit = 2 * MAX_DELTA_CHANGES + 3
+    if len(structure_kept(data, b"{[", stop_above=limit)) > limit:
         raise _malformed("more JSON structure than a delta can have; refused before parsing")
     try:
         obj = _object(strictjson.loads(data), DELTA_KEYS, "delta")

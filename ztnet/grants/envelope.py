@@ -100,7 +100,7 @@ def verify_envelope(data: bytes, *, trusted: TrustedKeys,
             f"bundle: envelope is {len(data)} bytes, more than the limit of {MAX_ENVELOPE_BYTES}"
         )
     # Count before parsing: a parser turns 3 bytes of "{}," into a 64-byte dict.
-    if structure_count(data) > MAX_ENVELOPE_STRUCTURE:
+    if structure_count(data, stop_above=MAX_ENVELOPE_STRUCTURE) > MAX_ENVELOPE_STRUCTURE:
         raise BundleRejected(
             "bundle: envelope has more JSON structure than a signed envelope can have "
             f"(more than {MAX_ENVELOPE_STRUCTURE} of {{ [ , :); refused before parsing"

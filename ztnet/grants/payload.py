@@ -34,6 +34,7 @@ from ztnet.grants.limits import (
     MAX_PAYLOAD_LISTS,
     MAX_PAYLOAD_OBJECTS,
     MAX_QUARANTINED,
+    structure_kept,
 )
 from ztnet.grants.model import (
     AGENT_NAME_RE,
@@ -322,7 +323,8 @@ def decode_payload(data: bytes, *, fast: bool = True) -> Bundle:
     ``fast``: try fastpayload.decode_canonical first (same result, see there)."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise _malformed(f"{len(data)} bytes, more than the limit of {MAX_PAYLOAD_BYTES}")
-    if data.count(b"{") > MAX_PAYLOAD_OBJECTS or data.count(b"[") > MAX_PAYLOAD_LISTS:
+    braces = structure_kept(data, b"{[", stop_above=MAX_PAYLOAD_OBJECTS + MAX_PAYLOAD_LISTS)
+    if braces.count(b"{") > MAX_PAYLOAD_OBJECTS or braces.count(b"[") > MAX_PAYLOAD_LISTS:
         raise _malformed(f"more objects or lists than {MAX_BUNDLE_GRANTS} grants need; "
                          "refused before parsing")
     from ztnet.grants.fastpayload import decode_canonical  # it builds on this module
