@@ -100,8 +100,9 @@ class LearnedTable:
         """Agent index -> resolver port, for the agents that have one."""
         keys, values = self._resolvers.dump()  # one batch read: 4,096 lookups cost 80 ms
         ports = {}
-        for (index,), (port_be, _pad, _flags) in zip(struct.iter_unpack("=i", keys),
-                                                     struct.iter_unpack("=HHI", values), strict=True):
+        slots = zip(struct.iter_unpack("=i", keys), struct.iter_unpack("=HHI", values),
+                    strict=True)
+        for (index,), (port_be, _pad, _flags) in slots:
             if port_be:
                 ports[index] = abi.port_from_be(port_be)
         return ports
