@@ -230,7 +230,7 @@ def row_json(record: FlowRecord) -> bytes:
 
 def test_dns_query_records_are_stored_and_read_back_whole(store: Store) -> None:
     from ztnet.daemon.dnsflows import DnsRecords
-    from ztnet.daemon.resolver import QueryRecord
+    from ztnet.daemon.resolverconf import QueryRecord
     from ztnet.observe.records import RecordContext, from_json
 
     ctx = RecordContext(host="h1", trust_domain="test.example", agent_names={1: "bot"})

@@ -176,7 +176,7 @@ def test_a_reported_scan_raises_an_alert_and_quarantines_on_that_host_only(
 def test_reported_dns_query_records_reach_the_dns_detectors(
         controller: ControllerProcess) -> None:
     from ztnet.daemon.dnsflows import DnsRecords
-    from ztnet.daemon.resolver import QueryRecord
+    from ztnet.daemon.resolverconf import QueryRecord
     from ztnet.observe.records import RecordContext
 
     one = enroll(controller, "web-1")

@@ -161,3 +161,18 @@ def test_the_daemon_refuses_to_start_with_a_one_line_reason(setup: Setup, tmp_pa
     assert unprivileged.returncode != 0
     assert len(unprivileged.stderr.strip().splitlines()) == 1
     assert "must run as root" in unprivileged.stderr
+
+
+def test_a_file_mode_daemon_maps_no_grpc(setup: Setup) -> None:
+    # gRPC's core is a shared object: if anything on the file-mode path imported grpc, the
+    # enforcing daemon's address space would hold it (tests/unit/test_daemon_footprint.py
+    # checks the same for the pure-Python dnspython, by import)
+    setup.publish(1, [A])
+    with setup.daemon() as daemon:
+        daemon.wait_event(bundle_applied(1))
+        assert setup.attempt(A) == "OK"
+        assert daemon.proc is not None
+        with open(f"/proc/{daemon.proc.pid}/maps", encoding="utf-8") as maps:
+            mapped = {line.split()[-1] for line in maps if "/" in line}
+    assert any("ztnet" in path or "python" in path for path in mapped)  # the probe reads maps
+    assert [path for path in mapped if "cygrpc" in path] == []

@@ -14,7 +14,7 @@ from tests.unit.test_policy_review import record as flow
 from ztnet.controller.detect.engine import Engine
 from ztnet.controller.detect.observation import observe
 from ztnet.daemon.dnsflows import DnsRecords
-from ztnet.daemon.resolver import QueryRecord
+from ztnet.daemon.resolverconf import QueryRecord
 from ztnet.observe.records import (
     MAX_DNS_ITEMS,
     EventType,

@@ -83,7 +83,7 @@ def spool_size(text: str) -> int:
 
 
 def upstream(text: str) -> tuple[str, int]:
-    from ztnet.daemon.resolver import parse_upstream
+    from ztnet.daemon.resolverconf import parse_upstream
 
     try:
         return parse_upstream(text)
@@ -92,10 +92,10 @@ def upstream(text: str) -> tuple[str, int]:
 
 
 def dns_settings(args: argparse.Namespace) -> object | None:
-    """The resolver's settings (ztnet.daemon.resolver.ResolverSettings), or None if off."""
+    """The resolver's settings (ztnet.daemon.resolverconf.ResolverSettings), or None if off."""
     if not args.dns and not args.dns_upstream:
         return None
-    from ztnet.daemon.resolver import ResolverSettings, upstreams_from_resolv_conf
+    from ztnet.daemon.resolverconf import ResolverSettings, upstreams_from_resolv_conf
     from ztnet.datapath.abi import MAX_LEARNED
 
     if not 0 < args.dns_floor <= 3600 or not 0 < args.dns_max_addresses <= 1024:
@@ -132,7 +132,7 @@ def run_daemon(*, instance: str | None, state: Path, controller: str | None,
     import socket
 
     from ztnet import logs
-    from ztnet.daemon.resolver import ResolverSettings
+    from ztnet.daemon.resolverconf import ResolverSettings
     from ztnet.daemon.service import Daemon, DaemonConfig
     from ztnet.daemon.spool import DEFAULT_MAX_BYTES
 

@@ -26,9 +26,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from ztnet.daemon.resolverconf import DEFAULT_MAX_CHAIN
 from ztnet.grants.model import IPAddress, normalize_address
-
-DEFAULT_MAX_CHAIN = 8
 
 # (network, reason), most specific reasons first: the metadata services before the ranges
 # that contain them.

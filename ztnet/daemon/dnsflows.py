@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from ztnet.daemon.resolver import QueryRecord
+from ztnet.daemon.resolverconf import QueryRecord
 from ztnet.observe.context import GrantInfo
 from ztnet.observe.records import (
     MAX_DNS_ITEM,

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING
 from ztnet import logs
 from ztnet.daemon.cutter import BudgetCutter
 from ztnet.daemon.dnsflows import DnsRecords
-from ztnet.daemon.resolver import QueryRecord
-from ztnet.daemon.uploader import FlowUpload, UploadSettings
+from ztnet.daemon.resolverconf import QueryRecord
 from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.drift import Drift
 from ztnet.datapath.events import KernelEvent
@@ -35,6 +34,7 @@ from ztnet.observe import audit, metrics, records, sinks
 from ztnet.observe.context import GrantInfo
 
 if TYPE_CHECKING:
+    from ztnet.daemon.uploader import FlowUpload, UploadSettings
     from ztnet.observe.otlp import OtlpExporter
 
 # The reader's timer: records the kernel queued without a wake-up (below) wait for it at
@@ -150,8 +150,13 @@ class FlowPipeline:
         self.hostname_of = hostname_of
         self.audit_log = audit.AuditLog(state / AUDIT_FILE)
         self.metrics = metrics.FlowMetrics()
-        # controller mode: every record is also spooled and uploaded (uploader.py)
-        self.upload = FlowUpload(state, upload, self.metrics.registry) if upload else None
+        # controller mode: every record is also spooled and uploaded (uploader.py, which
+        # loads gRPC: imported here so that a file-mode daemon does without it)
+        self.upload: FlowUpload | None = None
+        if upload is not None:
+            from ztnet.daemon.uploader import FlowUpload
+
+            self.upload = FlowUpload(state, upload, self.metrics.registry)
         self.otlp: OtlpExporter | None = None
         if otlp_endpoint is not None:
             from ztnet.observe import otlp  # the SDK loads only when asked for

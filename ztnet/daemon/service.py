@@ -29,19 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ztnet import logs
-from ztnet.daemon.client import ControllerClient
-from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.flows import FlowPipeline
 from ztnet.daemon.memory import collector_paused, return_large_buffers, settle_long_lived
 from ztnet.daemon.notify import notify
-from ztnet.daemon.requests import RequestSocket
-from ztnet.daemon.resolver import QueryRecord, Resolver, ResolverSettings
+from ztnet.daemon.resolverconf import QueryRecord, ResolverSettings
 from ztnet.daemon.spool import DEFAULT_MAX_BYTES
 from ztnet.daemon.state import MAX_DELTA_CHAIN, Applied, StateDir
-from ztnet.daemon.uploader import UploadSettings
 from ztnet.daemon.watch import FileWatch
 from ztnet.datapath.compile import kernel_not_after
 from ztnet.datapath.datapath import Datapath, instance_lock
@@ -60,6 +56,14 @@ from ztnet.grants.keys import key_id, load_public_key
 from ztnet.grants.limits import MAX_ENVELOPE_BYTES
 from ztnet.identity import cgroups
 from ztnet.instance import Instance
+
+if TYPE_CHECKING:
+    # Imported where they are first used: gRPC (controller mode) and dnspython (--dns) are
+    # ~30 MiB of resident memory that a daemon enforcing a bundle file never needs.
+    from ztnet.daemon.client import ControllerClient
+    from ztnet.daemon.credentials import HostCredentials
+    from ztnet.daemon.requests import RequestSocket
+    from ztnet.daemon.resolver import Resolver
 
 # Wall-clock steps smaller than this are NTP slewing noise, not worth a log line.
 CLOCK_STEP_REPORT_NS = 1_000_000_000
@@ -121,6 +125,8 @@ class Daemon:
         self.rejected = 0
         self.credentials: HostCredentials | None = None
         if config.controller is not None:
+            from ztnet.daemon.credentials import HostCredentials
+
             self.credentials = HostCredentials(config.state)  # missing or corrupt: fail now
         self.client: ControllerClient | None = None
         self.flows: FlowPipeline | None = None
@@ -467,6 +473,8 @@ class Daemon:
                    compiled=programs.compiled if programs else None,
                    open_ms=round((time.monotonic() - started) * 1000, 1))
         if self.config.dns is not None:
+            from ztnet.daemon.resolver import Resolver
+
             self.resolver = Resolver(self.datapath.learned(), self.datapath.boot_deadline_ns,
                                      self.config.dns, on_query=self._on_dns_query)
             self.resolver.start()
@@ -475,6 +483,8 @@ class Daemon:
         if self.config.flows:
             upload = None
             if self.config.controller is not None and self.credentials is not None:
+                from ztnet.daemon.uploader import UploadSettings
+
                 upload = UploadSettings(self.config.controller, self.credentials,
                                         self.config.spool_max_bytes, self.config.backoff_cap)
             self.flows = FlowPipeline(self.datapath, self.state.path, host=self.config.host,
@@ -492,6 +502,8 @@ class Daemon:
     def _start_client(self) -> ControllerClient | None:
         if self.config.controller is None or self.credentials is None:
             return None
+        from ztnet.daemon.client import ControllerClient
+
         client = ControllerClient(self.credentials, self.config.controller, self.version_held,
                                   backoff_cap=self.config.backoff_cap)
         client.start()
@@ -530,10 +542,12 @@ class Daemon:
                    version=self.applied.version if self.applied else None,
                    controller=self.config.controller)
         client = self.client = self._start_client()
-        requests = None
+        requests: RequestSocket | None = None
         if client is not None:
             selector.register(client, selectors.EVENT_READ)
             if self.config.request_socket is not None:
+                from ztnet.daemon.requests import RequestSocket
+
                 requests = RequestSocket(self.config.request_socket, client.call,
                                          instance=self.instance)
                 requests.start()
