@@ -152,6 +152,10 @@ def compiler_mapped(pid: int) -> bool:
     return any(name in text for name in COMPILER_LIBRARIES)
 
 
+def rss_mib(pid: int) -> float:
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
 def change(daemon: Daemon, bundle_path: Path, envelope: bytes, version: int) -> dict[str, float]:
     mark = daemon.mark()
     started = time.monotonic()
@@ -230,9 +234,13 @@ def run_size(rules: int, work: Path, full: bool,
             "verify_ms": float(event["verify_ms"]), "apply_ms": float(event["apply_ms"]),
             "total_ms": float(event["total_ms"]), "cpu_ms": float(event["cpu_ms"]),
             "kernel_entries": int(event["entries"]),
-            "daemon_rss_mib": round(psutil.Process(daemon.proc.pid).memory_info().rss / 2**20, 1),
+            "daemon_rss_mib": rss_mib(daemon.proc.pid),
             "compiler_mapped": compiler_mapped(daemon.proc.pid),
         }
+        # `bundle applied` is the transient (the verify's garbage not yet collected);
+        # `daemon ready` follows the collection and freeze after it: the steady state
+        daemon.wait(named("daemon ready"))
+        result["daemon_rss_mib_ready"] = rss_mib(daemon.proc.pid)
         if full:
             result["resync_unchanged"] = resync_cpu(daemon.proc.pid, resync_window)
             # (a bundle carries at most 100,000 grants: revoke the last one, then add it back)
@@ -241,8 +249,7 @@ def run_size(rules: int, work: Path, full: bool,
             whole = signed(rules, 3, key_path)
             result["add_one_grant"] = change(daemon, bundle_path, whole, 3)
             result.update(delta_changes(daemon, bundle_path, whole, key_path))
-            result["daemon_rss_mib_after_changes"] = round(
-                psutil.Process(daemon.proc.pid).memory_info().rss / 2**20, 1)
+            result["daemon_rss_mib_after_changes"] = rss_mib(daemon.proc.pid)
             daemon.stop()
             daemon = Daemon(argv)
             ready_at, ready = daemon.wait(named("datapath ready"))
@@ -251,6 +258,7 @@ def run_size(rules: int, work: Path, full: bool,
                 "compiled": ready["compiled"], "open_ms": float(ready["open_ms"]),
                 "start_to_datapath_ready_ms": round((ready_at - daemon.started) * 1000, 1),
                 "start_to_daemon_ready_ms": round((daemon_ready_at - daemon.started) * 1000, 1),
+                "daemon_rss_mib": rss_mib(daemon.proc.pid),
             }
         return result
     finally:
@@ -270,10 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(run_size(size, Path(tmp), full=size == max(sizes)))
             print(json.dumps(results[-1]), flush=True)
     print(f"\n{'grants':>8} {'verify ms':>10} {'apply ms':>10} {'total ms':>10} {'CPU ms':>8}"
-          f" {'RSS MiB':>8} {'start ms':>9} {'LLVM':>5}")
+          f" {'RSS MiB':>8} {'ready MiB':>9} {'start ms':>9} {'LLVM':>5}")
     for r in results:
         print(f"{r['grants']:>8} {r['verify_ms']:>10.1f} {r['apply_ms']:>10.1f} "
               f"{r['total_ms']:>10.1f} {r['cpu_ms']:>8.1f} {r['daemon_rss_mib']:>8.1f} "
+              f"{r['daemon_rss_mib_ready']:>9.1f} "
               f"{r['start_to_datapath_ready_ms']:>9.1f} {str(r['compiler_mapped']):>5}")
     last = results[-1]
     if "add_one_grant" in last:
@@ -292,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("restart with programs pinned: datapath ready "
               f"{restart['start_to_datapath_ready_ms']} ms (open {restart['open_ms']} ms, "
               f"compiled {restart['compiled']}), daemon ready "
-              f"{restart['start_to_daemon_ready_ms']} ms")
+              f"{restart['start_to_daemon_ready_ms']} ms, RSS then {restart['daemon_rss_mib']} MiB")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0
