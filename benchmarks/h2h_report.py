@@ -343,11 +343,17 @@ def _plane_targets(results: dict[str, Any]) -> list[str]:
             lines.append(f"* {key.replace('_', ' ')} on a running host < {TARGET_ONE_GRANT_MS} "
                          "ms once the daemon has it (whole apply): "
                          + _verdict(change.get("total_ms"), TARGET_ONE_GRANT_MS, False, ",.1f"))
-        rss = max(r for r in (largest.get("daemon_rss_mib"),
-                              largest.get("daemon_rss_mib_after_changes")) if r is not None)
+        # loaded = the steady points (daemon ready, after the changes, after a restart);
+        # an older run has only the reading at `bundle applied`
+        steady = [r for r in (largest.get("daemon_rss_mib_ready"),
+                              largest.get("daemon_rss_mib_after_changes"),
+                              (largest.get("restart_pinned") or {}).get("daemon_rss_mib"))
+                  if r is not None] or [largest["daemon_rss_mib"]]
         lines.append(f"* daemon RSS with {n} grants < {TARGET_RSS_BYTES / 1e6:.0f} MB: "
-                     + _verdict(rss * 2**20 / 1e6, TARGET_RSS_BYTES / 1e6, False, ",.0f")
-                     + " (MB)")
+                     + _verdict(max(steady) * 2**20 / 1e6, TARGET_RSS_BYTES / 1e6, False,
+                                ",.0f")
+                     + f" (MB; while a bundle is applied, before its garbage is collected: "
+                       f"{largest['daemon_rss_mib'] * 2**20 / 1e6:,.0f})")
         restart = largest.get("restart_pinned")
         if restart:
             lines.append(f"* daemon start to enforcing with the programs pinned < "

@@ -132,3 +132,62 @@ def test_a_resync_that_finds_nothing_writes_nothing_and_drift_is_still_found(
         synced = datapath.resync(verified)
         assert synced.drift.extra == 1 and rogue not in datapath.kernel_entries()
         assert datapath.resync(verified).drift.total == 0
+
+
+def test_the_generation_left_is_read_back_before_it_is_written_and_its_drift_is_found(
+        instance: Instance) -> None:
+    # The daemon keeps no copy of the generation it left (at 100,000 grants a second copy
+    # of every entry), only its fingerprint: the resync still finds drift there, and the
+    # next whole install diffs against what the kernel holds there, so whatever else got
+    # in meanwhile is gone before that generation goes live.
+    import ctypes
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ztnet.datapath import abi
+    from ztnet.datapath.bpfsys import PinnedMap
+    from ztnet.datapath.datapath import Datapath
+    from ztnet.grants.bundle import VerifiedBundle, verify_bundle
+    from ztnet.testing.daemon import HOST, make_bundle
+
+    key = Ed25519PrivateKey.generate()
+
+    def verified(version: int, ports: range) -> VerifiedBundle:
+        return verify_bundle(make_bundle(key, version, "10.78.0.0/16", [str(p) for p in ports]),
+                             trusted=[key.public_key()], host=HOST, min_version=0,
+                             now=time.time())
+
+    def plant(port: int, generation: int) -> abi.EntryKey:
+        victim, value = next(iter(first.items()))
+        rogue = abi.EntryKey(victim.agent, victim.proto, victim.family, victim.port_bits,
+                             port, victim.addr, victim.addr_bits)
+        with PinnedMap(instance.pin_dir / "zt_grants_v1") as trie:  # as another writer would
+            trie.update(ctypes.c_buffer(rogue.packed(generation), abi.GRANT_KEY_SIZE),
+                        ctypes.c_buffer(value.packed(), abi.GRANT_VALUE_SIZE))
+        return rogue
+
+    with Datapath.open(instance) as datapath:
+        datapath.install(verified(1, range(7000, 7040)))
+        first = datapath.kernel_entries()
+        second = verified(2, range(7000, 7010))
+        datapath.install(second)
+        left = 1 - datapath.generation
+        assert datapath.kernel_entries(left) == first  # left as it was
+        assert datapath.resync(second).drift.total == 0
+        rogue = plant(9999, left)
+        third = verified(3, range(7000, 7020))
+        installed = datapath.install(third)
+        assert datapath.generation == left
+        live = datapath.kernel_entries()
+        assert rogue not in live and len(live) == installed.entries
+        assert {key.port for key in live} == set(range(7000, 7020))
+        # the generation the second bundle left is known by its fingerprint only
+        left = 1 - datapath.generation
+        assert datapath.resync(third).drift.total == 0
+        rogue = plant(9998, left)
+        synced = datapath.resync(third)
+        assert (synced.drift.extra, synced.drift.missing, synced.drift.changed) == (1, 0, 0)
+        assert "not itemized" in synced.drift.samples[0]
+        assert rogue not in datapath.kernel_entries(left)
+        assert datapath.resync(third).drift.total == 0

@@ -4,6 +4,9 @@ what survives an apply frozen out of later passes."""
 from __future__ import annotations
 
 import gc
+import os
+import platform
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -53,3 +56,23 @@ def test_a_frozen_cycle_survives_collection_until_the_next_settle_reclaims_it() 
     assert gone() is not None  # frozen: full passes no longer walk it
     settle_long_lived()  # the next apply unfreezes first
     assert gone() is None
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_settling_gives_free_heap_pages_in_the_middle_back() -> None:
+    # 2,000-byte blocks come from glibc's heap (over pymalloc's 512, under the mmap
+    # threshold); one kept block above them keeps the heap's top from being trimmed on free
+    blocks = [bytes(2000) for _ in range(20_000)]  # ~40 MiB, zero-filled: resident
+    top = bytes(2000)
+    del blocks
+    before = _rss_mib()
+    settle_long_lived()
+    after = _rss_mib()
+    assert before - after > 20, (before, after)
+    assert len(top) == 2000  # held to here

@@ -85,6 +85,20 @@ def test_round_trip_is_canonical_and_apply_to_changes_only_the_grants() -> None:
                                              now=NOW + 2).apply_to(after).grants] == [3]
 
 
+def test_a_shared_index_is_never_changed_under_its_reader() -> None:
+    base = held_state()
+    held = HeldGrants(base)
+    before = dict(held.by_id)
+    shared = held.shared_by_id()  # as the flow pipeline's reader thread holds it
+    held.apply(delta(base))
+    assert shared == before and sorted(shared) == [1, 2]
+    assert sorted(held.by_id) == [2, 3] and held.by_id is not shared
+    # unshared, a further change is made in place (a restore applies a chain of deltas)
+    changed = held.by_id
+    held.apply(delta(base, base_version=8, version=9, add=(), revoke=(2,)))
+    assert held.by_id is changed and sorted(changed) == [3]
+
+
 @pytest.mark.parametrize(("overrides", "reason"), [
     ({"base_sha256": "0" * 64}, "this host holds version 7"),
     ({"base_version": 6}, "applies to version 6"),

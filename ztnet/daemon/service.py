@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Literal
 from ztnet import logs
 from ztnet.daemon.credentials import HostCredentials
 from ztnet.daemon.flows import FlowPipeline
-from ztnet.daemon.memory import collector_paused, return_large_buffers, settle_long_lived
+from ztnet.daemon.memory import (
+    collector_paused,
+    return_free_heap,
+    return_large_buffers,
+    settle_long_lived,
+)
 from ztnet.daemon.notify import notify
 from ztnet.daemon.resolverconf import QueryRecord, ResolverSettings
 from ztnet.daemon.spool import DEFAULT_MAX_BYTES
@@ -211,13 +216,14 @@ class Daemon:
         self._configure_resolver(verified)  # learned entries of vanished grants go first
         cut = self.datapath.cut_unauthorized(now=now)  # a quarantined agent has no grants
         self._freeze(verified, previous)
+        held = held or HeldGrants(verified)
         if self.flows is not None:
-            self.flows.bundle_applied(verified)
+            self.flows.bundle_applied(verified, held)
         if quarantined or released:
             logs.event("quarantine changed", logging.WARNING, version=verified.version,
                        quarantined=sorted(quarantined), released=sorted(released),
                        flags_at=round(flags_at, 4))
-        self.held = held or HeldGrants(verified)
+        self.held = held
         logs.event("bundle applied", source=source, version=verified.version,
                    grants=len(verified.grants), entries=result.entries,
                    key_id=verified.key_id[:16], payload_sha256=verified.payload_sha256[:16],
@@ -315,7 +321,7 @@ class Daemon:
                               "re-applies the bundle and deltas recorded before it")
         cut = self.datapath.cut_unauthorized(now=now) if verified.revoked else []
         if self.flows is not None:
-            self.flows.delta_applied(current, verified.added, verified.revoked)
+            self.flows.delta_applied(current, verified.added, verified.revoked, held)
         logs.event("delta applied", source=source, version=verified.version,
                    base_version=verified.delta.base_version, added=len(verified.added),
                    revoked=len(verified.revoked), grants=len(current.grants),
@@ -442,6 +448,8 @@ class Daemon:
         except DatapathError as exc:  # the kernel keeps what it has; try again next period
             logs.event("resync failed", logging.ERROR, reason=str(exc))
             return
+        finally:
+            return_free_heap()  # a full compare decodes the trie: ~30 MB, short-lived
         quarantined, released = self.datapath.set_quarantine(
             entry.agent for entry in self.current.bundle.quarantine)
         if quarantined or released:  # someone else changed the flags: put them right

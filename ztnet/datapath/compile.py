@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from ztnet.datapath.abi import (
@@ -33,7 +33,7 @@ from ztnet.datapath.abi import (
     pack_grant_value,
 )
 from ztnet.errors import DatapathError
-from ztnet.grants.model import Grant, PortRange
+from ztnet.grants.model import Grant, IPNetwork, PortRange
 
 U64_MAX = 2**64 - 1
 # How long a kernel entry may outlive the bundle that carried it. Every entry
@@ -151,44 +151,74 @@ _NO_BUDGET = (0, 0, 0)
 
 # (agent index, proto, family, port prefix bits, port): the entries one level lookup finds
 GroupKey = tuple[int, int, int, int, int]
-# (packed network address, prefix length): one entry of a group
-Where = tuple[bytes, int]
+# (network address << 8 | prefix length): one entry of a group. Held once per grant, so
+# an int (32 bytes for IPv4) rather than a (packed address, length) tuple (93 bytes).
+Where = int
+
+
+def _where(network: IPNetwork) -> Where:
+    return int(network.network_address) << 8 | network.prefixlen
+
+
+def _masked(where: Where, length: int, width: int) -> Where:
+    """The entry of prefix ``length`` that covers ``where`` (``width``: address bits)."""
+    drop = width - length
+    return (where >> 8 + drop << drop) << 8 | length
 
 
 class _Group:
-    """The grants behind one group's entries, by the network they name."""
+    """The grants behind one group's entries, by the network they name: a lone grant
+    is held as itself, several as a list (most networks have one grant, and a list
+    costs more than 100 bytes per network at 100,000 of them)."""
 
-    __slots__ = ("installed", "lengths", "networks")
+    __slots__ = ("installed", "lengths", "networks", "width")
 
-    def __init__(self) -> None:
-        self.networks: dict[Where, list[Grant]] = {}
+    def __init__(self, family: int) -> None:
+        self.networks: dict[Where, Grant | list[Grant]] = {}
         self.lengths: dict[int, int] = {}  # prefix length -> networks of that length
         self.installed = 0  # entries of this group in the compiled state
+        self.width = 32 if family == 4 else 128
+
+    def at(self, where: Where) -> Sequence[Grant]:
+        """The grants that name ``where`` exactly."""
+        own = self.networks.get(where)
+        if own is None:
+            return ()
+        return own if isinstance(own, list) else (own,)
 
     def add(self, where: Where, grant: Grant) -> None:
         own = self.networks.get(where)
         if own is None:
-            own = self.networks[where] = []
-            self.lengths[where[1]] = self.lengths.get(where[1], 0) + 1
-        own.append(grant)
+            self.networks[where] = grant
+            length = where & 0xFF
+            self.lengths[length] = self.lengths.get(length, 0) + 1
+        elif isinstance(own, list):
+            own.append(grant)
+        else:
+            self.networks[where] = [own, grant]
 
     def remove(self, where: Where, grant_id: int) -> None:
-        own = self.networks[where]
-        own[:] = [grant for grant in own if grant.grant_id != grant_id]
-        if not own:
+        kept = [grant for grant in self.at(where) if grant.grant_id != grant_id]
+        if len(kept) > 1:
+            self.networks[where] = kept
+        elif kept:
+            self.networks[where] = kept[0]
+        else:
             del self.networks[where]
-            self.lengths[where[1]] -= 1
-            if not self.lengths[where[1]]:
-                del self.lengths[where[1]]
+            length = where & 0xFF
+            self.lengths[length] -= 1
+            if not self.lengths[length]:
+                del self.lengths[length]
 
     def covered(self, where: Where) -> list[Where]:
         """``where`` (whether or not a grant still names it) and the networks of this
         group inside it: the entries whose windows a grant on ``where`` is part of."""
-        address, length = where
+        length = where & 0xFF
         if not any(longer > length for longer in self.lengths):
             return [where]
         return [where] + [other for other in self.networks
-                          if other[1] > length and _mask(other[0], length) == address]
+                          if other & 0xFF > length
+                          and _masked(other, length, self.width) == where]
 
 
 class GrantIndex:
@@ -230,7 +260,7 @@ class GrantIndex:
             blocks = self._blocks_of[grant.ports] = port_blocks(grant.ports.first,
                                                                 grant.ports.last)
         network = grant.network
-        where = (network.network_address.packed, network.prefixlen)
+        where = _where(network)
         proto, family = int(grant.proto), 4 if network.version == 4 else 6
         return [((agent, proto, family, bits, port), where) for port, bits in blocks]
 
@@ -244,7 +274,7 @@ class GrantIndex:
         for key, where in places:
             group = groups.get(key)
             if group is None:
-                group = groups[key] = _Group()
+                group = groups[key] = _Group(key[2])
             group.add(where, grant)
         return places
 
@@ -304,10 +334,11 @@ class GrantIndex:
         """Recompute one entry from the grants that cover it; record it in ``packed``.
         Returns its packed key, its value and the value it had (None: not there)."""
         agent, proto, family, bits, port = key
-        address, length = where
-        packed_key = pack_grant_key(agent, proto, family, bits, port, address, length)
+        length = where & 0xFF
+        packed_key = pack_grant_key(agent, proto, family, bits, port,
+                                    (where >> 8).to_bytes(group.width // 8, "big"), length)
         cutoff = self.cutoff
-        own = group.networks.get(where, ())
+        own = group.at(where)
         if not own:
             covering: Iterable[Grant] = ()  # entries sit only where some grant names them
         elif len(group.lengths) == 1:
@@ -317,8 +348,8 @@ class GrantIndex:
             for shorter in sorted(group.lengths):
                 if shorter > length:
                     break
-                at = (_mask(address, shorter), shorter) if shorter < length else where
-                covering.extend(group.networks.get(at, ()))
+                at = _masked(where, shorter, group.width) if shorter < length else where
+                covering.extend(group.at(at))
         windows = [(grant.not_before, grant.not_after if grant.not_after < cutoff else cutoff,
                     grant.grant_id, grant.network.prefixlen) for grant in covering]
         chosen = _choose_window(windows, now) if windows else None
@@ -377,10 +408,3 @@ def compile_index(grants: Iterable[Grant], agent_index: Mapping[str, int], *, no
     index = GrantIndex(agent_index, clock=clock, bundle_expires=bundle_expires)
     index.build(grants, now)
     return index
-
-
-def _mask(address: bytes, length: int) -> bytes:
-    """``address`` with all but its first ``length`` bits cleared."""
-    width = 8 * len(address)
-    value = int.from_bytes(address, "big") >> (width - length) << (width - length)
-    return value.to_bytes(len(address), "big")

@@ -33,7 +33,7 @@ from ztnet.datapath.compile import (
     GrantIndex,
     compile_index,
 )
-from ztnet.datapath.drift import Drift, find_drift
+from ztnet.datapath.drift import Drift, Fingerprint, find_drift
 from ztnet.datapath.grantmaps import GrantMaps, Snapshot
 from ztnet.datapath.learned import LearnedKey, LearnedTable
 from ztnet.datapath.probe import probe
@@ -123,13 +123,15 @@ class Datapath:
         self.maps["zt_agents_v1"].check_layout(ctypes.c_uint64, abi.ZtAgent)
         self.maps["zt_config_v1"].check_layout(ctypes.c_int, abi.ZtConfig)
         self.grant_maps = GrantMaps(self.maps["zt_grants_v1"], self.maps["zt_levels_v1"])
-        # The grant set this process last made active, and what it wrote into each
-        # generation. The resync checks these against the kernel (a batch dump, and
-        # while its digest is the one last checked, nothing is compared again); a
-        # process that wrote nothing yet reads the kernel before it diffs.
+        # The grant set this process last made active, and what it wrote into the
+        # generations it knows (the active one; both after a repair), and the fingerprint
+        # of the one a whole install left. The resync checks these against the kernel (a
+        # batch dump, and while its digest is the one last checked, nothing is compared
+        # again); a generation not in _written is read from the kernel before it is written.
         self._grants: tuple[Grant, ...] = ()
         self._audit: frozenset[str] = frozenset()  # agents this process put in audit mode
         self._written: dict[int, DesiredState] = {}  # by generation
+        self._left: Fingerprint | None = None
         self._active: int | None = None
         self._checked_digest: bytes | None = None  # trie dump that matched _written
         self._compiled_for: tuple[object, ...] | None = None  # inputs of _written[_active]
@@ -346,8 +348,8 @@ class Datapath:
                              frozenset(bundle.bundle.audit_agents))
 
     def resync(self, bundle: VerifiedBundle, *, now: float | None = None) -> SyncResult:
-        """Compare both generations, read from the kernel, with what this process
-        wrote there (and the active generation with the one it made active);
+        """Compare the generations this process knows, read from the kernel, with what
+        it wrote there (and the active generation with the one it made active);
         then re-install ``bundle`` (later windows, recreated cgroups), rewriting
         both generations if anything drifted. When the trie dump has the digest
         that was last found clean, the agents are the same and no window started
@@ -367,6 +369,10 @@ class Datapath:
                 if levels.get(generation, {}) != dict(written.levels):
                     drift += find_drift({}, levels.get(generation, {}), {}, written.levels,
                                         f"gen {generation} ")
+            if self._left is not None:  # its entries only when the dump changed
+                drift += self._left.drift(
+                    None if snapshot is None else snapshot.contents.get(self._left.generation, {}),
+                    levels.get(self._left.generation, {}))
             if self._active is not None and self.generation != self._active:
                 drift += Drift(generation=1, samples=(f"generation flipped to {self.generation}",))
             audit = frozenset(bundle.bundle.audit_agents)
@@ -453,7 +459,7 @@ class Datapath:
         config = self._config()
         target = 1 - (int(config.generation) & 1)
         if snapshot is None and (repair or target not in self._written):
-            snapshot = self.grant_maps.snapshot()
+            snapshot = self.grant_maps.snapshot(generation=None if repair else target)
         self._index = None  # until the generation it describes is written and live
         written, deleted = self._write(target, desired, snapshot)
         self._set_audit(audit, enable=True)
@@ -462,6 +468,15 @@ class Datapath:
         self._grants, self._active, self._audit = grants, target, audit
         if repair:
             self._write(1 - target, desired, snapshot)
+            self._left = None
+        else:
+            # What the generation just left holds is read from the kernel when it is
+            # written next: kept, it was a second copy of every entry (at 100,000 grants
+            # 22 MiB, for the whole life of the process). Its fingerprint is kept for the
+            # resync.
+            left = self._written.pop(1 - target, None)
+            self._left = None if left is None else Fingerprint.of(1 - target, left.packed,
+                                                                  left.levels)
         self._checked_digest = None  # the next resync compares in full, once
         self._compiled_for = (grants, bundle_expires, audit, clock,
                               tuple(sorted(indices.items())))
@@ -516,11 +531,13 @@ class Datapath:
                 # resync dumps, compares and rewrites the set it is given, whole.
                 self._index = None
                 self._written.clear()
+                self._left = None
                 self._compiled_for = None
                 raise
             self.invalidate_stamps()
             enforced = time.monotonic() - started
-            self._written.pop(1 - active, None)  # may share the dict just changed
+            if self._written.pop(1 - active, None) is not None:
+                self._left = None  # it may share the dict just changed: unknown now
             self._written[active] = index.state()
             grants = self._grants = _changed(self._grants, added, revoked)
             self._checked_digest = None
@@ -538,6 +555,8 @@ class Datapath:
             current, have_levels = self._written[generation].packed, dict(
                 self._written[generation].levels)
         self._written.pop(generation, None)  # unknown while half written
+        if self._left is not None and self._left.generation == generation:
+            self._left = None
         result = self.grant_maps.write(generation, current, have_levels, desired.packed,
                                        desired.levels)
         self._written[generation] = desired

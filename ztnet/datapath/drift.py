@@ -50,6 +50,37 @@ class Drift:
         return {kind: getattr(self, kind) for kind in DRIFT_KINDS}
 
 
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What this process wrote into a generation it no longer keeps a copy of (the one
+    a whole install left: at 100,000 entries the copy was 22 MiB): the entry count, the
+    sum of the entries' hashes, which does not depend on their order, and the level
+    masks. Python's bytes hash is seeded per process, so a fingerprint is compared only
+    within the process that took it; it finds drift, but cannot itemize it."""
+
+    generation: int
+    entries: int
+    digest: int
+    levels: Levels
+
+    @classmethod
+    def of(cls, generation: int, packed: Mapping[bytes, bytes], levels: Levels) -> Fingerprint:
+        return cls(generation, len(packed), sum(map(hash, packed.items())), dict(levels))
+
+    def drift(self, kernel: Mapping[bytes, bytes] | None, kernel_levels: Levels) -> Drift:
+        """How the generation read back from the kernel differs from what was written
+        (``kernel``: its entries, None to compare only the level masks)."""
+        where = f"gen {self.generation} "
+        drift = find_drift({}, kernel_levels, {}, self.levels, where)
+        if kernel is None or (len(kernel) == self.entries
+                              and sum(map(hash, kernel.items())) == self.digest):
+            return drift
+        extra, missing = max(0, len(kernel) - self.entries), max(0, self.entries - len(kernel))
+        return drift + Drift(extra, missing, 0 if extra or missing else 1, samples=(
+            f"{where}holds {len(kernel)} entries, {self.entries} were written there, "
+            "not all the same (not itemized: only its fingerprint is kept)",))
+
+
 def describe(key: EntryKey, value: EntryValue | None) -> str:
     """One entry in words, for logs: agent index, protocol, destination, port block."""
     address = ipaddress.ip_address(key.addr)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -205,8 +206,17 @@ class HeldGrants:
         self.name_ids = frozenset(record.grant.grant_id for record in bundle.names)
         self.serials = {record.serial for record in bundle.grants} | \
             {record.serial for record in bundle.names}
+        self._shared = False
+
+    def shared_by_id(self) -> Mapping[int, GrantRecord]:
+        """``by_id`` for a reader that keeps it (the flow pipeline, whose reader thread
+        looks grants up in it): the next ``apply`` changes a copy, never what was shared."""
+        self._shared = True
+        return self.by_id
 
     def apply(self, delta: BundleDelta) -> None:
+        if self._shared:
+            self.by_id, self._shared = dict(self.by_id), False
         for grant_id in delta.revoke:
             self.serials.discard(self.by_id.pop(grant_id).serial)
         for record in delta.add:
