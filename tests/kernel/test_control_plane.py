@@ -4,6 +4,7 @@ finds the pinned programs and compiles nothing."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ztnet.grants.keys import generate_keypair, load_private_key
 from ztnet.instance import Instance
 from ztnet.lab.netns import NetnsPair
 from ztnet.lab.servers import ServerProcess
+from ztnet.observe import audit
 from ztnet.testing.daemon import BundleFileHost as Setup
 from ztnet.testing.daemon import bundle_applied
 
@@ -68,6 +70,74 @@ def test_a_restart_with_the_programs_pinned_compiles_nothing(setup: Setup) -> No
         setup.publish(2, [NEVER])
         second.wait_event(bundle_applied(2))
         assert (setup.attempt(A), setup.attempt(NEVER)) == ("EPERM", "OK")
+
+
+def _trail(state: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+
+
+def _ready(event: dict[str, object]) -> bool:
+    return event.get("event") == "daemon ready"
+
+
+def test_a_restart_records_the_restored_state_once_not_each_grant_again(setup: Setup) -> None:
+    setup.publish(1, [A, NEVER, 7001, 7002])
+    with setup.daemon() as first:
+        first.wait_event(bundle_applied(1))
+        assert first.stop() == 0
+    written = _trail(setup.state)
+    applied = next(r for r in written if r["kind"] == audit.BUNDLE_APPLIED)
+    assert [r["kind"] for r in written].count(audit.GRANT_ADDED) == 4
+    with setup.daemon() as second:
+        second.wait_event(_ready)
+        assert (setup.attempt(A), setup.attempt(7003)) == ("OK", "EPERM")
+        assert second.stop() == 0
+    again = [r for r in _trail(setup.state)[len(written):]
+             if str(r["kind"]).startswith(("bundle.", "grant."))]
+    assert [r["kind"] for r in again] == [audit.BUNDLE_RESTORED]
+    fields = again[0]["fields"]
+    assert isinstance(fields, dict)
+    assert (fields["version"], fields["grants"], fields["recorded"]) == (1, 4, applied["seq"])
+    assert audit.verify(setup.state / "audit.jsonl").ok
+    # A trail missing some of the grant records its bundle.applied announced (a daemon
+    # killed while writing them, its head not yet written) gets every grant again.
+    trail = setup.state / "audit.jsonl"
+    last_grant = max(i for i, r in enumerate(written) if r["kind"] == audit.GRANT_ADDED)
+    lines = trail.read_text().splitlines()[:last_grant]
+    trail.write_text("\n".join(lines) + "\n")
+    audit.head_path(trail).unlink()
+    with setup.daemon() as third:
+        third.wait_event(_ready)
+        assert third.stop() == 0
+    redone = [r["kind"] for r in _trail(setup.state)[last_grant:]
+              if str(r["kind"]).startswith(("bundle.", "grant."))]
+    assert redone == [audit.BUNDLE_APPLIED] + [audit.GRANT_ADDED] * 4
+    assert audit.verify(trail).ok
+
+
+def test_a_restart_after_a_delta_records_the_restored_state_once(setup: Setup) -> None:
+    from ztnet.fsutil import replace_atomic
+    from ztnet.testing.daemon import make_delta, tcp_grant
+
+    setup.publish(1, [A])
+    delta, _ = make_delta(setup.key, setup.bundle.read_bytes(), 2,
+                          add=[tcp_grant(0x5EED_0000_0000_0001, f"{setup.pair.b.ipv4}/32", NEVER)])
+    with setup.daemon() as first:
+        first.wait_event(bundle_applied(1))
+        mark = first.mark()
+        replace_atomic(setup.bundle, delta)
+        first.wait_event(lambda e: e.get("event") == "delta applied", start=mark)
+        assert first.stop() == 0
+    written = _trail(setup.state)
+    with setup.daemon() as second:
+        second.wait_event(_ready)
+        assert (setup.attempt(A), setup.attempt(NEVER)) == ("OK", "OK")
+        assert second.stop() == 0
+    again = [r for r in _trail(setup.state)[len(written):]
+             if str(r["kind"]).startswith(("bundle.", "grant."))]
+    assert [(r["kind"], r["fields"]["version"]) for r in again] == [  # type: ignore[index]
+        (audit.BUNDLE_RESTORED, 2)]
+    assert audit.verify(setup.state / "audit.jsonl").ok
 
 
 def test_pins_of_another_build_are_replaced_and_removed(instance: Instance) -> None:

@@ -31,6 +31,16 @@ def test_the_template_writes_the_canonical_encoding(grant: Grant) -> None:
     assert grant_fields_json(grant) == canonical(grant_fields(grant)).decode()
 
 
+@pytest.mark.parametrize("first, then", [(NOW, int(NOW)), (int(NOW), NOW), (0.0, -0.0),
+                                         (-0.0, 0.0), (0, 0.0)])
+def test_window_bounds_equal_in_value_are_still_written_as_themselves(first: float,
+                                                                       then: float) -> None:
+    # 1 and 1.0, 0.0 and -0.0 compare equal: each is written as itself, one after the other
+    for grant in (make_grant(not_before=first, not_after=first + 300),
+                  make_grant(not_before=then, not_after=then + 300)):
+        assert grant_fields_json(grant) == canonical(grant_fields(grant)).decode()
+
+
 @pytest.mark.parametrize("not_before, not_after", [
     (NOW, math.inf), (-math.inf, NOW), (math.nan, NOW), (NOW, math.nan)])
 def test_a_grant_window_must_be_finite(not_before: float, not_after: float) -> None:

@@ -13,13 +13,17 @@ from tests.unit.test_observe_records import denied_event, make_ctx, make_record
 from ztnet.cli import main
 from ztnet.errors import ConfigError
 from ztnet.observe.audit import (
+    BUNDLE_APPLIED,
     FLOW_DENIED,
     GENESIS,
+    GRANT_ADDED,
+    GRANT_REMOVED,
     AuditLog,
     AuditSink,
     Head,
     canonical,
     head_path,
+    last_applied,
     record_hash,
     verify,
 )
@@ -231,3 +235,34 @@ def test_append_many_writes_what_append_writes(tmp_path: Path) -> None:
         blank = {"time": "", "hash": "", "prev": ""}
         assert {**a, **blank} == {**b, **blank}
     assert verify(tmp_path / "many.jsonl").ok
+
+
+def test_the_last_applied_bundle_and_the_grant_records_after_it_are_found(
+        tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    assert last_applied(path) is None  # no trail yet
+    log = AuditLog(path)
+    log.append(BUNDLE_APPLIED, {"version": 1, "added": 1, "removed": 0})
+    log.append(GRANT_ADDED, {"id": "g-1"})
+    assert last_applied(path) == last_applied(path, max_bytes=1 << 20)
+    applied = log.append(BUNDLE_APPLIED, {"version": 2, "added": 2, "removed": 1})
+    log.append(GRANT_ADDED, {"id": "g-2"})
+    # a hostile string that spells a record's kind is escaped: it is not counted
+    log.append(FLOW_DENIED, {"comm": '","kind":"grant.added","prev":"', "kind": "grant.added"})
+    log.append(GRANT_ADDED, {"id": "g-3"})
+    log.append(GRANT_REMOVED, {"id": "g-1"})
+    log.close()
+    last = last_applied(path)
+    assert last is not None
+    assert (last.seq, last.fields["version"], last.grant_records) == (applied.seq, 2, 3)
+    lines = path.read_text().splitlines()
+    for chunk in (7, 100, 301, 1 << 20):  # records cut across chunks are read whole
+        assert last_applied(path, chunk=chunk) == last
+    # the search stops within max_bytes of the end: the record must lie wholly inside
+    record_starts = len(lines[0]) + len(lines[1]) + 2
+    size = path.stat().st_size
+    assert last_applied(path, max_bytes=size - record_starts, chunk=50) == last
+    assert last_applied(path, max_bytes=size - record_starts - 60, chunk=50) is None
+    lines[2] = lines[2].replace('"version":2', '"version":3')  # its hash no longer matches
+    path.write_text("\n".join(lines) + "\n")
+    assert last_applied(path) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from ztnet.datapath.drift import Drift
 from ztnet.datapath.events import KernelEvent
 from ztnet.grants.bundle import VerifiedBundle
 from ztnet.grants.delta import HeldGrants
-from ztnet.grants.model import Grant, format_grant_id
+from ztnet.grants.model import Grant, IPNetwork, Proto, format_grant_id
 from ztnet.grants.payload import GrantRecord
 from ztnet.instance import AUDIT_FILE, FLOWS_FILE
 from ztnet.observe import audit, metrics, records, sinks
@@ -86,6 +87,18 @@ def grant_fields(grant: Grant) -> dict[str, object]:
             "not_before": grant.not_before, "not_after": grant.not_after}
 
 
+_PROTO_TEXT = {proto: str(proto) for proto in Proto}
+
+
+def _network_text(network: IPNetwork) -> str:
+    """``str(network)``; an IPv4 one in a third of the time (``ipaddress`` formats the
+    address in Python)."""
+    if network.version == 4:
+        address = int(network.network_address).to_bytes(4, "big")
+        return f"{socket.inet_ntoa(address)}/{network.prefixlen}"
+    return str(network)
+
+
 def grant_fields_json(grant: Grant) -> str:
     """``canonical(grant_fields(grant))`` from a template, a third of the cost (100,000 of
     them for a first bundle). Every value is a number or text that JSON need not escape:
@@ -94,7 +107,8 @@ def grant_fields_json(grant: Grant) -> str:
     ports = str(grant.ports) if grant.ports else "any"
     return (f'{{"agent":"{grant.agent}","id":"{format_grant_id(grant.grant_id)}",'
             f'"not_after":{grant.not_after!r},"not_before":{grant.not_before!r},'
-            f'"ports":"{ports}","proto":"{grant.proto}","to":"{grant.network}"}}')
+            f'"ports":"{ports}","proto":"{_PROTO_TEXT[grant.proto]}",'
+            f'"to":"{_network_text(grant.network)}"}}')
 
 
 class GrantInfos(Mapping[int, GrantInfo]):
@@ -231,24 +245,34 @@ class FlowPipeline:
                 logs.event("flow pipeline error", logging.ERROR, reason=repr(exc))
                 self._stop.wait(1.0)
 
-    def bundle_applied(self, verified: VerifiedBundle, held: HeldGrants) -> None:
+    def bundle_applied(self, verified: VerifiedBundle, held: HeldGrants, *,
+                       restored: bool = False) -> None:
         """New grant metadata for records; the grant changes into the audit trail.
-        ``held``: the index of ``verified`` the daemon keeps."""
+        ``held``: the index of ``verified`` the daemon keeps. ``restored``: the state
+        directory's state, enforced again at start; if the trail already ends with it
+        applied, whole, one ``bundle.restored`` record says so instead of a
+        ``grant.added`` for each of its grants again."""
         registered = self.datapath.agent_names()
         names = {**self.context.agent_names, **registered}
         new = held.shared_by_id()
         self._infos = self._infos.applied(new, GrantInfo(verified.version, verified.key_id))
         self.context = dataclasses.replace(self.context, agent_names=names, grants=self._infos)
+        fields: dict[str, object] = {"version": verified.version, "key_id": verified.key_id,
+                                     "payload_sha256": verified.payload_sha256,
+                                     "grants": len(new)}
         try:
-            self.audit_log.append(audit.BUNDLE_APPLIED, {
-                "version": verified.version, "key_id": verified.key_id,
-                "payload_sha256": verified.payload_sha256, "grants": len(new)})
-            self.audit_log.append_encoded(audit.GRANT_ADDED, (
-                grant_fields_json(new[grant_id].grant)
-                for grant_id in sorted(new.keys() - self._granted.keys())))
-            self.audit_log.append_encoded(audit.GRANT_REMOVED, (
-                grant_fields_json(self._granted[grant_id].grant)
-                for grant_id in sorted(self._granted.keys() - new.keys())))
+            recorded = self._recorded(verified) if restored and not self._granted else None
+            if recorded is not None:
+                self.audit_log.append(audit.BUNDLE_RESTORED, {**fields, "recorded": recorded})
+            else:
+                added = sorted(new.keys() - self._granted.keys())
+                removed = sorted(self._granted.keys() - new.keys())
+                self.audit_log.append(audit.BUNDLE_APPLIED, {
+                    **fields, "added": len(added), "removed": len(removed)}, sync=False)
+                self.audit_log.append_encoded(audit.GRANT_ADDED, (
+                    grant_fields_json(new[grant_id].grant) for grant_id in added))
+                self.audit_log.append_encoded(audit.GRANT_REMOVED, (
+                    grant_fields_json(self._granted[grant_id].grant) for grant_id in removed))
             self.audit_log.sync()
         except OSError as exc:  # e.g. ENOSPC: enforcement went ahead; say what is missing
             _audit_failed(f"version {verified.version} applied", exc)
@@ -257,6 +281,22 @@ class FlowPipeline:
         # what the kernel now holds, without reading 100,000 entries back from it
         self.metrics.set_active_grants(_live_by_agent(
             verified.grants, set(registered.values()), time.time()))
+
+    def _recorded(self, verified: VerifiedBundle) -> int | None:
+        """The seq of the trail's last ``bundle.applied`` record if it records ``verified``
+        and every grant record it announced follows it (a process that died while writing
+        them left fewer); else None."""
+        last = audit.last_applied(self.audit_log.path)
+        if last is None or last.fields.get("version") != verified.version \
+                or last.fields.get("payload_sha256") != verified.payload_sha256:
+            return None
+        counts = last.fields.get("delta", last.fields)  # a delta's: {added, revoked}
+        if not isinstance(counts, dict):
+            return None
+        added, removed = counts.get("added"), counts.get("removed", counts.get("revoked"))
+        if not isinstance(added, int) or not isinstance(removed, int):
+            return None  # written by an older version: its grant records are not counted
+        return last.seq if added + removed == last.grant_records else None
 
     def delta_applied(self, verified: VerifiedBundle, added: tuple[Grant, ...],
                       revoked: tuple[Grant, ...], held: HeldGrants) -> None:

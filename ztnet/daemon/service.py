@@ -186,8 +186,9 @@ class Daemon:
 
     def _enforce(self, verified: VerifiedBundle, applied: Applied, source: str, now: float,
                  started: float, cpu_started: float, record: Callable[[], None] | None,
-                 held: HeldGrants | None = None) -> Outcome:
-        """Make a verified state the enforced one, whole, and ``record`` it."""
+                 held: HeldGrants | None = None, *, restored: bool = False) -> Outcome:
+        """Make a verified state the enforced one, whole, and ``record`` it (``restored``:
+        the state directory's, enforced again at start)."""
         assert self.datapath is not None
         verify_seconds = time.monotonic() - started
         try:
@@ -218,7 +219,7 @@ class Daemon:
         self._freeze(verified, previous)
         held = held or HeldGrants(verified)
         if self.flows is not None:
-            self.flows.bundle_applied(verified, held)
+            self.flows.bundle_applied(verified, held, restored=restored)
         if quarantined or released:
             logs.event("quarantine changed", logging.WARNING, version=verified.version,
                        quarantined=sorted(quarantined), released=sorted(released),
@@ -270,7 +271,7 @@ class Daemon:
             return
         self._enforce(state, Applied(state.version, state.payload_sha256,
                                      self.applied.base_version if self.applied else 0),
-                      source, now, started, cpu_started, None, held)
+                      source, now, started, cpu_started, None, held, restored=True)
 
     def _check_delta(self, signed: VerifiedPayload, now: float) -> VerifiedDelta | None:
         """A signed delta checked against the held state (None: it is the one applied

@@ -35,6 +35,7 @@ logger = logging.getLogger("ztnet.observe")
 GENESIS = "0" * 64
 # Kinds the daemon writes (any other string is allowed too).
 BUNDLE_APPLIED = "bundle.applied"
+BUNDLE_RESTORED = "bundle.restored"
 BUNDLE_REJECTED = "bundle.rejected"
 GRANT_ADDED = "grant.added"
 GRANT_REMOVED = "grant.removed"
@@ -195,6 +196,72 @@ class AuditLog:
 
 def _write_head(path: Path, head: Head) -> None:
     replace_atomic(path, canonical({"seq": head.seq, "hash": head.hash}) + b"\n")
+
+
+@dataclass(frozen=True, slots=True)
+class LastApplied:
+    """The last ``bundle.applied`` record of a trail, and how many grant records
+    (``grant.added``, ``grant.removed``) follow it."""
+
+    seq: int
+    fields: Mapping[str, Any]
+    grant_records: int
+
+
+# A record's own kind, as canonical JSON writes it after the record's hash: a string
+# value cannot hold an unescaped quote, so only a record's top level matches.
+def _kind_marker(kind: str) -> bytes:
+    return f'","kind":{_ENCODE(kind)},"prev":"'.encode()
+
+
+def last_applied(path: Path, max_bytes: int = 64 << 20,
+                 chunk: int = 4 << 20) -> LastApplied | None:
+    """The trail's last ``bundle.applied`` record, searched for in its last ``max_bytes``
+    (100,000 grant records are about 33 MB; give or take a chunk), read backwards
+    ``chunk`` bytes at a time; None if there is none there or it does not check out (its
+    hash)."""
+    applied_marker = _kind_marker(BUNDLE_APPLIED)
+    grant_markers = (_kind_marker(GRANT_ADDED), _kind_marker(GRANT_REMOVED))
+    grant_records, carry = 0, b""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        size = end = os.fstat(fd).st_size
+        while end > 0 and size - end < max_bytes:
+            start = max(0, end - chunk)
+            data = os.pread(fd, end - start, start) + carry
+            # whole lines only: the first one may begin in the chunk before
+            cut = data.find(b"\n") + 1 if start else 0
+            if start and not cut:
+                carry, end = data, start
+                continue
+            carry, lines = data[:cut], data[cut:]
+            at = lines.rfind(applied_marker)
+            if at < 0:
+                grant_records += sum(lines.count(marker) for marker in grant_markers)
+                end = start
+                continue
+            line_start, line_end = lines.rfind(b"\n", 0, at) + 1, lines.find(b"\n", at)
+            if line_end < 0:
+                return None  # not a whole line yet
+            grant_records += sum(lines.count(marker, line_end) for marker in grant_markers)
+            return _applied_record(lines[line_start:line_end], grant_records)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _applied_record(line: bytes, grant_records: int) -> LastApplied | None:
+    try:
+        entry = json.loads(line)
+        if entry["kind"] != BUNDLE_APPLIED or entry["hash"] != record_hash(entry) \
+                or not isinstance(entry["fields"], dict) or not isinstance(entry["seq"], int):
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return LastApplied(entry["seq"], entry["fields"], grant_records)
 
 
 def _read_head(path: Path) -> Head | None:
