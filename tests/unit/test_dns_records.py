@@ -99,7 +99,7 @@ def test_dns_records_reach_the_dns_detectors_and_no_other() -> None:
 def test_suggest_names_the_host_dns_answered_before_the_attempt() -> None:
     builder, ctx = DnsRecords(), make_ctx()
     at_now = flow("10.0.2.7").time_ns  # the test records' clock
-    answer = dataclasses.replace(builder.record(ANSWERED, ctx), time_ns=at_now)
+    answer = builder.record(ANSWERED, ctx)._replace(time_ns=at_now)
     reached = flow("203.0.113.10", 443, offset=60)
     assert reached.time_ns > answer.time_ns
     before = flow("203.0.113.10", 443, offset=-60)

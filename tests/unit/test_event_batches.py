@@ -11,6 +11,8 @@ import itertools
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from tests.unit.test_observe_records import denied_event, flow_end_event, make_ctx, make_event
@@ -18,7 +20,21 @@ from ztnet.datapath import abi
 from ztnet.datapath.compile import BootClock
 from ztnet.datapath.events import EVENT_FIELDS, EVENT_LAYOUT, Decoder, KernelEvent
 from ztnet.observe.metrics import FlowMetrics
-from ztnet.observe.records import CachedExe, encode_lines, from_event, from_events, to_json
+from ztnet.observe.records import (
+    AgentRef,
+    CachedExe,
+    DnsQuery,
+    EventType,
+    FlowCounters,
+    FlowRecord,
+    GrantRef,
+    Process,
+    Verdict,
+    encode_lines,
+    from_event,
+    from_events,
+    to_json,
+)
 from ztnet.observe.sinks import JsonlSink
 
 OFFSET_NS = 1_700_000_000 * 10**9
@@ -126,6 +142,40 @@ def test_encode_lines_is_to_json_once_per_batch() -> None:
     assert lines == [to_json(r).encode() for r in records]
     assert encode_lines(records) is lines
     assert encode_lines(list(records)) is not lines
+
+
+# any text, lone surrogates (a non-UTF-8 executable path) and control characters included
+TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
+U64 = st.integers(0, 2**64 - 1)
+
+
+@st.composite
+def flow_records(draw: st.DrawFn) -> list[FlowRecord]:
+    """A batch whose records share some processes, agents and grants (as from_events
+    builds them) and differ in everything else."""
+    processes = draw(st.lists(st.builds(Process, U64, U64, TEXT, TEXT, U64), min_size=1,
+                              max_size=3))
+    agents = draw(st.lists(st.builds(AgentRef, TEXT, TEXT, U64), min_size=1, max_size=3))
+    grants = draw(st.lists(st.none() | st.builds(GrantRef, U64, U64, TEXT), min_size=1,
+                           max_size=3))
+    hosts = draw(st.lists(TEXT, min_size=1, max_size=2))
+    record = st.builds(
+        FlowRecord, TEXT, st.integers(0, 2**63 - 1), st.sampled_from(hosts),
+        st.sampled_from(EventType), st.sampled_from(Verdict), TEXT, st.sampled_from([4, 6]),
+        st.sampled_from([1, 6, 17, 58, 0, 132, 255]), TEXT, st.integers(0, 65535), TEXT,
+        st.integers(0, 65535), U64, U64, st.sampled_from(processes), st.sampled_from(agents),
+        st.sampled_from(grants),
+        st.none() | st.builds(FlowCounters, U64, U64, U64, U64, st.integers(0, 2**63 - 1),
+                              st.integers(0, 2**63 - 1)),
+        U64, st.lists(TEXT, max_size=2).map(tuple),
+        st.none() | st.builds(DnsQuery, TEXT, TEXT, TEXT, TEXT))
+    return draw(st.lists(record, min_size=1, max_size=8))
+
+
+@given(flow_records())
+def test_the_batch_encoder_writes_the_bytes_of_the_one_record_encoder(
+        batch: list[FlowRecord]) -> None:
+    assert encode_lines(batch) == [to_json(record).encode() for record in batch]
 
 
 def test_batch_sinks_write_and_count_what_one_record_at_a_time_does(tmp_path: Path) -> None:

@@ -137,6 +137,65 @@ def test_close_delivers_what_is_queued_first() -> None:
     assert sink.records == batch and sink.closed
 
 
+def test_deliver_hands_a_batch_to_every_sink_in_the_callers_thread() -> None:
+    threads: list[int] = []
+
+    class ThreadSink(ListSink):
+        def on_flow(self, record: FlowRecord) -> None:
+            threads.append(threading.get_ident())
+            super().on_flow(record)
+
+    a, b = ThreadSink(), ListSink()
+    batch = records(20)
+    dispatcher = Dispatcher([a, b]).start()
+    assert dispatcher.deliver(batch[:12]) == 12
+    assert a.records == batch[:12] and b.records == batch[:12] and a.flushes == 1
+    assert set(threads) == {threading.get_ident()}
+    assert dispatcher.deliver(batch[12:]) == 8
+    stats = dispatcher.stats()
+    assert (stats.submitted, stats.delivered, stats.queued) == (20, 20, 0)
+    dispatcher.close()
+    assert a.closed and b.records == batch
+    assert dispatcher.deliver(batch) == 0
+    assert dispatcher.stats().dropped == {DROP_CLOSED: 20}
+
+
+def test_deliver_waits_while_the_worker_is_in_a_sink() -> None:
+    """The sinks are never called by two threads at once: a batch delivered while the
+    worker hands out a queued one reaches the sinks after it."""
+
+    class OverlapSink(BlockingSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.active = self.most_active = 0
+            self.guard = threading.Lock()
+
+        def on_flow(self, record: FlowRecord) -> None:
+            with self.guard:
+                self.active += 1
+                self.most_active = max(self.most_active, self.active)
+            if not self.records:  # the worker's record: held until released
+                super().on_flow(record)
+            else:
+                self.records.append(record)
+            with self.guard:
+                self.active -= 1
+
+    sink = OverlapSink()
+    dispatcher = Dispatcher([sink]).start()
+    batch = records(6)
+    assert dispatcher.submit(batch[0])
+    assert sink.entered.wait(DEADLINE)  # the worker is in the sink, holding record 0
+    producer = threading.Thread(target=dispatcher.deliver, args=(batch[1:],))
+    producer.start()
+    producer.join(0.2)  # a bounded wait for what must not happen: deliver entering the sink
+    sink.release.set()
+    producer.join(DEADLINE)
+    assert not producer.is_alive()
+    assert sink.most_active == 1 and sink.records == batch
+    dispatcher.close()
+
+
 def test_configure_reaches_every_sink_and_bad_values_are_fatal(tmp_path: Path) -> None:
     sink = JsonlSink(tmp_path / "flows.jsonl")
     dispatcher = Dispatcher([sink, ListSink()])

@@ -3,12 +3,17 @@
 A sink is any object with ``configure(cfg)``, ``on_flow(record)`` and
 ``close()`` (and optionally ``on_flows(records)``, which takes a whole batch
 in one call, and ``flush()``, called after each batch). The ``Dispatcher``
-takes records from the event reader without ever blocking it: a bounded queue
-(of batches, bounded in records) feeds one worker thread, a full queue drops
-the records and counts them (``DispatcherStats.dropped``), and every sink call
-runs in ``safecall`` so a failing sink is logged and counted, never fatal to
-the pipeline or to the other sinks. Every sink of a batch gets the same list
-object, so ``records.encode_lines`` encodes each record once for all sinks.
+takes records in two ways. ``submit_many`` never blocks its caller: a bounded queue
+(of batches, bounded in records) feeds one worker thread, and a full queue drops
+the records and counts them (``DispatcherStats.dropped``). ``deliver`` hands a batch
+to the sinks in the caller's own thread, for a producer whose own backlog is bounded
+and counted elsewhere: the kernel event reader, whose ring buffer holds what it
+has not read yet. Handing each batch to another thread made the GIL change hands
+at every batch, and under load each hand-off waited for the other thread to be
+scheduled (docs/performance.md). The sinks are called by one thread at a time.
+Every sink call runs in ``safecall`` so a failing sink is logged and counted,
+never fatal to the pipeline or to the other sinks. Every sink of a batch gets the
+same list object, so ``records.encode_lines`` encodes each record once for all sinks.
 """
 
 from __future__ import annotations
@@ -103,9 +108,10 @@ class DispatcherStats:
 class Dispatcher:
     """Fans records out to sinks on one worker thread.
 
-    ``submit`` never blocks; ``close`` delivers what is queued, then closes
-    the sinks. ``wait_idle`` returns once everything submitted so far has
-    been delivered and flushed (for tests and orderly shutdown)."""
+    ``submit`` never blocks; ``deliver`` returns once the sinks have the batch;
+    ``close`` delivers what is queued, then closes the sinks. ``wait_idle``
+    returns once everything submitted so far has been delivered and flushed
+    (for tests and orderly shutdown)."""
 
     def __init__(self, sinks: Iterable[Sink], *, queue_size: int = 65536,
                  batch_size: int = 4096) -> None:
@@ -117,6 +123,7 @@ class Dispatcher:
         self._batch_size = batch_size  # records handed to the sinks at once, at most
         self._safecall = _SafeCaller()
         self._lock = threading.Lock()
+        self._sinks_lock = threading.Lock()  # held while a thread calls the sinks
         self._idle = threading.Condition(self._lock)
         self._work = threading.Condition(self._lock)
         self._submitted = self._delivered = self._pending = 0
@@ -164,6 +171,21 @@ class Dispatcher:
                 self._work.notify()
             return len(accepted)
 
+    def deliver(self, records: list[FlowRecord]) -> int:
+        """Hand ``records`` to every sink now, in this thread (waiting for a batch the
+        worker is handing out meanwhile); how many (0 once closed, counted as dropped)."""
+        with self._lock:
+            if self._closed:
+                self._dropped[DROP_CLOSED] += len(records)
+                return 0
+            self._submitted += len(records)
+        if records:
+            with self._sinks_lock:
+                self._fan_out(records)
+        with self._lock:
+            self._delivered += len(records)
+        return len(records)
+
     def stats(self) -> DispatcherStats:
         with self._lock:
             return DispatcherStats(self._submitted, self._delivered, self._queued,
@@ -184,8 +206,14 @@ class Dispatcher:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("observe: dispatcher stuck, %d records not delivered", self._queued)
-        for sink in self.sinks:
-            self._safecall(sink, "close", sink.close)
+        if not self._sinks_lock.acquire(timeout=timeout):  # a deliver() stuck in a sink
+            log.error("observe: a sink is stuck; the sinks are left open")
+            return
+        try:
+            for sink in self.sinks:
+                self._safecall(sink, "close", sink.close)
+        finally:
+            self._sinks_lock.release()
 
     def _take(self) -> tuple[list[FlowRecord], bool]:
         """The next batch (queued batches joined up to batch_size), and whether to stop."""
@@ -206,7 +234,8 @@ class Dispatcher:
         while True:
             batch, stop = self._take()
             if batch:
-                self._fan_out(batch)
+                with self._sinks_lock:
+                    self._fan_out(batch)
                 with self._idle:
                     self._delivered += len(batch)
                     self._pending -= len(batch)
