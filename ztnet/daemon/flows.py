@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 # The reader's timer: records the kernel queued without a wake-up (below) wait for it at
 # most this long, so it bounds a lone record's connect() -> flow log latency (it was 200 ms:
 # p50 91 ms / p99 199 ms at 50 connections a second). Each timer wake-up that finds the
-# rings empty costs a poll and a ring_buffer__consume, about 10-20 us: 100 a second are
-# 0.1-0.2 % of a CPU on an idle host.
+# rings empty costs a poll and a look at each ring's positions, about 10-20 us: 100 a
+# second are 0.1-0.2 % of a CPU on an idle host.
 _POLL_MS = 10
 _COUNTERS_EVERY = 1.0  # seconds between kernel-counter snapshots for the metrics
 # After a poll that found records, let more gather before the next: under load each wake-up

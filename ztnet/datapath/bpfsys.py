@@ -8,9 +8,10 @@ import ctypes
 import ctypes.util
 import enum
 import errno
+import mmap
 import os
-import select
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -69,30 +70,8 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_update_batch": ([i, vp, vp, ctypes.POINTER(u32), vp], i),
         "bpf_map_delete_batch": ([i, vp, ctypes.POINTER(u32), vp], i),
         "bpf_map_lookup_batch": ([i, vp, vp, vp, vp, ctypes.POINTER(u32), vp], i),
-        "ring_buffer__new": ([i, vp, vp, vp], vp),
-        "ring_buffer__add": ([vp, i, vp, vp], i),
-        "ring_buffer__poll": ([vp, i], i),
-        "ring_buffer__consume": ([vp], i),
-        "ring_buffer__free": ([vp], None),
     }
     for fn_name, (argtypes, restype) in signatures.items():
-        fn = getattr(lib, fn_name)
-        fn.argtypes = argtypes
-        fn.restype = restype
-    return lib
-
-
-@cache
-def _lib_holding_gil() -> ctypes.PyDLL:
-    """The same libbpf, called without releasing the GIL: for ``ring_buffer__consume``,
-    whose callback runs Python once per record. Through ``CDLL`` each callback would have to
-    take the GIL back, and with another thread busy (the flow dispatcher) that waits up to
-    the interpreter's switch interval (5 ms) per record: a few hundred records a second."""
-    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-    lib = ctypes.PyDLL(name, use_errno=True)
-    for fn_name, argtypes, restype in (("ring_buffer__consume", [ctypes.c_void_p], ctypes.c_int),
-                                       ("ring_buffer__epoll_fd", [ctypes.c_void_p],
-                                        ctypes.c_int)):
         fn = getattr(lib, fn_name)
         fn.argtypes = argtypes
         fn.restype = restype
@@ -426,66 +405,96 @@ def detach(prog_fd: int, cgroup_fd: int, attach_type: AttachType) -> None:
         )
 
 
-_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+# struct bpf_ringbuf_hdr (kernel/bpf/ringbuf.c): a u32 length whose top bits say the record
+# is still being written (BUSY) or was given up (DISCARD), then a u32 page offset
+RINGBUF_HEADER = 8
+_RINGBUF_BUSY = 1 << 31
+_RINGBUF_DISCARD = 1 << 30
+_NOT_PLAIN = re.compile(rb"[^\x00]")  # a header's top byte: 0 unless BUSY or DISCARD
 
 
-class RingBuffers:
-    """libbpf's ring_buffer over one or more pinned BPF_MAP_TYPE_RINGBUF maps:
-    ``poll()`` calls ``on_sample(ctx, data, size)`` for every record (what bcc's
-    ``open_ring_buffer`` did, without bcc). The maps must stay open meanwhile."""
+class MappedRing:
+    """One pinned BPF_MAP_TYPE_RINGBUF, read from its memory maps as libbpf's consumer does
+    (tools/lib/bpf/ringbuf.c), without a callback per record: the consumer position's page
+    is mapped read-write, the producer position's page and the data read-only (the kernel
+    maps the data twice in a row, so a record that wraps round is contiguous). For rings
+    whose records all have one size (``record_size``: zt_events_v1, zt_denials_v1), so that
+    a run of them is one copy and one ``struct.iter_unpack``. The map must stay open."""
 
-    def __init__(self, rings: Sequence[PinnedMap],
-                 on_sample: Callable[[Any, Any, int], int]) -> None:
-        self._maps = list(rings)  # the ring buffer uses their fds
-        self._callback = _SAMPLE_FN(on_sample)  # referenced for as long as libbpf may call it
-        lib = _lib()
-        handle = lib.ring_buffer__new(self._maps[0].fd, self._callback, None, None)
-        if not handle:
-            raise DatapathError(f"datapath: cannot open ring buffer {self._maps[0].name}: "
-                                f"{os.strerror(ctypes.get_errno() or errno.EINVAL)}")
-        self._handle: int | None = handle
-        self._waiter: select.poll | None = None
-        for ring in self._maps[1:]:
-            rc = lib.ring_buffer__add(handle, ring.fd, self._callback, None)
-            if rc < 0:
-                self.close()
-                raise DatapathError(f"datapath: cannot open ring buffer {ring.name}: "
-                                    f"{os.strerror(_err(rc))}")
-
-    def poll(self, timeout_ms: int) -> int:
-        if self._handle is None:
-            return 0
-        rc = int(_lib().ring_buffer__poll(self._handle, timeout_ms))
-        if rc < 0 and _err(rc) != errno.EINTR:
-            raise DatapathError(f"datapath: polling ring buffers failed: "
-                                f"{os.strerror(_err(rc))}")
-        return max(rc, 0)
-
-    def wait(self, timeout_ms: int) -> bool:
-        """Until a ring has data (the GIL released meanwhile); False on timeout."""
-        if self._handle is None:
-            return False
-        if self._waiter is None:
-            self._waiter = select.poll()  # libbpf's epoll descriptor is itself pollable
-            self._waiter.register(_lib_holding_gil().ring_buffer__epoll_fd(self._handle),
-                                  select.POLLIN)
+    def __init__(self, ring: PinnedMap, record_size: int) -> None:
+        size = int(ring.info.max_entries)
+        if size <= 0 or size & (size - 1) or size % mmap.PAGESIZE:
+            raise DatapathError(f"datapath: {ring.name}: {size} bytes is not a ring buffer")
+        self.name, self.fd = ring.name, ring.fd
+        self.record_size = record_size
+        self.stride = (record_size + RINGBUF_HEADER + 7) & ~7
+        self.malformed = 0  # records of another size, skipped
+        self._mask = size - 1
+        page = mmap.PAGESIZE
         try:
-            return bool(self._waiter.poll(timeout_ms))
-        except InterruptedError:
-            return False
+            self._consumer_map = mmap.mmap(ring.fd, page, mmap.MAP_SHARED,
+                                           mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+            self._data_map = mmap.mmap(ring.fd, page + 2 * size, mmap.MAP_SHARED,
+                                       mmap.PROT_READ, offset=page)
+        except OSError as exc:
+            raise DatapathError(f"datapath: cannot map ring buffer {ring.name}: "
+                                f"{exc.strerror or exc}") from None
+        self._consumer = memoryview(self._consumer_map)[:8].cast("Q")
+        self._producer = memoryview(self._data_map)[:8].cast("Q")
+        self._data = memoryview(self._data_map)[page:]
 
-    def consume(self) -> int:
-        """Every record waiting, whether or not the kernel woke the reader for it, without
-        waiting, the GIL held throughout (see ``_lib_holding_gil``); how many."""
-        if self._handle is None:
-            return 0
-        rc = int(_lib_holding_gil().ring_buffer__consume(self._handle))
-        if rc < 0 and _err(rc) != errno.EINTR:
-            raise DatapathError(f"datapath: reading ring buffers failed: "
-                                f"{os.strerror(_err(rc))}")
-        return max(rc, 0)
+    def waiting(self) -> int:
+        """Bytes the kernel has reserved and this reader not consumed yet."""
+        return int(self._producer[0] - self._consumer[0])
+
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` committed records from the consumer position on, each with its
+        header, as one copy (``len // stride`` records); their space goes back to the kernel
+        at once. Stops before the first record still being written. Headers are read before
+        the data they cover (the kernel commits a record by clearing BUSY after writing it)."""
+        consumer = self._consumer[0]
+        while True:
+            available = (self._producer[0] - consumer) // self.stride
+            if available <= 0:
+                return b""
+            start = consumer & self._mask
+            count = min(available, limit)
+            # the top byte of each header in one strided copy: 0 for a plain committed record
+            tops = self._data[start + 3:start + count * self.stride:self.stride].tobytes()
+            odd = _NOT_PLAIN.search(tops)
+            if odd is not None:
+                count = odd.start()
+            chunk = self._data[start:start + count * self.stride].tobytes() if count else b""
+            count = self._same_size(chunk, count)
+            if count == 0:
+                length = int.from_bytes(self._data[start:start + 4], "little")
+                if length & _RINGBUF_BUSY:
+                    return b""
+                consumer += self._skip(length)  # a discarded record, or one of another size
+                self._consumer[0] = consumer
+                continue
+            self._consumer[0] = consumer + count * self.stride  # x86: a release store
+            return chunk[:count * self.stride]
+
+    def _same_size(self, chunk: bytes, count: int) -> int:
+        """How many of the ``count`` records in ``chunk`` lead with a header of this ring's
+        record size (the low bytes of each length, one strided comparison each)."""
+        expected = self.record_size.to_bytes(4, "little")
+        for i in range(3):
+            column = chunk[i:count * self.stride:self.stride]
+            if column != expected[i:i + 1] * count:
+                count = next(k for k, byte in enumerate(column) if byte != expected[i])
+        return count
+
+    def _skip(self, length: int) -> int:
+        """The bytes a record that is not a plain ``record_size`` one takes."""
+        if not length & _RINGBUF_DISCARD:
+            self.malformed += 1
+        length &= ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
+        return (length + RINGBUF_HEADER + 7) & ~7
 
     def close(self) -> None:
-        if self._handle is not None:
-            _lib().ring_buffer__free(self._handle)
-            self._handle = None
+        for view in (self._consumer, self._producer, self._data):
+            view.release()
+        self._consumer_map.close()
+        self._data_map.close()

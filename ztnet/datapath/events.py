@@ -2,28 +2,31 @@
 have their own ring, zt_denials_v1).
 
 The ring buffers are read by the process that attached the programs (the
-daemon), through their pins: libbpf's ring_buffer polls them (no bcc in the
-daemon), ``EventReader`` copies each record and turns each batch into
-``KernelEvent`` tuples with Unix times (``Decoder``: one ``struct`` call per
-record). Everything user-facing (agent names, grant metadata, process paths) is
-added by ztnet.observe.
+daemon), through their pins and memory maps (``bpfsys.MappedRing``; no bcc in
+the daemon): ``EventReader`` copies each run of records at once and turns it
+into ``KernelEvent`` tuples with Unix times (``Decoder``, one
+``struct.iter_unpack`` per run). Everything user-facing (agent names, grant
+metadata, process paths) is added by ztnet.observe.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import select
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from ztnet.datapath import abi
-from ztnet.datapath.bpfsys import PinnedMap, RingBuffers
+from ztnet.datapath.bpfsys import RINGBUF_HEADER, MappedRing, PinnedMap
 from ztnet.datapath.compile import BootClock
 
 # events decoded and handed on at once, at most
 READ_BATCH = 1024
+# batches read from one ring per EventReader.poll, at most
+_BATCHES_PER_POLL = 16
 
 
 class KernelEvent(NamedTuple):
@@ -94,7 +97,12 @@ def struct_layout(ctype: type[ctypes.Structure]) -> tuple[struct.Struct, tuple[s
 
 
 EVENT_LAYOUT, EVENT_FIELDS = struct_layout(abi.ZtEvent)
-_SIZE, _unpack = EVENT_LAYOUT.size, EVENT_LAYOUT.unpack
+_SIZE = EVENT_LAYOUT.size
+# a record as the ring holds it: the ring's header (its length; the page offset skipped),
+# the event, padding to 8 bytes
+_RING_LAYOUT = struct.Struct(
+    f"<I{RINGBUF_HEADER - 4}x{EVENT_LAYOUT.format[1:]}"
+    f"{(-(_SIZE + RINGBUF_HEADER)) % 8}x")
 _AF = {abi.ZtFamily.V4: (socket.AF_INET, 4), abi.ZtFamily.V6: (socket.AF_INET6, 16)}
 
 
@@ -109,9 +117,10 @@ class Decoder:
     """Raw ``EVENT_LAYOUT`` tuples -> KernelEvents with Unix times. Field positions are
     looked up once by name, so a reordered ABI still decodes right."""
 
-    def __init__(self, clock: BootClock) -> None:
+    def __init__(self, clock: BootClock, *, leading: int = 0) -> None:
+        """``leading``: values each raw tuple has before the event's (a ring header's)."""
         self.offset_ns = clock.offset_ns
-        index = {name: i for i, name in enumerate(EVENT_FIELDS)}
+        index = {name: i + leading for i, name in enumerate(EVENT_FIELDS)}
         self._order = tuple(index[name] for name in (
             "kind", "verdict", "reason", "time_ns", "cookie", "flow.cgroup_id", "flow.grant_id",
             "flow.agent", "flow.pid", "flow.tgid", "flow.uid", "flow.comm", "flow.proto",
@@ -122,7 +131,7 @@ class Decoder:
         self._verdicts = {int(v): v for v in abi.ZtVerdict}
         self._reasons = {int(r): r for r in abi.ZtReason}
 
-    def decode(self, raws: Sequence[tuple[Any, ...]]) -> tuple[list[KernelEvent], int]:
+    def decode(self, raws: Iterable[tuple[Any, ...]]) -> tuple[list[KernelEvent], int]:
         """The events, and how many raw records could not be decoded (an enum value or a
         family this build does not know)."""
         offset = self.offset_ns
@@ -167,61 +176,69 @@ class EventReader:
     """Reads both rings from ``poll()``: ``on_batch`` gets each batch of events (up to
     READ_BATCH) as a list, else ``on_event`` each event.
 
-    libbpf's ring_buffer consumes the rings (no bcc in the daemon). ``poll`` waits with the
-    GIL released, then consumes with the GIL held (``RingBuffers.consume``: a callback that
-    had to take the GIL back for every record waited up to 5 ms each whenever the
-    dispatcher's thread was busy). The callback only copies each record's bytes; every
-    READ_BATCH records, and after the poll, the batch is decoded with one ``struct`` call per
-    record (``Decoder``) instead of a ctypes cast and an attribute access per value. (A
-    reader walking the rings' memory maps itself, with no callback at all, was tried: on
-    this kernel, 6.18, reservations then failed now and then with the ring empty, one or
-    two a second at 8,000 events a second, where libbpf's consumer lost none; the cause was
-    not found. docs/performance.md.)"""
+    Each ring is read from its memory maps (``bpfsys.MappedRing``): a run of committed
+    records is one copy, unpacked by one ``struct.iter_unpack`` and decoded (``Decoder``),
+    with no Python callback per record. Through libbpf's ``ring_buffer__consume`` each
+    record cost a ctypes callback and a copy of its own. ``poll`` waits with the GIL
+    released (``poll(2)`` on the ring maps, which report data as long as any is
+    unconsumed)."""
 
     def __init__(self, rings: Sequence[PinnedMap], clock: BootClock,
                  on_event: Callable[[KernelEvent], None] | None = None, *,
                  on_batch: Callable[[list[KernelEvent]], None] | None = None) -> None:
         if (on_event is None) == (on_batch is None):
             raise TypeError("EventReader: give on_event or on_batch")
-        self._decoder = Decoder(clock)
+        self._decoder = Decoder(clock, leading=1)
         self._on_event = on_event
         self._deliver = on_batch or self._each
-        self.malformed = 0
-        self._raw: list[bytes] = []
-        self._rings = RingBuffers(rings, self._on_raw)  # one poll reads every ring
+        self._malformed = 0
+        self._rings: list[MappedRing] = []
+        try:
+            for pinned in rings:
+                self._rings.append(MappedRing(pinned, _SIZE))
+        except Exception:
+            self.close()
+            raise
+        self._waiter = select.poll()
+        for mapped in self._rings:
+            self._waiter.register(mapped.fd, select.POLLIN)
+
+    @property
+    def malformed(self) -> int:
+        """Records that could not be decoded: of another size, or with an enum value or
+        family this build does not know."""
+        return self._malformed + sum(ring.malformed for ring in self._rings)
 
     def _each(self, events: list[KernelEvent]) -> None:
         assert self._on_event is not None
         for event in events:
             self._on_event(event)
 
-    def _on_raw(self, _ctx: Any, data: Any, size: int) -> int:
-        if size < _SIZE:
-            self.malformed += 1
-            return 0
-        self._raw.append(ctypes.string_at(data, _SIZE))
-        if len(self._raw) >= READ_BATCH:
-            self._flush()
-        return 0
-
-    def _flush(self) -> None:
-        raw, self._raw = self._raw, []
-        events, bad = self._decoder.decode([_unpack(data) for data in raw])
-        self.malformed += bad
-        if events:
-            self._deliver(events)
-
     def poll(self, timeout_ms: int) -> int:
         """Deliver what the rings hold, waiting up to ``timeout_ms`` for the first record;
-        how many records were read."""
-        rings = self._rings
-        rings.wait(timeout_ms)  # the GIL released meanwhile
+        how many records were read. At most a few batches a ring per call, so a ring that
+        never runs dry still lets the caller look up now and then."""
+        try:
+            self._waiter.poll(timeout_ms)  # the GIL released meanwhile
+        except InterruptedError:
+            pass
         # records the kernel queued without a wake-up (the daemon's wake-up policy,
-        # Datapath.set_wakeup_every) signal nothing to epoll: read them after the timeout too
-        count = rings.consume()
-        if self._raw:
-            self._flush()
+        # Datapath.set_wakeup_every) woke no one: read them after the timeout too
+        count = 0
+        unpack, decode = _RING_LAYOUT.iter_unpack, self._decoder.decode
+        for ring in self._rings:
+            for _ in range(_BATCHES_PER_POLL):
+                chunk = ring.take(READ_BATCH)
+                if not chunk:
+                    break
+                events, bad = decode(unpack(chunk))
+                count += len(chunk) // _RING_LAYOUT.size
+                self._malformed += bad
+                if events:
+                    self._deliver(events)
         return count
 
     def close(self) -> None:
-        self._rings.close()
+        for ring in self._rings:
+            ring.close()
+        self._rings = []
