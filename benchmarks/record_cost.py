@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from ztnet.datapath import abi
 from ztnet.datapath.compile import BootClock
-from ztnet.datapath.events import EVENT_LAYOUT, READ_BATCH, Decoder, KernelEvent
+from ztnet.datapath.events import EVENT_LAYOUT, READ_BATCH, RING_LAYOUT, Decoder, KernelEvent
 from ztnet.observe import metrics, records, sinks
 
 
@@ -62,18 +63,22 @@ def batch_path(evs: list[KernelEvent], count: int, repeats: int) -> dict[str, fl
         raw.flow.family, raw.flow.dport_be, raw.flow.comm = 4, 0x5014, e.comm.encode()
         raw.flow.daddr[:4] = [10, 199, 1, 2]
         raws.append(bytes(raw))
-    decoder = Decoder(clock)
+    decoder = Decoder(clock, leading=1)
+    # as the ring holds them: each behind its header, padded (RING_LAYOUT); read in runs
+    header = struct.pack("<II", EVENT_LAYOUT.size, 0)
+    padding = bytes(RING_LAYOUT.size - len(header) - EVENT_LAYOUT.size)
     ctx = records.RecordContext(host="bench-host", trust_domain="bench.example",
                                 agent_names={1: "bot"},
                                 exe=records.CachedExe(lambda _tgid: "/usr/bin/agent"))
     step = READ_BATCH
-    chunks = [raws[i:i + step] for i in range(0, len(raws), step)]
-    decoded = [decoder.decode([EVENT_LAYOUT.unpack(r) for r in chunk])[0] for chunk in chunks]
+    chunks = [b"".join(header + raw + padding for raw in raws[i:i + step])
+              for i in range(0, len(raws), step)]
+    decoded = [decoder.decode(RING_LAYOUT.iter_unpack(chunk))[0] for chunk in chunks]
     made = [records.from_events(batch, ctx) for batch in decoded]
     flow_metrics = metrics.FlowMetrics()
     out = {
         "batch: unpack + decode": per_record(
-            lambda: [decoder.decode([EVENT_LAYOUT.unpack(r) for r in chunk]) for chunk in chunks],
+            lambda: [decoder.decode(RING_LAYOUT.iter_unpack(chunk)) for chunk in chunks],
             count, repeats),
         "batch: from_events": per_record(
             lambda: [records.from_events(batch, ctx) for batch in decoded], count, repeats),

@@ -12,7 +12,6 @@ metadata, process paths) is added by ztnet.observe.
 from __future__ import annotations
 
 import ctypes
-import functools
 import select
 import socket
 import struct
@@ -100,17 +99,15 @@ EVENT_LAYOUT, EVENT_FIELDS = struct_layout(abi.ZtEvent)
 _SIZE = EVENT_LAYOUT.size
 # a record as the ring holds it: the ring's header (its length; the page offset skipped),
 # the event, padding to 8 bytes
-_RING_LAYOUT = struct.Struct(
+RING_LAYOUT = struct.Struct(
     f"<I{RINGBUF_HEADER - 4}x{EVENT_LAYOUT.format[1:]}"
     f"{(-(_SIZE + RINGBUF_HEADER)) % 8}x")
 _AF = {abi.ZtFamily.V4: (socket.AF_INET, 4), abi.ZtFamily.V6: (socket.AF_INET6, 16)}
 
 
-@functools.lru_cache(maxsize=8192)
-def _address(raw: bytes, family: int) -> str:
-    # destinations and sources repeat: format each once (inet_ntop matches ipaddress's str)
-    af, size = _AF[abi.ZtFamily(family)]
-    return socket.inet_ntop(af, raw[:size])
+# Bound of the decoder's caches of addresses and process names (they repeat: each is
+# formatted once); past it a cache starts over.
+_CACHED = 8192
 
 
 class Decoder:
@@ -130,6 +127,23 @@ class Decoder:
         self._kinds = {int(k): k for k in abi.ZtEventKind}
         self._verdicts = {int(v): v for v in abi.ZtVerdict}
         self._reasons = {int(r): r for r in abi.ZtReason}
+        # raw address bytes -> text, by family (inet_ntop matches ipaddress's str)
+        self._addresses: dict[int, dict[bytes, str]] = {4: {}, 6: {}}
+        self._comms: dict[bytes, str] = {}
+
+    def _address(self, raw: bytes, family: int) -> str:
+        cache = self._addresses[family]
+        if len(cache) >= _CACHED:
+            cache.clear()
+        af, size = _AF[abi.ZtFamily(family)]
+        text = cache[raw] = socket.inet_ntop(af, raw[:size])
+        return text
+
+    def _comm(self, raw: bytes) -> str:
+        if len(self._comms) >= _CACHED:
+            self._comms.clear()
+        text = self._comms[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+        return text
 
     def decode(self, raws: Iterable[tuple[Any, ...]]) -> tuple[list[KernelEvent], int]:
         """The events, and how many raw records could not be decoded (an enum value or a
@@ -140,25 +154,31 @@ class Decoder:
          i_tgid, i_uid, i_comm, i_proto, i_family, i_saddr, i_sport, i_daddr, i_dport,
          i_suppressed, i_pout, i_bout, i_pin, i_bin, i_first, i_last, i_flags) = self._order
         zero = bytes(16)
-        new = KernelEvent
+        # tuple.__new__, not KernelEvent(...): a named tuple's __new__ is Python code
+        new, event = tuple.__new__, KernelEvent
+        addresses, address = self._addresses, self._address
+        comms, comm_of = self._comms, self._comm
+        cut = abi.EVF_CUT
         out: list[KernelEvent] = []
         bad = 0
         for r in raws:
             try:
                 family = r[i_family] or 4
-                saddr, sport, dport = r[i_saddr], r[i_sport], r[i_dport]
-                first, last = r[i_first], r[i_last]
-                out.append(new(
+                saddr, sport, dport, daddr = r[i_saddr], r[i_sport], r[i_dport], r[i_daddr]
+                first, last, comm = r[i_first], r[i_last], r[i_comm]
+                known = addresses[family]
+                out.append(new(event, (
                     kinds[r[i_kind]], verdicts[r[i_verdict]], reasons[r[i_reason]],
                     (r[i_time] + offset) / 1e9 if r[i_time] else 0.0, r[i_cookie],
                     r[i_cgroup], r[i_grant], r[i_agent], r[i_pid], r[i_tgid], r[i_uid],
-                    r[i_comm].split(b"\0", 1)[0].decode(errors="replace"), r[i_proto], family,
-                    _address(saddr, family) if saddr != zero else "",
-                    ((sport & 0xFF) << 8) | (sport >> 8), _address(r[i_daddr], family),
+                    comms.get(comm) or comm_of(comm), r[i_proto], family,
+                    (known.get(saddr) or address(saddr, family)) if saddr != zero else "",
+                    ((sport & 0xFF) << 8) | (sport >> 8),
+                    known.get(daddr) or address(daddr, family),
                     ((dport & 0xFF) << 8) | (dport >> 8), r[i_suppressed], r[i_pout],
                     r[i_bout], r[i_pin], r[i_bin],
                     (first + offset) / 1e9 if first else 0.0,
-                    (last + offset) / 1e9 if last else 0.0, bool(r[i_flags] & abi.EVF_CUT)))
+                    (last + offset) / 1e9 if last else 0.0, bool(r[i_flags] & cut))))
             except (KeyError, ValueError):  # an enum value or family this build does not know
                 bad += 1
         return out, bad
@@ -225,14 +245,14 @@ class EventReader:
         # records the kernel queued without a wake-up (the daemon's wake-up policy,
         # Datapath.set_wakeup_every) woke no one: read them after the timeout too
         count = 0
-        unpack, decode = _RING_LAYOUT.iter_unpack, self._decoder.decode
+        unpack, decode = RING_LAYOUT.iter_unpack, self._decoder.decode
         for ring in self._rings:
             for _ in range(_BATCHES_PER_POLL):
                 chunk = ring.take(READ_BATCH)
                 if not chunk:
                     break
                 events, bad = decode(unpack(chunk))
-                count += len(chunk) // _RING_LAYOUT.size
+                count += len(chunk) // RING_LAYOUT.size
                 self._malformed += bad
                 if events:
                     self._deliver(events)

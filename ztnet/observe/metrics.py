@@ -140,36 +140,45 @@ class FlowMetrics:
         pass
 
     def on_flows(self, records: list[FlowRecord]) -> None:
-        """A batch: each labelled counter incremented once per batch, not per record."""
-        counts: dict[tuple[int, tuple[str, ...]], float] = {}
-        flow_end, ends, flows = EventType.FLOW_END, id(self.flow_ends), id(self.flows)
-        nbytes, npackets, suppressed = id(self.bytes), id(self.packets), \
-            id(self.suppressed_reported)
-        get = counts.get
-        key: tuple[int, tuple[str, ...]]
-        amount: float
+        """A batch: each labelled counter incremented once per batch, not per record (the
+        records summed by agent and verdict first, the flow ends' totals by agent)."""
+        decisions: dict[tuple[str, str, str], int] = {}
+        # agent -> [flow ends, bytes out, bytes in, packets out, packets in, any counters]
+        ends: dict[str, list[int]] = {}
+        suppressed: dict[str, int] = {}
+        flow_end = EventType.FLOW_END
         for record in records:
             agent = record.agent.name or NO_AGENT
             if record.event_type == flow_end:
-                key = (ends, (agent,))
-                counts[key] = get(key, 0) + 1
+                totals = ends.get(agent)
+                if totals is None:
+                    totals = ends[agent] = [0, 0, 0, 0, 0, 0]
+                totals[0] += 1
                 flow = record.flow
                 if flow is not None:
-                    for key, amount in (((nbytes, (agent, "out")), flow.bytes_out),
-                                        ((nbytes, (agent, "in")), flow.bytes_in),
-                                        ((npackets, (agent, "out")), flow.packets_out),
-                                        ((npackets, (agent, "in")), flow.packets_in)):
-                        counts[key] = get(key, 0) + amount
+                    totals[1] += flow.bytes_out
+                    totals[2] += flow.bytes_in
+                    totals[3] += flow.packets_out
+                    totals[4] += flow.packets_in
+                    totals[5] = 1
             else:
-                key = (flows, (agent, record.verdict.value.lower(), record.drop_reason))
-                counts[key] = get(key, 0) + 1
+                key = (agent, record.verdict, record.drop_reason)
+                decisions[key] = decisions.get(key, 0) + 1
             if record.suppressed:
-                key = (suppressed, (agent,))
-                counts[key] = get(key, 0) + record.suppressed
-        by_id = {ends: self.flow_ends, flows: self.flows, nbytes: self.bytes,
-                 npackets: self.packets, suppressed: self.suppressed_reported}
-        for (counter, labels), amount in counts.items():
-            self._inc(by_id[counter], labels, amount)
+                suppressed[agent] = suppressed.get(agent, 0) + record.suppressed
+        inc = self._inc
+        for (agent, verdict, reason), count in decisions.items():
+            inc(self.flows, (agent, str(verdict).lower(), reason), count)
+        for agent, (count, bytes_out, bytes_in, packets_out, packets_in, counted) in \
+                ends.items():
+            inc(self.flow_ends, (agent,), count)
+            if counted:
+                inc(self.bytes, (agent, "out"), bytes_out)
+                inc(self.bytes, (agent, "in"), bytes_in)
+                inc(self.packets, (agent, "out"), packets_out)
+                inc(self.packets, (agent, "in"), packets_in)
+        for agent, count in suppressed.items():
+            inc(self.suppressed_reported, (agent,), count)
 
     def on_flow(self, record: FlowRecord) -> None:
         agent = record.agent.name or NO_AGENT
