@@ -282,17 +282,15 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
     agents: dict[tuple[str, int], AgentRef] = {}
     grant_refs: dict[int, GrantRef] = {}
     processes: dict[tuple[int, int, str, int], Process] = {}
-    for e in events:
-        kind, tgid, comm = e.kind, e.tgid, e.comm
-        event_type = kinds[kind]
-        time_ns = round(e.time * 1_000_000) * 1000
-        agent_index = e.agent_index
-        name = "" if e.reason == not_agent_reason or agent_index == 0 else \
+    for (kind, verdict, reason, seconds, cookie, cgroup_id, grant_id, agent_index, pid, tgid,
+         uid, comm, proto, family, source, source_port, destination, port, suppressed,
+         packets_out, bytes_out, packets_in, bytes_in, first_seen, last_seen, _) in events:
+        # one unpacking of the event's tuple, not an attribute lookup per field
+        time_ns = round(seconds * 1_000_000) * 1000
+        name = "" if reason == not_agent_reason or agent_index == 0 else \
             names.get(agent_index, "")
-        proto = e.proto
-        if proto == 1 and e.family == v6:
+        if proto == 1 and family == v6:
             proto = IPPROTO_ICMPV6
-        grant_id = e.grant_id
         grant = None
         if grant_id:
             grant = grant_refs.get(grant_id)
@@ -302,28 +300,27 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
                                                         info.key_id)
         flow = None
         if kind == flow_end:
-            flow = new(counters, (e.packets_out, e.bytes_out, e.packets_in, e.bytes_in,
-                                  round(e.first_seen * 1_000_000) * 1000,
-                                  round(e.last_seen * 1_000_000) * 1000))
-        destination, port, cookie = e.destination, e.destination_port, e.cookie
+            flow = new(counters, (packets_out, bytes_out, packets_in, bytes_in,
+                                  round(first_seen * 1_000_000) * 1000,
+                                  round(last_seen * 1_000_000) * 1000))
         sha1 = sha1_copy()
         sha1.update(
             f"{host}/{cookie}/{kind_texts[kind]}/{time_ns}/{destination}/{port}".encode())
         h = sha1.hexdigest()  # record_uuid's bits, set in the text
-        process_key = (tgid, e.pid, comm, e.uid)
+        process_key = (tgid, pid, comm, uid)
         process = processes.get(process_key)
         if process is None:
             process = processes[process_key] = Process(
-                tgid, e.pid, comm, exe_of(tgid, comm, now) if exe_of else ctx.exe(tgid), e.uid)
+                tgid, pid, comm, exe_of(tgid, comm, now) if exe_of else ctx.exe(tgid), uid)
         agent = agents.get((name, agent_index))
         if agent is None:
             agent = agents[(name, agent_index)] = AgentRef(
                 name, _spiffe(ctx.trust_domain, name), agent_index)
         append(new(record, (
             f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:32]}", time_ns,
-            host, event_type, verdicts[e.verdict], reason_names[e.reason], int(e.family),
-            proto, e.source, e.source_port, destination, port, cookie, e.cgroup_id, process,
-            agent, grant, flow, e.suppressed, (), None)))
+            host, kinds[kind], verdicts[verdict], reason_names[reason], int(family), proto,
+            source, source_port, destination, port, cookie, cgroup_id, process, agent, grant,
+            flow, suppressed, (), None)))
     return out
 
 
@@ -443,15 +440,27 @@ class _LineWriter:
         self._verdicts: dict[tuple[str, str, str, str], str] = {}
         self._parties: dict[tuple[int, int, int, str], tuple[str, str]] = {}
         self._addresses: dict[str, str] = {}
+        self._seconds: dict[int, str] = {}  # a second -> its RFC 3339 text
 
     def lines(self, records: list[FlowRecord]) -> list[bytes]:
         out = []
+        line = self._line
         for record in records:
             try:
-                out.append(self._line(record) if record.dns is None else _encode(record))
+                out.append(line(record) if record.dns is None else _encode(record))
             except orjson.JSONEncodeError:
                 out.append(_encode(record))
         return out
+
+    def _time(self, time_ns: int) -> str:
+        """``format_rfc3339``, each second's text made once."""
+        seconds, fraction = divmod(time_ns, _NS)
+        prefix = self._seconds.get(seconds)
+        if prefix is None:
+            if len(self._seconds) > 64:
+                self._seconds.clear()
+            prefix = self._seconds[seconds] = format_rfc3339(seconds * _NS)[:-11]
+        return f"{prefix}.{fraction:09d}Z"
 
     def _verdict(self, r: FlowRecord) -> str:
         key = (r.host, r.event_type, r.verdict, r.drop_reason)
@@ -491,28 +500,31 @@ class _LineWriter:
         return text
 
     def _line(self, r: FlowRecord) -> bytes:
-        key = _L4_KEYS.get(r.proto, "OTHER")
-        protocol = f',"protocol":{r.proto}' if key == "OTHER" else ""
-        flow = r.flow
+        (uuid, time_ns, _, _, _, _, ip_version, proto, source, source_port, destination,
+         destination_port, cookie, cgroup_id, _, _, _, flow, suppressed, names, _) = r
+        key = _L4_KEYS.get(proto, "OTHER")
+        protocol = f',"protocol":{proto}' if key == "OTHER" else ""
+        stamp, addresses = self._time, self._addresses
         flow_json = "null" if flow is None else (
             f'{{"packets_out":{flow.packets_out},"bytes_out":{flow.bytes_out},'
             f'"packets_in":{flow.packets_in},"bytes_in":{flow.bytes_in},'
-            f'"first_seen":"{format_rfc3339(flow.first_seen_ns)}",'
-            f'"last_seen":"{format_rfc3339(flow.last_seen_ns)}",'
+            f'"first_seen":"{stamp(flow.first_seen_ns)}",'
+            f'"last_seen":"{stamp(flow.last_seen_ns)}",'
             f'"duration_ns":{flow.duration_ns}}}')
-        names = _json_text(list(r.destination_names)) if r.destination_names else "[]"
+        names_json = _json_text(list(names)) if names else "[]"
         parties, owners = self._parties_of(r)
         return (
-            f'{{"schema_version":{SCHEMA_VERSION},"uuid":{_json_text(r.uuid)},'
-            f'"time":"{format_rfc3339(r.time_ns)}",{self._verdict(r)}'
+            f'{{"schema_version":{SCHEMA_VERSION},"uuid":{_json_text(uuid)},'
+            f'"time":"{stamp(time_ns)}",{self._verdict(r)}'
             f'"traffic_direction":"EGRESS",'
-            f'"IP":{{"source":{self._address(r.source)},'
-            f'"destination":{self._address(r.destination)},"ipVersion":"IPv{r.ip_version}"}},'
-            f'"l4":{{"{key}":{{"source_port":{r.source_port},'
-            f'"destination_port":{r.destination_port}{protocol}}}}},{parties}'
-            f'"socket_cookie":{r.socket_cookie},"cgroup_id":{r.cgroup_id},{owners}'
-            f'"flow":{flow_json},"suppressed":{r.suppressed},'
-            f'"destination_names":{names},"dns":null}}').encode()
+            f'"IP":{{"source":{addresses.get(source) or self._address(source)},'
+            f'"destination":{addresses.get(destination) or self._address(destination)},'
+            f'"ipVersion":"IPv{ip_version}"}},'
+            f'"l4":{{"{key}":{{"source_port":{source_port},'
+            f'"destination_port":{destination_port}{protocol}}}}},{parties}'
+            f'"socket_cookie":{cookie},"cgroup_id":{cgroup_id},{owners}'
+            f'"flow":{flow_json},"suppressed":{suppressed},'
+            f'"destination_names":{names_json},"dns":null}}').encode()
 
 
 def from_json(line: str | bytes) -> FlowRecord:
