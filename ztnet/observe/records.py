@@ -500,8 +500,9 @@ class _LineWriter:
         return text
 
     def _line(self, r: FlowRecord) -> bytes:
-        (uuid, time_ns, _, _, _, _, ip_version, proto, source, source_port, destination,
-         destination_port, cookie, cgroup_id, _, _, _, flow, suppressed, names, _) = r
+        (uuid, time_ns, host, event_type, verdict, drop_reason, ip_version, proto, source,
+         source_port, destination, destination_port, cookie, cgroup_id, process, agent, grant,
+         flow, suppressed, names, _) = r
         key = _L4_KEYS.get(proto, "OTHER")
         protocol = f',"protocol":{proto}' if key == "OTHER" else ""
         stamp, addresses = self._time, self._addresses
@@ -512,10 +513,13 @@ class _LineWriter:
             f'"last_seen":"{stamp(flow.last_seen_ns)}",'
             f'"duration_ns":{flow.duration_ns}}}')
         names_json = _json_text(list(names)) if names else "[]"
-        parties, owners = self._parties_of(r)
+        parties, owners = self._parties.get((id(agent), id(process), id(grant), host)) \
+            or self._parties_of(r)
+        verdict_json = self._verdicts.get((host, event_type, verdict, drop_reason)) \
+            or self._verdict(r)
         return (
             f'{{"schema_version":{SCHEMA_VERSION},"uuid":{_json_text(uuid)},'
-            f'"time":"{stamp(time_ns)}",{self._verdict(r)}'
+            f'"time":"{stamp(time_ns)}",{verdict_json}'
             f'"traffic_direction":"EGRESS",'
             f'"IP":{{"source":{addresses.get(source) or self._address(source)},'
             f'"destination":{addresses.get(destination) or self._address(destination)},'

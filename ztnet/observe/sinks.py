@@ -314,7 +314,7 @@ class JsonlSink:
 
     def on_flows(self, records: list[FlowRecord]) -> None:
         lines = encode_lines(records)
-        data = b"\n".join(lines) + b"\n"
+        data = b"\n".join([*lines, b""])  # one copy: the lines, each with its newline
         if self._size + self._buffered + len(data) <= self.max_bytes:
             self._buffer.append(data)
             self._buffered += len(data)
