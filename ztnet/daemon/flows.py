@@ -4,7 +4,7 @@ A thread of its own polls the ring buffer (the daemon's main loop never
 waits on it), makes each batch of events into records and hands them to the
 sinks itself (``Dispatcher.deliver``): the JSONL flow log, the Prometheus
 metrics and the audit trail. While it writes, the kernel's ring holds what comes
-(4 MiB, about 0.7 s at 50,000 records a second) and counts what does not fit.
+(4 MiB: about 25,000 records, 0.5 s at 50,000 a second) and counts what does not fit.
 The main thread tells it about bundles (new grant metadata, audit records of
 grant changes). DNS records of ztnet's resolver go through the dispatcher's queue
 (``submit_many``): its worker threads answer queries and must not wait on a sink.
@@ -59,7 +59,8 @@ _COUNTERS_EVERY = 1.0  # seconds between kernel-counter snapshots for the metric
 # consume, the sinks' flush) is paid a fifth as often. A lone record is written before
 # the linger, so it waits no longer. A poll that read a whole batch (events.READ_BATCH) or
 # more found a backlog: the reader reads on without the pause (with it, 50,000 records a
-# second for 60 s lost 79,000-176,000 records in the ring in two runs; without, none).
+# second for 60 s lost 79,000-176,000 records in the ring in two runs; without, none in
+# two runs of three, docs/performance.md).
 _LINGER = 0.010
 # The kernel wakes this reader with every _WAKEUP_EVERY-th allowed-side record per CPU and
 # queues the others silently (a wake-up per record costs the agent an interrupt per connect);
