@@ -204,11 +204,13 @@ def record_uuid(host: str, cookie: int, event_type: str, time_ns: int, destinati
     name = f"{host}/{cookie}/{event_type}/{time_ns}/{destination}/{destination_port}"
     sha1 = _NAMESPACE_SHA1.copy()
     sha1.update(name.encode())
-    digest = bytearray(sha1.digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return _uuid5_text(sha1.hexdigest())
+
+
+def _uuid5_text(h: str) -> str:
+    """The uuid of a name's SHA-1 (its hex digest ``h``): its first 16 bytes with the
+    version (5) and the variant (10xx) set in the text, formatted 8-4-4-4-12."""
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -268,8 +270,8 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
     host, names, grants = ctx.host, ctx.agent_names, ctx.grants
     exe_of = ctx.exe.cached if isinstance(ctx.exe, CachedExe) else None
     now = time.monotonic()
-    kinds, verdicts, reason_names, variant = _KINDS, _VERDICTS, _REASON_NAMES, _UUID_VARIANT
-    kind_texts = _KIND_TEXTS
+    kinds, verdicts, reason_names, kind_texts = _KINDS, _VERDICTS, _REASON_NAMES, _KIND_TEXTS
+    uuid5_text = _uuid5_text
     # tuple.__new__, not FlowRecord(...): a named tuple's __new__ is Python code; every
     # field is given (test_event_batches checks these records equal from_event's)
     new, record, counters = tuple.__new__, FlowRecord, FlowCounters
@@ -306,7 +308,6 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
         sha1 = sha1_copy()
         sha1.update(
             f"{host}/{cookie}/{kind_texts[kind]}/{time_ns}/{destination}/{port}".encode())
-        h = sha1.hexdigest()  # record_uuid's bits, set in the text
         process_key = (tgid, pid, comm, uid)
         process = processes.get(process_key)
         if process is None:
@@ -317,10 +318,9 @@ def from_events(events: Iterable[KernelEvent], ctx: RecordContext) -> list[FlowR
             agent = agents[(name, agent_index)] = AgentRef(
                 name, _spiffe(ctx.trust_domain, name), agent_index)
         append(new(record, (
-            f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:32]}", time_ns,
-            host, kinds[kind], verdicts[verdict], reason_names[reason], int(family), proto,
-            source, source_port, destination, port, cookie, cgroup_id, process, agent, grant,
-            flow, suppressed, (), None)))
+            uuid5_text(sha1.hexdigest()), time_ns, host, kinds[kind], verdicts[verdict],
+            reason_names[reason], int(family), proto, source, source_port, destination, port,
+            cookie, cgroup_id, process, agent, grant, flow, suppressed, (), None)))
     return out
 
 
@@ -437,10 +437,10 @@ class _LineWriter:
     that carries a ``dns`` object is encoded whole by ``_encode``."""
 
     def __init__(self) -> None:
+        # each part's JSON by its key; the methods below make one the first time
         self._verdicts: dict[tuple[str, str, str, str], str] = {}
         self._parties: dict[tuple[int, int, int, str], tuple[str, str]] = {}
         self._addresses: dict[str, str] = {}
-        self._seconds: dict[int, str] = {}  # a second -> its RFC 3339 text
 
     def lines(self, records: list[FlowRecord]) -> list[bytes]:
         out = []
@@ -452,74 +452,57 @@ class _LineWriter:
                 out.append(_encode(record))
         return out
 
-    def _time(self, time_ns: int) -> str:
-        """``format_rfc3339``, each second's text made once."""
-        seconds, fraction = divmod(time_ns, _NS)
-        prefix = self._seconds.get(seconds)
-        if prefix is None:
-            if len(self._seconds) > 64:
-                self._seconds.clear()
-            prefix = self._seconds[seconds] = format_rfc3339(seconds * _NS)[:-11]
-        return f"{prefix}.{fraction:09d}Z"
-
-    def _verdict(self, r: FlowRecord) -> str:
-        key = (r.host, r.event_type, r.verdict, r.drop_reason)
-        part = self._verdicts.get(key)
-        if part is None:
-            part = self._verdicts[key] = (
-                f'"host":{_json_text(r.host)},"event_type":{_json_text(r.event_type)},'
-                f'"verdict":{_json_text(r.verdict)},"drop_reason":{_json_text(r.drop_reason)},')
+    def _verdict(self, key: tuple[str, str, str, str]) -> str:
+        """The fields from ``host`` to ``drop_reason``."""
+        host, event_type, verdict, drop_reason = key
+        part = self._verdicts[key] = (
+            f'"host":{_json_text(host)},"event_type":{_json_text(event_type)},'
+            f'"verdict":{_json_text(verdict)},"drop_reason":{_json_text(drop_reason)},')
         return part
 
-    def _parties_of(self, r: FlowRecord) -> tuple[str, str]:
+    def _parties_of(self, key: tuple[int, int, int, str], r: FlowRecord) -> tuple[str, str]:
         """The JSON of ``source`` and ``destination``, and of ``process`` to ``grant``."""
         agent, process, grant = r.agent, r.process, r.grant
-        key = (id(agent), id(process), id(grant), r.host)
-        parts = self._parties.get(key)
-        if parts is None:
-            labels = ([f"ztnet:agent={agent.name}", f"ztnet:host={r.host}"]
-                      if agent.name else ["reserved:unmanaged"])
-            source = _json_text({"identity": agent.spiffe_id, "labels": labels})
-            process_json = _json_text({"pid": process.pid, "tid": process.tid,
-                                       "comm": process.comm, "exe": process.exe,
-                                       "uid": process.uid})
-            agent_json = _json_text({"name": agent.name, "spiffe_id": agent.spiffe_id,
-                                     "index": agent.index})
-            grant_json = "null" if grant is None else _json_text({
-                "id": grant.name, "policy_version": grant.policy_version,
-                "key_id": grant.key_id})
-            parts = self._parties[key] = (
-                f'"source":{source},"destination":{{"identity":"","labels":["reserved:world"]}},',
-                f'"process":{process_json},"agent":{agent_json},"grant":{grant_json},')
+        labels = ([f"ztnet:agent={agent.name}", f"ztnet:host={r.host}"]
+                  if agent.name else ["reserved:unmanaged"])
+        source = _json_text({"identity": agent.spiffe_id, "labels": labels})
+        process_json = _json_text({"pid": process.pid, "tid": process.tid,
+                                   "comm": process.comm, "exe": process.exe,
+                                   "uid": process.uid})
+        agent_json = _json_text({"name": agent.name, "spiffe_id": agent.spiffe_id,
+                                 "index": agent.index})
+        grant_json = "null" if grant is None else _json_text({
+            "id": grant.name, "policy_version": grant.policy_version, "key_id": grant.key_id})
+        parts = self._parties[key] = (
+            f'"source":{source},"destination":{{"identity":"","labels":["reserved:world"]}},',
+            f'"process":{process_json},"agent":{agent_json},"grant":{grant_json},')
         return parts
 
     def _address(self, address: str) -> str:
-        text = self._addresses.get(address)
-        if text is None:
-            text = self._addresses[address] = _json_text(address)
+        text = self._addresses[address] = _json_text(address)
         return text
 
     def _line(self, r: FlowRecord) -> bytes:
         (uuid, time_ns, host, event_type, verdict, drop_reason, ip_version, proto, source,
          source_port, destination, destination_port, cookie, cgroup_id, process, agent, grant,
          flow, suppressed, names, _) = r
-        key = _L4_KEYS.get(proto, "OTHER")
+        key = _l4_key(proto)
         protocol = f',"protocol":{proto}' if key == "OTHER" else ""
-        stamp, addresses = self._time, self._addresses
+        addresses = self._addresses
         flow_json = "null" if flow is None else (
             f'{{"packets_out":{flow.packets_out},"bytes_out":{flow.bytes_out},'
             f'"packets_in":{flow.packets_in},"bytes_in":{flow.bytes_in},'
-            f'"first_seen":"{stamp(flow.first_seen_ns)}",'
-            f'"last_seen":"{stamp(flow.last_seen_ns)}",'
+            f'"first_seen":"{format_rfc3339(flow.first_seen_ns)}",'
+            f'"last_seen":"{format_rfc3339(flow.last_seen_ns)}",'
             f'"duration_ns":{flow.duration_ns}}}')
         names_json = _json_text(list(names)) if names else "[]"
-        parties, owners = self._parties.get((id(agent), id(process), id(grant), host)) \
-            or self._parties_of(r)
-        verdict_json = self._verdicts.get((host, event_type, verdict, drop_reason)) \
-            or self._verdict(r)
+        parties_key = (id(agent), id(process), id(grant), host)
+        parties, owners = self._parties.get(parties_key) or self._parties_of(parties_key, r)
+        verdict_key = (host, event_type, verdict, drop_reason)
+        verdict_json = self._verdicts.get(verdict_key) or self._verdict(verdict_key)
         return (
             f'{{"schema_version":{SCHEMA_VERSION},"uuid":{_json_text(uuid)},'
-            f'"time":"{stamp(time_ns)}",{verdict_json}'
+            f'"time":"{format_rfc3339(time_ns)}",{verdict_json}'
             f'"traffic_direction":"EGRESS",'
             f'"IP":{{"source":{addresses.get(source) or self._address(source)},'
             f'"destination":{addresses.get(destination) or self._address(destination)},'
