@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,78 @@ def test_without_backups_rotation_starts_over(tmp_path: Path) -> None:
     sink.close()
     assert [f.name for f in tmp_path.iterdir()] == ["flows.jsonl"]
     assert path.stat().st_size <= 4096
+
+
+class FsyncLog:
+    """os.fsync, recording which file each call synced and from which thread, and
+    letting a test await a call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, str]] = []  # (file, thread name)
+        self.called = threading.Condition()
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            real(fd)
+            with self.called:
+                self.calls.append((os.readlink(f"/proc/self/fd/{fd}"),
+                                   threading.current_thread().name))
+                self.called.notify_all()
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def wait_for(self, wanted: Callable[[list[tuple[str, str]]], bool]) -> None:
+        with self.called:
+            assert self.called.wait_for(lambda: wanted(self.calls), DEADLINE), self.calls
+
+
+def open_fds_under(directory: Path) -> list[str]:
+    fds = Path("/proc/self/fd")
+    return [target for target in (os.readlink(fds / name) for name in os.listdir(fds)
+                                  if (fds / name).exists())
+            if target.startswith(str(directory))]
+
+
+def test_the_writer_never_waits_for_the_disk_the_sync_thread_fsyncs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsyncs = FsyncLog(monkeypatch)
+    path = tmp_path / "flows.jsonl"
+    sink = JsonlSink(path, fsync_interval=0.05)
+    sink.on_flows(records(3))
+    sink.flush()
+    fsyncs.wait_for(lambda calls: (str(path), "ztnet-flowlog-sync") in calls)
+    assert all(thread == "ztnet-flowlog-sync" for _, thread in fsyncs.calls)
+    sink.close()
+    assert fsyncs.calls[-1] == (str(path), threading.current_thread().name)  # close syncs
+    assert not sink._syncer.is_alive()
+    assert open_fds_under(tmp_path) == []
+
+
+def test_a_file_rotated_away_is_fsynced_by_the_sync_thread_then_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsyncs = FsyncLog(monkeypatch)
+    path = tmp_path / "flows.jsonl"
+    sink = JsonlSink(path, max_bytes=4096, backups=3, fsync_interval=0.05)
+    for record in records(20):  # a few rotations' worth
+        sink.on_flows([record])
+    sink.flush()
+    assert path.with_name("flows.jsonl.1").exists()
+    # written from this thread, synced by the other: until then the old file stays open
+    fsyncs.wait_for(lambda calls: any(name.startswith(str(path) + ".") for name, _ in calls))
+    assert all(thread == "ztnet-flowlog-sync" for _, thread in fsyncs.calls)
+    sink.close()  # joins the sync thread: every file it held is closed
+    assert open_fds_under(tmp_path) == []
+    assert read_flows(path) == records(20)[-len(read_flows(path)):]
+
+
+def test_with_interval_0_every_batch_is_fsynced_by_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsyncs = FsyncLog(monkeypatch)
+    path = tmp_path / "flows.jsonl"
+    sink = JsonlSink(path, fsync_interval=0)
+    for batch in (records(2), records(2, start=2)):
+        sink.on_flows(batch)
+        sink.flush()
+    me = threading.current_thread().name
+    assert fsyncs.calls == [(str(path), me), (str(path), me)]
+    sink.close()
