@@ -117,13 +117,16 @@ class FlowLog:
         self.thread.start()
 
     def run(self) -> None:
-        for line in self.tail.follow(self.stop):
-            self.lines += 1
+        # counted a read at a time: at 50,000 lines a second a loop per line took 6.5 % of a
+        # CPU on the two vCPUs the daemon and the load generators share
+        for lines in self.tail.follow_batches(self.stop):
+            self.lines += len(lines)
             if self.stamping:
                 now = time.time_ns()
-                record = json.loads(line)
-                if record["event_type"] == "connect":
-                    self.seen.setdefault(int(record["socket_cookie"]), now)
+                for line in lines:
+                    record = json.loads(line)
+                    if record["event_type"] == "connect":
+                        self.seen.setdefault(int(record["socket_cookie"]), now)
 
     def close(self) -> None:
         self.stop.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -286,6 +287,108 @@ def test_follow_picks_up_appended_lines_and_survives_rotations(
     sink.close()
     assert follower.take(1) == last
     assert follower.got.empty()
+
+
+def test_follow_batches_hands_over_each_read_whole_and_a_rotated_file_in_bounded_lists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tail, "_BATCH_LINES", 3)
+    path = tmp_path / "flows.jsonl"
+    path.write_bytes(b"old\n")
+    line_tail = tail.LineTail(path, poll_interval=10 * DEADLINE)  # only inotify wakes it
+    assert list(line_tail.history()) == [b"old"]
+    got: queue.Queue[list[bytes]] = queue.Queue()
+    stop = threading.Event()
+
+    def run() -> None:
+        for lines in line_tail.follow_batches(stop):
+            got.put(lines)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        with path.open("ab") as fh:
+            fh.write(b"a\nb\n")
+        assert got.get(timeout=DEADLINE) == [b"a", b"b"]  # one write, one list
+        # two rotations at once, as the follower sees them: its file becomes .2, a file it
+        # has not read is .1 (read in lists of at most 3), and a new one is current
+        os.link(path, path.with_name("flows.jsonl.2"))
+        (tmp_path / "unread").write_bytes(b"".join(b"r%d\n" % i for i in range(7)))
+        (tmp_path / "current").write_bytes(b"new\n")
+        os.replace(tmp_path / "unread", path.with_name("flows.jsonl.1"))
+        os.replace(tmp_path / "current", path)
+        lists = []
+        while sum(map(len, lists)) < 8:
+            lists.append(got.get(timeout=DEADLINE))
+        assert [line for lines in lists for line in lines] == \
+            [b"r0", b"r1", b"r2", b"r3", b"r4", b"r5", b"r6", b"new"]
+        assert all(0 < len(lines) <= 3 for lines in lists)
+        assert [len(lines) for lines in lists[:3]] == [3, 3, 1]
+    finally:
+        stop.set()
+        (tmp_path / "wake-up").touch()
+        thread.join(DEADLINE)
+        line_tail.close()
+    assert not thread.is_alive()
+    assert got.empty()
+
+
+def test_a_rotation_while_the_follower_lists_the_rotated_files_loses_no_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer rotates again just after the follower listed the names (as a fast writer
+    does while the follower reads a large rotated file): the follower must look again, not
+    read the names as they were, which would skip the file in between."""
+    path = tmp_path / "flows.jsonl"
+    path.write_bytes(b"x1\n")
+    line_tail = tail.LineTail(path, poll_interval=10 * DEADLINE)  # only inotify wakes it
+    assert list(line_tail.history()) == [b"x1"]
+    real_rotated_files = tail.rotated_files
+
+    def rotate(new: bytes) -> None:
+        """As JsonlSink does (.n -> .n+1, current -> .1, a new current), but with no moment
+        without a current file, so that the follower sees the rotation whole."""
+        for n in sorted((int(p.name.rsplit(".", 1)[1]) for p in real_rotated_files(path)),
+                        reverse=True):
+            os.replace(path.with_name(f"flows.jsonl.{n}"), path.with_name(f"flows.jsonl.{n + 1}"))
+        (tmp_path / "next").write_bytes(new)
+        os.link(path, path.with_name("flows.jsonl.1"))
+        os.replace(tmp_path / "next", path)
+
+    rotated_meanwhile = threading.Event()
+
+    def listed_then_rotated(of: Path) -> list[Path]:
+        names = real_rotated_files(of)
+        if not rotated_meanwhile.is_set():
+            rotated_meanwhile.set()
+            rotate(b"z1\n")  # y1's file moves from the current name to .1, x1's to .2
+        return names
+
+    got: queue.Queue[list[bytes]] = queue.Queue()
+    stop = threading.Event()
+
+    def run() -> None:
+        for lines in line_tail.follow_batches(stop):
+            got.put(lines)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        with path.open("ab") as fh:
+            fh.write(b"x2\n")
+        assert got.get(timeout=DEADLINE) == [b"x2"]  # following x1's file
+        monkeypatch.setattr(tail, "rotated_files", listed_then_rotated)
+        rotate(b"y1\n")
+        lines: list[bytes] = []
+        while len(lines) < 2:
+            lines += got.get(timeout=DEADLINE)
+        assert rotated_meanwhile.is_set()
+        assert lines == [b"y1", b"z1"]
+    finally:
+        stop.set()
+        (tmp_path / "wake-up").touch()
+        thread.join(DEADLINE)
+        line_tail.close()
+    assert not thread.is_alive()
+    assert got.empty()
 
 
 def test_follow_applies_the_filter_and_waits_for_the_file(

@@ -16,6 +16,7 @@ while we waited.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import select
 import threading
@@ -25,6 +26,8 @@ from pathlib import Path
 _IN_MASK = 0x002 | 0x008 | 0x040 | 0x080 | 0x100 | 0x200  # modify, close_write, moves, create,
 _IN_NONBLOCK_CLOEXEC = 0o4000 | 0o2000000                   # delete
 _CHUNK = 1 << 16
+_BATCH_LINES = 4096  # follow_batches' lists from a rotated file
+_SNAPSHOT_TRIES = 20  # to see the names while no rotation moves them
 
 
 class DirWatch:
@@ -79,6 +82,15 @@ def _inode(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _open_with_id(path: Path) -> tuple[int, tuple[int, int]] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fd)
+    return fd, (st.st_dev, st.st_ino)
 
 
 def read_lines(path: Path) -> Iterator[bytes]:
@@ -156,6 +168,13 @@ class LineTail:
     def follow(self, stop: threading.Event) -> Iterator[bytes]:
         """Lines appended from now on (or after ``history``) until ``stop``. A
         file that does not exist yet is read from its start once it appears."""
+        for lines in self.follow_batches(stop):
+            yield from lines
+
+    def follow_batches(self, stop: threading.Event) -> Iterator[list[bytes]]:
+        """``follow`` a read at a time: each list holds the lines one read found (never
+        empty), for a reader that can take them whole (a file rotated away meanwhile comes
+        in lists of at most ``_BATCH_LINES``)."""
         if not self._positioned:
             self._positioned = True
             self._open_current(at_end=True)
@@ -163,12 +182,14 @@ class LineTail:
         try:
             while not stop.is_set():
                 if self._fd < 0:
-                    if not self._open_current(at_end=False):
+                    if self._id is not None and _inode(self.path) is not None:
+                        yield from self._switch()  # on from the rotated file we read last
+                    elif self._id is not None or not self._open_current(at_end=False):
                         watch.wait(self.poll_interval, stop)
                     continue
                 lines = self._read_available()
                 if lines:
-                    yield from lines
+                    yield lines
                     continue
                 now = _inode(self.path)
                 if now == self._id:
@@ -181,23 +202,64 @@ class LineTail:
         finally:
             watch.close()
 
-    def _switch(self) -> Iterator[bytes]:
-        """The current name moved on: finish our file, then the newer ones."""
-        yield from self._read_available()
-        newer = self._newer_rotated()
-        self._close_current()
-        for path in newer:
-            yield from read_lines(path)
-        self._open_current(at_end=False)
+    def _switch(self) -> Iterator[list[bytes]]:
+        """The current name moved on from the file we read last (``_id``): finish it, then
+        every file rotated after it, then the current file from its start. What is read is
+        what the names held at one moment (``_snapshot``), opened before it is read: a
+        writer that rotates again meanwhile moves names, not the files we hold."""
+        deleted = False
+        if self._fd >= 0:
+            if lines := self._read_available():
+                yield lines
+            deleted = os.fstat(self._fd).st_nlink == 0
+        else:  # ours is a rotated file read to its end and closed: if gone, it aged out
+            deleted = True
+        rotated, current = self._snapshot()
+        try:
+            if current is not None and current[1] == self._id:
+                return  # the name points at our file again (or still): nothing moved
+            ids = [ident for _, ident in rotated]
+            if self._id in ids:
+                newer = rotated[ids.index(self._id) + 1:]
+            else:
+                # not among the rotated names: deleted (it aged out, or backups=0), so
+                # every rotated file is newer; or moved elsewhere: none is ours
+                newer = rotated if deleted else []
+            last = self._id
+            self._close_current()
+            for fd, ident in newer:
+                with open(fd, "rb", closefd=False) as fh:
+                    lines_of = (line.rstrip(b"\n") for line in fh if line.strip())
+                    while lines := list(itertools.islice(lines_of, _BATCH_LINES)):
+                        yield lines
+                last = ident
+            if current is None:  # between a rotation's rename and the new file
+                self._id = last
+            else:
+                (self._fd, self._id), current = current, None
+                self._offset, self._partial = 0, b""
+        finally:
+            for fd, _ in [*rotated, *([current] if current else [])]:
+                os.close(fd)
 
-    def _newer_rotated(self) -> list[Path]:
-        files = rotated_files(self.path)
-        for index, path in enumerate(files):
-            if _inode(path) == self._id:
-                return files[index + 1:]
-        # not among the rotated names: deleted (it aged out, or backups=0),
-        # so every rotated file is newer; or moved elsewhere: none is ours
-        return files if os.fstat(self._fd).st_nlink == 0 else []
+    def _snapshot(self) -> tuple[list[tuple[int, tuple[int, int]]],
+                                 tuple[int, tuple[int, int]] | None]:
+        """The rotated files, oldest first, and the current one, each opened (fd, identity):
+        names and files as they were at one moment, i.e. unchanged from before the files were
+        opened until after (tried again while a rotation moves them, a few times at most)."""
+        for attempt in range(_SNAPSHOT_TRIES):
+            names = [*rotated_files(self.path), self.path]
+            before = [_inode(path) for path in names]
+            opened = [_open_with_id(path) for path in names]
+            if [o[1] if o else None for o in opened] == before == \
+                    [_inode(path) for path in names] and rotated_files(self.path) == names[:-1]:
+                break
+            if attempt < _SNAPSHOT_TRIES - 1:  # the last try's files are taken as they are
+                for o in opened:
+                    if o is not None:
+                        os.close(o[0])
+        rotated = [o for o in opened[:-1] if o is not None]
+        return rotated, opened[-1]
 
     def close(self) -> None:
         self._close_current()
