@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -167,14 +167,24 @@ class GrantInfos(Mapping[int, GrantInfo]):
         return len(self._current) + len(self._earlier)
 
 
+def _named(batch: list[records.FlowRecord],
+           hostnames: Mapping[tuple[int, str], str]) -> list[records.FlowRecord]:
+    """Each record with the host name ztnet's resolver handed its agent for its destination,
+    if any; the others as they are."""
+    get = hostnames.get
+    return [record._replace(destination_names=(name,))
+            if record.agent.index and (name := get((record.agent.index, record.destination)))
+            else record for record in batch]
+
+
 class FlowPipeline:
     def __init__(self, datapath: Datapath, state: Path, *, host: str, trust_domain: str,
                  metrics_listen: str | None, upload: UploadSettings | None = None,
                  otlp_endpoint: str | None = None,
-                 hostname_of: Callable[[int, str], str | None] | None = None) -> None:
+                 hostnames: Mapping[tuple[int, str], str] | None = None) -> None:
         self.datapath = datapath
-        # ztnet's resolver: the name an agent resolved to an address (hostname grants)
-        self.hostname_of = hostname_of
+        # ztnet's resolver: (agent index, address) -> the name it resolved (hostname grants)
+        self.hostnames = hostnames
         self.audit_log = audit.AuditLog(state / AUDIT_FILE)
         self.metrics = metrics.FlowMetrics()
         # controller mode: every record is also spooled and uploaded (uploader.py, which
@@ -218,8 +228,8 @@ class FlowPipeline:
             if event.cut:
                 self.cutter.submit(event)
         batch = records.from_events(events, self.context)
-        if self.hostname_of is not None:
-            batch = [self._named(record) for record in batch]
+        if self.hostnames:  # an agent resolved a name: its records may carry it
+            batch = _named(batch, self.hostnames)
         self.dispatcher.deliver(batch)
         if self.otlp is not None:
             self.otlp.submit_many(batch)
@@ -231,14 +241,6 @@ class FlowPipeline:
         self.dispatcher.submit_many(batch)
         if self.otlp is not None:
             self.otlp.submit_many(batch)
-
-    def _named(self, record: records.FlowRecord) -> records.FlowRecord:
-        """The record with the host name ztnet's resolver handed its agent for its
-        destination, if any (a dict lookup; records without one are returned as they are)."""
-        assert self.hostname_of is not None
-        name = self.hostname_of(record.agent.index, record.destination) \
-            if record.agent.index else None
-        return record._replace(destination_names=(name,)) if name else record
 
     def _run(self) -> None:
         snapshot = time.monotonic() + _COUNTERS_EVERY

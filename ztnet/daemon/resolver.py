@@ -130,9 +130,11 @@ class Resolver:
         with self._lock:
             return {agent.name: agent.port for agent in self._agents.values()}
 
-    def hostname(self, agent: int, address: str) -> str | None:
-        """The name ``agent`` last resolved to ``address``, if this resolver handed it out."""
-        return self._hostnames.get((agent, address))
+    @property
+    def hostnames(self) -> Mapping[tuple[int, str], str]:
+        """(agent index, address) -> the name that agent last resolved to it through this
+        resolver; live (read it, do not keep a copy), at most 65,536 entries."""
+        return self._hostnames
 
     def _open_agent(self, index: int, name: str, port: int | None) -> _Agent:
         sockets: list[socket.socket] | None = None

@@ -498,7 +498,7 @@ class Daemon:
                                       trust_domain=self.config.trust_domain or "",
                                       metrics_listen=self.config.metrics_listen, upload=upload,
                                       otlp_endpoint=self.config.otlp_endpoint,
-                                      hostname_of=self.resolver.hostname if self.resolver
+                                      hostnames=self.resolver.hostnames if self.resolver
                                       else None)
         # the recorded bundle and its deltas first, re-verified, before any other input
         self.current = None
