@@ -391,6 +391,34 @@ def test_a_rotation_while_the_follower_lists_the_rotated_files_loses_no_line(
     assert got.empty()
 
 
+def test_a_rotation_while_the_history_is_listed_loses_no_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for the history read before following: the files are the ones the names
+    held at one moment, each read once, in order."""
+    path = tmp_path / "flows.jsonl"
+    path.with_name("flows.jsonl.1").write_bytes(b"a1\n")
+    path.write_bytes(b"b1\n")
+    real_rotated_files = tail.rotated_files
+    rotated_meanwhile = threading.Event()
+
+    def listed_then_rotated(of: Path) -> list[Path]:
+        names = real_rotated_files(of)
+        if not rotated_meanwhile.is_set():
+            rotated_meanwhile.set()
+            os.replace(path.with_name("flows.jsonl.1"), path.with_name("flows.jsonl.2"))
+            os.replace(path, path.with_name("flows.jsonl.1"))
+            path.write_bytes(b"c1\n")
+        return names
+
+    monkeypatch.setattr(tail, "rotated_files", listed_then_rotated)
+    line_tail = tail.LineTail(path)
+    try:
+        assert list(line_tail.history()) == [b"a1", b"b1", b"c1"]
+    finally:
+        line_tail.close()
+    assert rotated_meanwhile.is_set()
+
+
 def test_follow_applies_the_filter_and_waits_for_the_file(
         tmp_path: Path, follower_for: list[Follower]) -> None:
     path = tmp_path / "flows.jsonl"  # not there yet: the daemon has not started

@@ -93,14 +93,14 @@ def _open_with_id(path: Path) -> tuple[int, tuple[int, int]] | None:
     return fd, (st.st_dev, st.st_ino)
 
 
-def read_lines(path: Path) -> Iterator[bytes]:
-    try:
-        with open(path, "rb") as fh:
-            for line in fh:
-                if line.strip():
-                    yield line.rstrip(b"\n")
-    except FileNotFoundError:  # rotated away meanwhile
-        return
+def _lines_of(fd: int) -> Iterator[bytes]:
+    """The non-blank lines of an open file from its start, without their newline (the fd
+    stays open)."""
+    with open(fd, "rb", closefd=False) as fh:
+        fh.seek(0)
+        for line in fh:
+            if line.strip():
+                yield line.rstrip(b"\n")
 
 
 class LineTail:
@@ -150,18 +150,20 @@ class LineTail:
 
     def history(self, *, newer_than: float | None = None) -> Iterator[bytes]:
         """Every line so far, oldest first; rotated files last modified
-        before ``newer_than`` (Unix s) are skipped unread."""
+        before ``newer_than`` (Unix s) are skipped unread. The files are those the names
+        held at one moment (``_snapshot``), opened first: a rotation while they are read
+        moves names, not the files held, and ``follow`` then picks up from the current one."""
         self._positioned = True
-        self._open_current(at_end=False)
-        for rotated in rotated_files(self.path):
-            if self._id is not None and _inode(rotated) == self._id:
-                break  # rotated since we opened it: the rest is read through _fd
-            try:
-                if newer_than is not None and rotated.stat().st_mtime < newer_than:
-                    continue
-            except FileNotFoundError:
-                continue
-            yield from read_lines(rotated)
+        rotated, current = self._snapshot()
+        if current is not None:
+            (self._fd, self._id), self._offset, self._partial = current, 0, b""
+        try:
+            for fd, _ in rotated:
+                if newer_than is None or os.fstat(fd).st_mtime >= newer_than:
+                    yield from _lines_of(fd)
+        finally:
+            for fd, _ in rotated:
+                os.close(fd)
         if self._fd >= 0:
             yield from self._read_available()
 
@@ -228,10 +230,9 @@ class LineTail:
             last = self._id
             self._close_current()
             for fd, ident in newer:
-                with open(fd, "rb", closefd=False) as fh:
-                    lines_of = (line.rstrip(b"\n") for line in fh if line.strip())
-                    while lines := list(itertools.islice(lines_of, _BATCH_LINES)):
-                        yield lines
+                lines_of = _lines_of(fd)
+                while lines := list(itertools.islice(lines_of, _BATCH_LINES)):
+                    yield lines
                 last = ident
             if current is None:  # between a rotation's rename and the new file
                 self._id = last
