@@ -255,6 +255,35 @@ class PollingWatch(tail.DirWatch):
         self.fd = -1
 
 
+class BatchFollower:
+    """Runs LineTail.follow_batches in a thread; each list arrives on a queue."""
+
+    def __init__(self, line_tail: tail.LineTail) -> None:
+        self.tail = line_tail
+        self.stop = threading.Event()
+        self.got: queue.Queue[list[bytes]] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for lines in self.tail.follow_batches(self.stop):
+            self.got.put(lines)
+
+    def take(self, count: int) -> list[list[bytes]]:
+        """Lists until they hold ``count`` lines in all."""
+        lists: list[list[bytes]] = []
+        while sum(map(len, lists)) < count:
+            lists.append(self.got.get(timeout=DEADLINE))
+        return lists
+
+    def close(self) -> None:
+        self.stop.set()
+        (self.tail.path.parent / "wake-up").touch()  # wakes an inotify wait at once
+        self.thread.join(DEADLINE)
+        self.tail.close()
+        assert not self.thread.is_alive()
+
+
 @pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "polling"])
 def test_follow_picks_up_appended_lines_and_survives_rotations(
         tmp_path: Path, follower_for: list[Follower], inotify: bool,
@@ -296,19 +325,11 @@ def test_follow_batches_hands_over_each_read_whole_and_a_rotated_file_in_bounded
     path.write_bytes(b"old\n")
     line_tail = tail.LineTail(path, poll_interval=10 * DEADLINE)  # only inotify wakes it
     assert list(line_tail.history()) == [b"old"]
-    got: queue.Queue[list[bytes]] = queue.Queue()
-    stop = threading.Event()
-
-    def run() -> None:
-        for lines in line_tail.follow_batches(stop):
-            got.put(lines)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    follower = BatchFollower(line_tail)
     try:
         with path.open("ab") as fh:
             fh.write(b"a\nb\n")
-        assert got.get(timeout=DEADLINE) == [b"a", b"b"]  # one write, one list
+        assert follower.take(2) == [[b"a", b"b"]]  # one write, one list
         # two rotations at once, as the follower sees them: its file becomes .2, a file it
         # has not read is .1 (read in lists of at most 3), and a new one is current
         os.link(path, path.with_name("flows.jsonl.2"))
@@ -316,20 +337,14 @@ def test_follow_batches_hands_over_each_read_whole_and_a_rotated_file_in_bounded
         (tmp_path / "current").write_bytes(b"new\n")
         os.replace(tmp_path / "unread", path.with_name("flows.jsonl.1"))
         os.replace(tmp_path / "current", path)
-        lists = []
-        while sum(map(len, lists)) < 8:
-            lists.append(got.get(timeout=DEADLINE))
+        lists = follower.take(8)
         assert [line for lines in lists for line in lines] == \
             [b"r0", b"r1", b"r2", b"r3", b"r4", b"r5", b"r6", b"new"]
         assert all(0 < len(lines) <= 3 for lines in lists)
         assert [len(lines) for lines in lists[:3]] == [3, 3, 1]
     finally:
-        stop.set()
-        (tmp_path / "wake-up").touch()
-        thread.join(DEADLINE)
-        line_tail.close()
-    assert not thread.is_alive()
-    assert got.empty()
+        follower.close()
+    assert follower.got.empty()
 
 
 def test_a_rotation_while_the_follower_lists_the_rotated_files_loses_no_line(
@@ -362,33 +377,19 @@ def test_a_rotation_while_the_follower_lists_the_rotated_files_loses_no_line(
             rotate(b"z1\n")  # y1's file moves from the current name to .1, x1's to .2
         return names
 
-    got: queue.Queue[list[bytes]] = queue.Queue()
-    stop = threading.Event()
-
-    def run() -> None:
-        for lines in line_tail.follow_batches(stop):
-            got.put(lines)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    follower = BatchFollower(line_tail)
     try:
         with path.open("ab") as fh:
             fh.write(b"x2\n")
-        assert got.get(timeout=DEADLINE) == [b"x2"]  # following x1's file
+        assert follower.take(1) == [[b"x2"]]  # following x1's file
         monkeypatch.setattr(tail, "rotated_files", listed_then_rotated)
         rotate(b"y1\n")
-        lines: list[bytes] = []
-        while len(lines) < 2:
-            lines += got.get(timeout=DEADLINE)
+        lines = [line for lines in follower.take(2) for line in lines]
         assert rotated_meanwhile.is_set()
         assert lines == [b"y1", b"z1"]
     finally:
-        stop.set()
-        (tmp_path / "wake-up").touch()
-        thread.join(DEADLINE)
-        line_tail.close()
-    assert not thread.is_alive()
-    assert got.empty()
+        follower.close()
+    assert follower.got.empty()
 
 
 def test_a_rotation_while_the_history_is_listed_loses_no_line(
