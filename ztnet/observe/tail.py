@@ -209,7 +209,6 @@ class LineTail:
         every file rotated after it, then the current file from its start. What is read is
         what the names held at one moment (``_snapshot``), opened before it is read: a
         writer that rotates again meanwhile moves names, not the files we hold."""
-        deleted = False
         if self._fd >= 0:
             if lines := self._read_available():
                 yield lines
@@ -219,7 +218,12 @@ class LineTail:
         rotated, current = self._snapshot()
         try:
             if current is not None and current[1] == self._id:
-                return  # the name points at our file again (or still): nothing moved
+                # the name points at our file again (or still): nothing moved; if we had
+                # read it as a rotated file, to its end, we follow it from there
+                if self._fd < 0:
+                    (self._fd, self._id), current = current, None
+                    self._offset, self._partial = os.fstat(self._fd).st_size, b""
+                return
             ids = [ident for _, ident in rotated]
             if self._id in ids:
                 newer = rotated[ids.index(self._id) + 1:]
