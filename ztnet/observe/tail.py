@@ -117,14 +117,15 @@ class LineTail:
         self.torn = 0  # incomplete lines abandoned at a rotation
 
     def _open_current(self, *, at_end: bool) -> bool:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        st = os.fstat(fd)
-        self._fd, self._id, self._partial = fd, (st.st_dev, st.st_ino), b""
-        self._offset = st.st_size if at_end else 0
-        return True
+        opened = _open_with_id(self.path)
+        if opened is not None:
+            self._follow_from(opened, at_end=at_end)
+        return opened is not None
+
+    def _follow_from(self, opened: tuple[int, tuple[int, int]], *, at_end: bool) -> None:
+        """Make ``opened`` (fd, identity) the file followed, from its start or its end."""
+        (self._fd, self._id), self._partial = opened, b""
+        self._offset = os.fstat(self._fd).st_size if at_end else 0
 
     def _close_current(self) -> None:
         if self._fd >= 0:
@@ -156,7 +157,7 @@ class LineTail:
         self._positioned = True
         rotated, current = self._snapshot()
         if current is not None:
-            (self._fd, self._id), self._offset, self._partial = current, 0, b""
+            self._follow_from(current, at_end=False)
         try:
             for fd, _ in rotated:
                 if newer_than is None or os.fstat(fd).st_mtime >= newer_than:
@@ -221,8 +222,8 @@ class LineTail:
                 # the name points at our file again (or still): nothing moved; if we had
                 # read it as a rotated file, to its end, we follow it from there
                 if self._fd < 0:
-                    (self._fd, self._id), current = current, None
-                    self._offset, self._partial = os.fstat(self._fd).st_size, b""
+                    self._follow_from(current, at_end=True)
+                    current = None
                 return
             ids = [ident for _, ident in rotated]
             if self._id in ids:
@@ -241,8 +242,8 @@ class LineTail:
             if current is None:  # between a rotation's rename and the new file
                 self._id = last
             else:
-                (self._fd, self._id), current = current, None
-                self._offset, self._partial = 0, b""
+                self._follow_from(current, at_end=False)
+                current = None
         finally:
             for fd, _ in [*rotated, *([current] if current else [])]:
                 os.close(fd)
