@@ -5,7 +5,8 @@
 Builds synthetic kernel events (allowed connects and flow ends of one agent, as the daemon
 sees them) and times, per record: ``records.from_event`` (of which ``record_uuid``),
 ``records.to_json``, the flow log's ``JsonlSink.on_flow`` + flush (to a file in a temporary
-directory), the metrics sink's ``on_flow``, and the controller's ``records.from_json``. The
+directory), the metrics sink's ``on_flow``, the controller's ``records.from_json`` and its whole check
+of a ReportFlows batch (``flows.decode_batch``). The
 median of ``--repeats`` runs is printed in µs of CPU time per record (CPU time, not wall
 time: a loaded machine moves it less). benchmarks/flows.py measures the
 whole pipeline with a real daemon; this one says where its time goes.
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ztnet.controller import flows
 from ztnet.datapath import abi
 from ztnet.datapath.compile import BootClock
 from ztnet.datapath.events import EVENT_LAYOUT, READ_BATCH, RING_LAYOUT, Decoder, KernelEvent
@@ -98,6 +100,17 @@ def batch_path(evs: list[KernelEvent], count: int, repeats: int) -> dict[str, fl
     return out
 
 
+_UPLOAD_BATCH = 500  # records per ReportFlows batch (SpoolSink's batch_records)
+
+
+def ingest(lines: list[str]) -> None:
+    """The controller's check of ``lines`` in ReportFlows batches of the uploader's size."""
+    received_ns = time.time_ns() + 10**9  # after every record's time
+    encoded = [line.encode() for line in lines]
+    for i in range(0, len(encoded), _UPLOAD_BATCH):
+        flows.decode_batch("bench-host", encoded[i:i + _UPLOAD_BATCH], received_ns, [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.record_cost",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -124,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       args.records, args.repeats),
         "from_json (controller)": per_record(lambda: [records.from_json(line) for line in lines],
                                              args.records, args.repeats),
+        "controller: decode_batch (checks, uuid, re-encoding)": per_record(
+            lambda: ingest(lines), args.records, args.repeats),
     }
     with tempfile.TemporaryDirectory() as tmp:
         sink = sinks.JsonlSink(Path(tmp) / "flows.jsonl", max_bytes=1 << 30)

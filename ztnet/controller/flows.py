@@ -28,7 +28,7 @@ from ztnet.controller.flowstore import MAX_AHEAD_NS, FlowQuery, FlowRow, FlowSto
 from ztnet.controller.metrics import ControllerMetrics
 from ztnet.grants.model import AGENT_NAME_RE
 from ztnet.observe.query import parse_kind, parse_verdict
-from ztnet.observe.records import FlowRecord, from_json, record_uuid
+from ztnet.observe.records import FlowRecord, RecordDecoder, encode_lines, record_uuid
 from ztnet.v1 import admin_pb2
 
 DEFAULT_LIMIT = 100
@@ -57,14 +57,14 @@ def decode_batch(host: str, records: Sequence[bytes], received_ns: int,
     or PERMISSION_DENIED naming ``records[i]``). The decoded records are also
     appended to ``into`` when given (the OTLP export, the detectors). Pure: may run in a worker
     thread."""
-    rows = []
     decoded = []
+    decoder = RecordDecoder()  # the batch's records share their process, agent and grant
     # what a batch's records repeat (their addresses, agent names) is checked once per batch
-    checked: set[tuple[str, int]] = set()
+    checked: set[tuple[str, ...] | tuple[str, int]] = set()
     for index, raw in enumerate(records):
         field = f"records[{index}]"
         try:
-            record = from_json(raw)
+            record = decoder.decode(raw)
             _check(record)
         except (ValueError, RecursionError) as exc:
             raise status.invalid(field, str(exc)) from None
@@ -81,8 +81,11 @@ def decode_batch(host: str, records: Sequence[bytes], received_ns: int,
             raise status.invalid(f"{field}.uuid", f"{record.uuid!r} is not the record's uuid "
                                  "(UUIDv5 of host, socket cookie, event type, time, "
                                  "destination and port)")
-        rows.append(FlowRow.of(record, received_ns))
         decoded.append(record)
+    # stored re-encoded, the batch at once (its shared parts encoded once): readers get
+    # exactly schema 1, whatever form the host sent
+    rows = [FlowRow.of(record, received_ns, line.decode())
+            for record, line in zip(decoded, encode_lines(decoded), strict=True)]
     if into is not None:  # all or nothing, like the batch
         into.extend(decoded)
     return rows
@@ -97,9 +100,10 @@ def _check(record: FlowRecord) -> None:
 
 
 def _check_fields(record: FlowRecord, field: str, received_ns: int,
-                  checked: set[tuple[str, int]]) -> None:
+                  checked: set[tuple[str, ...] | tuple[str, int]]) -> None:
     """What a host could use against the operator or the other hosts. ``checked``: the
-    (address, IP version) pairs and agent names (version 0) found good so far."""
+    (address, IP version) pairs, agent names (version 0) and free texts (comm, exe,
+    SPIFFE id, key id: the order of _MAX_TEXT) found good so far."""
     ahead = record.time_ns - received_ns
     if ahead > MAX_AHEAD_NS:
         raise status.invalid(f"{field}.time", f"{ahead / _NS:.0f}s ahead of the controller's "
@@ -117,12 +121,14 @@ def _check_fields(record: FlowRecord, field: str, received_ns: int,
             raise status.invalid(f"{field}.agent.name", "not an agent name (lower-case "
                                  "letters, digits and '-', at most 63)")
         checked.add((agent, 0))
-    values = {"process.comm": record.process.comm, "process.exe": record.process.exe,
-              "agent.spiffe_id": record.agent.spiffe_id,
-              "grant.key_id": record.grant.key_id if record.grant else ""}
-    for name, limit in _MAX_TEXT.items():
-        if len(values[name]) > limit:
+    texts = (record.process.comm, record.process.exe, record.agent.spiffe_id,
+             record.grant.key_id if record.grant else "")
+    if texts in checked:
+        return
+    for (name, limit), text in zip(_MAX_TEXT.items(), texts, strict=True):
+        if len(text) > limit:
             raise status.invalid(f"{field}.{name}", f"longer than {limit} characters")
+    checked.add(texts)
 
 
 def _check_address(field: str, address: str, ip_version: int) -> None:

@@ -123,13 +123,14 @@ class FlowRow:
     received_ns: int  # the controller's clock when the batch arrived
 
     @classmethod
-    def of(cls, record: FlowRecord, received_ns: int) -> FlowRow:
-        # stored re-encoded, not as received: readers get exactly schema 1
+    def of(cls, record: FlowRecord, received_ns: int, line: str | None = None) -> FlowRow:
+        """``line``: ``to_json(record)`` if already made (a batch encodes its records at
+        once). Stored re-encoded, not as received: readers get exactly schema 1."""
         return cls(record.time_ns, record.host, record.agent.name, record.verdict.value,
                    record.drop_reason, record.event_type.value, record.proto,
                    record.destination, record.destination_port,
-                   record.grant.name if record.grant else "", record.uuid, to_json(record),
-                   received_ns)
+                   record.grant.name if record.grant else "", record.uuid,
+                   to_json(record) if line is None else line, received_ns)
 
     def values(self) -> tuple[object, ...]:
         return (self.time_ns, self.host, self.agent, self.verdict, self.drop_reason,

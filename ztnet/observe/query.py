@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ztnet.durations import parse_duration
-from ztnet.observe.records import EventType, FlowRecord, Verdict, from_json, parse_time
+from ztnet.observe.records import EventType, FlowRecord, RecordDecoder, Verdict, parse_time
 from ztnet.observe.tail import LineTail
 
 # Hubble's verdict words are accepted too
@@ -78,9 +78,10 @@ class FlowReader:
         self._tail = LineTail(self.path, poll_interval=poll_interval)
 
     def _parse(self, lines: Iterable[bytes]) -> Iterator[FlowRecord]:
+        decode = RecordDecoder().decode
         for line in lines:
             try:
-                record = from_json(line)
+                record = decode(line)
             except ValueError:
                 self.malformed += 1
                 continue
