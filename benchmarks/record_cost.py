@@ -5,11 +5,13 @@
 Builds synthetic kernel events (allowed connects and flow ends of one agent, as the daemon
 sees them) and times, per record: ``records.from_event`` (of which ``record_uuid``),
 ``records.to_json``, the flow log's ``JsonlSink.on_flow`` + flush (to a file in a temporary
-directory), the metrics sink's ``on_flow``, the controller's ``records.from_json`` and its whole check
-of a ReportFlows batch (``flows.decode_batch``). The
-median of ``--repeats`` runs is printed in µs of CPU time per record (CPU time, not wall
-time: a loaded machine moves it less). benchmarks/flows.py measures the
-whole pipeline with a real daemon; this one says where its time goes.
+directory), the metrics sink's ``on_flow``; then the controller's path of a ReportFlows
+batch: ``records.from_json``, its whole check (``flows.decode_batch``), ``store_flows``
+into a fresh SQLite store with its checkpointer running (as `controller serve` runs it),
+and the detectors (``observe`` and the ``Engine`` with the default settings). The median
+of ``--repeats`` runs is printed in µs of CPU time per record (CPU time, not wall time: a
+loaded machine moves it less; the store's includes its checkpointer thread). benchmarks/
+flows.py measures the whole pipeline with a real daemon; this one says where its time goes.
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ztnet.controller import flows
+from ztnet.controller.detect.engine import Engine
+from ztnet.controller.detect.observation import observe
+from ztnet.controller.flowstore import FlowRow
+from ztnet.controller.store import SqliteStore
 from ztnet.datapath import abi
 from ztnet.datapath.compile import BootClock
 from ztnet.datapath.events import EVENT_LAYOUT, READ_BATCH, RING_LAYOUT, Decoder, KernelEvent
 from ztnet.observe import metrics, records, sinks
+from ztnet.observe.records import FlowRecord
+from ztnet.policy.detection import Detection
 
 
 def events(count: int) -> list[KernelEvent]:
@@ -111,6 +119,42 @@ def ingest(lines: list[str]) -> None:
         flows.decode_batch("bench-host", encoded[i:i + _UPLOAD_BATCH], received_ns, [])
 
 
+def controller_path(lines: list[str], count: int, repeats: int) -> dict[str, float]:
+    """After the check: the batch stored, then seen by the detectors."""
+    received_ns = time.time_ns() + 10**9
+    encoded = [line.encode() for line in lines]
+    batches: list[tuple[list[FlowRow], list[FlowRecord]]] = []
+    for i in range(0, len(encoded), _UPLOAD_BATCH):
+        decoded: list[FlowRecord] = []
+        rows = flows.decode_batch("bench-host", encoded[i:i + _UPLOAD_BATCH], received_ns,
+                                  decoded)
+        batches.append((rows, decoded))
+    observed = [[observe(record) for record in decoded] for _rows, decoded in batches]
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = iter([SqliteStore.create(Path(tmp) / f"ztnet-{n}.db", "bench.example")
+                       for n in range(repeats)])
+
+        def store() -> None:  # a fresh database each run: every row is new
+            target = next(stores)
+            checkpointer = target.checkpoint_in_background()
+            for sequence, (rows, _decoded) in enumerate(batches, 1):
+                target.store_flows("bench-host", sequence, rows)
+            checkpointer.stop()
+            target.close()
+        out["controller: store_flows (SQLite, checkpoints)"] = per_record(store, count, repeats)
+    out["controller: observe"] = per_record(
+        lambda: [[observe(record) for record in decoded] for _rows, decoded in batches],
+        count, repeats)
+
+    def detect() -> None:  # a fresh engine each run: learning, as after a start
+        engine, settings, now = Engine(lambda _agent: None), Detection(), time.time()
+        for batch in observed:
+            engine.observe(batch, settings, now)
+    out["controller: detection engine"] = per_record(detect, count, repeats)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.record_cost",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -151,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sink.flush()
         results["flow log on_flow + flush"] = per_record(write, args.records, args.repeats)
         sink.close()
+    results.update(controller_path(lines, args.records, args.repeats))
     results.update(batch_path(evs, args.records, args.repeats))
     for name, value in results.items():
         print(f"{name:52} {value:7.2f} µs per record")

@@ -131,6 +131,39 @@ def test_every_query_reads_an_index_in_order(sqlite_store: SqliteStore, query: F
     assert "ORDER BY received_ns DESC, time_ns DESC LIMIT" in sql and params[-1] == query.limit + 1
 
 
+def test_the_log_starts_over_while_batches_keep_coming(tmp_path: Path) -> None:
+    """Batches committed back to back, as ReportFlows does under load: PASSIVE
+    checkpoints alone copy every frame, yet the log never starts over and grows
+    by every batch (786 MB in a 20-second benchmark). The checkpointer must
+    rewind it, and the commit after that cuts the file back to the limit."""
+    store = SqliteStore.create(tmp_path / "ztnet.db", "test.example")
+    limit = 1 << 20
+    checkpointer = store.checkpoint_in_background(0.01, wal_limit=limit)
+    wal = tmp_path / "ztnet.db-wal"
+    try:
+        sequence, largest = 0, 0
+        # enough batches that a log that is never rewound holds tens of megabytes
+        while sequence < 300 or checkpointer.restarts < 3:
+            sequence += 1
+            assert sequence <= 5000, f"the log never started over ({checkpointer.restarts})"
+            store.store_flows("h1", sequence, rows("h1", 200, start=sequence * 200))
+            largest = max(largest, wal.stat().st_size)
+        restarts = checkpointer.restarts
+        while checkpointer.restarts == restarts:  # a restart, then a commit to apply it
+            sequence += 1
+            assert sequence <= 10000, "the checkpointer stopped"
+            store.store_flows("h1", sequence, rows("h1", 1, start=sequence * 200))
+        store.store_flows("h1", sequence + 1, rows("h1", 1, start=(sequence + 1) * 200))
+        assert store.flow_count() >= 300 * 200
+        written = sequence * 200 * 500  # at least 500 bytes of frames per row
+        assert largest < written / 4, (largest, written)
+        # the first commit after the rewind (a one-row batch) cut the file to the limit
+        assert wal.stat().st_size <= limit, (wal.stat().st_size, largest)
+    finally:
+        checkpointer.stop()
+        store.close()
+
+
 def test_queries_from_another_thread_see_committed_batches(store: Store) -> None:
     store.store_flows("h1", 1, rows("h1", 3))
     results: list[int] = []

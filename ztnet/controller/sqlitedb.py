@@ -5,13 +5,24 @@ Checkpoints: by default SQLite checkpoints inside whichever commit takes the
 write-ahead log past 1000 pages. With flow batches arriving, that is a commit
 on the server's event loop, which then copies megabytes into the database and
 fsyncs it while grant pushes wait. ``Checkpointer`` (used by `controller
-serve`) turns that off for the serving connection and runs PASSIVE checkpoints
-twice a second on a connection of its own: PASSIVE never takes the write lock
-nor waits for readers, and sqlite3 releases the GIL while it works. Measured
-over a million flow inserts (batches of 500): 43,000 against 17,000 records a
-second, and the slowest batch 0.1 s against 0.6 s. The log stays bounded by
-about half a second of writes. Other processes (`controller token create` …)
-keep the default.
+serve`) turns that off for the serving connection and checkpoints twice a
+second on a connection of its own, where sqlite3 releases the GIL while it
+works. Measured over a million flow inserts (batches of 500): 43,000 against
+17,000 records a second, and the slowest batch 0.1 s against 0.6 s.
+
+PASSIVE checkpoints alone never take the write lock nor wait for readers, but
+then the log is never started over while batches keep arriving: SQLite
+rewinds it only when a writer begins with every frame already copied, and
+with a batch committed every few milliseconds that moment never comes (the
+log grew by 40 MB a second, 786 MB in a 20-second run, each frame written to
+newly allocated blocks the kernel zeroes first). So each round copies what it
+can without blocking (PASSIVE, repeated while that catches up), and once what
+is left is small, a RESTART takes the write lock for that remainder (waiting
+at most ``RESTART_WAIT`` for the serving connection's transaction or a
+reader; if it cannot, the next round tries again) so that the next commit
+writes the log from its start, and truncates it to ``WAL_LIMIT`` if it was
+longer. The log then stays near one round of writes. Other processes
+(`controller token create` …) keep the default.
 """
 
 from __future__ import annotations
@@ -31,6 +42,14 @@ SCHEMA_VERSION = 7  # 2: flow records; 3: receive times, per-host row counts; 4:
 # 5: host labels; 6: just-in-time grants and grant requests (ztnet.controller.jitstore);
 # 7: quarantines, alerts, baselines (ztnet.controller.detectstore)
 CHECKPOINT_INTERVAL = 0.5
+# A RESTART holds the write lock while it copies what PASSIVE rounds left: it is
+# tried only once that is at most this many frames (4 MiB of 4 KiB pages) …
+RESTART_BELOW_FRAMES = 1024
+# … and waits at most this long for the writer's transaction and for readers (an
+# event loop blocked on BEGIN IMMEDIATE waits as long).
+RESTART_WAIT_MS = 20
+WAL_LIMIT = 64 << 20  # bytes of log kept on disk after it starts over
+_CATCH_UP_ROUNDS = 4
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -115,9 +134,13 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Checkpointer:
-    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL) -> None:
+    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL, *,
+                 wal_limit: int = WAL_LIMIT) -> None:
         self.path = path
         self.interval = interval
+        self.wal_limit = wal_limit
+        self.restarts = 0  # rounds that rewound the log (for tests and benchmarks)
+        self._frames_seen = -1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._serving: sqlite3.Connection | None = None
@@ -126,6 +149,8 @@ class Checkpointer:
         """Take checkpointing away from ``serving`` (the event loop's connection)."""
         self._serving = serving
         serving.execute("PRAGMA wal_autocheckpoint = 0")
+        # applied by the serving connection's first commit after a RESTART
+        serving.execute(f"PRAGMA journal_size_limit = {int(self.wal_limit)}")
         self._thread = threading.Thread(target=self._run, name="ztnet-wal-checkpoint",
                                         daemon=True)
         self._thread.start()
@@ -140,11 +165,12 @@ class Checkpointer:
 
     def _run(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
         failed = False
         try:
             while not self._stop.wait(self.interval):
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._round(db)
                     failed = False
                 except sqlite3.Error as exc:
                     if not failed:  # once per run of failures, not twice a second
@@ -152,3 +178,23 @@ class Checkpointer:
                     failed = True
         finally:
             db.close()
+
+    def _round(self, db: sqlite3.Connection) -> None:
+        for _ in range(_CATCH_UP_ROUNDS):
+            _busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            left = frames - copied
+            if left <= RESTART_BELOW_FRAMES:
+                break
+        else:
+            return  # writes outpace copying: keep copying next round, never block the writer
+        # All copied is not enough: the serving connection starts the log over only
+        # if it begins a transaction with nothing left to copy, and under a stream of
+        # batches it has always committed once more by then.
+        idle = frames == self._frames_seen
+        self._frames_seen = frames
+        if frames <= 0 or (left <= 0 and idle):
+            return
+        busy, self._frames_seen, _copied = db.execute(
+            "PRAGMA wal_checkpoint(RESTART)").fetchone()
+        if not busy:
+            self.restarts += 1

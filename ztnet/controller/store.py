@@ -32,7 +32,15 @@ from ztnet.controller.detectstore import DetectStore, SqliteDetectStore
 from ztnet.controller.flowstore import FlowStore, SqliteFlowStore
 from ztnet.controller.int64 import signed64, unsigned64
 from ztnet.controller.jitstore import JitStore, SqliteJitStore
-from ztnet.controller.sqlitedb import SCHEMA_VERSION, Checkpointer, connect, create_schema, upgrade
+from ztnet.controller.sqlitedb import (
+    CHECKPOINT_INTERVAL,
+    SCHEMA_VERSION,
+    WAL_LIMIT,
+    Checkpointer,
+    connect,
+    create_schema,
+    upgrade,
+)
 from ztnet.errors import ConfigError
 from ztnet.policy.selectors import decode_labels, encode_labels
 
@@ -234,9 +242,10 @@ class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
                               f"schema {SCHEMA_VERSION}")
         return store
 
-    def checkpoint_in_background(self) -> Checkpointer:
+    def checkpoint_in_background(self, interval: float = CHECKPOINT_INTERVAL, *,
+                                 wal_limit: int = WAL_LIMIT) -> Checkpointer:
         """WAL checkpoints off this connection (`serve`); stop() it before close()."""
-        checkpointer = Checkpointer(self._path)
+        checkpointer = Checkpointer(self._path, interval, wal_limit=wal_limit)
         checkpointer.start(self._db)
         return checkpointer
 
