@@ -156,6 +156,20 @@ def test_repeats_are_held_back_and_off_disables_a_detector() -> None:
     assert Engine(lambda agent: None).observe(burst, off, T0 / S) == []
 
 
+def test_each_agent_runs_the_detectors_its_own_actions_leave_on() -> None:
+    """One batch, two agents: the engine works out each agent's detectors once per
+    batch, and one agent's settings never stand in for the other's."""
+    burst = [obs(EXFIL, 9000, allowed=False, at=i * 0.01, agent=agent)
+             for i in range(30) for agent in ("quiet-bot", "bot")]
+    settings = parse_policy('trust_domain = "x.example"\n'
+                            '[detection.agents.quiet-bot.actions]\ndenied-burst = "off"\n',
+                            "p").detection
+    found = Engine(lambda agent: None).observe(burst, settings, T0 / S)
+    assert [(f.agent, f.detector) for f in found] == [("bot", "denied-burst")]
+    assert [(f.agent, f.detector) for f in Engine(lambda agent: None).observe(
+        burst, Detection(), T0 / S)] == [("quiet-bot", "denied-burst"), ("bot", "denied-burst")]
+
+
 def test_the_detection_table_is_validated_whole_with_every_problem_named() -> None:
     with pytest.raises(PolicyError) as info:
         parse_policy('trust_domain = "x.example"\n[detection]\nfan_out = 0\n'

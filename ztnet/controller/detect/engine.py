@@ -14,7 +14,7 @@ from ztnet.controller.detect import detectors
 from ztnet.controller.detect.baseline import Baseline, learning
 from ztnet.controller.detect.detectors import MINUTE_NS, Finding, Window
 from ztnet.controller.detect.observation import Observation
-from ztnet.policy.detection import AgentDetection, Detection
+from ztnet.policy.detection import AgentDetection, Detection, Thresholds
 
 REALERT_SECONDS = 60.0
 # (agent, host) windows and baselines kept at most: what a hostile host sends cannot
@@ -22,6 +22,27 @@ REALERT_SECONDS = 60.0
 MAX_KEYS = 65_536
 
 BaselineLoader = Callable[[str], Baseline | None]
+
+
+# A detector as the engine calls it: (window, baseline, observation, thresholds, now).
+_Run = Callable[[Window, Baseline, Observation, Thresholds, float], Finding | None]
+_DETECTORS: tuple[tuple[str, _Run], ...] = (
+    ("denied-burst", lambda w, b, obs, t, now: detectors.denied_burst(w, obs, t)),
+    ("fan-out", lambda w, b, obs, t, now: detectors.fan_out(w, obs, t)),
+    ("new-destination", lambda w, b, obs, t, now: detectors.new_destination(b, obs, now)),
+    ("egress-volume", lambda w, b, obs, t, now: detectors.egress_volume(w, b, obs, t)),
+    ("sensitive-destination", lambda w, b, obs, t, now: detectors.sensitive_destination(obs)),
+    ("dns-entropy", lambda w, b, obs, t, now: detectors.dns_entropy(obs, t)),
+    ("dns-subdomains", lambda w, b, obs, t, now: detectors.dns_subdomains(w, obs, t)),
+    ("dns-failures", lambda w, b, obs, t, now: detectors.dns_failures(w, obs, t)),
+)
+_Plan = tuple[Thresholds, tuple[_Run, ...]]
+
+
+def _plan(settings: AgentDetection) -> _Plan:
+    """An agent's thresholds and the detectors its actions leave on."""
+    return settings.thresholds, tuple(run for name, run in _DETECTORS
+                                      if settings.action(name) != "off")
 
 
 @dataclass(slots=True)
@@ -44,6 +65,7 @@ class Engine:
     def observe(self, observations: Iterable[Observation], detection: Detection,
                 now: float) -> list[Finding]:
         findings = []
+        plans: dict[str, _Plan] = {}  # per agent, for this batch (the policy may change)
         for obs in observations:
             if not obs.agent:
                 continue  # not an agent's socket: nothing to attribute
@@ -52,8 +74,14 @@ class Engine:
             if window is None or baseline is None:
                 self.untracked += 1
                 continue
-            settings = detection.for_agent(obs.agent)
-            for finding in self._run(settings, window, baseline, obs, now):
+            plan = plans.get(obs.agent)
+            if plan is None:
+                plan = plans[obs.agent] = _plan(detection.for_agent(obs.agent))
+            thresholds, runs = plan
+            for run in runs:
+                finding = run(window, baseline, obs, thresholds, now)
+                if finding is None:
+                    continue
                 key = (finding.agent, finding.host, finding.detector)
                 if now < self.quiet_until.get(key, 0.0):
                     self.held_back += 1
@@ -62,26 +90,6 @@ class Engine:
                 findings.append(finding)
             self._learn(baseline, obs, now)
         return findings
-
-    def _run(self, settings: AgentDetection, w: Window, baseline: Baseline,
-             obs: Observation, now: float) -> Iterable[Finding]:
-        t = settings.thresholds
-        candidates: dict[str, Callable[[], Finding | None]] = {
-            "denied-burst": lambda: detectors.denied_burst(w, obs, t),
-            "fan-out": lambda: detectors.fan_out(w, obs, t),
-            "new-destination": lambda: detectors.new_destination(baseline, obs, now),
-            "egress-volume": lambda: detectors.egress_volume(w, baseline, obs, t),
-            "sensitive-destination": lambda: detectors.sensitive_destination(obs),
-            "dns-entropy": lambda: detectors.dns_entropy(obs, t),
-            "dns-subdomains": lambda: detectors.dns_subdomains(w, obs, t),
-            "dns-failures": lambda: detectors.dns_failures(w, obs, t),
-        }
-        for name, run in candidates.items():
-            if settings.action(name) == "off":
-                continue
-            finding = run()
-            if finding is not None:
-                yield finding
 
     def _window(self, obs: Observation) -> Window | None:
         key = (obs.agent, obs.host)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from ztnet.observe.records import MAX_DNS_NAME, EventType, FlowRecord, Verdict
 
+_ATTEMPTS = (EventType.CONNECT.value, EventType.SENDMSG.value)
+
 
 @dataclass(frozen=True, slots=True)
 class Observation:
@@ -32,7 +34,7 @@ class Observation:
 
     @property
     def is_attempt(self) -> bool:
-        return self.kind in (EventType.CONNECT.value, EventType.SENDMSG.value)
+        return self.kind in _ATTEMPTS
 
 
 def observe(record: FlowRecord) -> Observation:
