@@ -10,19 +10,24 @@ second on a connection of its own, where sqlite3 releases the GIL while it
 works. Measured over a million flow inserts (batches of 500): 43,000 against
 17,000 records a second, and the slowest batch 0.1 s against 0.6 s.
 
-PASSIVE checkpoints alone never take the write lock nor wait for readers, but
-then the log is never started over while batches keep arriving: SQLite
-rewinds it only when a writer begins with every frame already copied, and
-with a batch committed every few milliseconds that moment never comes (the
-log grew by 40 MB a second, 786 MB in a 20-second run, each frame written to
-newly allocated blocks the kernel zeroes first). So each round copies what it
-can without blocking (PASSIVE, repeated while that catches up), and once what
-is left is small, a RESTART takes the write lock for that remainder (waiting
-at most ``RESTART_WAIT`` for the serving connection's transaction or a
-reader; if it cannot, the next round tries again) so that the next commit
-writes the log from its start, and truncates it to ``WAL_LIMIT`` if it was
-longer. The log then stays near one round of writes. Other processes
-(`controller token create` …) keep the default.
+PASSIVE checkpoints never take the write lock nor wait for readers, but alone
+they never start the log over while batches keep arriving: SQLite rewinds it
+only when a writer begins with every frame already copied, and with a batch
+committed every few milliseconds that moment never comes (the log grew by
+40 MB a second, 786 MB in a 20-second run, each frame written to newly
+allocated blocks the kernel zeroes first, and the file never shrank). So each
+round copies what it can without blocking (PASSIVE, repeated while that
+catches up); once the log holds more than ``WAL_LIMIT`` bytes, the round holds
+the serving connection's next transaction back (``SqliteStore``'s write lock,
+which its transactions take, waiting at most ``WRITER_WAIT`` for it) while one
+more PASSIVE copies the last frames, so that the next commit writes the log
+from its start and truncates the file to ``WAL_LIMIT``. The writer then waits
+for a copy of a few frames and two fsyncs once per ``WAL_LIMIT`` of writes (of
+more, if writes outpace copying until the log is four times the limit).
+(A RESTART checkpoint would do the same through SQLite's locks, but the writer
+waiting in BEGIN IMMEDIATE holds a read mark the RESTART waits for, and SQLite's
+busy handler sleeps in growing steps: batches took up to 135 ms.) Other
+processes (`controller token create` …) keep the default.
 """
 
 from __future__ import annotations
@@ -42,14 +47,15 @@ SCHEMA_VERSION = 7  # 2: flow records; 3: receive times, per-host row counts; 4:
 # 5: host labels; 6: just-in-time grants and grant requests (ztnet.controller.jitstore);
 # 7: quarantines, alerts, baselines (ztnet.controller.detectstore)
 CHECKPOINT_INTERVAL = 0.5
-# A RESTART holds the write lock while it copies what PASSIVE rounds left: it is
-# tried only once that is at most this many frames (4 MiB of 4 KiB pages) …
-RESTART_BELOW_FRAMES = 1024
-# … and waits at most this long for the writer's transaction and for readers (an
-# event loop blocked on BEGIN IMMEDIATE waits as long).
-RESTART_WAIT_MS = 20
-WAL_LIMIT = 64 << 20  # bytes of log kept on disk after it starts over
+# The writer is held back while the last frames are copied (and both files fsynced): only
+# once PASSIVE rounds have left at most this many (4 MiB of 4 KiB pages) …
+CATCH_UP_FRAMES = 1024
+# … and the writer's lock is ours within this many seconds (else: next round).
+WRITER_WAIT = 0.02
+WAL_LIMIT = 256 << 20  # bytes of log before it is started over, and kept on disk after
 _CATCH_UP_ROUNDS = 4
+_FAR_PAST = 4  # x the limit: the writer waits however much is left to copy
+_FRAME_HEADER = 24  # bytes before each page in the log
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -134,13 +140,17 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Checkpointer:
-    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL, *,
-                 wal_limit: int = WAL_LIMIT) -> None:
+    def __init__(self, path: Path, writer: threading.Lock,
+                 interval: float = CHECKPOINT_INTERVAL, *, wal_limit: int = WAL_LIMIT) -> None:
         self.path = path
+        self.writer = writer  # held by the serving connection's write transactions
         self.interval = interval
         self.wal_limit = wal_limit
-        self.restarts = 0  # rounds that rewound the log (for tests and benchmarks)
+        # rounds that copied every frame with the writer held back, so that its next
+        # commit starts the log over (for tests and benchmarks)
+        self.restarts = 0
         self._frames_seen = -1
+        self._restart_frames = 1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._serving: sqlite3.Connection | None = None
@@ -149,7 +159,7 @@ class Checkpointer:
         """Take checkpointing away from ``serving`` (the event loop's connection)."""
         self._serving = serving
         serving.execute("PRAGMA wal_autocheckpoint = 0")
-        # applied by the serving connection's first commit after a RESTART
+        # applied by the serving connection's first commit after the log starts over
         serving.execute(f"PRAGMA journal_size_limit = {int(self.wal_limit)}")
         self._thread = threading.Thread(target=self._run, name="ztnet-wal-checkpoint",
                                         daemon=True)
@@ -165,7 +175,8 @@ class Checkpointer:
 
     def _run(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        self._restart_frames = max(1, self.wal_limit // (page + _FRAME_HEADER))
         failed = False
         try:
             while not self._stop.wait(self.interval):
@@ -181,20 +192,32 @@ class Checkpointer:
 
     def _round(self, db: sqlite3.Connection) -> None:
         for _ in range(_CATCH_UP_ROUNDS):
-            _busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            left = frames - copied
-            if left <= RESTART_BELOW_FRAMES:
+            frames, left = self._passive(db)
+            if left <= CATCH_UP_FRAMES:
                 break
-        else:
-            return  # writes outpace copying: keep copying next round, never block the writer
         # All copied is not enough: the serving connection starts the log over only
         # if it begins a transaction with nothing left to copy, and under a stream of
-        # batches it has always committed once more by then.
+        # batches it has always committed once more by then. So, once the log is
+        # past the limit, the last few frames are copied with its transactions held
+        # back (on our lock: it wakes the moment we are done, where SQLite's busy
+        # handler would sleep on), and its next one starts the log over.
         idle = frames == self._frames_seen
         self._frames_seen = frames
-        if frames <= 0 or (left <= 0 and idle):
+        if frames < self._restart_frames or (left <= 0 and idle):
             return
-        busy, self._frames_seen, _copied = db.execute(
-            "PRAGMA wal_checkpoint(RESTART)").fetchone()
-        if not busy:
+        if left > CATCH_UP_FRAMES and frames < _FAR_PAST * self._restart_frames:
+            return  # writes outpace copying: the writer waits only for a log far past the limit
+        if not self.writer.acquire(timeout=WRITER_WAIT):
+            return
+        try:
+            frames, left = self._passive(db)
+        finally:
+            self.writer.release()
+        if left == 0:
             self.restarts += 1
+
+    @staticmethod
+    def _passive(db: sqlite3.Connection) -> tuple[int, int]:
+        """(frames in the log, frames not yet copied) after a PASSIVE checkpoint."""
+        _busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(frames), int(frames) - int(copied)

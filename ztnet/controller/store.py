@@ -206,6 +206,8 @@ class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
         self._path = path
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
+        # taken by every write transaction: the checkpointer holds one back with it
+        self._write_lock = threading.Lock()
 
     @classmethod
     def create(cls, path: Path, trust_domain: str) -> SqliteStore:
@@ -245,7 +247,7 @@ class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
     def checkpoint_in_background(self, interval: float = CHECKPOINT_INTERVAL, *,
                                  wal_limit: int = WAL_LIMIT) -> Checkpointer:
         """WAL checkpoints off this connection (`serve`); stop() it before close()."""
-        checkpointer = Checkpointer(self._path, interval, wal_limit=wal_limit)
+        checkpointer = Checkpointer(self._path, self._write_lock, interval, wal_limit=wal_limit)
         checkpointer.start(self._db)
         return checkpointer
 
@@ -257,13 +259,14 @@ class SqliteStore(SqliteFlowStore, SqliteJitStore, SqliteDetectStore):
     def _tx(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock at once: a read-then-write (token use,
         # version bump) cannot interleave with another writer.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._write_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _meta(self, key: str) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
