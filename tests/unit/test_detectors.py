@@ -10,7 +10,7 @@ import pytest
 
 from ztnet.controller.detect import detectors
 from ztnet.controller.detect.baseline import Baseline, from_policy, learning
-from ztnet.controller.detect.engine import REALERT_SECONDS, Engine
+from ztnet.controller.detect.engine import REALERT_SECONDS, Engine, _plan
 from ztnet.controller.detect.observation import Observation
 from ztnet.errors import PolicyError
 from ztnet.policy.detection import DETECTORS, Detection, Thresholds
@@ -154,6 +154,18 @@ def test_repeats_are_held_back_and_off_disables_a_detector() -> None:
     off = parse_policy('trust_domain = "x.example"\n[detection.actions]\n'
                        'denied-burst = "off"\nfan-out = "off"\n', "p").detection
     assert Engine(lambda agent: None).observe(burst, off, T0 / S) == []
+
+
+def test_the_engine_runs_every_detector_a_policy_can_name() -> None:
+    """A detector added to the policy's list but not to the engine's table would be
+    accepted in `[detection.actions]` and never run."""
+    off_but = {name: parse_policy(
+        'trust_domain = "x.example"\n[detection.actions]\n'
+        + "".join(f'{other} = "off"\n' for other in DETECTORS if other != name), "p").detection
+        for name in DETECTORS}
+    for name, settings in off_but.items():
+        assert len(_plan(settings.for_agent("bot"))[1]) == 1, name
+    assert len(_plan(Detection().for_agent("bot"))[1]) == len(DETECTORS)
 
 
 def test_each_agent_runs_the_detectors_its_own_actions_leave_on() -> None:
