@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ztnet.controller import flows
 from ztnet.controller.detect.engine import Engine
-from ztnet.controller.detect.observation import observe
+from ztnet.controller.detect.observation import Observation, observe
 from ztnet.controller.flowstore import FlowRow
 from ztnet.controller.store import SqliteStore
 from ztnet.datapath import abi
@@ -129,7 +129,10 @@ def controller_path(lines: list[str], count: int, repeats: int) -> dict[str, flo
         rows = flows.decode_batch("bench-host", encoded[i:i + _UPLOAD_BATCH], received_ns,
                                   decoded)
         batches.append((rows, decoded))
-    observed = [[observe(record) for record in decoded] for _rows, decoded in batches]
+
+    def observe_all() -> list[list[Observation]]:
+        return [[observe(record) for record in decoded] for _rows, decoded in batches]
+    observed = observe_all()
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         stores = iter([SqliteStore.create(Path(tmp) / f"ztnet-{n}.db", "bench.example")
@@ -143,9 +146,7 @@ def controller_path(lines: list[str], count: int, repeats: int) -> dict[str, flo
             checkpointer.stop()
             target.close()
         out["controller: store_flows (SQLite, checkpoints)"] = per_record(store, count, repeats)
-    out["controller: observe"] = per_record(
-        lambda: [[observe(record) for record in decoded] for _rows, decoded in batches],
-        count, repeats)
+    out["controller: observe"] = per_record(observe_all, count, repeats)
 
     def detect() -> None:  # a fresh engine each run: learning, as after a start
         engine, settings, now = Engine(lambda _agent: None), Detection(), time.time()

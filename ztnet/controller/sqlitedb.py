@@ -149,7 +149,6 @@ class Checkpointer:
         # rounds that copied every frame with the writer held back, so that its next
         # commit starts the log over (for tests and benchmarks)
         self.restarts = 0
-        self._frames_seen = -1
         self._restart_frames = 1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -201,9 +200,7 @@ class Checkpointer:
         # past the limit, the last few frames are copied with its transactions held
         # back (on our lock: it wakes the moment we are done, where SQLite's busy
         # handler would sleep on), and its next one starts the log over.
-        idle = frames == self._frames_seen
-        self._frames_seen = frames
-        if frames < self._restart_frames or (left <= 0 and idle):
+        if frames < self._restart_frames:
             return
         if left > CATCH_UP_FRAMES and frames < _FAR_PAST * self._restart_frames:
             return  # writes outpace copying: the writer waits only for a log far past the limit
